@@ -1,0 +1,91 @@
+//! The error type of `quiver-core`.
+//!
+//! Every error carries an [`ErrorKind`], a small code shared by all crates
+//! that the server maps once to a gRPC status and an HTTP status. Expected
+//! errors (bad input, unknown names, a backend that is down) have their own
+//! kinds; `Internal` means a bug or corrupted data and is logged loudly.
+
+use std::fmt;
+
+/// What kind of failure an [`Error`] is, independent of transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The request is malformed or inconsistent with the registry.
+    InvalidArgument,
+    /// A named feature service, feature view, feature or entity does not exist.
+    NotFound,
+    /// The request exceeds a configured limit.
+    ResourceExhausted,
+    /// A backend is unreachable or refused the operation; retrying may help.
+    Unavailable,
+    /// A backend did not answer within the deadline.
+    DeadlineExceeded,
+    /// A bug or corrupted stored data.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Stable lower-case name, used as a metrics label and in JSON errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+/// An error with a kind and a message that tells the user what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl Error {
+    /// Creates an error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+        }
+    }
+    /// Shorthand for [`ErrorKind::InvalidArgument`].
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, message)
+    }
+    /// Shorthand for [`ErrorKind::NotFound`].
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+    /// Shorthand for [`ErrorKind::Unavailable`].
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
+    }
+    /// Shorthand for [`ErrorKind::Internal`].
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+    /// The human-readable message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Result alias of `quiver-core`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,24 @@
+//! quiver's domain: everything that does not depend on a transport.
+//!
+//! # Layout
+//! - [`registry`]: entities, feature views and feature services, loaded from
+//!   TOML and validated with messages that name file, item and problem.
+//! - [`value`]: typed values ([`Value`], [`ValueType`]).
+//! - [`codec`]: the online store's versioned key layout and value encoding.
+//! - [`store`]: the [`OnlineStore`] trait with its Redis and embedded
+//!   implementations.
+//! - [`time`]: epoch-microsecond time and the injectable [`Clock`].
+//! - [`error`]: the crate error, with a transport-independent [`ErrorKind`].
+
+pub mod codec;
+pub mod error;
+pub mod registry;
+pub mod store;
+pub mod time;
+pub mod value;
+
+pub use error::{Error, ErrorKind, Result};
+pub use registry::Registry;
+pub use store::OnlineStore;
+pub use time::{Clock, ManualClock, SystemClock};
+pub use value::{Value, ValueType};

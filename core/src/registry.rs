@@ -1,0 +1,721 @@
+//! The registry: entities, feature views and feature services, declared in
+//! TOML files and validated as a whole before anything is served.
+//!
+//! A registry path is either one `.toml` file or a directory whose `*.toml`
+//! files are merged (sorted by name). Validation collects every problem it
+//! finds and reports each as `file: item: what is wrong`, so one run of
+//! `quiver registry validate` shows everything to fix. The format is
+//! described in `docs/registry.md`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::value::ValueType;
+
+/// An entity: the thing features describe, identified by one join key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entity {
+    /// Entity name, e.g. `user`.
+    pub name: String,
+    /// Name of the key column in requests, e.g. `user_id`.
+    pub join_key: String,
+    /// Type of the key: `string` or `int64`.
+    pub value_type: ValueType,
+    /// Free text.
+    pub description: String,
+}
+
+/// One typed feature of a view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Feature {
+    /// Feature name, unique in its view.
+    pub name: String,
+    /// Declared type; writes of another type are rejected.
+    pub value_type: ValueType,
+    /// Fixed length for list features (embeddings).
+    pub dimension: Option<u32>,
+    /// Free text.
+    pub description: String,
+}
+
+/// A group of features about the same entities, written and read together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureView {
+    /// View name.
+    pub name: String,
+    /// Entity names; their join keys identify a row.
+    pub entities: Vec<String>,
+    /// Join keys of `entities`, same order.
+    pub join_keys: Vec<String>,
+    /// Types of `join_keys`, same order.
+    pub key_types: Vec<ValueType>,
+    /// Features in declaration order.
+    pub features: Vec<Feature>,
+    /// Maximum age of a served value; `None` means values never go stale.
+    pub ttl: Option<Duration>,
+    /// Free text.
+    pub description: String,
+    /// Free-form labels.
+    pub tags: BTreeMap<String, String>,
+    feature_idx: HashMap<String, usize>,
+}
+
+impl FeatureView {
+    /// Index of feature `name` in [`FeatureView::features`].
+    pub fn feature_index(&self, name: &str) -> Option<usize> {
+        self.feature_idx.get(name).copied()
+    }
+}
+
+/// A reference to one feature of one view.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FeatureRef {
+    /// View index in the registry.
+    pub view: usize,
+    /// Feature index in the view.
+    pub feature: usize,
+}
+
+/// A named set of features that a model consumes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureService {
+    /// Service name, e.g. `user_service`.
+    pub name: String,
+    /// The references as written in the registry (`view:feature`).
+    pub refs: Vec<String>,
+    /// The resolved features, in output order.
+    pub features: Vec<FeatureRef>,
+    /// Free text.
+    pub description: String,
+}
+
+/// Features chosen for a request, resolved against the registry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    /// Output columns in request order.
+    pub columns: Vec<FeatureRef>,
+    /// The same features grouped by view (first-appearance order): view
+    /// index and feature indices. One store lookup per view and entity row.
+    pub by_view: Vec<(usize, Vec<usize>)>,
+}
+
+/// A validated registry with name indexes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registry {
+    entities: Vec<Entity>,
+    views: Vec<FeatureView>,
+    services: Vec<FeatureService>,
+    entity_idx: HashMap<String, usize>,
+    view_idx: HashMap<String, usize>,
+    service_idx: HashMap<String, usize>,
+    join_key_idx: HashMap<String, usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    entities: Vec<RawEntity>,
+    #[serde(default)]
+    feature_views: Vec<RawView>,
+    #[serde(default)]
+    feature_services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntity {
+    name: String,
+    join_key: Option<String>,
+    #[serde(default = "default_key_type")]
+    value_type: String,
+    #[serde(default)]
+    description: String,
+}
+
+fn default_key_type() -> String {
+    "string".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawView {
+    name: String,
+    entities: Vec<String>,
+    ttl: Option<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    #[serde(default)]
+    features: Vec<RawFeature>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFeature {
+    name: String,
+    dtype: String,
+    dimension: Option<u32>,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    features: Vec<String>,
+    #[serde(default)]
+    description: String,
+}
+
+/// Valid names: ASCII letter or `_` first, then letters, digits, `_`; at
+/// most 128 bytes; not starting with `_` (reserved for quiver's own fields).
+fn check_name(name: &str) -> std::result::Result<(), String> {
+    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let first_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
+    if name.is_empty() || name.len() > 128 || !ok_chars || !first_ok {
+        return Err(format!(
+            "invalid name {name:?}: use 1-128 ASCII letters, digits and '_', starting with a letter"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a TTL: `0` (never stale) or a duration such as `90s`, `15m`, `24h`, `30d`.
+fn parse_ttl(s: &str) -> std::result::Result<Option<Duration>, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(None);
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Ok(None),
+        Ok(d) => Ok(Some(d)),
+        Err(e) => Err(format!(
+            "invalid ttl {s:?} ({e}); write a duration such as \"90s\", \"24h\" or \"30d\", or \"0\" for no TTL"
+        )),
+    }
+}
+
+impl Registry {
+    /// Loads a registry from a `.toml` file or a directory of them.
+    pub fn load(path: &Path) -> Result<Registry> {
+        let files = if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| {
+                    Error::invalid(format!("{}: cannot read directory: {e}", path.display()))
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(Error::invalid(format!(
+                    "{}: no *.toml registry files in this directory",
+                    path.display()
+                )));
+            }
+            files
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let mut sources = Vec::with_capacity(files.len());
+        for f in files {
+            let text = std::fs::read_to_string(&f).map_err(|e| {
+                Error::invalid(format!("{}: cannot read registry file: {e}", f.display()))
+            })?;
+            sources.push((f.display().to_string(), text));
+        }
+        Registry::from_sources(&sources)
+    }
+
+    /// Builds a registry from `(file name, TOML text)` pairs.
+    pub fn from_sources(sources: &[(String, String)]) -> Result<Registry> {
+        let mut problems = Vec::new();
+        let mut parsed = Vec::new();
+        for (file, text) in sources {
+            match toml::from_str::<RawFile>(text) {
+                Ok(raw) => parsed.push((file.as_str(), raw)),
+                Err(e) => problems.push(format!("{file}: {}", e.to_string().trim_end())),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::invalid(problems.join("\n")));
+        }
+        let reg = build(&parsed, &mut problems);
+        if problems.is_empty() {
+            Ok(reg)
+        } else {
+            Err(Error::invalid(problems.join("\n")))
+        }
+    }
+
+    /// Builds a registry from one TOML document.
+    pub fn from_toml(name: &str, text: &str) -> Result<Registry> {
+        Registry::from_sources(&[(name.to_owned(), text.to_owned())])
+    }
+
+    /// All entities.
+    pub fn entities(&self) -> &[Entity] {
+        &self.entities
+    }
+    /// All feature views.
+    pub fn views(&self) -> &[FeatureView] {
+        &self.views
+    }
+    /// All feature services.
+    pub fn services(&self) -> &[FeatureService] {
+        &self.services
+    }
+    /// The view at `idx`.
+    pub fn view(&self, idx: usize) -> &FeatureView {
+        &self.views[idx]
+    }
+    /// Index of the view named `name`.
+    pub fn view_index(&self, name: &str) -> Option<usize> {
+        self.view_idx.get(name).copied()
+    }
+    /// The entity named `name`.
+    pub fn entity(&self, name: &str) -> Option<&Entity> {
+        self.entity_idx.get(name).map(|&i| &self.entities[i])
+    }
+    /// The entity whose join key is `join_key`.
+    pub fn entity_by_join_key(&self, join_key: &str) -> Option<&Entity> {
+        self.join_key_idx.get(join_key).map(|&i| &self.entities[i])
+    }
+    /// The feature service named `name`.
+    pub fn service(&self, name: &str) -> Option<&FeatureService> {
+        self.service_idx.get(name).map(|&i| &self.services[i])
+    }
+
+    /// Looks a view up by name, with an error listing the known views.
+    pub fn require_view(&self, name: &str) -> Result<usize> {
+        self.view_index(name).ok_or_else(|| {
+            Error::not_found(format!(
+                "unknown feature view {name:?}; known views: {}",
+                join_names(self.views.iter().map(|v| v.name.as_str()))
+            ))
+        })
+    }
+
+    /// Resolves `view:feature` references (`view:*` selects every feature).
+    pub fn resolve_refs<S: AsRef<str>>(&self, refs: &[S]) -> Result<Selection> {
+        let mut columns = Vec::with_capacity(refs.len());
+        for r in refs {
+            let r = r.as_ref();
+            let Some((view_name, feature)) = r.split_once(':') else {
+                return Err(Error::invalid(format!(
+                    "invalid feature reference {r:?}: write \"view:feature\", e.g. \"{}\"",
+                    self.example_ref()
+                )));
+            };
+            let view = self.require_view(view_name)?;
+            let v = &self.views[view];
+            if feature == "*" {
+                columns.extend((0..v.features.len()).map(|feature| FeatureRef { view, feature }));
+                continue;
+            }
+            let feature = v.feature_index(feature).ok_or_else(|| {
+                Error::not_found(format!(
+                    "unknown feature {feature:?} in view {view_name:?}; its features: {}",
+                    join_names(v.features.iter().map(|f| f.name.as_str()))
+                ))
+            })?;
+            columns.push(FeatureRef { view, feature });
+        }
+        Ok(selection(columns))
+    }
+
+    /// Resolves a feature service by name.
+    pub fn resolve_service(&self, name: &str) -> Result<Selection> {
+        let svc = self.service(name).ok_or_else(|| {
+            Error::not_found(format!(
+                "unknown feature service {name:?}; known services: {}",
+                join_names(self.services.iter().map(|s| s.name.as_str()))
+            ))
+        })?;
+        Ok(selection(svc.features.clone()))
+    }
+
+    /// Every feature of every view keyed by exactly the entity `entity`.
+    pub fn select_entity(&self, entity: &str) -> Result<Selection> {
+        if self.entity(entity).is_none() {
+            return Err(Error::not_found(format!(
+                "unknown entity {entity:?}; known entities: {}",
+                join_names(self.entities.iter().map(|e| e.name.as_str()))
+            )));
+        }
+        let columns = self
+            .views
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.entities.len() == 1 && v.entities[0] == entity)
+            .flat_map(|(view, v)| {
+                (0..v.features.len()).map(move |feature| FeatureRef { view, feature })
+            })
+            .collect();
+        Ok(selection(columns))
+    }
+
+    fn example_ref(&self) -> String {
+        self.views
+            .first()
+            .and_then(|v| v.features.first().map(|f| format!("{}:{}", v.name, f.name)))
+            .unwrap_or_else(|| "user_profile:age".to_owned())
+    }
+}
+
+fn selection(columns: Vec<FeatureRef>) -> Selection {
+    let mut by_view: Vec<(usize, Vec<usize>)> = Vec::new();
+    for c in &columns {
+        match by_view.iter_mut().find(|(v, _)| *v == c.view) {
+            Some((_, fs)) => {
+                if !fs.contains(&c.feature) {
+                    fs.push(c.feature);
+                }
+            }
+            None => by_view.push((c.view, vec![c.feature])),
+        }
+    }
+    Selection { columns, by_view }
+}
+
+fn join_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = names.collect();
+    if v.is_empty() {
+        "(none)".to_owned()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
+    let mut entities = Vec::new();
+    let mut entity_idx = HashMap::new();
+    let mut join_key_idx = HashMap::new();
+    for (file, raw) in files {
+        for e in &raw.entities {
+            let at = format!("{file}: entity {:?}", e.name);
+            if let Err(m) = check_name(&e.name) {
+                problems.push(format!("{at}: {m}"));
+            }
+            let join_key = e.join_key.clone().unwrap_or_else(|| e.name.clone());
+            if let Err(m) = check_name(&join_key) {
+                problems.push(format!("{at}: join_key: {m}"));
+            }
+            let value_type = match ValueType::parse(&e.value_type) {
+                Some(t) if t.is_key_type() => t,
+                _ => {
+                    problems.push(format!(
+                        "{at}: value_type {:?} cannot be a join key; use \"string\" or \"int64\"",
+                        e.value_type
+                    ));
+                    ValueType::String
+                }
+            };
+            if entity_idx.insert(e.name.clone(), entities.len()).is_some() {
+                problems.push(format!("{at}: declared twice"));
+            }
+            if join_key_idx
+                .insert(join_key.clone(), entities.len())
+                .is_some()
+            {
+                problems.push(format!(
+                    "{at}: join key {join_key:?} is already used by another entity; join keys must be unique"
+                ));
+            }
+            entities.push(Entity {
+                name: e.name.clone(),
+                join_key,
+                value_type,
+                description: e.description.clone(),
+            });
+        }
+    }
+
+    let mut views = Vec::new();
+    let mut view_idx = HashMap::new();
+    for (file, raw) in files {
+        for v in &raw.feature_views {
+            let at = format!("{file}: feature view {:?}", v.name);
+            if let Err(m) = check_name(&v.name) {
+                problems.push(format!("{at}: {m}"));
+            }
+            if v.entities.is_empty() {
+                problems.push(format!("{at}: needs at least one entity in `entities`"));
+            }
+            let mut join_keys = Vec::new();
+            let mut key_types = Vec::new();
+            let mut seen_entities = HashSet::new();
+            for en in &v.entities {
+                if !seen_entities.insert(en) {
+                    problems.push(format!("{at}: entity {en:?} listed twice"));
+                }
+                match entity_idx.get(en) {
+                    Some(&i) => {
+                        let e: &Entity = &entities[i];
+                        join_keys.push(e.join_key.clone());
+                        key_types.push(e.value_type);
+                    }
+                    None => problems.push(format!(
+                        "{at}: unknown entity {en:?}; declared entities: {}",
+                        join_names(entities.iter().map(|e| e.name.as_str()))
+                    )),
+                }
+            }
+            let ttl = match v.ttl.as_deref().map(parse_ttl).transpose() {
+                Ok(t) => t.flatten(),
+                Err(m) => {
+                    problems.push(format!("{at}: {m}"));
+                    None
+                }
+            };
+            if v.features.is_empty() {
+                problems.push(format!("{at}: declares no features"));
+            }
+            let mut features = Vec::new();
+            let mut feature_idx = HashMap::new();
+            for f in &v.features {
+                let fat = format!("{at}: feature {:?}", f.name);
+                if let Err(m) = check_name(&f.name) {
+                    problems.push(format!("{fat}: {m}"));
+                }
+                let value_type = ValueType::parse(&f.dtype).unwrap_or_else(|| {
+                    problems.push(format!(
+                        "{fat}: unknown dtype {:?}; use one of {}",
+                        f.dtype,
+                        join_names(ValueType::ALL.iter().map(|t| t.as_str()))
+                    ));
+                    ValueType::String
+                });
+                if f.dimension.is_some() && !value_type.is_list() {
+                    problems.push(format!("{fat}: `dimension` only applies to list dtypes"));
+                }
+                if f.dimension == Some(0) {
+                    problems.push(format!("{fat}: `dimension` must be at least 1"));
+                }
+                if feature_idx.insert(f.name.clone(), features.len()).is_some() {
+                    problems.push(format!("{fat}: declared twice in this view"));
+                }
+                features.push(Feature {
+                    name: f.name.clone(),
+                    value_type,
+                    dimension: f.dimension,
+                    description: f.description.clone(),
+                });
+            }
+            if view_idx.insert(v.name.clone(), views.len()).is_some() {
+                problems.push(format!("{at}: declared twice"));
+            }
+            views.push(FeatureView {
+                name: v.name.clone(),
+                entities: v.entities.clone(),
+                join_keys,
+                key_types,
+                features,
+                ttl,
+                description: v.description.clone(),
+                tags: v.tags.clone(),
+                feature_idx,
+            });
+        }
+    }
+
+    let mut reg = Registry {
+        entities,
+        views,
+        services: Vec::new(),
+        entity_idx,
+        view_idx,
+        service_idx: HashMap::new(),
+        join_key_idx,
+    };
+    for (file, raw) in files {
+        for s in &raw.feature_services {
+            let at = format!("{file}: feature service {:?}", s.name);
+            if let Err(m) = check_name(&s.name) {
+                problems.push(format!("{at}: {m}"));
+            }
+            if s.features.is_empty() {
+                problems.push(format!("{at}: lists no features"));
+            }
+            let features = match reg.resolve_refs(&s.features) {
+                Ok(sel) => sel.columns,
+                Err(e) => {
+                    problems.push(format!("{at}: {}", e.message()));
+                    Vec::new()
+                }
+            };
+            if reg
+                .service_idx
+                .insert(s.name.clone(), reg.services.len())
+                .is_some()
+            {
+                problems.push(format!("{at}: declared twice"));
+            }
+            reg.services.push(FeatureService {
+                name: s.name.clone(),
+                refs: s.features.clone(),
+                features,
+                description: s.description.clone(),
+            });
+        }
+    }
+    reg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[entities]]
+name = "user"
+join_key = "user_id"
+
+[[entities]]
+name = "product"
+join_key = "product_id"
+value_type = "int64"
+
+[[feature_views]]
+name = "user_profile"
+entities = ["user"]
+ttl = "30d"
+features = [
+  { name = "age", dtype = "int64" },
+  { name = "country", dtype = "string" },
+  { name = "embedding", dtype = "float_list", dimension = 4 },
+]
+
+[[feature_views]]
+name = "user_product"
+entities = ["user", "product"]
+features = [{ name = "views", dtype = "int64" }]
+
+[[feature_services]]
+name = "user_service"
+features = ["user_profile:age", "user_product:*"]
+"#;
+
+    #[test]
+    fn loads_a_valid_registry() {
+        let r = Registry::from_toml("r.toml", GOOD).unwrap();
+        assert_eq!(r.entities().len(), 2);
+        let v = r.view(r.view_index("user_profile").unwrap());
+        assert_eq!(v.ttl, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(v.join_keys, vec!["user_id"]);
+        let pv = r.view(r.view_index("user_product").unwrap());
+        assert_eq!(pv.join_keys, vec!["user_id", "product_id"]);
+        assert_eq!(pv.key_types, vec![ValueType::String, ValueType::Int64]);
+        assert_eq!(pv.ttl, None);
+        assert_eq!(r.service("user_service").unwrap().features.len(), 2);
+        assert_eq!(r.entity_by_join_key("product_id").unwrap().name, "product");
+    }
+
+    #[test]
+    fn resolves_refs_grouped_by_view() {
+        let r = Registry::from_toml("r.toml", GOOD).unwrap();
+        let sel = r
+            .resolve_refs(&[
+                "user_profile:country",
+                "user_product:views",
+                "user_profile:age",
+            ])
+            .unwrap();
+        assert_eq!(sel.columns.len(), 3);
+        assert_eq!(sel.by_view, vec![(0, vec![1, 0]), (1, vec![0])]);
+        let all = r.resolve_refs(&["user_profile:*"]).unwrap();
+        assert_eq!(all.columns.len(), 3);
+        assert_eq!(r.select_entity("user").unwrap().columns.len(), 3);
+    }
+
+    #[test]
+    fn unknown_names_say_what_exists() {
+        let r = Registry::from_toml("r.toml", GOOD).unwrap();
+        let e = r.resolve_refs(&["nope:age"]).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::NotFound);
+        assert!(
+            e.message()
+                .contains("known views: user_profile, user_product"),
+            "{e}"
+        );
+        let e = r.resolve_refs(&["user_profile:height"]).unwrap_err();
+        assert!(
+            e.message()
+                .contains("its features: age, country, embedding"),
+            "{e}"
+        );
+        let e = r.resolve_refs(&["age"]).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+        let e = r.resolve_service("nope").unwrap_err();
+        assert!(e.message().contains("user_service"), "{e}");
+    }
+
+    #[test]
+    fn reports_every_problem_with_file_and_item() {
+        let bad = r#"
+[[entities]]
+name = "user"
+value_type = "double"
+
+[[feature_views]]
+name = "v"
+entities = ["user", "ghost"]
+ttl = "forever"
+features = [{ name = "a", dtype = "int128" }, { name = "a", dtype = "int64" }, { name = "b", dtype = "int64", dimension = 3 }]
+
+[[feature_services]]
+name = "s"
+features = ["v:zzz"]
+"#;
+        let e = Registry::from_toml("bad.toml", bad).unwrap_err();
+        let m = e.message();
+        for needle in [
+            "bad.toml: entity \"user\": value_type \"double\" cannot be a join key",
+            "bad.toml: feature view \"v\": unknown entity \"ghost\"",
+            "bad.toml: feature view \"v\": invalid ttl \"forever\"",
+            "feature \"a\": unknown dtype \"int128\"",
+            "feature \"a\": declared twice",
+            "feature \"b\": `dimension` only applies to list dtypes",
+            "bad.toml: feature service \"s\": unknown feature \"zzz\"",
+        ] {
+            assert!(m.contains(needle), "missing {needle:?} in:\n{m}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_and_unknown_fields_name_the_file() {
+        let e =
+            Registry::from_toml("x.toml", "[[entities]]\nname = \"u\"\nkey = \"k\"\n").unwrap_err();
+        assert!(e.message().starts_with("x.toml: "), "{e}");
+        assert!(e.message().contains("unknown field `key`"), "{e}");
+    }
+
+    #[test]
+    fn invalid_names_are_rejected() {
+        assert!(check_name("user_id").is_ok());
+        assert!(check_name("_ts").is_err());
+        assert!(check_name("a:b").is_err());
+        assert!(check_name("").is_err());
+        assert!(check_name("1abc").is_err());
+    }
+
+    #[test]
+    fn loads_a_directory_of_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ents, rest) = GOOD.split_at(GOOD.find("[[feature_views]]").unwrap());
+        std::fs::write(dir.path().join("a_entities.toml"), ents).unwrap();
+        std::fs::write(dir.path().join("b_views.toml"), rest).unwrap();
+        std::fs::write(dir.path().join("README.md"), "ignored").unwrap();
+        let r = Registry::load(dir.path()).unwrap();
+        assert_eq!(r.views().len(), 2);
+        let empty = tempfile::tempdir().unwrap();
+        assert!(Registry::load(empty.path()).is_err());
+    }
+}

@@ -1,0 +1,101 @@
+//! The online store: the latest feature row per entity and feature view.
+//!
+//! [`OnlineStore`] has two implementations with the same behaviour, proven
+//! by one test suite (`core/tests/online_store.rs`):
+//! - [`RedisStore`]: pooled connections, one pipelined round trip per read
+//!   call, writes ordered by event time by a server-side script, keys
+//!   expiring after the view's TTL plus a grace period.
+//! - [`EmbeddedStore`]: a persistent single-file database (redb) for the
+//!   zero-dependency default mode.
+//!
+//! Contract shared by both:
+//! - a write replaces the stored row only if its event time is not older
+//!   than the stored row's (ties overwrite, so replays are idempotent);
+//! - a row written with an expiry is gone (reads as missing) after it;
+//! - a read returns, per lookup, the row's event time and the requested
+//!   features in request order (`None` where the row lacks the feature).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::time::Micros;
+use crate::value::Value;
+
+mod embedded;
+mod redis;
+
+pub use self::embedded::EmbeddedStore;
+pub use self::redis::{RedisConfig, RedisStore};
+
+/// One row to read: its key (see [`crate::codec::row_key`]) and features.
+#[derive(Debug, Clone, Copy)]
+pub struct Lookup<'a> {
+    /// Full row key.
+    pub key: &'a str,
+    /// Feature names to return, in order.
+    pub features: &'a [&'a str],
+}
+
+/// A stored row as read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRow {
+    /// Event time of the row.
+    pub event_ts: Micros,
+    /// One entry per requested feature: `None` if the row lacks it.
+    pub values: Vec<Option<Value>>,
+}
+
+/// One row to write: all features of the view for one entity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteRow {
+    /// Full row key.
+    pub key: String,
+    /// Event time; decides which write wins.
+    pub event_ts: Micros,
+    /// When the row expires (epoch micros), `None` for never.
+    pub expire_at: Option<Micros>,
+    /// Feature name and value pairs.
+    pub features: Vec<(String, Value)>,
+}
+
+/// What a write call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Rows stored.
+    pub written: u64,
+    /// Rows skipped because a newer row was already stored.
+    pub stale: u64,
+}
+
+/// A key-value store of feature rows. See the module docs for the contract.
+#[async_trait]
+pub trait OnlineStore: Send + Sync + 'static {
+    /// Backend name for metrics and logs (`redis`, `embedded`).
+    fn backend(&self) -> &'static str;
+
+    /// Reads many rows in one round trip. The result has one entry per
+    /// lookup, `None` for rows that do not exist or have expired.
+    async fn read(&self, lookups: &[Lookup<'_>]) -> Result<Vec<Option<StoredRow>>>;
+
+    /// Writes rows, event-time last-write-wins, atomically per row.
+    async fn write(&self, rows: &[WriteRow]) -> Result<WriteOutcome>;
+
+    /// Checks that the backend answers.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// Runs `fut` with a deadline, mapping expiry to `Unavailable`.
+pub(crate) async fn with_deadline<T>(
+    what: &str,
+    deadline: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(deadline, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(crate::Error::unavailable(format!(
+            "{what} did not answer within {deadline:?}; check that it is running and reachable"
+        ))),
+    }
+}

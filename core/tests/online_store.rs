@@ -1,0 +1,264 @@
+//! One behaviour suite for every online store backend: the same checks run
+//! against a real `redis-server` (started on an ephemeral port) and the
+//! embedded store.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use quiver_core::codec::{entity_key, row_key};
+use quiver_core::store::{EmbeddedStore, Lookup, RedisConfig, RedisStore, WriteRow};
+use quiver_core::time::system_time_to_micros;
+use quiver_core::{ErrorKind, OnlineStore, SystemClock, Value};
+use quiver_testkit::RedisServer;
+
+const HOUR: i64 = 3_600_000_000;
+
+fn now() -> i64 {
+    system_time_to_micros(SystemTime::now())
+}
+
+fn key(user: &str) -> String {
+    row_key(
+        &entity_key(&[("user_id", &Value::String(user.into()))]).unwrap(),
+        "profile",
+    )
+}
+
+fn row(user: &str, ts: i64, age: i64) -> WriteRow {
+    WriteRow {
+        key: key(user),
+        event_ts: ts,
+        expire_at: None,
+        features: vec![
+            ("age".into(), Value::Int64(age)),
+            ("country".into(), Value::String("NL".into())),
+            ("nick".into(), Value::Null),
+            ("emb".into(), Value::FloatList(vec![0.5, -1.0, 2.25])),
+        ],
+    }
+}
+
+async fn read_one(
+    store: &dyn OnlineStore,
+    user: &str,
+    features: &[&str],
+) -> Option<(i64, Vec<Option<Value>>)> {
+    let k = key(user);
+    let mut rows = store.read(&[Lookup { key: &k, features }]).await.unwrap();
+    rows.pop().unwrap().map(|r| (r.event_ts, r.values))
+}
+
+async fn round_trips_typed_values(store: &dyn OnlineStore) {
+    let t = now();
+    let out = store.write(&[row("u1", t, 34)]).await.unwrap();
+    assert_eq!((out.written, out.stale), (1, 0));
+    let (ts, values) = read_one(store, "u1", &["age", "nick", "emb", "missing", "country"])
+        .await
+        .unwrap();
+    assert_eq!(ts, t);
+    assert_eq!(
+        values,
+        vec![
+            Some(Value::Int64(34)),
+            Some(Value::Null),
+            Some(Value::FloatList(vec![0.5, -1.0, 2.25])),
+            None,
+            Some(Value::String("NL".into())),
+        ]
+    );
+    assert_eq!(read_one(store, "nobody", &["age"]).await, None);
+}
+
+async fn newer_event_time_wins(store: &dyn OnlineStore) {
+    let t = now();
+    store.write(&[row("u2", t, 30)]).await.unwrap();
+    let out = store.write(&[row("u2", t - HOUR, 99)]).await.unwrap();
+    assert_eq!(
+        (out.written, out.stale),
+        (0, 1),
+        "older row must not replace a newer one"
+    );
+    assert_eq!(
+        read_one(store, "u2", &["age"]).await.unwrap(),
+        (t, vec![Some(Value::Int64(30))])
+    );
+    // Replaying the same row is idempotent; a newer one replaces it.
+    assert_eq!(store.write(&[row("u2", t, 30)]).await.unwrap().written, 1);
+    store.write(&[row("u2", t + HOUR, 31)]).await.unwrap();
+    assert_eq!(
+        read_one(store, "u2", &["age"]).await.unwrap(),
+        (t + HOUR, vec![Some(Value::Int64(31))])
+    );
+}
+
+async fn a_write_replaces_the_whole_row(store: &dyn OnlineStore) {
+    let t = now();
+    store.write(&[row("u3", t, 1)]).await.unwrap();
+    let mut slim = row("u3", t + 1, 2);
+    slim.features.truncate(1);
+    store.write(&[slim]).await.unwrap();
+    let (_, values) = read_one(store, "u3", &["age", "country"]).await.unwrap();
+    assert_eq!(values, vec![Some(Value::Int64(2)), None]);
+}
+
+async fn batches_mix_entities_and_order(store: &dyn OnlineStore) {
+    let t = now();
+    let rows: Vec<WriteRow> = (0..50).map(|i| row(&format!("b{i}"), t, i)).collect();
+    assert_eq!(store.write(&rows).await.unwrap().written, 50);
+    // Same key twice in one batch: the later event time wins whatever the order.
+    store
+        .write(&[row("dup", t + 5, 5), row("dup", t + 1, 1)])
+        .await
+        .unwrap();
+    assert_eq!(
+        read_one(store, "dup", &["age"]).await.unwrap().1,
+        vec![Some(Value::Int64(5))]
+    );
+    let keys: Vec<String> = (0..60).map(|i| key(&format!("b{i}"))).collect();
+    let feats = ["age"];
+    let lookups: Vec<Lookup> = keys
+        .iter()
+        .map(|k| Lookup {
+            key: k,
+            features: &feats,
+        })
+        .collect();
+    let got = store.read(&lookups).await.unwrap();
+    assert_eq!(got.len(), 60);
+    for (i, r) in got.iter().enumerate() {
+        match r {
+            Some(r) if i < 50 => assert_eq!(r.values, vec![Some(Value::Int64(i as i64))]),
+            None if i >= 50 => {}
+            other => panic!("row {i}: unexpected {other:?}"),
+        }
+    }
+    assert!(store.read(&[]).await.unwrap().is_empty());
+}
+
+async fn expired_rows_read_as_missing(store: &dyn OnlineStore) {
+    let t = now();
+    let mut expired = row("old", t - 2 * HOUR, 1);
+    expired.expire_at = Some(t - HOUR);
+    store.write(&[expired]).await.unwrap();
+    assert_eq!(read_one(store, "old", &["age"]).await, None);
+    let mut fresh = row("fresh", t, 1);
+    fresh.expire_at = Some(t + HOUR);
+    store.write(&[fresh]).await.unwrap();
+    assert!(read_one(store, "fresh", &["age"]).await.is_some());
+}
+
+async fn suite(store: &dyn OnlineStore) {
+    store.ping().await.unwrap();
+    round_trips_typed_values(store).await;
+    newer_event_time_wins(store).await;
+    a_write_replaces_the_whole_row(store).await;
+    batches_mix_entities_and_order(store).await;
+    expired_rows_read_as_missing(store).await;
+}
+
+fn redis_store(url: String, timeout: Duration) -> RedisStore {
+    RedisStore::new(&RedisConfig {
+        url,
+        pool_size: 4,
+        timeout,
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn redis_store_behaves() {
+    let redis = RedisServer::start();
+    suite(&redis_store(redis.url(), Duration::from_secs(2))).await;
+}
+
+#[tokio::test]
+async fn embedded_store_behaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        EmbeddedStore::open(&dir.path().join("online.redb"), Arc::new(SystemClock)).unwrap();
+    suite(&store).await;
+}
+
+#[tokio::test]
+async fn embedded_store_persists_across_reopen_and_sweeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub/online.redb");
+    let t = now();
+    {
+        let store = EmbeddedStore::open(&path, Arc::new(SystemClock)).unwrap();
+        let mut expired = row("old", t - 2 * HOUR, 1);
+        expired.expire_at = Some(t - HOUR);
+        store.write(&[row("kept", t, 7), expired]).await.unwrap();
+        assert!(
+            EmbeddedStore::open(&path, Arc::new(SystemClock)).is_err(),
+            "second opener must be refused"
+        );
+    }
+    let store = EmbeddedStore::open(&path, Arc::new(SystemClock)).unwrap();
+    assert_eq!(
+        read_one(&store, "kept", &["age"]).await.unwrap().1,
+        vec![Some(Value::Int64(7))]
+    );
+    assert_eq!(store.sweep_expired().await.unwrap(), 1);
+    assert_eq!(store.sweep_expired().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn redis_keys_expire_in_redis() {
+    let redis = RedisServer::start();
+    let store = redis_store(redis.url(), Duration::from_secs(2));
+    let mut r = row("ttl", now(), 1);
+    r.expire_at = Some(now() + HOUR);
+    store.write(&[r]).await.unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(key("ttl"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pttl > 3_500_000 && pttl <= 3_600_000, "pttl {pttl}");
+    let no_ttl: i64 = {
+        store.write(&[row("forever", now(), 1)]).await.unwrap();
+        redis::cmd("PTTL")
+            .arg(key("forever"))
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(no_ttl, -1);
+}
+
+#[tokio::test]
+async fn redis_down_is_unavailable_within_the_deadline_and_recovers() {
+    let mut redis = RedisServer::start();
+    let store = redis_store(redis.url(), Duration::from_millis(300));
+    store.write(&[row("r", now(), 1)]).await.unwrap();
+    redis.stop();
+    let started = std::time::Instant::now();
+    let err = store.ping().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    let k = key("r");
+    let err = store
+        .read(&[Lookup {
+            key: &k,
+            features: &["age"],
+        }])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    redis.restart();
+    // Same store object, no restart of ours: the pool reconnects, and the
+    // write script is re-cached after Redis lost it.
+    store.ping().await.unwrap();
+    assert_eq!(store.write(&[row("r", now(), 2)]).await.unwrap().written, 1);
+    assert_eq!(
+        read_one(&store, "r", &["age"]).await.unwrap().1,
+        vec![Some(Value::Int64(2))]
+    );
+}
