@@ -1,1 +1,257 @@
-fn main() {}
+//! `quiver`: the feature store's one binary.
+//!
+//! Subcommands: `serve` (gRPC + REST over the configured online store),
+//! `demo` (sample features in the embedded store, then serve), and
+//! `registry validate`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use quiver_core::store::{EmbeddedStore, RedisConfig, RedisStore};
+use quiver_core::{Clock, OnlineStore, Registry, SystemClock};
+use quiver_server::{FeatureServer, Metrics};
+use tokio::net::TcpListener;
+
+mod config;
+mod demo;
+
+use config::{Backend, Config, Overrides};
+
+/// The sample registry shipped in `registry/`, used when none is configured.
+const SAMPLE_REGISTRY: &str = include_str!("../../registry/features.toml");
+
+#[derive(Debug, Parser)]
+#[command(name = "quiver", version, about = "gRPC-first feature store")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve features over gRPC (default :50051) and REST (default :8000).
+    Serve {
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// Load the sample registry, write sample features, and serve them.
+    Demo {
+        #[command(flatten)]
+        overrides: Overrides,
+        /// Sample users to write (user_1 ... user_N).
+        #[arg(long, default_value_t = 5000)]
+        users: u64,
+        /// Sample products to write (product_1 ... product_N).
+        #[arg(long, default_value_t = 1000)]
+        products: u64,
+        /// Seed of the sample data.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Work with registry files.
+    Registry {
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistryCommand {
+    /// Check a registry file or directory and report every problem.
+    Validate {
+        /// Registry `.toml` file or directory.
+        path: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Registry {
+            command: RegistryCommand::Validate { path },
+        } => validate(&path),
+        Command::Serve { overrides } => {
+            runtime().and_then(|rt| rt.block_on(serve(overrides, None)))
+        }
+        Command::Demo {
+            overrides,
+            users,
+            products,
+            seed,
+        } => runtime().and_then(|rt| {
+            rt.block_on(serve(
+                overrides,
+                Some(DemoData {
+                    users,
+                    products,
+                    seed,
+                }),
+            ))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QUIVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn validate(path: &std::path::Path) -> Result<()> {
+    let reg = Registry::load(path).map_err(|e| anyhow::anyhow!("registry is invalid:\n{e}"))?;
+    println!(
+        "{}: ok ({} entities, {} feature views, {} feature services)",
+        path.display(),
+        reg.entities().len(),
+        reg.views().len(),
+        reg.services().len()
+    );
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DemoData {
+    users: u64,
+    products: u64,
+    seed: u64,
+}
+
+fn load_registry(cfg: &Config) -> Result<Registry> {
+    match &cfg.registry.path {
+        Some(p) => Registry::load(p).map_err(|e| anyhow::anyhow!("registry is invalid:\n{e}")),
+        None => {
+            tracing::info!("no registry configured; using the bundled sample registry (registry/features.toml)");
+            Registry::from_toml("bundled registry/features.toml", SAMPLE_REGISTRY)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        }
+    }
+}
+
+async fn serve(overrides: Overrides, demo: Option<DemoData>) -> Result<()> {
+    let cfg = Config::load(&overrides, &|k| std::env::var(k).ok())?;
+    let registry = Arc::new(load_registry(&cfg)?);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let s = &cfg.online_store;
+    let store: Arc<dyn OnlineStore> = match s.backend {
+        Backend::Embedded => {
+            let store = Arc::new(
+                EmbeddedStore::open(&s.path, clock.clone()).map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+            tracing::info!(path = %s.path.display(), "online store: embedded");
+            let sweeper = store.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(600));
+                loop {
+                    every.tick().await;
+                    match sweeper.sweep_expired().await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(rows = n, "removed expired rows from the embedded store")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "sweeping expired rows failed"),
+                    }
+                }
+            });
+            store
+        }
+        Backend::Redis => {
+            tracing::info!(url = %quiver_core::store::redis_url_redacted(&s.redis_url), "online store: redis");
+            Arc::new(
+                RedisStore::new(&RedisConfig {
+                    url: s.redis_url.clone(),
+                    pool_size: s.pool_size,
+                    timeout: s.timeout,
+                })
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            )
+        }
+    };
+    let service = Arc::new(FeatureServer::new(
+        registry,
+        store,
+        clock.clone(),
+        cfg.limits(),
+        s.expiry_grace,
+        Arc::new(Metrics::new()),
+    ));
+
+    if let Some(d) = demo {
+        let started = std::time::Instant::now();
+        let seeded = demo::seed(&service, d.users, d.products, d.seed, clock.now_micros())
+            .await
+            .context("writing sample features")?;
+        tracing::info!(
+            rows = seeded.rows,
+            users = d.users,
+            products = d.products,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "wrote sample features"
+        );
+    }
+
+    let grpc = TcpListener::bind(cfg.server.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {}", cfg.server.grpc_addr))?;
+    let http = TcpListener::bind(cfg.server.http_addr)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", cfg.server.http_addr))?;
+    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    // One machine-readable line on stdout, for scripts and tests that bind port 0.
+    println!("quiver listening grpc={grpc_addr} http={http_addr}");
+    tracing::info!(%grpc_addr, %http_addr, "serving; try: curl http://{http_addr}/api/v1/features/user/user_123");
+
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        let _ = stopping_tx.send(());
+    };
+    let server = quiver_server::run(service, grpc, http, cfg.server.health_interval, shutdown);
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r?,
+        _ = async {
+            let _ = stopping_rx.await;
+            tokio::time::sleep(cfg.server.shutdown_timeout).await;
+        } => {
+            tracing::warn!(timeout = ?cfg.server.shutdown_timeout, "in-flight requests did not finish in time; exiting");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

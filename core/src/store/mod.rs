@@ -27,7 +27,7 @@ mod embedded;
 mod redis;
 
 pub use self::embedded::EmbeddedStore;
-pub use self::redis::{RedisConfig, RedisStore};
+pub use self::redis::{redact as redis_url_redacted, RedisConfig, RedisStore};
 
 /// One row to read: its key (see [`crate::codec::row_key`]) and features.
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,405 @@
+//! Typed configuration: one struct, validated in one step.
+//!
+//! Precedence, lowest first: built-in defaults (the embedded mode) < the
+//! TOML file given by `--config` / `QUIVER_CONFIG` < environment variables
+//! < command-line flags. The reference is `docs/configuration.md`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Deserializer};
+
+/// Which online store serves features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// A local file (redb); no external services.
+    Embedded,
+    /// A Redis server.
+    Redis,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "embedded" => Ok(Backend::Embedded),
+            "redis" => Ok(Backend::Redis),
+            other => bail!("unknown online store {other:?}; use \"embedded\" or \"redis\""),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listeners and server behaviour.
+    pub server: ServerConfig,
+    /// Where the registry is.
+    pub registry: RegistryConfig,
+    /// The online store.
+    pub online_store: OnlineStoreConfig,
+    /// Request limits.
+    pub limits: LimitsConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// REST listen address.
+    pub http_addr: SocketAddr,
+    /// How often the online store is pinged for gRPC health and `quiver_ready`.
+    #[serde(deserialize_with = "duration")]
+    pub health_interval: Duration,
+    /// How long shutdown waits for in-flight requests before giving up.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+/// `[registry]`
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// A registry `.toml` file or a directory of them; unset means the bundled sample registry.
+    pub path: Option<PathBuf>,
+}
+
+/// `[online_store]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnlineStoreConfig {
+    /// `embedded` or `redis`.
+    pub backend: Backend,
+    /// File of the embedded store.
+    pub path: PathBuf,
+    /// Redis URL (`redis://host:port/db`, `rediss://` for TLS).
+    pub redis_url: String,
+    /// Maximum pooled Redis connections.
+    pub pool_size: usize,
+    /// Deadline of each online-store call.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// How long a row outlives its view's TTL (served as OUTSIDE_MAX_AGE) before it expires.
+    #[serde(deserialize_with = "duration")]
+    pub expiry_grace: Duration,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Maximum entity rows per GetOnlineFeatures call.
+    pub max_entity_rows: usize,
+    /// Maximum features per call.
+    pub max_features: usize,
+    /// Maximum rows per WriteFeatures call.
+    pub max_write_rows: usize,
+    /// Maximum request size in bytes (gRPC message, HTTP body).
+    pub max_request_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            grpc_addr: ([0, 0, 0, 0], 50051).into(),
+            http_addr: ([0, 0, 0, 0], 8000).into(),
+            health_interval: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for OnlineStoreConfig {
+    fn default() -> Self {
+        OnlineStoreConfig {
+            backend: Backend::Embedded,
+            path: PathBuf::from("quiver-data/online.redb"),
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            pool_size: 64,
+            timeout: Duration::from_millis(250),
+            expiry_grace: Duration::from_secs(86_400),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = quiver_server::Limits::default();
+        LimitsConfig {
+            max_entity_rows: l.max_entity_rows,
+            max_features: l.max_features,
+            max_write_rows: l.max_write_rows,
+            max_request_bytes: l.max_request_bytes,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            registry: RegistryConfig::default(),
+            online_store: OnlineStoreConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {s:?} ({e}); write e.g. \"250ms\", \"5s\", \"1d\""
+        ))
+    })
+}
+
+/// Flags that override file and environment (all optional).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Overrides {
+    /// Configuration file (TOML). [env: QUIVER_CONFIG]
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address. [env: QUIVER_GRPC_ADDR]
+    #[arg(long)]
+    pub grpc_addr: Option<SocketAddr>,
+    /// REST listen address. [env: QUIVER_HTTP_ADDR]
+    #[arg(long)]
+    pub http_addr: Option<SocketAddr>,
+    /// Registry file or directory. [env: QUIVER_REGISTRY]
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+    /// Online store backend: embedded or redis. [env: QUIVER_ONLINE_STORE]
+    #[arg(long)]
+    pub online_store: Option<Backend>,
+    /// Embedded store file. [env: QUIVER_STORE_PATH]
+    #[arg(long)]
+    pub store_path: Option<PathBuf>,
+    /// Redis URL; implies --online-store redis unless that is set. [env: QUIVER_REDIS_URL]
+    #[arg(long)]
+    pub redis_url: Option<String>,
+}
+
+impl Config {
+    /// Builds the configuration from file, environment and flags, then validates it.
+    pub fn load(flags: &Overrides, env: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
+        let path = flags
+            .config
+            .clone()
+            .or_else(|| env("QUIVER_CONFIG").map(PathBuf::from));
+        let mut cfg = match &path {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        cfg.apply_env(env)?;
+        cfg.apply_flags(flags);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))
+    }
+
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+        fn parse<T: std::str::FromStr>(name: &str, v: String) -> Result<T>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse()
+                .map_err(|e| anyhow::anyhow!("environment variable {name}={v:?}: {e}"))
+        }
+        if let Some(v) = env("QUIVER_GRPC_ADDR") {
+            self.server.grpc_addr = parse("QUIVER_GRPC_ADDR", v)?;
+        }
+        if let Some(v) = env("QUIVER_HTTP_ADDR") {
+            self.server.http_addr = parse("QUIVER_HTTP_ADDR", v)?;
+        }
+        if let Some(v) = env("QUIVER_REGISTRY") {
+            self.registry.path = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("QUIVER_STORE_PATH") {
+            self.online_store.path = PathBuf::from(v);
+        }
+        if let Some(v) = env("QUIVER_REDIS_URL") {
+            self.online_store.redis_url = v;
+            self.online_store.backend = Backend::Redis;
+        }
+        if let Some(v) = env("QUIVER_ONLINE_STORE") {
+            self.online_store.backend = parse("QUIVER_ONLINE_STORE", v)?;
+        }
+        Ok(())
+    }
+
+    fn apply_flags(&mut self, f: &Overrides) {
+        if let Some(a) = f.grpc_addr {
+            self.server.grpc_addr = a;
+        }
+        if let Some(a) = f.http_addr {
+            self.server.http_addr = a;
+        }
+        if let Some(p) = &f.registry {
+            self.registry.path = Some(p.clone());
+        }
+        if let Some(p) = &f.store_path {
+            self.online_store.path = p.clone();
+        }
+        if let Some(u) = &f.redis_url {
+            self.online_store.redis_url = u.clone();
+            self.online_store.backend = Backend::Redis;
+        }
+        if let Some(b) = f.online_store {
+            self.online_store.backend = b;
+        }
+    }
+
+    /// Rejects settings that cannot work, before anything starts.
+    pub fn validate(&self) -> Result<()> {
+        let s = &self.online_store;
+        if s.backend == Backend::Redis
+            && !(s.redis_url.starts_with("redis://") || s.redis_url.starts_with("rediss://"))
+        {
+            bail!("online_store.redis_url must start with redis:// or rediss://");
+        }
+        if s.pool_size == 0 {
+            bail!("online_store.pool_size must be at least 1");
+        }
+        if s.timeout.is_zero() {
+            bail!("online_store.timeout must be greater than zero");
+        }
+        if self.server.health_interval.is_zero() {
+            bail!("server.health_interval must be greater than zero");
+        }
+        if self.server.grpc_addr == self.server.http_addr && self.server.grpc_addr.port() != 0 {
+            bail!("server.grpc_addr and server.http_addr must differ");
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("limits.max_entity_rows", l.max_entity_rows),
+            ("limits.max_features", l.max_features),
+            ("limits.max_write_rows", l.max_write_rows),
+        ] {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if l.max_request_bytes < 1024 {
+            bail!("limits.max_request_bytes must be at least 1024");
+        }
+        Ok(())
+    }
+
+    /// The limits as the server takes them.
+    pub fn limits(&self) -> quiver_server::Limits {
+        quiver_server::Limits {
+            max_entity_rows: self.limits.max_entity_rows,
+            max_features: self.limits.max_features,
+            max_write_rows: self.limits.max_write_rows,
+            max_request_bytes: self.limits.max_request_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn nothing_configured_means_embedded() {
+        let cfg = Config::load(&Overrides::default(), &env_of(&[])).unwrap();
+        assert_eq!(cfg, Config::default());
+        assert_eq!(cfg.online_store.backend, Backend::Embedded);
+        assert_eq!(cfg.server.http_addr.port(), 8000);
+        assert_eq!(cfg.server.grpc_addr.port(), 50051);
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("q.toml");
+        std::fs::write(
+            &file,
+            "[server]\ngrpc_addr = \"127.0.0.1:1\"\nhttp_addr = \"127.0.0.1:2\"\n[online_store]\ntimeout = \"1s\"\n",
+        )
+        .unwrap();
+        let env = env_of(&[
+            ("QUIVER_HTTP_ADDR", "127.0.0.1:3"),
+            ("QUIVER_REDIS_URL", "redis://r:1"),
+        ]);
+        let flags = Overrides {
+            config: Some(file),
+            grpc_addr: Some("127.0.0.1:4".parse().unwrap()),
+            ..Overrides::default()
+        };
+        let cfg = Config::load(&flags, &env).unwrap();
+        assert_eq!(cfg.server.grpc_addr.port(), 4, "flag beats file");
+        assert_eq!(cfg.server.http_addr.port(), 3, "env beats file");
+        assert_eq!(
+            cfg.online_store.timeout,
+            Duration::from_secs(1),
+            "file beats default"
+        );
+        assert_eq!(
+            cfg.online_store.backend,
+            Backend::Redis,
+            "a redis url selects redis"
+        );
+        let flags = Overrides {
+            online_store: Some(Backend::Embedded),
+            ..flags
+        };
+        assert_eq!(
+            Config::load(&flags, &env).unwrap().online_store.backend,
+            Backend::Embedded
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_rejected_with_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("q.toml");
+        std::fs::write(&file, "[server]\ngrpc_adr = \"x\"\n").unwrap();
+        let flags = Overrides {
+            config: Some(file.clone()),
+            ..Overrides::default()
+        };
+        let e = Config::load(&flags, &env_of(&[])).unwrap_err().to_string();
+        assert!(e.contains("unknown field `grpc_adr`"), "{e}");
+        std::fs::write(&file, "[online_store]\ntimeout = \"soon\"\n").unwrap();
+        let e = Config::load(&flags, &env_of(&[])).unwrap_err().to_string();
+        assert!(e.contains("invalid duration \"soon\""), "{e}");
+        let e = Config::load(
+            &Overrides::default(),
+            &env_of(&[("QUIVER_GRPC_ADDR", "nope")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("QUIVER_GRPC_ADDR"), "{e}");
+        let e = Config::load(
+            &Overrides::default(),
+            &env_of(&[("QUIVER_REDIS_URL", "http://x")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("redis_url"), "{e}");
+    }
+}

@@ -1,0 +1,273 @@
+//! Conversions between `quiver.v1` wire types and domain types.
+
+use pb::value::Kind;
+use quiver_core::registry::Registry;
+use quiver_core::time::Micros;
+use quiver_core::{Error, Result, Value, ValueType};
+use quiver_proto::prost_types::Timestamp;
+use quiver_proto::v1 as pb;
+
+use crate::service::{FeatureRowIn, FeatureSelector, FieldStatus, OnlineRequest, OnlineResponse};
+
+/// Epoch microseconds of a protobuf timestamp; rejects out-of-range nanos.
+pub fn ts_to_micros(t: &Timestamp) -> Result<Micros> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Error::invalid(format!(
+            "timestamp nanos {} out of range 0..1e9",
+            t.nanos
+        )));
+    }
+    t.seconds
+        .checked_mul(1_000_000)
+        .and_then(|s| s.checked_add(i64::from(t.nanos / 1000)))
+        .ok_or_else(|| Error::invalid(format!("timestamp seconds {} out of range", t.seconds)))
+}
+
+/// A protobuf timestamp of epoch microseconds.
+pub fn micros_to_ts(m: Micros) -> Timestamp {
+    Timestamp {
+        seconds: m.div_euclid(1_000_000),
+        nanos: (m.rem_euclid(1_000_000) * 1000) as i32,
+    }
+}
+
+/// Domain value of a wire value.
+pub fn value_from_pb(v: pb::Value) -> Result<Value> {
+    Ok(match v.kind {
+        None | Some(Kind::NullVal(_)) => Value::Null,
+        Some(Kind::Int64Val(n)) => Value::Int64(n),
+        Some(Kind::DoubleVal(d)) => Value::Double(d),
+        Some(Kind::StringVal(s)) => Value::String(s),
+        Some(Kind::BoolVal(b)) => Value::Bool(b),
+        Some(Kind::BytesVal(b)) => Value::Bytes(b),
+        Some(Kind::TimestampVal(t)) => Value::Timestamp(ts_to_micros(&t)?),
+        Some(Kind::Int64ListVal(l)) => Value::Int64List(l.val),
+        Some(Kind::DoubleListVal(l)) => Value::DoubleList(l.val),
+        Some(Kind::StringListVal(l)) => Value::StringList(l.val),
+        Some(Kind::BoolListVal(l)) => Value::BoolList(l.val),
+        Some(Kind::BytesListVal(l)) => Value::BytesList(l.val),
+        Some(Kind::FloatListVal(l)) => Value::FloatList(l.val),
+    })
+}
+
+/// Wire value of a domain value.
+pub fn value_to_pb(v: Value) -> pb::Value {
+    let kind = match v {
+        Value::Null => None,
+        Value::Int64(n) => Some(Kind::Int64Val(n)),
+        Value::Double(d) => Some(Kind::DoubleVal(d)),
+        Value::String(s) => Some(Kind::StringVal(s)),
+        Value::Bool(b) => Some(Kind::BoolVal(b)),
+        Value::Bytes(b) => Some(Kind::BytesVal(b)),
+        Value::Timestamp(t) => Some(Kind::TimestampVal(micros_to_ts(t))),
+        Value::Int64List(val) => Some(Kind::Int64ListVal(pb::Int64List { val })),
+        Value::DoubleList(val) => Some(Kind::DoubleListVal(pb::DoubleList { val })),
+        Value::StringList(val) => Some(Kind::StringListVal(pb::StringList { val })),
+        Value::BoolList(val) => Some(Kind::BoolListVal(pb::BoolList { val })),
+        Value::BytesList(val) => Some(Kind::BytesListVal(pb::BytesList { val })),
+        Value::FloatList(val) => Some(Kind::FloatListVal(pb::FloatList { val })),
+    };
+    pb::Value { kind }
+}
+
+/// Domain request of a `GetOnlineFeaturesRequest`.
+pub fn online_request_from_pb(req: pb::GetOnlineFeaturesRequest) -> Result<OnlineRequest> {
+    let selector = match req.kind {
+        Some(pb::get_online_features_request::Kind::FeatureService(s)) => {
+            FeatureSelector::Service(s)
+        }
+        Some(pb::get_online_features_request::Kind::Features(l)) => FeatureSelector::Refs(l.val),
+        None => {
+            return Err(Error::invalid(
+                "set either feature_service or features (a list of \"view:feature\" references)",
+            ))
+        }
+    };
+    let mut entities = req
+        .entities
+        .into_iter()
+        .map(|(k, col)| {
+            Ok((
+                k,
+                col.val
+                    .into_iter()
+                    .map(value_from_pb)
+                    .collect::<Result<Vec<_>>>()?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Protobuf maps are unordered; sort so output columns are deterministic.
+    entities.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(OnlineRequest {
+        selector,
+        entities,
+        full_feature_names: req.full_feature_names,
+    })
+}
+
+fn status_to_pb(s: FieldStatus) -> pb::FieldStatus {
+    match s {
+        FieldStatus::Present => pb::FieldStatus::Present,
+        FieldStatus::NullValue => pb::FieldStatus::NullValue,
+        FieldStatus::NotFound => pb::FieldStatus::NotFound,
+        FieldStatus::OutsideMaxAge => pb::FieldStatus::OutsideMaxAge,
+    }
+}
+
+/// Wire response of a domain response.
+pub fn online_response_to_pb(resp: OnlineResponse) -> pb::GetOnlineFeaturesResponse {
+    pb::GetOnlineFeaturesResponse {
+        metadata: Some(pb::GetOnlineFeaturesResponseMetadata {
+            feature_names: Some(pb::FeatureNames { val: resp.names }),
+        }),
+        results: resp
+            .columns
+            .into_iter()
+            .map(|c| pb::get_online_features_response::FeatureVector {
+                values: c.values.into_iter().map(value_to_pb).collect(),
+                statuses: c
+                    .statuses
+                    .into_iter()
+                    .map(|s| status_to_pb(s) as i32)
+                    .collect(),
+                event_timestamps: c
+                    .event_ts
+                    .into_iter()
+                    .map(|t| t.map(micros_to_ts).unwrap_or_default())
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Domain rows of a `WriteFeaturesRequest`.
+pub fn write_rows_from_pb(rows: Vec<pb::FeatureRow>) -> Result<Vec<FeatureRowIn>> {
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let at = |e: Error| Error::invalid(format!("row {i}: {}", e.message()));
+            let convert = |m: std::collections::HashMap<String, pb::Value>| {
+                m.into_iter()
+                    .map(|(k, v)| Ok((k, value_from_pb(v)?)))
+                    .collect::<Result<Vec<_>>>()
+            };
+            Ok(FeatureRowIn {
+                entity_key: convert(r.entity_key).map_err(at)?,
+                event_ts: r
+                    .event_timestamp
+                    .as_ref()
+                    .map(ts_to_micros)
+                    .transpose()
+                    .map_err(at)?,
+                features: convert(r.features).map_err(at)?,
+            })
+        })
+        .collect()
+}
+
+/// Wire value type of a domain value type.
+pub fn value_type_to_pb(t: ValueType) -> pb::ValueType {
+    match t {
+        ValueType::Int64 => pb::ValueType::Int64,
+        ValueType::Double => pb::ValueType::Double,
+        ValueType::String => pb::ValueType::String,
+        ValueType::Bool => pb::ValueType::Bool,
+        ValueType::Bytes => pb::ValueType::Bytes,
+        ValueType::Timestamp => pb::ValueType::Timestamp,
+        ValueType::Int64List => pb::ValueType::Int64List,
+        ValueType::DoubleList => pb::ValueType::DoubleList,
+        ValueType::StringList => pb::ValueType::StringList,
+        ValueType::BoolList => pb::ValueType::BoolList,
+        ValueType::BytesList => pb::ValueType::BytesList,
+        ValueType::FloatList => pb::ValueType::FloatList,
+    }
+}
+
+/// The registry as a `GetRegistryResponse`.
+pub fn registry_to_pb(reg: &Registry) -> pb::GetRegistryResponse {
+    pb::GetRegistryResponse {
+        entities: reg
+            .entities()
+            .iter()
+            .map(|e| pb::EntitySpec {
+                name: e.name.clone(),
+                join_key: e.join_key.clone(),
+                value_type: value_type_to_pb(e.value_type) as i32,
+                description: e.description.clone(),
+            })
+            .collect(),
+        feature_views: reg
+            .views()
+            .iter()
+            .map(|v| pb::FeatureViewSpec {
+                name: v.name.clone(),
+                entities: v.entities.clone(),
+                features: v
+                    .features
+                    .iter()
+                    .map(|f| pb::FeatureSpec {
+                        name: f.name.clone(),
+                        value_type: value_type_to_pb(f.value_type) as i32,
+                        description: f.description.clone(),
+                        dimension: f.dimension.unwrap_or(0),
+                    })
+                    .collect(),
+                ttl_seconds: v.ttl.map_or(0, |t| t.as_secs()),
+                description: v.description.clone(),
+                tags: v.tags.clone().into_iter().collect(),
+            })
+            .collect(),
+        feature_services: reg
+            .services()
+            .iter()
+            .map(|s| pb::FeatureServiceSpec {
+                name: s.name.clone(),
+                features: s.refs.clone(),
+                description: s.description.clone(),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_including_negative() {
+        for m in [0, 1, -1, 1_764_000_000_123_456, -86_400_000_001] {
+            assert_eq!(ts_to_micros(&micros_to_ts(m)).unwrap(), m);
+        }
+        assert!(ts_to_micros(&Timestamp {
+            seconds: 0,
+            nanos: -1
+        })
+        .is_err());
+        assert!(ts_to_micros(&Timestamp {
+            seconds: i64::MAX,
+            nanos: 0
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn values_round_trip() {
+        for v in [
+            Value::Null,
+            Value::Int64(-3),
+            Value::Double(2.5),
+            Value::String("x".into()),
+            Value::Bool(true),
+            Value::Bytes(vec![1, 2]),
+            Value::Timestamp(1_764_000_000_000_001),
+            Value::Int64List(vec![1]),
+            Value::DoubleList(vec![1.5]),
+            Value::StringList(vec!["a".into()]),
+            Value::BoolList(vec![false]),
+            Value::BytesList(vec![vec![9]]),
+            Value::FloatList(vec![0.25]),
+        ] {
+            assert_eq!(value_from_pb(value_to_pb(v.clone())).unwrap(), v);
+        }
+    }
+}

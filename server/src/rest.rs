@@ -1,0 +1,512 @@
+//! The REST gateway (axum): JSON over the same [`FeatureServer`] as gRPC.
+//!
+//! Paths are documented in `openapi.json` (served at `/openapi.json`, with a
+//! viewer at `/docs`) and in `docs/api.md`. Errors are
+//! `{"error": {"code": "...", "message": "..."}}` with the HTTP status of
+//! `crate::error::http_status`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use quiver_core::time::{format_rfc3339, parse_rfc3339};
+use quiver_core::{Error, ErrorKind, Value, ValueType};
+use serde::Deserialize;
+use serde_json::{json, Map, Value as Json_};
+
+use crate::error::http_status;
+use crate::service::{FeatureRowIn, FeatureSelector, FeatureServer, OnlineRequest, OnlineResponse};
+
+const OPENAPI: &str = include_str!("openapi.json");
+const DOCS_HTML: &str = include_str!("docs.html");
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError(Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.0.kind() == ErrorKind::Internal {
+            tracing::error!(error = %self.0, "internal error");
+        }
+        let body = json!({"error": {"code": self.0.kind().as_str(), "message": self.0.message()}});
+        (http_status(self.0.kind()), Json(body)).into_response()
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    let kind = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ErrorKind::ResourceExhausted
+    } else {
+        ErrorKind::InvalidArgument
+    };
+    ApiError(Error::new(
+        kind,
+        format!("invalid JSON body: {}", r.body_text()),
+    ))
+}
+
+fn query_rejection(r: QueryRejection) -> ApiError {
+    ApiError(Error::invalid(format!(
+        "invalid query string: {}",
+        r.body_text()
+    )))
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The gateway's routes, with metrics and a body-size limit.
+pub fn router(service: Arc<FeatureServer>) -> Router {
+    let limit = service.limits().max_request_bytes;
+    Router::new()
+        .route("/api/v1/features/:entity/:id", get(get_entity_features))
+        .route("/api/v1/features/online", post(post_online_features))
+        .route("/api/v1/features/write", post(post_write_features))
+        .route("/api/v1/registry", get(get_registry))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .route("/docs", get(|| async { Html(DOCS_HTML) }))
+        .fallback(|| async {
+            ApiError(Error::not_found(
+                "no such path; see /docs or /openapi.json for the API",
+            ))
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(service.clone(), track))
+        .with_state(service)
+}
+
+async fn track(State(svc): State<Arc<FeatureServer>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let resp = next.run(req).await;
+    svc.metrics()
+        .observe_request("http", &route, resp.status().as_str(), started.elapsed());
+    resp
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntityQuery {
+    /// Comma-separated `view:feature` references.
+    features: Option<String>,
+    feature_service: Option<String>,
+    full_feature_names: Option<bool>,
+}
+
+async fn get_entity_features(
+    State(svc): State<Arc<FeatureServer>>,
+    Path((entity, id)): Path<(String, String)>,
+    query: Result<Query<EntityQuery>, QueryRejection>,
+) -> ApiResult {
+    let Query(q) = query.map_err(query_rejection)?;
+    let reg = svc.registry();
+    let ent = reg.entity(&entity).ok_or_else(|| {
+        Error::not_found(format!(
+            "unknown entity {entity:?}; known entities: {}",
+            reg.entities()
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let key = match ent.value_type {
+        ValueType::Int64 => Value::Int64(id.parse().map_err(|_| {
+            Error::invalid(format!(
+                "entity {entity:?} has int64 ids; {id:?} is not an integer"
+            ))
+        })?),
+        _ => Value::String(id.clone()),
+    };
+    let selector = match (q.features, q.feature_service) {
+        (Some(_), Some(_)) => {
+            return Err(Error::invalid("pass either features or feature_service, not both").into())
+        }
+        (Some(f), None) => FeatureSelector::Refs(
+            f.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        ),
+        (None, Some(s)) => FeatureSelector::Service(s),
+        (None, None) => FeatureSelector::Entity(entity.clone()),
+    };
+    let resp = svc
+        .get_online(OnlineRequest {
+            selector,
+            entities: vec![(ent.join_key.clone(), vec![key])],
+            full_feature_names: q.full_feature_names.unwrap_or(true),
+        })
+        .await?;
+    let mut features = Map::new();
+    for (name, col) in resp.names.iter().zip(resp.columns).skip(1) {
+        let (value, status, ts) = (&col.values[0], col.statuses[0], col.event_ts[0]);
+        features.insert(
+            name.clone(),
+            json!({
+                "value": value_to_json(value),
+                "status": status.as_str(),
+                "event_timestamp": ts.map(format_rfc3339),
+            }),
+        );
+    }
+    Ok(Json(json!({
+        "entity": entity,
+        "join_key": ent.join_key,
+        "id": id,
+        "features": features,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnlineBody {
+    feature_service: Option<String>,
+    features: Option<Vec<String>>,
+    entities: Map<String, Json_>,
+    #[serde(default)]
+    full_feature_names: bool,
+}
+
+async fn post_online_features(
+    State(svc): State<Arc<FeatureServer>>,
+    body: Result<Json<OnlineBody>, JsonRejection>,
+) -> ApiResult {
+    let Json(body) = body.map_err(json_rejection)?;
+    let selector = match (body.features, body.feature_service) {
+        (Some(_), Some(_)) => return Err(Error::invalid("pass either features or feature_service, not both").into()),
+        (Some(f), None) => FeatureSelector::Refs(f),
+        (None, Some(s)) => FeatureSelector::Service(s),
+        (None, None) => {
+            return Err(Error::invalid(
+                "set either \"feature_service\" or \"features\" (a list of \"view:feature\" references)",
+            )
+            .into())
+        }
+    };
+    let mut entities = Vec::with_capacity(body.entities.len());
+    for (key, col) in body.entities {
+        let Json_::Array(items) = col else {
+            return Err(Error::invalid(format!("entities.{key} must be an array of ids")).into());
+        };
+        let values = items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                entity_value_from_json(v)
+                    .map_err(|m| Error::invalid(format!("entities.{key}[{i}]: {m}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        entities.push((key, values));
+    }
+    let resp = svc
+        .get_online(OnlineRequest {
+            selector,
+            entities,
+            full_feature_names: body.full_feature_names,
+        })
+        .await?;
+    Ok(Json(online_response_json(resp)).into_response())
+}
+
+fn online_response_json(resp: OnlineResponse) -> Json_ {
+    let results: Vec<Json_> = resp
+        .columns
+        .iter()
+        .map(|c| {
+            json!({
+                "values": c.values.iter().map(value_to_json).collect::<Vec<_>>(),
+                "statuses": c.statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                "event_timestamps": c.event_ts.iter().map(|t| t.map(format_rfc3339)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({"metadata": {"feature_names": resp.names}, "results": results})
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriteBody {
+    feature_view: String,
+    rows: Vec<WriteRowBody>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriteRowBody {
+    entity_key: Map<String, Json_>,
+    event_timestamp: String,
+    #[serde(default)]
+    features: Map<String, Json_>,
+}
+
+async fn post_write_features(
+    State(svc): State<Arc<FeatureServer>>,
+    body: Result<Json<WriteBody>, JsonRejection>,
+) -> ApiResult {
+    let Json(body) = body.map_err(json_rejection)?;
+    let reg = svc.registry();
+    let view = reg.view(reg.require_view(&body.feature_view)?);
+    let mut rows = Vec::with_capacity(body.rows.len());
+    for (i, r) in body.rows.into_iter().enumerate() {
+        let at = |m: String| Error::invalid(format!("rows[{i}]: {m}"));
+        let entity_key = r
+            .entity_key
+            .iter()
+            .map(|(k, v)| {
+                entity_value_from_json(v)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|m| at(format!("entity_key.{k}: {m}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let event_ts = parse_rfc3339(&r.event_timestamp).ok_or_else(|| {
+            at(format!(
+                "event_timestamp {:?} is not RFC 3339, e.g. 2026-01-02T03:04:05Z",
+                r.event_timestamp
+            ))
+        })?;
+        let mut features = Vec::with_capacity(r.features.len());
+        for (name, v) in r.features {
+            // Unknown names are reported by the service with the full list.
+            let Some(fi) = view.feature_index(&name) else {
+                features.push((name, Value::Null));
+                continue;
+            };
+            let ty = view.features[fi].value_type;
+            let value = value_from_json(&v, ty).map_err(|m| at(format!("features.{name}: {m}")))?;
+            features.push((name, value));
+        }
+        rows.push(FeatureRowIn {
+            entity_key,
+            event_ts: Some(event_ts),
+            features,
+        });
+    }
+    let out = svc.write_features(&body.feature_view, rows).await?;
+    Ok(Json(json!({"written": out.written, "stale": out.stale})).into_response())
+}
+
+async fn get_registry(State(svc): State<Arc<FeatureServer>>) -> Json<Json_> {
+    let reg = svc.registry();
+    Json(json!({
+        "entities": reg.entities().iter().map(|e| json!({
+            "name": e.name, "join_key": e.join_key, "value_type": e.value_type.as_str(), "description": e.description,
+        })).collect::<Vec<_>>(),
+        "feature_views": reg.views().iter().map(|v| json!({
+            "name": v.name,
+            "entities": v.entities,
+            "ttl_seconds": v.ttl.map_or(0, |t| t.as_secs()),
+            "description": v.description,
+            "tags": v.tags,
+            "features": v.features.iter().map(|f| json!({
+                "name": f.name, "value_type": f.value_type.as_str(), "dimension": f.dimension, "description": f.description,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "feature_services": reg.services().iter().map(|s| json!({
+            "name": s.name, "features": s.refs, "description": s.description,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+async fn ready(State(svc): State<Arc<FeatureServer>>) -> Response {
+    match svc.ping().await {
+        Ok(()) => Json(json!({"status": "ready", "online_store": svc.backend()})).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({"status": "not_ready", "online_store": svc.backend(), "error": e.message()}),
+            ),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(svc): State<Arc<FeatureServer>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        svc.metrics().render(),
+    )
+        .into_response()
+}
+
+/// An entity id from JSON: a string or an integer.
+fn entity_value_from_json(v: &Json_) -> Result<Value, String> {
+    match v {
+        Json_::String(s) => Ok(Value::String(s.clone())),
+        Json_::Number(n) => n
+            .as_i64()
+            .map(Value::Int64)
+            .ok_or_else(|| format!("entity ids are strings or integers, got {n}")),
+        other => Err(format!(
+            "entity ids are strings or integers, got {}",
+            json_kind(other)
+        )),
+    }
+}
+
+fn json_kind(v: &Json_) -> &'static str {
+    match v {
+        Json_::Null => "null",
+        Json_::Bool(_) => "a boolean",
+        Json_::Number(_) => "a number",
+        Json_::String(_) => "a string",
+        Json_::Array(_) => "an array",
+        Json_::Object(_) => "an object",
+    }
+}
+
+/// A JSON value read as the declared type `ty`. Bytes are base64 strings,
+/// timestamps RFC 3339 strings.
+fn value_from_json(v: &Json_, ty: ValueType) -> Result<Value, String> {
+    if v.is_null() {
+        return Ok(Value::Null);
+    }
+    let wrong = || format!("expected {ty}, got {}", json_kind(v));
+    let int = |v: &Json_| v.as_i64().ok_or_else(wrong);
+    let float = |v: &Json_| v.as_f64().ok_or_else(wrong);
+    let string = |v: &Json_| v.as_str().map(str::to_owned).ok_or_else(wrong);
+    let boolean = |v: &Json_| v.as_bool().ok_or_else(wrong);
+    let bytes = |v: &Json_| {
+        let s = v.as_str().ok_or_else(wrong)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|e| format!("expected base64 bytes: {e}"))
+    };
+    fn list<T>(
+        v: &Json_,
+        item: impl Fn(&Json_) -> Result<T, String>,
+        wrong: impl Fn() -> String,
+    ) -> Result<Vec<T>, String> {
+        v.as_array().ok_or_else(&wrong)?.iter().map(item).collect()
+    }
+    Ok(match ty {
+        ValueType::Int64 => Value::Int64(int(v)?),
+        ValueType::Double => Value::Double(float(v)?),
+        ValueType::String => Value::String(string(v)?),
+        ValueType::Bool => Value::Bool(boolean(v)?),
+        ValueType::Bytes => Value::Bytes(bytes(v)?),
+        ValueType::Timestamp => {
+            let s = string(v)?;
+            Value::Timestamp(
+                parse_rfc3339(&s).ok_or_else(|| format!("{s:?} is not an RFC 3339 timestamp"))?,
+            )
+        }
+        ValueType::Int64List => Value::Int64List(list(v, int, wrong)?),
+        ValueType::DoubleList => Value::DoubleList(list(v, float, wrong)?),
+        ValueType::StringList => Value::StringList(list(v, string, wrong)?),
+        ValueType::BoolList => Value::BoolList(list(v, boolean, wrong)?),
+        ValueType::BytesList => Value::BytesList(list(v, bytes, wrong)?),
+        ValueType::FloatList => Value::FloatList(list(v, |x| float(x).map(|f| f as f32), wrong)?),
+    })
+}
+
+fn f64_json(d: f64) -> Json_ {
+    // JSON has no NaN or infinities; spell them as strings like protobuf's JSON mapping.
+    serde_json::Number::from_f64(d).map_or_else(
+        || {
+            Json_::String(
+                if d.is_nan() {
+                    "NaN"
+                } else if d > 0.0 {
+                    "Infinity"
+                } else {
+                    "-Infinity"
+                }
+                .to_owned(),
+            )
+        },
+        Json_::Number,
+    )
+}
+
+/// A domain value as JSON, see the module docs for the mapping.
+pub fn value_to_json(v: &Value) -> Json_ {
+    let b64 = |b: &[u8]| Json_::String(base64::engine::general_purpose::STANDARD.encode(b));
+    // f32 -> shortest decimal -> f64, so 0.1f32 prints as 0.1, not 0.10000000149011612.
+    let f32_json = |x: f32| f64_json(x.to_string().parse().unwrap_or(f64::from(x)));
+    match v {
+        Value::Null => Json_::Null,
+        Value::Int64(n) => json!(n),
+        Value::Double(d) => f64_json(*d),
+        Value::String(s) => json!(s),
+        Value::Bool(b) => json!(b),
+        Value::Bytes(b) => b64(b),
+        Value::Timestamp(t) => json!(format_rfc3339(*t)),
+        Value::Int64List(l) => json!(l),
+        Value::DoubleList(l) => Json_::Array(l.iter().map(|d| f64_json(*d)).collect()),
+        Value::StringList(l) => json!(l),
+        Value::BoolList(l) => json!(l),
+        Value::BytesList(l) => Json_::Array(l.iter().map(|b| b64(b)).collect()),
+        Value::FloatList(l) => Json_::Array(l.iter().map(|x| f32_json(*x)).collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_values_follow_the_declared_type() {
+        assert_eq!(
+            value_from_json(&json!(3), ValueType::Double).unwrap(),
+            Value::Double(3.0)
+        );
+        assert_eq!(
+            value_from_json(&json!(null), ValueType::Int64).unwrap(),
+            Value::Null
+        );
+        assert!(value_from_json(&json!(1.5), ValueType::Int64)
+            .unwrap_err()
+            .contains("expected int64"));
+        assert!(value_from_json(&json!("x"), ValueType::Bool).is_err());
+        assert_eq!(
+            value_from_json(&json!([0.5, 1]), ValueType::FloatList).unwrap(),
+            Value::FloatList(vec![0.5, 1.0])
+        );
+        assert_eq!(
+            value_from_json(&json!("AQI="), ValueType::Bytes).unwrap(),
+            Value::Bytes(vec![1, 2])
+        );
+        let ts = value_from_json(&json!("2026-01-02T03:04:05Z"), ValueType::Timestamp).unwrap();
+        assert_eq!(value_to_json(&ts), json!("2026-01-02T03:04:05.000000Z"));
+    }
+
+    #[test]
+    fn json_output_is_readable() {
+        assert_eq!(
+            value_to_json(&Value::FloatList(vec![0.1, -2.5])),
+            json!([0.1, -2.5])
+        );
+        assert_eq!(value_to_json(&Value::Double(f64::NAN)), json!("NaN"));
+        assert_eq!(value_to_json(&Value::Bytes(vec![1, 2])), json!("AQI="));
+        assert_eq!(entity_value_from_json(&json!(7)).unwrap(), Value::Int64(7));
+        assert!(entity_value_from_json(&json!(7.5)).is_err());
+        assert!(entity_value_from_json(&json!([1])).is_err());
+    }
+}

@@ -1,0 +1,537 @@
+//! The domain service behind both transports: gRPC (`grpc.rs`) and REST
+//! (`rest.rs`) are thin adapters that convert their wire types to the types
+//! here and call the same methods, so the two cannot drift.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quiver_core::codec::{entity_key, row_key};
+use quiver_core::registry::{FeatureRef, Selection};
+use quiver_core::store::{Lookup, StoredRow, WriteOutcome, WriteRow};
+use quiver_core::time::{duration_micros, Micros};
+use quiver_core::{Clock, Error, ErrorKind, OnlineStore, Registry, Result, Value, ValueType};
+
+use crate::metrics::Metrics;
+
+/// Request size limits; exceeding one is `RESOURCE_EXHAUSTED` / HTTP 413.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum entity rows in one `GetOnlineFeatures` call.
+    pub max_entity_rows: usize,
+    /// Maximum feature references in one call.
+    pub max_features: usize,
+    /// Maximum rows in one `WriteFeatures` call.
+    pub max_write_rows: usize,
+    /// Maximum encoded request size in bytes (gRPC message, HTTP body).
+    pub max_request_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_entity_rows: 1_000,
+            max_features: 1_000,
+            max_write_rows: 10_000,
+            max_request_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// How the features of a request are chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeatureSelector {
+    /// A feature service of the registry.
+    Service(String),
+    /// `view:feature` references.
+    Refs(Vec<String>),
+    /// Every feature of every view keyed by exactly this entity (REST `GET`).
+    Entity(String),
+}
+
+/// A `GetOnlineFeatures` request in domain terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnlineRequest {
+    /// Which features.
+    pub selector: FeatureSelector,
+    /// Entity rows, column-wise: join key and one value per row.
+    pub entities: Vec<(String, Vec<Value>)>,
+    /// Name output columns `view__feature` instead of `feature`.
+    pub full_feature_names: bool,
+}
+
+/// Status of one returned value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldStatus {
+    /// Present and fresh.
+    Present,
+    /// Stored as null.
+    NullValue,
+    /// Nothing stored.
+    NotFound,
+    /// Older than the view's TTL; the value is still returned.
+    OutsideMaxAge,
+}
+
+impl FieldStatus {
+    /// Wire spelling (same as the protobuf enum).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FieldStatus::Present => "PRESENT",
+            FieldStatus::NullValue => "NULL_VALUE",
+            FieldStatus::NotFound => "NOT_FOUND",
+            FieldStatus::OutsideMaxAge => "OUTSIDE_MAX_AGE",
+        }
+    }
+}
+
+/// One output column: a join key or a feature, one entry per entity row.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Column {
+    /// Values (null where not found).
+    pub values: Vec<Value>,
+    /// Status of each value.
+    pub statuses: Vec<FieldStatus>,
+    /// Event time of each value's row, `None` for join keys and missing rows.
+    pub event_ts: Vec<Option<Micros>>,
+}
+
+/// A `GetOnlineFeatures` response in domain terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnlineResponse {
+    /// Column names: join keys first, then features.
+    pub names: Vec<String>,
+    /// Columns, same order as `names`.
+    pub columns: Vec<Column>,
+}
+
+/// One row of a `WriteFeatures` request in domain terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureRowIn {
+    /// Join key and value pairs.
+    pub entity_key: Vec<(String, Value)>,
+    /// Event time; required.
+    pub event_ts: Option<Micros>,
+    /// Feature name and value pairs; absent features are stored as null.
+    pub features: Vec<(String, Value)>,
+}
+
+/// The feature service: registry + online store + clock + limits.
+pub struct FeatureServer {
+    registry: Arc<Registry>,
+    store: Arc<dyn OnlineStore>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    expiry_grace: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for FeatureServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FeatureServer")
+            .field("backend", &self.store.backend())
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FeatureServer {
+    /// Creates the service. `expiry_grace` is how long after a view's TTL a
+    /// row stays stored (served as `OUTSIDE_MAX_AGE`) before it expires.
+    pub fn new(
+        registry: Arc<Registry>,
+        store: Arc<dyn OnlineStore>,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+        expiry_grace: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        FeatureServer {
+            registry,
+            store,
+            clock,
+            limits,
+            expiry_grace,
+            metrics,
+        }
+    }
+
+    /// The loaded registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The configured limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The metrics registry shared by both transports.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Name of the online-store backend.
+    pub fn backend(&self) -> &'static str {
+        self.store.backend()
+    }
+
+    /// Checks the online store (readiness).
+    pub async fn ping(&self) -> Result<()> {
+        self.timed_store("ping", self.store.ping()).await
+    }
+
+    async fn timed_store<T>(
+        &self,
+        op: &'static str,
+        fut: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let started = Instant::now();
+        let r = fut.await;
+        self.metrics
+            .observe_store(self.store.backend(), op, r.is_ok(), started.elapsed());
+        r
+    }
+
+    fn select(&self, selector: &FeatureSelector) -> Result<Selection> {
+        let reg = &self.registry;
+        let mut sel = match selector {
+            FeatureSelector::Service(name) => reg.resolve_service(name)?,
+            FeatureSelector::Refs(refs) => {
+                if refs.is_empty() {
+                    return Err(Error::invalid(
+                        "no features requested: name a feature_service or list features as \"view:feature\"",
+                    ));
+                }
+                if refs.len() > self.limits.max_features {
+                    return Err(too_many(
+                        "feature references",
+                        refs.len(),
+                        self.limits.max_features,
+                    ));
+                }
+                reg.resolve_refs(refs)?
+            }
+            FeatureSelector::Entity(entity) => reg.select_entity(entity)?,
+        };
+        let mut seen = HashSet::new();
+        sel.columns.retain(|c| seen.insert(c.clone()));
+        if sel.columns.is_empty() {
+            return Err(Error::invalid("the request selects no features"));
+        }
+        if sel.columns.len() > self.limits.max_features {
+            return Err(too_many(
+                "features",
+                sel.columns.len(),
+                self.limits.max_features,
+            ));
+        }
+        Ok(sel)
+    }
+
+    /// Latest values of the selected features for each entity row; one
+    /// online-store round trip whatever the number of rows and views.
+    pub async fn get_online(&self, req: OnlineRequest) -> Result<OnlineResponse> {
+        let reg = &*self.registry;
+        let sel = self.select(&req.selector)?;
+
+        // Entity columns: known join keys, typed values, equal lengths.
+        let Some((_, first)) = req.entities.first() else {
+            return Err(Error::invalid(
+                "no entities given: pass one column per join key, e.g. {\"user_id\": [\"user_123\"]}",
+            ));
+        };
+        let n_rows = first.len();
+        if n_rows == 0 {
+            return Err(Error::invalid(
+                "entity columns are empty: pass at least one entity row",
+            ));
+        }
+        if n_rows > self.limits.max_entity_rows {
+            return Err(too_many("entity rows", n_rows, self.limits.max_entity_rows));
+        }
+        for (key, values) in &req.entities {
+            let entity = reg.entity_by_join_key(key).ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown join key {key:?}; known join keys: {}",
+                    reg.entities()
+                        .iter()
+                        .map(|e| e.join_key.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            if values.len() != n_rows {
+                return Err(Error::invalid(format!(
+                    "entity columns differ in length: {:?} has {n_rows} values, {key:?} has {}",
+                    req.entities[0].0,
+                    values.len()
+                )));
+            }
+            for (row, v) in values.iter().enumerate() {
+                check_key_value(key, entity.value_type, v, row)?;
+            }
+        }
+        let column_of = |jk: &str| req.entities.iter().position(|(k, _)| k == jk);
+        let mut key_cols: Vec<Vec<usize>> = Vec::with_capacity(sel.by_view.len());
+        for (vi, _) in &sel.by_view {
+            let view = reg.view(*vi);
+            let cols = view
+                .join_keys
+                .iter()
+                .map(|jk| {
+                    column_of(jk).ok_or_else(|| {
+                        Error::invalid(format!(
+                            "feature view {:?} is keyed by {}; the request has no {jk:?} column",
+                            view.name,
+                            view.join_keys.join(", ")
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            key_cols.push(cols);
+        }
+
+        let names = self.output_names(&req, &sel)?;
+
+        // One lookup per (row, view), row-major.
+        let features: Vec<Vec<&str>> = sel
+            .by_view
+            .iter()
+            .map(|(vi, fs)| {
+                fs.iter()
+                    .map(|&f| reg.view(*vi).features[f].name.as_str())
+                    .collect()
+            })
+            .collect();
+        let mut keys = Vec::with_capacity(n_rows * sel.by_view.len());
+        for row in 0..n_rows {
+            for (vpos, (vi, _)) in sel.by_view.iter().enumerate() {
+                let view = reg.view(*vi);
+                let pairs: Vec<(&str, &Value)> = view
+                    .join_keys
+                    .iter()
+                    .zip(&key_cols[vpos])
+                    .map(|(jk, &c)| (jk.as_str(), &req.entities[c].1[row]))
+                    .collect();
+                keys.push(row_key(&entity_key(&pairs)?, &view.name));
+            }
+        }
+        let lookups: Vec<Lookup> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Lookup {
+                key: k,
+                features: &features[i % sel.by_view.len()],
+            })
+            .collect();
+        let mut rows = self.timed_store("read", self.store.read(&lookups)).await?;
+        if rows.len() != lookups.len() {
+            return Err(Error::internal(
+                "online store returned a wrong number of rows",
+            ));
+        }
+
+        let now = self.clock.now_micros();
+        let mut columns: Vec<Column> = req
+            .entities
+            .iter()
+            .map(|(_, values)| Column {
+                values: values.clone(),
+                statuses: vec![FieldStatus::Present; n_rows],
+                event_ts: vec![None; n_rows],
+            })
+            .collect();
+        for c in &sel.columns {
+            let vpos = sel
+                .by_view
+                .iter()
+                .position(|(v, _)| *v == c.view)
+                .unwrap_or(0);
+            let fpos = sel.by_view[vpos]
+                .1
+                .iter()
+                .position(|&f| f == c.feature)
+                .unwrap_or(0);
+            let max_age = reg.view(c.view).ttl.map(duration_micros);
+            let mut col = Column {
+                values: Vec::with_capacity(n_rows),
+                statuses: Vec::with_capacity(n_rows),
+                event_ts: Vec::with_capacity(n_rows),
+            };
+            for row in 0..n_rows {
+                let stored: Option<&mut StoredRow> = rows[row * sel.by_view.len() + vpos].as_mut();
+                let (value, status, ts) = match stored {
+                    None => (Value::Null, FieldStatus::NotFound, None),
+                    Some(s) => {
+                        let ts = Some(s.event_ts);
+                        match s.values.get_mut(fpos).and_then(Option::take) {
+                            None => (Value::Null, FieldStatus::NotFound, ts),
+                            Some(Value::Null) => (Value::Null, FieldStatus::NullValue, ts),
+                            Some(v) => {
+                                let stale =
+                                    max_age.is_some_and(|m| now.saturating_sub(s.event_ts) > m);
+                                let status = if stale {
+                                    FieldStatus::OutsideMaxAge
+                                } else {
+                                    FieldStatus::Present
+                                };
+                                (v, status, ts)
+                            }
+                        }
+                    }
+                };
+                col.values.push(value);
+                col.statuses.push(status);
+                col.event_ts.push(ts);
+            }
+            columns.push(col);
+        }
+        Ok(OnlineResponse { names, columns })
+    }
+
+    fn output_names(&self, req: &OnlineRequest, sel: &Selection) -> Result<Vec<String>> {
+        let reg = &self.registry;
+        let mut names: Vec<String> = req.entities.iter().map(|(k, _)| k.clone()).collect();
+        let mut seen: HashSet<String> = names.iter().cloned().collect();
+        for FeatureRef { view, feature } in &sel.columns {
+            let v = reg.view(*view);
+            let f = &v.features[*feature].name;
+            let name = if req.full_feature_names {
+                format!("{}__{f}", v.name)
+            } else {
+                f.clone()
+            };
+            if !seen.insert(name.clone()) {
+                return Err(Error::invalid(format!(
+                    "output column {name:?} would appear twice (two views share a feature name, or a \
+                     feature is named like a join key); set full_feature_names=true"
+                )));
+            }
+            names.push(name);
+        }
+        Ok(names)
+    }
+
+    /// Writes feature rows of one view, event-time last-write-wins.
+    pub async fn write_features(
+        &self,
+        view_name: &str,
+        rows: Vec<FeatureRowIn>,
+    ) -> Result<WriteOutcome> {
+        let reg = &*self.registry;
+        let view = reg.view(reg.require_view(view_name)?);
+        if rows.is_empty() {
+            return Err(Error::invalid("no rows to write"));
+        }
+        if rows.len() > self.limits.max_write_rows {
+            return Err(too_many("rows", rows.len(), self.limits.max_write_rows));
+        }
+        let expire_after = view.ttl.map(|t| duration_micros(t + self.expiry_grace));
+        let mut out = Vec::with_capacity(rows.len());
+        for (i, row) in rows.into_iter().enumerate() {
+            let at = |m: String| Error::invalid(format!("row {i}: {m}"));
+            if row.entity_key.len() != view.join_keys.len() {
+                return Err(at(format!(
+                    "feature view {:?} is keyed by {}; the row has {}",
+                    view.name,
+                    view.join_keys.join(", "),
+                    row.entity_key
+                        .iter()
+                        .map(|(k, _)| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            let mut pairs = Vec::with_capacity(view.join_keys.len());
+            for (jk, ty) in view.join_keys.iter().zip(&view.key_types) {
+                let v = row
+                    .entity_key
+                    .iter()
+                    .find(|(k, _)| k == jk)
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| at(format!("missing join key {jk:?}")))?;
+                check_key_value(jk, *ty, v, i)?;
+                pairs.push((jk.as_str(), v));
+            }
+            let key = row_key(&entity_key(&pairs)?, &view.name);
+            let event_ts = row
+                .event_ts
+                .ok_or_else(|| at("event_timestamp is required".to_owned()))?;
+            let mut features: Vec<(String, Value)> = view
+                .features
+                .iter()
+                .map(|f| (f.name.clone(), Value::Null))
+                .collect();
+            for (name, value) in row.features {
+                let fi = view.feature_index(&name).ok_or_else(|| {
+                    at(format!(
+                        "unknown feature {name:?} in view {:?}; its features: {}",
+                        view.name,
+                        view.features
+                            .iter()
+                            .map(|f| f.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+                let f = &view.features[fi];
+                let value = coerce(value, f.value_type).map_err(|got| {
+                    at(format!("feature {name:?} is {}, got {got}", f.value_type))
+                })?;
+                if let (Some(dim), Some(len)) = (f.dimension, value.list_len()) {
+                    if len != dim as usize {
+                        return Err(at(format!(
+                            "feature {name:?} needs exactly {dim} elements, got {len}"
+                        )));
+                    }
+                }
+                features[fi].1 = value;
+            }
+            out.push(WriteRow {
+                key,
+                event_ts,
+                expire_at: expire_after.map(|e| event_ts.saturating_add(e)),
+                features,
+            });
+        }
+        self.timed_store("write", self.store.write(&out)).await
+    }
+}
+
+/// Accepts `v` as a value of type `ty`: exact type, null, or an int64 where
+/// a double is declared (JSON and many clients do not distinguish them).
+/// Returns the offending type name otherwise.
+pub fn coerce(v: Value, ty: ValueType) -> std::result::Result<Value, &'static str> {
+    match (v, ty) {
+        (Value::Int64(n), ValueType::Double) => Ok(Value::Double(n as f64)),
+        (Value::Int64List(l), ValueType::DoubleList) => {
+            Ok(Value::DoubleList(l.into_iter().map(|n| n as f64).collect()))
+        }
+        (Value::DoubleList(l), ValueType::FloatList) => {
+            Ok(Value::FloatList(l.into_iter().map(|n| n as f32).collect()))
+        }
+        (Value::Int64List(l), ValueType::FloatList) => {
+            Ok(Value::FloatList(l.into_iter().map(|n| n as f32).collect()))
+        }
+        (v, ty) if v.is_null() || v.value_type() == Some(ty) => Ok(v),
+        (v, _) => Err(v.type_name()),
+    }
+}
+
+fn check_key_value(key: &str, ty: ValueType, v: &Value, row: usize) -> Result<()> {
+    if v.value_type() == Some(ty) {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "join key {key:?} takes {ty} values; row {row} has {}",
+        v.type_name()
+    )))
+}
+
+fn too_many(what: &str, n: usize, max: usize) -> Error {
+    Error::new(
+        ErrorKind::ResourceExhausted,
+        format!("too many {what}: {n}, the limit is {max}; split the request"),
+    )
+}
