@@ -450,7 +450,13 @@ impl FeatureServer {
                     .iter()
                     .find(|(k, _)| k == jk)
                     .map(|(_, v)| v)
-                    .ok_or_else(|| at(format!("missing join key {jk:?}")))?;
+                    .ok_or_else(|| {
+                        at(format!(
+                            "missing join key {jk:?}; feature view {:?} is keyed by {}",
+                            view.name,
+                            view.join_keys.join(", ")
+                        ))
+                    })?;
                 check_key_value(jk, *ty, v, i)?;
                 pairs.push((jk.as_str(), v));
             }

@@ -1,0 +1,137 @@
+//! Starts a real quiver server (gRPC + REST on ephemeral ports) over a real
+//! online store, for integration tests.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quiver_core::store::{EmbeddedStore, RedisConfig, RedisStore};
+use quiver_core::{Clock, ManualClock, OnlineStore, Registry};
+use quiver_proto::FeatureServiceClient;
+use quiver_server::{FeatureServer, Limits, Metrics};
+use quiver_testkit::RedisServer;
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+pub const REGISTRY: &str = include_str!("../../../registry/features.toml");
+
+/// Real time in microseconds.
+pub fn now() -> i64 {
+    quiver_core::time::system_time_to_micros(std::time::SystemTime::now())
+}
+
+pub enum Backend {
+    Redis(RedisServer),
+    Embedded(tempfile::TempDir),
+}
+
+pub struct TestServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub clock: Arc<ManualClock>,
+    pub backend: Backend,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub fn redis_store(redis: &RedisServer, timeout: Duration) -> Arc<dyn OnlineStore> {
+    Arc::new(
+        RedisStore::new(&RedisConfig {
+            url: redis.url(),
+            pool_size: 8,
+            timeout,
+        })
+        .unwrap(),
+    )
+}
+
+impl TestServer {
+    pub async fn redis() -> TestServer {
+        Self::redis_with(Limits::default()).await
+    }
+
+    pub async fn redis_with(limits: Limits) -> TestServer {
+        let redis = RedisServer::start();
+        let store = redis_store(&redis, Duration::from_millis(300));
+        Self::start(store, Backend::Redis(redis), limits).await
+    }
+
+    pub async fn embedded() -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(quiver_core::SystemClock);
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("online.redb"), clock).unwrap());
+        Self::start(store, Backend::Embedded(dir), Limits::default()).await
+    }
+
+    pub async fn start(
+        store: Arc<dyn OnlineStore>,
+        backend: Backend,
+        limits: Limits,
+    ) -> TestServer {
+        let registry = Arc::new(Registry::from_toml("registry/features.toml", REGISTRY).unwrap());
+        let clock = Arc::new(ManualClock::new(now()));
+        let service = Arc::new(FeatureServer::new(
+            registry,
+            store,
+            clock.clone(),
+            limits,
+            Duration::from_secs(86_400),
+            Arc::new(Metrics::new()),
+        ));
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            quiver_server::run(service, grpc, http, Duration::from_millis(50), async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        TestServer {
+            grpc_addr,
+            http_addr,
+            clock,
+            backend,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    pub async fn client(&self) -> FeatureServiceClient<Channel> {
+        FeatureServiceClient::connect(format!("http://{}", self.grpc_addr))
+            .await
+            .unwrap()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http_addr)
+    }
+
+    pub fn redis_server(&mut self) -> &mut RedisServer {
+        match &mut self.backend {
+            Backend::Redis(r) => r,
+            Backend::Embedded(_) => panic!("not a redis-backed server"),
+        }
+    }
+
+    /// Signals shutdown and waits until both listeners have drained.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("server did not shut down within 10 s")
+            .unwrap();
+    }
+}
