@@ -1,0 +1,178 @@
+"""Typed helper over the generated quiver.v1 stubs: plain Python values in, plain values out."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import grpc
+
+try:
+    from quiver.v1 import feature_service_pb2 as pb
+    from quiver.v1 import feature_service_pb2_grpc as pb_grpc
+except ImportError as e:  # pragma: no cover - message for users
+    raise ImportError("quiver stubs are missing: run `python -m quiver_client.generate`") from e
+
+STATUS_NAMES = {v.number: v.name for v in pb.FieldStatus.DESCRIPTOR.values}
+
+
+class QuiverError(Exception):
+    """A failed RPC: `code` is the grpc.StatusCode, `message` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def to_value(v: Any) -> "pb.Value":
+    """A Python value as a quiver.v1.Value (lists take the type of their first element)."""
+    out = pb.Value()
+    if v is None:
+        out.null_val = pb.NULL
+    elif isinstance(v, bool):
+        out.bool_val = v
+    elif isinstance(v, int):
+        out.int64_val = v
+    elif isinstance(v, float):
+        out.double_val = v
+    elif isinstance(v, str):
+        out.string_val = v
+    elif isinstance(v, (bytes, bytearray)):
+        out.bytes_val = bytes(v)
+    elif isinstance(v, _dt.datetime):
+        out.timestamp_val.FromDatetime(v.astimezone(_dt.timezone.utc) if v.tzinfo else v)
+    elif isinstance(v, (list, tuple)):
+        first = v[0] if v else 0.0
+        if isinstance(first, bool):
+            out.bool_list_val.val.extend(v)
+        elif isinstance(first, int):
+            out.int64_list_val.val.extend(v)
+        elif isinstance(first, float):
+            out.double_list_val.val.extend(v)
+        elif isinstance(first, str):
+            out.string_list_val.val.extend(v)
+        elif isinstance(first, (bytes, bytearray)):
+            out.bytes_list_val.val.extend(bytes(x) for x in v)
+        else:
+            raise TypeError(f"unsupported list element type {type(first).__name__}")
+    elif hasattr(v, "dtype") and hasattr(v, "tolist"):
+        # numpy arrays: float32 -> embedding (float_list), others by element type.
+        if str(v.dtype) == "float32":
+            out.float_list_val.val.extend(v.tolist())
+        else:
+            return to_value(v.tolist())
+    else:
+        raise TypeError(f"unsupported value type {type(v).__name__}")
+    return out
+
+
+def float32_list(values: Iterable[float]) -> "pb.Value":
+    """An embedding value (float32 list) from any iterable of numbers."""
+    out = pb.Value()
+    out.float_list_val.val.extend(float(x) for x in values)
+    return out
+
+
+def from_value(v: "pb.Value") -> Any:
+    """A quiver.v1.Value as a plain Python value."""
+    kind = v.WhichOneof("kind")
+    if kind is None or kind == "null_val":
+        return None
+    if kind == "timestamp_val":
+        return v.timestamp_val.ToDatetime(tzinfo=_dt.timezone.utc)
+    x = getattr(v, kind)
+    if kind.endswith("_list_val"):
+        return list(x.val)
+    return x
+
+
+class QuiverClient:
+    """A connection to quiver's gRPC FeatureService."""
+
+    def __init__(self, target: str = "localhost:50051", timeout: float = 5.0, channel: Optional[grpc.Channel] = None):
+        self._channel = channel or grpc.insecure_channel(target)
+        self._stub = pb_grpc.FeatureServiceStub(self._channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> "QuiverClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    @property
+    def stub(self) -> "pb_grpc.FeatureServiceStub":
+        """The raw generated stub, for everything the helper does not cover."""
+        return self._stub
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise QuiverError(e.code(), e.details()) from None
+
+    def get_online_features(
+        self,
+        entities: Mapping[str, Sequence[Any]],
+        features: Optional[Sequence[str]] = None,
+        feature_service: Optional[str] = None,
+        full_feature_names: bool = False,
+        with_status: bool = False,
+    ) -> Dict[str, List[Any]]:
+        """Latest values as columns: {name: [value per entity row]}.
+
+        With with_status=True each value is a (value, status name, event datetime or None) tuple.
+        """
+        if (features is None) == (feature_service is None):
+            raise ValueError("pass exactly one of features= or feature_service=")
+        req = pb.GetOnlineFeaturesRequest(full_feature_names=full_feature_names)
+        if feature_service is not None:
+            req.feature_service = feature_service
+        else:
+            req.features.val.extend(features)
+        for key, ids in entities.items():
+            req.entities[key].val.extend(to_value(i) for i in ids)
+        resp = self._call(self._stub.GetOnlineFeatures, req)
+        names = list(resp.metadata.feature_names.val)
+        out: Dict[str, List[Any]] = {}
+        for name, vec in zip(names, resp.results):
+            values = [from_value(v) for v in vec.values]
+            if with_status:
+                stamps = [
+                    ts.ToDatetime(tzinfo=_dt.timezone.utc) if (ts.seconds or ts.nanos) else None
+                    for ts in vec.event_timestamps
+                ]
+                out[name] = list(zip(values, [STATUS_NAMES[s] for s in vec.statuses], stamps))
+            else:
+                out[name] = values
+        return out
+
+    def get_online_features_rows(self, entities: Mapping[str, Sequence[Any]], **kw: Any) -> List[Dict[str, Any]]:
+        """Latest values as one dict per entity row."""
+        cols = self.get_online_features(entities, **kw)
+        n = len(next(iter(cols.values()), []))
+        return [{k: v[i] for k, v in cols.items()} for i in range(n)]
+
+    def write_features(self, feature_view: str, rows: Sequence[Mapping[str, Any]]) -> Dict[str, int]:
+        """Writes rows {"entity_key": {...}, "event_timestamp": datetime, "features": {...}}.
+
+        Feature values may be pb.Value (e.g. float32_list(...) for embeddings) or plain Python values.
+        """
+        req = pb.WriteFeaturesRequest(feature_view=feature_view)
+        for r in rows:
+            row = req.rows.add()
+            for k, v in r["entity_key"].items():
+                row.entity_key[k].CopyFrom(to_value(v))
+            row.event_timestamp.FromDatetime(r["event_timestamp"].astimezone(_dt.timezone.utc))
+            for k, v in r.get("features", {}).items():
+                row.features[k].CopyFrom(v if isinstance(v, pb.Value) else to_value(v))
+        resp = self._call(self._stub.WriteFeatures, req)
+        return {"written": resp.written, "stale": resp.stale}
+
+    def registry(self) -> "pb.GetRegistryResponse":
+        """Entities, feature views and feature services of the server."""
+        return self._call(self._stub.GetRegistry, pb.GetRegistryRequest())

@@ -1,0 +1,53 @@
+"""Starts a real `quiver demo` server (embedded store, ephemeral ports) for the tests."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent.parent.parent
+sys.path.insert(0, str(HERE.parent))
+
+from quiver_client.generate import generate  # noqa: E402
+
+generate(ROOT / "proto")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    binary = os.environ.get("QUIVER_BIN", str(ROOT / "target" / "debug" / "quiver"))
+    if not pathlib.Path(binary).exists():
+        pytest.fail(f"quiver binary not found at {binary}: run `cargo build -p quiver` or set QUIVER_BIN")
+    data = tmp_path_factory.mktemp("quiver")
+    proc = subprocess.Popen(
+        [
+            binary, "demo", "--users", "300", "--products", "50",
+            "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
+            "--store-path", str(data / "online.redb"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.time() + 60
+    line = ""
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("quiver listening") or proc.poll() is not None:
+            break
+    m = re.search(r"grpc=(\S+) http=(\S+)", line)
+    if not m:
+        proc.kill()
+        pytest.fail(f"quiver did not start (exit code {proc.poll()}, last line {line!r})")
+    yield {"grpc": m.group(1), "http": f"http://{m.group(2)}", "proc": proc}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)

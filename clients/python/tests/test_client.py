@@ -1,0 +1,119 @@
+"""The Python client against a live quiver server, through real grpcio stubs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from quiver_client import QuiverClient, QuiverError, float32_list
+
+
+@pytest.fixture()
+def client(server):
+    with QuiverClient(server["grpc"]) as c:
+        yield c
+
+
+def test_registry_is_discoverable(client):
+    reg = client.registry()
+    assert {e.join_key for e in reg.entities} == {"user_id", "product_id"}
+    assert "user_service" in [s.name for s in reg.feature_services]
+
+
+def test_feature_service_for_demo_users(client):
+    cols = client.get_online_features(
+        {"user_id": ["user_1", "user_123", "ghost"]}, feature_service="user_service", with_status=True
+    )
+    assert list(cols)[0] == "user_id"
+    age = cols["age"]
+    assert [s for _, s, _ in age] == ["PRESENT", "PRESENT", "NOT_FOUND"]
+    assert 18 <= age[0][0] < 78
+    assert isinstance(age[0][2], dt.datetime)
+    assert age[2] == (None, "NOT_FOUND", None)
+    assert isinstance(cols["last_login"][1][0], dt.datetime)
+
+
+def test_write_then_read_typed_values(client):
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    out = client.write_features(
+        "user_activity",
+        [
+            {
+                "entity_key": {"user_id": "py_user"},
+                "event_timestamp": now,
+                "features": {
+                    "sessions_7d": 5,
+                    "total_spend_30d": 99.5,
+                    "last_login": now,
+                    "favorite_categories": ["books", "toys"],
+                    "avg_order_value_30d": None,
+                },
+            }
+        ],
+    )
+    assert out == {"written": 1, "stale": 0}
+    emb = [i / 16 for i in range(16)]
+    client.write_features(
+        "user_embedding",
+        [{"entity_key": {"user_id": "py_user"}, "event_timestamp": now, "features": {"embedding": float32_list(emb)}}],
+    )
+    rows = client.get_online_features_rows(
+        {"user_id": ["py_user"]},
+        features=[
+            "user_activity:sessions_7d",
+            "user_activity:total_spend_30d",
+            "user_activity:last_login",
+            "user_activity:favorite_categories",
+            "user_activity:avg_order_value_30d",
+            "user_embedding:embedding",
+        ],
+        full_feature_names=True,
+    )
+    r = rows[0]
+    assert r["user_id"] == "py_user"
+    assert r["user_activity__sessions_7d"] == 5
+    assert r["user_activity__total_spend_30d"] == 99.5
+    assert r["user_activity__last_login"] == now
+    assert r["user_activity__favorite_categories"] == ["books", "toys"]
+    assert r["user_activity__avg_order_value_30d"] is None
+    assert r["user_embedding__embedding"] == pytest.approx(emb)
+    # An older write does not replace the newer row.
+    stale = client.write_features(
+        "user_activity",
+        [{"entity_key": {"user_id": "py_user"}, "event_timestamp": now - dt.timedelta(hours=1), "features": {"sessions_7d": 1}}],
+    )
+    assert stale == {"written": 0, "stale": 1}
+
+
+def test_errors_carry_status_and_message(client):
+    with pytest.raises(QuiverError) as e:
+        client.get_online_features({"user_id": ["u"]}, features=["user_activity:nope"])
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    assert "its features:" in e.value.message
+    with pytest.raises(QuiverError) as e:
+        client.get_online_features({"user_id": [42]}, features=["user_profile:age"])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "takes string values" in e.value.message
+
+
+def test_rest_gateway_serves_the_seed_curl(server):
+    with urllib.request.urlopen(f"{server['http']}/api/v1/features/user/user_123") as r:
+        body = json.load(r)
+    assert body["id"] == "user_123"
+    assert body["features"]["user_profile__age"]["status"] == "PRESENT"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{server['http']}/api/v1/features/robot/r1")
+    assert e.value.code == 404
+    assert "known entities" in json.load(e.value)["error"]["message"]
+
+
+def test_zz_sigterm_shuts_down_gracefully(server):
+    proc = server["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every test of quiver: Rust unit and integration tests (real redis-server
+# on ephemeral ports, real gRPC/HTTP), then the Python client tests (grpcio
+# stubs generated from proto/, pytest against a live server).
+# Installs what is missing: redis-server (apt-get) and a Python venv (pip).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "== installing redis-server"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
+fi
+
+echo "== cargo test --workspace"
+cargo test --workspace --locked
+
+echo "== python client tests"
+cargo build -p quiver --locked
+VENV="${QUIVER_TEST_VENV:-target/py-venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "grpcio>=1.60" "grpcio-tools>=1.60" "protobuf>=4.25" "pytest>=7"
+QUIVER_BIN="$PWD/target/debug/quiver" "$VENV/bin/python" -m pytest -q clients/python/tests
+
+echo "== all tests passed"
