@@ -33,7 +33,7 @@ impl std::str::FromStr for Backend {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Listeners and server behaviour.
@@ -136,17 +136,6 @@ impl Default for LimitsConfig {
             max_features: l.max_features,
             max_write_rows: l.max_write_rows,
             max_request_bytes: l.max_request_bytes,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            registry: RegistryConfig::default(),
-            online_store: OnlineStoreConfig::default(),
-            limits: LimitsConfig::default(),
         }
     }
 }
