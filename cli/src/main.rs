@@ -20,6 +20,11 @@ mod demo;
 
 use config::{Backend, Config, Overrides};
 
+// Serving allocates many small, short-lived buffers per request (protobuf,
+// HTTP/2 frames, Redis replies); mimalloc handles that better than glibc malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The sample registry shipped in `registry/`, used when none is configured.
 const SAMPLE_REGISTRY: &str = include_str!("../../registry/features.toml");
 

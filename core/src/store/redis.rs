@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use deadpool::managed::{self, Object, Pool, RecycleResult};
+use deadpool::Runtime;
+use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Script};
 
 use super::{with_deadline, Lookup, OnlineStore, StoredRow, WriteOutcome, WriteRow};
@@ -42,9 +44,51 @@ pub struct RedisConfig {
     pub timeout: Duration,
 }
 
+/// Opens multiplexed connections for the pool.
+///
+/// deadpool-redis's manager checks every connection on checkout with an
+/// `UNWATCH` + `PING` round trip, which would double the round trips of each
+/// request. This manager recycles for free instead; a connection that failed
+/// with an I/O error is taken out of the pool by [`RedisStore`] (see
+/// `discard_if_broken`), so a Redis restart still heals without a restart of ours.
+struct Manager {
+    client: redis::Client,
+}
+
+impl managed::Manager for Manager {
+    type Type = MultiplexedConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
+        self.client.get_multiplexed_async_connection().await
+    }
+
+    async fn recycle(
+        &self,
+        _: &mut MultiplexedConnection,
+        _: &managed::Metrics,
+    ) -> RecycleResult<RedisError> {
+        Ok(())
+    }
+}
+
+type Conn = Object<Manager>;
+
+fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() || e.is_timeout()
+}
+
+/// Drops a connection from the pool after a connection-level error, so the
+/// next checkout opens a fresh one.
+fn discard_if_broken(conn: Conn, e: &RedisError) {
+    if is_connection_error(e) {
+        let _ = Object::take(conn);
+    }
+}
+
 /// Online store on Redis, see the module docs of [`crate::store`].
 pub struct RedisStore {
-    pool: Pool,
+    pool: Pool<Manager>,
     timeout: Duration,
     write_script: Script,
 }
@@ -58,7 +102,7 @@ impl std::fmt::Debug for RedisStore {
 }
 
 fn redis_error(e: RedisError) -> Error {
-    if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() || e.is_timeout() {
+    if is_connection_error(&e) {
         Error::unavailable(format!("redis is unreachable: {e}"))
     } else {
         Error::unavailable(format!("redis refused the operation: {e}"))
@@ -69,20 +113,17 @@ impl RedisStore {
     /// Creates the pool. Does not connect; connections open on first use,
     /// so a server that starts before Redis still comes up (not ready).
     pub fn new(cfg: &RedisConfig) -> Result<RedisStore> {
-        let mut pc = deadpool_redis::Config::from_url(cfg.url.clone());
-        let mut pool = PoolConfig::new(cfg.pool_size.max(1));
-        pool.timeouts = Timeouts {
-            wait: Some(cfg.timeout),
-            create: Some(cfg.timeout),
-            recycle: Some(cfg.timeout),
-        };
-        pc.pool = Some(pool);
-        let pool = pc.create_pool(Some(Runtime::Tokio1)).map_err(|e| {
-            Error::invalid(format!(
-                "invalid redis configuration ({}): {e}",
-                redact(&cfg.url)
-            ))
+        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| {
+            Error::invalid(format!("invalid redis url ({}): {e}", redact(&cfg.url)))
         })?;
+        let pool = Pool::builder(Manager { client })
+            .max_size(cfg.pool_size.max(1))
+            .wait_timeout(Some(cfg.timeout))
+            .create_timeout(Some(cfg.timeout))
+            .recycle_timeout(Some(cfg.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::invalid(format!("invalid redis pool configuration: {e}")))?;
         Ok(RedisStore {
             pool,
             timeout: cfg.timeout,
@@ -90,11 +131,26 @@ impl RedisStore {
         })
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection> {
+    async fn conn(&self) -> Result<Conn> {
         self.pool.get().await.map_err(|e| match e {
-            deadpool_redis::PoolError::Backend(e) => redis_error(e),
+            managed::PoolError::Backend(e) => redis_error(e),
             other => Error::unavailable(format!("no redis connection available: {other}")),
         })
+    }
+
+    /// Runs a pipeline on a pooled connection. The outer error is the pool's
+    /// (no connection); the inner one is Redis's, after which a connection
+    /// that broke is discarded instead of returned to the pool.
+    async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<std::result::Result<T, RedisError>> {
+        let mut conn = self.conn().await?;
+        let result = pipe.query_async(&mut *conn).await;
+        if let Err(e) = &result {
+            discard_if_broken(conn, e);
+        }
+        Ok(result)
     }
 }
 
@@ -121,8 +177,7 @@ impl OnlineStore for RedisStore {
             pipe.cmd("HMGET").arg(l.key).arg(TS_FIELD).arg(l.features);
         }
         let replies: Vec<Vec<Option<Vec<u8>>>> = with_deadline("redis", self.timeout, async {
-            let mut conn = self.conn().await?;
-            pipe.query_async(&mut conn).await.map_err(redis_error)
+            self.pipeline(&pipe).await?.map_err(redis_error)
         })
         .await?;
         if replies.len() != lookups.len() {
@@ -174,15 +229,13 @@ impl OnlineStore for RedisStore {
             pipe
         };
         let results: Vec<i64> = with_deadline("redis", self.timeout, async {
-            let mut conn = self.conn().await?;
-            match build(false).query_async(&mut conn).await {
+            match self.pipeline(&build(false)).await? {
                 Ok(r) => Ok(r),
                 // First use after a Redis restart: the script cache is empty.
                 // EVAL both runs and caches it; later calls use EVALSHA again.
-                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => build(true)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(redis_error),
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                    self.pipeline(&build(true)).await?.map_err(redis_error)
+                }
                 Err(e) => Err(redis_error(e)),
             }
         })
@@ -196,11 +249,9 @@ impl OnlineStore for RedisStore {
 
     async fn ping(&self) -> Result<()> {
         with_deadline("redis", self.timeout, async {
-            let mut conn = self.conn().await?;
-            let _: String = redis::cmd("PING")
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
+            let mut pipe = redis::pipe();
+            pipe.cmd("PING");
+            let _: (String,) = self.pipeline(&pipe).await?.map_err(redis_error)?;
             Ok(())
         })
         .await
