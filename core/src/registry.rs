@@ -342,14 +342,19 @@ impl Registry {
         Ok(selection(svc.features.clone()))
     }
 
+    /// Looks an entity up by name, with an error listing the known entities.
+    pub fn require_entity(&self, name: &str) -> Result<&Entity> {
+        self.entity(name).ok_or_else(|| {
+            Error::not_found(format!(
+                "unknown entity {name:?}; known entities: {}",
+                join_names(self.entities.iter().map(|e| e.name.as_str()))
+            ))
+        })
+    }
+
     /// Every feature of every view keyed by exactly the entity `entity`.
     pub fn select_entity(&self, entity: &str) -> Result<Selection> {
-        if self.entity(entity).is_none() {
-            return Err(Error::not_found(format!(
-                "unknown entity {entity:?}; known entities: {}",
-                join_names(self.entities.iter().map(|e| e.name.as_str()))
-            )));
-        }
+        self.require_entity(entity)?;
         let columns = self
             .views
             .iter()

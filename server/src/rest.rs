@@ -122,16 +122,7 @@ async fn get_entity_features(
 ) -> ApiResult {
     let Query(q) = query.map_err(query_rejection)?;
     let reg = svc.registry();
-    let ent = reg.entity(&entity).ok_or_else(|| {
-        Error::not_found(format!(
-            "unknown entity {entity:?}; known entities: {}",
-            reg.entities()
-                .iter()
-                .map(|e| e.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    })?;
+    let ent = reg.require_entity(&entity)?;
     let key = match ent.value_type {
         ValueType::Int64 => Value::Int64(id.parse().map_err(|_| {
             Error::invalid(format!(

@@ -416,9 +416,7 @@ async fn bad_requests_get_clear_statuses(server: &TestServer) {
     }
 }
 
-#[tokio::test]
-async fn redis_backed_grpc() {
-    let server = TestServer::redis().await;
+async fn suite(server: TestServer) {
     writes_then_reads_with_statuses(&server).await;
     feature_services_and_many_entities(&server).await;
     bad_requests_get_clear_statuses(&server).await;
@@ -426,12 +424,13 @@ async fn redis_backed_grpc() {
 }
 
 #[tokio::test]
+async fn redis_backed_grpc() {
+    suite(TestServer::redis().await).await;
+}
+
+#[tokio::test]
 async fn embedded_backed_grpc() {
-    let server = TestServer::embedded().await;
-    writes_then_reads_with_statuses(&server).await;
-    feature_services_and_many_entities(&server).await;
-    bad_requests_get_clear_statuses(&server).await;
-    server.shutdown().await;
+    suite(TestServer::embedded().await).await;
 }
 
 #[tokio::test]

@@ -262,9 +262,7 @@ async fn operational_endpoints(server: &TestServer) {
     assert_eq!(reg["feature_services"][0]["name"], "user_service");
 }
 
-#[tokio::test]
-async fn rest_over_redis() {
-    let server = TestServer::redis().await;
+async fn suite(server: TestServer) {
     entity_path_serves_the_seed_curl(&server).await;
     post_online_is_columnar(&server).await;
     bad_input_gets_json_errors(&server).await;
@@ -273,13 +271,13 @@ async fn rest_over_redis() {
 }
 
 #[tokio::test]
+async fn rest_over_redis() {
+    suite(TestServer::redis().await).await;
+}
+
+#[tokio::test]
 async fn rest_over_embedded() {
-    let server = TestServer::embedded().await;
-    entity_path_serves_the_seed_curl(&server).await;
-    post_online_is_columnar(&server).await;
-    bad_input_gets_json_errors(&server).await;
-    operational_endpoints(&server).await;
-    server.shutdown().await;
+    suite(TestServer::embedded().await).await;
 }
 
 #[tokio::test]
