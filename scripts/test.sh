@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Runs every test of quiver: Rust unit and integration tests (real redis-server
-# on ephemeral ports, real gRPC/HTTP), then the Python client tests (grpcio
+# and a 3-node Redis Cluster on ephemeral ports, real gRPC/HTTP), then the Python client tests (grpcio
 # stubs generated from proto/, pytest against a live server).
-# Installs what is missing: redis-server (apt-get) and a Python venv (pip).
+# Installs what is missing: redis-server and redis-cli (apt-get) and a Python venv (pip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v redis-server >/dev/null 2>&1; then
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
   echo "== installing redis-server"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
 fi
 
 echo "== cargo test --workspace"

@@ -13,12 +13,14 @@ use serde::{Deserialize, Deserializer};
 
 /// Which online store serves features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Backend {
     /// A local file (redb); no external services.
     Embedded,
     /// A Redis server.
     Redis,
+    /// A Redis Cluster.
+    RedisCluster,
 }
 
 impl std::str::FromStr for Backend {
@@ -27,7 +29,10 @@ impl std::str::FromStr for Backend {
         match s {
             "embedded" => Ok(Backend::Embedded),
             "redis" => Ok(Backend::Redis),
-            other => bail!("unknown online store {other:?}; use \"embedded\" or \"redis\""),
+            "redis_cluster" => Ok(Backend::RedisCluster),
+            other => bail!(
+                "unknown online store {other:?}; use \"embedded\", \"redis\" or \"redis_cluster\""
+            ),
         }
     }
 }
@@ -80,6 +85,8 @@ pub struct OnlineStoreConfig {
     pub path: PathBuf,
     /// Redis URL (`redis://host:port/db`, `rediss://` for TLS).
     pub redis_url: String,
+    /// Seed node URLs of a Redis Cluster.
+    pub cluster_nodes: Vec<String>,
     /// Maximum pooled Redis connections.
     pub pool_size: usize,
     /// Deadline of each online-store call.
@@ -121,6 +128,7 @@ impl Default for OnlineStoreConfig {
             backend: Backend::Embedded,
             path: PathBuf::from("quiver-data/online.redb"),
             redis_url: "redis://127.0.0.1:6379".to_owned(),
+            cluster_nodes: Vec::new(),
             pool_size: 64,
             timeout: Duration::from_millis(250),
             expiry_grace: Duration::from_secs(86_400),
@@ -164,7 +172,7 @@ pub struct Overrides {
     /// Registry file or directory. [env: QUIVER_REGISTRY]
     #[arg(long)]
     pub registry: Option<PathBuf>,
-    /// Online store backend: embedded or redis. [env: QUIVER_ONLINE_STORE]
+    /// Online store backend: embedded, redis or redis_cluster. [env: QUIVER_ONLINE_STORE]
     #[arg(long)]
     pub online_store: Option<Backend>,
     /// Embedded store file. [env: QUIVER_STORE_PATH]
@@ -173,6 +181,9 @@ pub struct Overrides {
     /// Redis URL; implies --online-store redis unless that is set. [env: QUIVER_REDIS_URL]
     #[arg(long)]
     pub redis_url: Option<String>,
+    /// Redis Cluster seed nodes, comma-separated; implies --online-store redis_cluster. [env: QUIVER_REDIS_CLUSTER_NODES]
+    #[arg(long, value_delimiter = ',')]
+    pub redis_cluster_nodes: Option<Vec<String>>,
 }
 
 impl Config {
@@ -224,6 +235,14 @@ impl Config {
             self.online_store.redis_url = v;
             self.online_store.backend = Backend::Redis;
         }
+        if let Some(v) = env("QUIVER_REDIS_CLUSTER_NODES") {
+            self.online_store.cluster_nodes = v
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect();
+            self.online_store.backend = Backend::RedisCluster;
+        }
         if let Some(v) = env("QUIVER_ONLINE_STORE") {
             self.online_store.backend = parse("QUIVER_ONLINE_STORE", v)?;
         }
@@ -247,6 +266,10 @@ impl Config {
             self.online_store.redis_url = u.clone();
             self.online_store.backend = Backend::Redis;
         }
+        if let Some(n) = &f.redis_cluster_nodes {
+            self.online_store.cluster_nodes = n.clone();
+            self.online_store.backend = Backend::RedisCluster;
+        }
         if let Some(b) = f.online_store {
             self.online_store.backend = b;
         }
@@ -259,6 +282,18 @@ impl Config {
             && !(s.redis_url.starts_with("redis://") || s.redis_url.starts_with("rediss://"))
         {
             bail!("online_store.redis_url must start with redis:// or rediss://");
+        }
+        if s.backend == Backend::RedisCluster {
+            if s.cluster_nodes.is_empty() {
+                bail!("online_store.cluster_nodes needs at least one redis:// seed node for the redis_cluster backend");
+            }
+            if let Some(bad) = s
+                .cluster_nodes
+                .iter()
+                .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+            {
+                bail!("online_store.cluster_nodes: {bad:?} must start with redis:// or rediss://");
+            }
         }
         if s.pool_size == 0 {
             bail!("online_store.pool_size must be at least 1");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use quiver_core::store::{EmbeddedStore, RedisConfig, RedisStore};
+use quiver_core::store::{EmbeddedStore, RedisClusterStore, RedisConfig, RedisStore};
 use quiver_core::{Clock, OnlineStore, Registry, SystemClock};
 use quiver_server::{FeatureServer, Metrics};
 use tokio::net::TcpListener;
@@ -179,6 +179,18 @@ async fn serve(overrides: Overrides, demo: Option<DemoData>) -> Result<()> {
                 }
             });
             store
+        }
+        Backend::RedisCluster => {
+            let nodes: Vec<String> = s
+                .cluster_nodes
+                .iter()
+                .map(|u| quiver_core::store::redis_url_redacted(u))
+                .collect();
+            tracing::info!(nodes = ?nodes, "online store: redis cluster");
+            Arc::new(
+                RedisClusterStore::new(&s.cluster_nodes, s.timeout)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            )
         }
         Backend::Redis => {
             tracing::info!(url = %quiver_core::store::redis_url_redacted(&s.redis_url), "online store: redis");

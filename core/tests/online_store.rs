@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use quiver_core::codec::{entity_key, row_key};
-use quiver_core::store::{EmbeddedStore, Lookup, RedisConfig, RedisStore, WriteRow};
+use quiver_core::store::{
+    EmbeddedStore, Lookup, RedisClusterStore, RedisConfig, RedisStore, WriteRow,
+};
 use quiver_core::time::system_time_to_micros;
 use quiver_core::{ErrorKind, OnlineStore, SystemClock, Value};
-use quiver_testkit::RedisServer;
+use quiver_testkit::{RedisCluster, RedisServer};
 
 const HOUR: i64 = 3_600_000_000;
 
@@ -169,6 +171,13 @@ fn redis_store(url: String, timeout: Duration) -> RedisStore {
 async fn redis_store_behaves() {
     let redis = RedisServer::start();
     suite(&redis_store(redis.url(), Duration::from_secs(2))).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_store_behaves() {
+    let cluster = RedisCluster::start(3);
+    let store = RedisClusterStore::new(&cluster.urls(), Duration::from_secs(2)).unwrap();
+    suite(&store).await;
 }
 
 #[tokio::test]

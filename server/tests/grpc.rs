@@ -429,6 +429,11 @@ async fn redis_backed_grpc() {
 }
 
 #[tokio::test]
+async fn redis_cluster_backed_grpc() {
+    suite(TestServer::redis_cluster().await).await;
+}
+
+#[tokio::test]
 async fn embedded_backed_grpc() {
     suite(TestServer::embedded().await).await;
 }

@@ -276,6 +276,11 @@ async fn rest_over_redis() {
 }
 
 #[tokio::test]
+async fn rest_over_redis_cluster() {
+    suite(TestServer::redis_cluster().await).await;
+}
+
+#[tokio::test]
 async fn rest_over_embedded() {
     suite(TestServer::embedded().await).await;
 }

@@ -4,7 +4,8 @@
 //! `redis-server`) on a free port with persistence off, waits until it
 //! answers `PING` (polling, no fixed sleep), and kills it on drop. A
 //! missing binary fails the test with the install command instead of
-//! skipping it.
+//! skipping it. [`RedisCluster::start`] forms a Redis Cluster of several
+//! such servers with `redis-cli --cluster create`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -55,6 +56,11 @@ impl RedisServer {
 
     /// Starts Redis on `port`; `None` if it did not come up.
     fn start_on(port: u16) -> Option<RedisServer> {
+        Self::start_with(port, &[])
+    }
+
+    /// Starts Redis on `port` with extra arguments; `None` if it did not come up.
+    fn start_with(port: u16, extra: &[&str]) -> Option<RedisServer> {
         let dir = tempfile::tempdir().expect("tempdir");
         let child = Command::new("redis-server")
             .args([
@@ -69,6 +75,7 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(dir.path())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
@@ -127,5 +134,74 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A Redis Cluster of `n` primaries (no replicas), each a `redis-server`
+/// child on its own ephemeral port, formed with `redis-cli --cluster create`.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+fn cluster_ok(port: u16) -> bool {
+    let Ok(mut s) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+    else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = [0u8; 4096];
+    s.write_all(b"CLUSTER INFO\r\n").is_ok()
+        && s.read(&mut buf)
+            .is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).contains("cluster_state:ok"))
+}
+
+impl RedisCluster {
+    /// Starts `n` (at least 3) cluster-enabled servers and forms the cluster;
+    /// returns once every node reports `cluster_state:ok`.
+    pub fn start(n: usize) -> RedisCluster {
+        assert!(n >= 3, "redis cluster needs at least 3 primaries");
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|_| {
+                for _ in 0..5 {
+                    if let Some(s) =
+                        RedisServer::start_with(free_port(), &["--cluster-enabled", "yes"])
+                    {
+                        return s;
+                    }
+                }
+                panic!("cluster node did not come up");
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port()))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli is not installed; install it with `apt-get install -y redis-tools`");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !nodes.iter().all(|s| cluster_ok(s.port())) {
+            assert!(
+                Instant::now() < deadline,
+                "redis cluster did not reach cluster_state:ok"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RedisCluster { nodes }
+    }
+
+    /// Seed URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
     }
 }

@@ -5,6 +5,8 @@
 //! - [`RedisStore`]: pooled connections, one pipelined round trip per read
 //!   call, writes ordered by event time by a server-side script, keys
 //!   expiring after the view's TTL plus a grace period.
+//! - [`RedisClusterStore`]: the same on a Redis Cluster, one pipeline per
+//!   hash slot (entity), run concurrently.
 //! - [`EmbeddedStore`]: a persistent single-file database (redb) for the
 //!   zero-dependency default mode.
 //!
@@ -23,9 +25,11 @@ use crate::error::Result;
 use crate::time::Micros;
 use crate::value::Value;
 
+mod cluster;
 mod embedded;
 mod redis;
 
+pub use self::cluster::RedisClusterStore;
 pub use self::embedded::EmbeddedStore;
 pub use self::redis::{redact as redis_url_redacted, RedisConfig, RedisStore};
 

@@ -33,6 +33,87 @@ if exp > 0 then redis.call('PEXPIREAT', KEYS[1], exp) end
 return 1
 "#;
 
+/// One `HMGET key _ts f1 f2 ...` per lookup (the read protocol, shared
+/// with the cluster store).
+pub(super) fn read_pipeline<'a>(
+    lookups: impl IntoIterator<Item = &'a Lookup<'a>>,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for l in lookups {
+        pipe.cmd("HMGET").arg(l.key).arg(TS_FIELD).arg(l.features);
+    }
+    pipe
+}
+
+/// Decodes the replies of [`read_pipeline`].
+pub(super) fn parse_rows(
+    replies: Vec<Vec<Option<Vec<u8>>>>,
+    expected: usize,
+) -> Result<Vec<Option<StoredRow>>> {
+    if replies.len() != expected {
+        return Err(Error::internal(
+            "redis pipeline returned a wrong number of replies",
+        ));
+    }
+    replies
+        .into_iter()
+        .map(|fields| {
+            let mut it = fields.into_iter();
+            let Some(Some(ts)) = it.next() else {
+                return Ok(None);
+            };
+            let event_ts = std::str::from_utf8(&ts)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| Error::internal("corrupt stored value: bad _ts field"))?;
+            let values = it
+                .map(|raw| raw.map(|b| decode_value(&b)).transpose())
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Some(StoredRow { event_ts, values }))
+        })
+        .collect()
+}
+
+/// One run of [`WRITE_SCRIPT`] per row: `EVALSHA` normally, `EVAL` with the
+/// source when the server's script cache is empty (after a restart).
+pub(super) fn write_pipeline<'a>(
+    rows: impl IntoIterator<Item = &'a WriteRow>,
+    script: &Script,
+    eval_source: bool,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for r in rows {
+        let cmd = pipe.cmd(if eval_source { "EVAL" } else { "EVALSHA" });
+        cmd.arg(if eval_source {
+            WRITE_SCRIPT
+        } else {
+            script.get_hash()
+        })
+        .arg(1)
+        .arg(&r.key)
+        .arg(r.event_ts)
+        .arg(r.expire_at.map_or(0, |m| m.div_euclid(1000).max(1)));
+        for (name, v) in &r.features {
+            cmd.arg(name).arg(encode_value(v));
+        }
+    }
+    pipe
+}
+
+/// The script of [`write_pipeline`].
+pub(super) fn write_script() -> Script {
+    Script::new(WRITE_SCRIPT)
+}
+
+/// Counts written (1) and stale (0) script results.
+pub(super) fn outcome(results: &[i64]) -> WriteOutcome {
+    let written = results.iter().filter(|&&r| r == 1).count() as u64;
+    WriteOutcome {
+        written,
+        stale: results.len() as u64 - written,
+    }
+}
+
 /// Settings of [`RedisStore`].
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -101,7 +182,7 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-fn redis_error(e: RedisError) -> Error {
+pub(super) fn redis_error(e: RedisError) -> Error {
     if is_connection_error(&e) {
         Error::unavailable(format!("redis is unreachable: {e}"))
     } else {
@@ -127,7 +208,7 @@ impl RedisStore {
         Ok(RedisStore {
             pool,
             timeout: cfg.timeout,
-            write_script: Script::new(WRITE_SCRIPT),
+            write_script: write_script(),
         })
     }
 
@@ -172,79 +253,35 @@ impl OnlineStore for RedisStore {
         if lookups.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for l in lookups {
-            pipe.cmd("HMGET").arg(l.key).arg(TS_FIELD).arg(l.features);
-        }
-        let replies: Vec<Vec<Option<Vec<u8>>>> = with_deadline("redis", self.timeout, async {
+        let pipe = read_pipeline(lookups);
+        let replies = with_deadline("redis", self.timeout, async {
             self.pipeline(&pipe).await?.map_err(redis_error)
         })
         .await?;
-        if replies.len() != lookups.len() {
-            return Err(Error::internal(
-                "redis pipeline returned a wrong number of replies",
-            ));
-        }
-        replies
-            .into_iter()
-            .map(|fields| {
-                let mut it = fields.into_iter();
-                let Some(Some(ts)) = it.next() else {
-                    return Ok(None);
-                };
-                let event_ts = std::str::from_utf8(&ts)
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| Error::internal("corrupt stored value: bad _ts field"))?;
-                let values = it
-                    .map(|raw| raw.map(|b| decode_value(&b)).transpose())
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(Some(StoredRow { event_ts, values }))
-            })
-            .collect()
+        parse_rows(replies, lookups.len())
     }
 
     async fn write(&self, rows: &[WriteRow]) -> Result<WriteOutcome> {
         if rows.is_empty() {
             return Ok(WriteOutcome::default());
         }
-        let hash = self.write_script.get_hash().to_owned();
-        let build = |eval_source: bool| {
-            let mut pipe = redis::pipe();
-            for r in rows {
-                let cmd = pipe.cmd(if eval_source { "EVAL" } else { "EVALSHA" });
-                cmd.arg(if eval_source {
-                    WRITE_SCRIPT
-                } else {
-                    hash.as_str()
-                })
-                .arg(1)
-                .arg(&r.key)
-                .arg(r.event_ts)
-                .arg(r.expire_at.map_or(0, |m| m.div_euclid(1000).max(1)));
-                for (name, v) in &r.features {
-                    cmd.arg(name).arg(encode_value(v));
-                }
-            }
-            pipe
-        };
         let results: Vec<i64> = with_deadline("redis", self.timeout, async {
-            match self.pipeline(&build(false)).await? {
+            match self
+                .pipeline(&write_pipeline(rows, &self.write_script, false))
+                .await?
+            {
                 Ok(r) => Ok(r),
                 // First use after a Redis restart: the script cache is empty.
                 // EVAL both runs and caches it; later calls use EVALSHA again.
-                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                    self.pipeline(&build(true)).await?.map_err(redis_error)
-                }
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => self
+                    .pipeline(&write_pipeline(rows, &self.write_script, true))
+                    .await?
+                    .map_err(redis_error),
                 Err(e) => Err(redis_error(e)),
             }
         })
         .await?;
-        let written = results.iter().filter(|&&r| r == 1).count() as u64;
-        Ok(WriteOutcome {
-            written,
-            stale: rows.len() as u64 - written,
-        })
+        Ok(outcome(&results))
     }
 
     async fn ping(&self) -> Result<()> {

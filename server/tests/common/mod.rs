@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quiver_core::store::{EmbeddedStore, RedisConfig, RedisStore};
+use quiver_core::store::{EmbeddedStore, RedisClusterStore, RedisConfig, RedisStore};
 use quiver_core::{Clock, ManualClock, OnlineStore, Registry};
 use quiver_proto::FeatureServiceClient;
 use quiver_server::{FeatureServer, Limits, Metrics};
-use quiver_testkit::RedisServer;
+use quiver_testkit::{RedisCluster, RedisServer};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
@@ -24,6 +24,7 @@ pub fn now() -> i64 {
 
 pub enum Backend {
     Redis(RedisServer),
+    Cluster(RedisCluster),
     Embedded(tempfile::TempDir),
 }
 
@@ -56,6 +57,13 @@ impl TestServer {
         let redis = RedisServer::start();
         let store = redis_store(&redis, Duration::from_millis(300));
         Self::start(store, Backend::Redis(redis), limits).await
+    }
+
+    pub async fn redis_cluster() -> TestServer {
+        let cluster = RedisCluster::start(3);
+        let store =
+            Arc::new(RedisClusterStore::new(&cluster.urls(), Duration::from_secs(2)).unwrap());
+        Self::start(store, Backend::Cluster(cluster), Limits::default()).await
     }
 
     pub async fn embedded() -> TestServer {
@@ -122,7 +130,7 @@ impl TestServer {
     pub fn redis_server(&mut self) -> &mut RedisServer {
         match &mut self.backend {
             Backend::Redis(r) => r,
-            Backend::Embedded(_) => panic!("not a redis-backed server"),
+            _ => panic!("not a single-redis-backed server"),
         }
     }
 

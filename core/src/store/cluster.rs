@@ -1,0 +1,202 @@
+//! Redis Cluster online store: the same keys, values and scripts as
+//! [`super::RedisStore`], spread over the cluster's nodes.
+//!
+//! A Redis Cluster pipeline must stay in one hash slot, and the key layout
+//! puts every view of one entity in the slot of its hash tag. A call is
+//! therefore split into one pipeline per slot (per entity), and the
+//! pipelines run concurrently over the cluster client's multiplexed node
+//! connections: one round trip of wall time per call, not one per entity.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::get_slot;
+use redis::Script;
+
+use super::redis::{outcome, parse_rows, read_pipeline, redis_error, write_pipeline, write_script};
+use super::{with_deadline, Lookup, OnlineStore, StoredRow, WriteOutcome, WriteRow};
+use crate::error::{Error, Result};
+
+/// Online store on a Redis Cluster, see the module docs.
+pub struct RedisClusterStore {
+    client: ClusterClient,
+    conn: tokio::sync::Mutex<Option<ClusterConnection>>,
+    timeout: Duration,
+    write_script: Script,
+}
+
+impl std::fmt::Debug for RedisClusterStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisClusterStore")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Indices of `keys` grouped by hash slot, in slot order.
+fn by_slot<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
+    let mut groups: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+    for (i, k) in keys.enumerate() {
+        groups.entry(get_slot(k.as_bytes())).or_default().push(i);
+    }
+    groups.into_values().collect()
+}
+
+impl RedisClusterStore {
+    /// Creates the client from seed node URLs. Does not connect: the first
+    /// call does, so a server that starts before the cluster still comes up
+    /// (not ready).
+    pub fn new(nodes: &[String], timeout: Duration) -> Result<RedisClusterStore> {
+        if nodes.is_empty() {
+            return Err(Error::invalid(
+                "redis cluster: give at least one seed node URL",
+            ));
+        }
+        let client = ClusterClient::builder(nodes.to_vec())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()
+            .map_err(|e| Error::invalid(format!("invalid redis cluster configuration: {e}")))?;
+        Ok(RedisClusterStore {
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            timeout,
+            write_script: write_script(),
+        })
+    }
+
+    /// The shared cluster connection, connecting on first use. The
+    /// connection itself follows slot moves and reconnects to nodes.
+    async fn conn(&self) -> Result<ClusterConnection> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self
+            .client
+            .get_async_connection()
+            .await
+            .map_err(redis_error)?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        pipe: redis::Pipeline,
+    ) -> std::result::Result<T, redis::RedisError> {
+        let mut conn = match self.conn().await {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::IoError,
+                    "cluster connect",
+                    e.message().to_owned(),
+                )))
+            }
+        };
+        pipe.query_async(&mut conn).await
+    }
+}
+
+#[async_trait]
+impl OnlineStore for RedisClusterStore {
+    fn backend(&self) -> &'static str {
+        "redis_cluster"
+    }
+
+    async fn read(&self, lookups: &[Lookup<'_>]) -> Result<Vec<Option<StoredRow>>> {
+        let groups = by_slot(lookups.iter().map(|l| l.key));
+        let calls = groups.iter().map(|idx| {
+            let pipe = read_pipeline(idx.iter().map(|&i| &lookups[i]));
+            async move {
+                let replies: Vec<Vec<Option<Vec<u8>>>> =
+                    self.run(pipe).await.map_err(redis_error)?;
+                parse_rows(replies, idx.len())
+            }
+        });
+        let parts = with_deadline(
+            "redis cluster",
+            self.timeout,
+            futures::future::try_join_all(calls),
+        )
+        .await?;
+        let mut out = vec![None; lookups.len()];
+        for (idx, rows) in groups.iter().zip(parts) {
+            for (&i, row) in idx.iter().zip(rows) {
+                out[i] = row;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write(&self, rows: &[WriteRow]) -> Result<WriteOutcome> {
+        let groups = by_slot(rows.iter().map(|r| r.key.as_str()));
+        let calls = groups.iter().map(|idx| async move {
+            let group = || idx.iter().map(|&i| &rows[i]);
+            match self
+                .run::<Vec<i64>>(write_pipeline(group(), &self.write_script, false))
+                .await
+            {
+                Ok(r) => Ok(r),
+                // A node without the script cached (new or restarted): EVAL caches it.
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => self
+                    .run(write_pipeline(group(), &self.write_script, true))
+                    .await
+                    .map_err(redis_error),
+                Err(e) => Err(redis_error(e)),
+            }
+        });
+        let parts = with_deadline(
+            "redis cluster",
+            self.timeout,
+            futures::future::try_join_all(calls),
+        )
+        .await?;
+        Ok(outcome(&parts.concat()))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        with_deadline("redis cluster", self.timeout, async {
+            let mut conn = self.conn().await?;
+            // CLUSTER INFO on a random node: reachable and serving all slots.
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            if info.contains("cluster_state:ok") {
+                Ok(())
+            } else {
+                Err(Error::unavailable(
+                    "redis cluster reports cluster_state:fail",
+                ))
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::by_slot;
+
+    #[test]
+    fn keys_of_one_entity_share_a_slot_group() {
+        let keys = [
+            "qv1:{user_id=a}:v1",
+            "qv1:{user_id=b}:v1",
+            "qv1:{user_id=a}:v2",
+            "qv1:{user_id=b}:v2",
+        ];
+        let groups = by_slot(keys.iter().copied());
+        assert_eq!(groups.len(), 2);
+        for g in groups {
+            assert_eq!(g.len(), 2);
+            assert_eq!(keys[g[0]][..14], keys[g[1]][..14]);
+        }
+    }
+}
