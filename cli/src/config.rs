@@ -83,7 +83,7 @@ pub struct OnlineStoreConfig {
     pub backend: Backend,
     /// File of the embedded store.
     pub path: PathBuf,
-    /// Redis URL (`redis://host:port/db`, `rediss://` for TLS).
+    /// Redis URL (`redis://[user:pass@]host:port[/db]`; TLS is not supported yet).
     pub redis_url: String,
     /// Seed node URLs of a Redis Cluster.
     pub cluster_nodes: Vec<String>,
@@ -278,21 +278,15 @@ impl Config {
     /// Rejects settings that cannot work, before anything starts.
     pub fn validate(&self) -> Result<()> {
         let s = &self.online_store;
-        if s.backend == Backend::Redis
-            && !(s.redis_url.starts_with("redis://") || s.redis_url.starts_with("rediss://"))
-        {
-            bail!("online_store.redis_url must start with redis:// or rediss://");
+        if s.backend == Backend::Redis && !s.redis_url.starts_with("redis://") {
+            bail!("online_store.redis_url must start with redis:// (rediss:// TLS is not supported yet)");
         }
         if s.backend == Backend::RedisCluster {
             if s.cluster_nodes.is_empty() {
                 bail!("online_store.cluster_nodes needs at least one redis:// seed node for the redis_cluster backend");
             }
-            if let Some(bad) = s
-                .cluster_nodes
-                .iter()
-                .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
-            {
-                bail!("online_store.cluster_nodes: {bad:?} must start with redis:// or rediss://");
+            if let Some(bad) = s.cluster_nodes.iter().find(|u| !u.starts_with("redis://")) {
+                bail!("online_store.cluster_nodes: {bad:?} must start with redis:// (rediss:// TLS is not supported yet)");
             }
         }
         if s.pool_size == 0 {

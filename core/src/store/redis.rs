@@ -117,7 +117,7 @@ pub(super) fn outcome(results: &[i64]) -> WriteOutcome {
 /// Settings of [`RedisStore`].
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://[user:pass@]host:port[/db]`, or `rediss://` for TLS.
+    /// `redis://[user:pass@]host:port[/db]` (built without TLS support).
     pub url: String,
     /// Maximum pooled connections.
     pub pool_size: usize,
