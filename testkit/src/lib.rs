@@ -27,17 +27,20 @@ fn free_port() -> u16 {
         .expect("cannot bind an ephemeral port on 127.0.0.1")
 }
 
+/// Sends one inline command to 127.0.0.1:`port`; the start of the reply,
+/// or `None` if nothing answers.
+fn inline_command(port: u16, cmd: &str) -> Option<String> {
+    let addr = ([127, 0, 0, 1], port).into();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 fn answers_ping(port: u16) -> bool {
-    let Ok(mut s) =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
-    else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut buf = [0u8; 16];
-    s.write_all(b"PING\r\n").is_ok()
-        && s.read(&mut buf)
-            .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+    inline_command(port, "PING").is_some_and(|r| r.starts_with("+PONG"))
 }
 
 impl RedisServer {
@@ -145,16 +148,7 @@ pub struct RedisCluster {
 }
 
 fn cluster_ok(port: u16) -> bool {
-    let Ok(mut s) =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
-    else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut buf = [0u8; 4096];
-    s.write_all(b"CLUSTER INFO\r\n").is_ok()
-        && s.read(&mut buf)
-            .is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).contains("cluster_state:ok"))
+    inline_command(port, "CLUSTER INFO").is_some_and(|r| r.contains("cluster_state:ok"))
 }
 
 impl RedisCluster {
