@@ -12,32 +12,25 @@ fn repo(path: &str) -> std::path::PathBuf {
         .join(path)
 }
 
+fn validate(path: &std::path::Path) -> std::process::Output {
+    quiver()
+        .args(["registry", "validate"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn validates_the_sample_registry() {
-    let out = quiver()
-        .args(["registry", "validate"])
-        .arg(repo("registry"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    for path in ["registry", "benches/registry.toml"] {
+        let out = validate(&repo(path));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{path}: {stderr}");
+    }
+    let stdout = String::from_utf8_lossy(&validate(&repo("registry")).stdout).into_owned();
     assert!(
         stdout.contains("ok (2 entities, 4 feature views, 3 feature services)"),
         "{stdout}"
-    );
-    let out = quiver()
-        .args(["registry", "validate"])
-        .arg(repo("benches/registry.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -50,11 +43,7 @@ fn reports_every_registry_problem_and_fails() {
         "[[feature_views]]\nname = \"v\"\nentities = [\"ghost\"]\nfeatures = [{ name = \"x\", dtype = \"float128\" }]\n",
     )
     .unwrap();
-    let out = quiver()
-        .args(["registry", "validate"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = validate(&file);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
