@@ -147,6 +147,16 @@ pub struct RedisCluster {
     nodes: Vec<RedisServer>,
 }
 
+/// A free port whose cluster bus port (port + 10000) is valid too.
+fn cluster_port() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 55_000 {
+            return p;
+        }
+    }
+}
+
 fn cluster_ok(port: u16) -> bool {
     inline_command(port, "CLUSTER INFO").is_some_and(|r| r.contains("cluster_state:ok"))
 }
@@ -160,7 +170,7 @@ impl RedisCluster {
             .map(|_| {
                 for _ in 0..5 {
                     if let Some(s) =
-                        RedisServer::start_with(free_port(), &["--cluster-enabled", "yes"])
+                        RedisServer::start_with(cluster_port(), &["--cluster-enabled", "yes"])
                     {
                         return s;
                     }
