@@ -106,6 +106,23 @@ async fn track(State(svc): State<Arc<FeatureServer>>, req: Request, next: Next) 
     resp
 }
 
+/// The features chosen by `features` or `feature_service` (never both);
+/// `neither` when the request names none.
+fn selector(
+    features: Option<Vec<String>>,
+    feature_service: Option<String>,
+    neither: Result<FeatureSelector, Error>,
+) -> Result<FeatureSelector, Error> {
+    match (features, feature_service) {
+        (Some(_), Some(_)) => Err(Error::invalid(
+            "pass either features or feature_service, not both",
+        )),
+        (Some(f), None) => Ok(FeatureSelector::Refs(f)),
+        (None, Some(s)) => Ok(FeatureSelector::Service(s)),
+        (None, None) => neither,
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EntityQuery {
@@ -131,19 +148,17 @@ async fn get_entity_features(
         })?),
         _ => Value::String(id.clone()),
     };
-    let selector = match (q.features, q.feature_service) {
-        (Some(_), Some(_)) => {
-            return Err(Error::invalid("pass either features or feature_service, not both").into())
-        }
-        (Some(f), None) => FeatureSelector::Refs(
-            f.split(',')
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect(),
-        ),
-        (None, Some(s)) => FeatureSelector::Service(s),
-        (None, None) => FeatureSelector::Entity(entity.clone()),
-    };
+    let refs = q.features.map(|f| {
+        f.split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    });
+    let selector = selector(
+        refs,
+        q.feature_service,
+        Ok(FeatureSelector::Entity(entity.clone())),
+    )?;
     let resp = svc
         .get_online(OnlineRequest {
             selector,
@@ -187,17 +202,10 @@ async fn post_online_features(
     body: Result<Json<OnlineBody>, JsonRejection>,
 ) -> ApiResult {
     let Json(body) = body.map_err(json_rejection)?;
-    let selector = match (body.features, body.feature_service) {
-        (Some(_), Some(_)) => return Err(Error::invalid("pass either features or feature_service, not both").into()),
-        (Some(f), None) => FeatureSelector::Refs(f),
-        (None, Some(s)) => FeatureSelector::Service(s),
-        (None, None) => {
-            return Err(Error::invalid(
-                "set either \"feature_service\" or \"features\" (a list of \"view:feature\" references)",
-            )
-            .into())
-        }
-    };
+    let neither = Err(Error::invalid(
+        "set either \"feature_service\" or \"features\" (a list of \"view:feature\" references)",
+    ));
+    let selector = selector(body.features, body.feature_service, neither)?;
     let mut entities = Vec::with_capacity(body.entities.len());
     for (key, col) in body.entities {
         let Json_::Array(items) = col else {

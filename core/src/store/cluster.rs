@@ -84,21 +84,14 @@ impl RedisClusterStore {
         Ok(c)
     }
 
+    /// Runs a pipeline. The outer error is ours (no connection), the inner
+    /// one Redis's, as in `RedisStore::pipeline`.
     async fn run<T: redis::FromRedisValue>(
         &self,
         pipe: redis::Pipeline,
-    ) -> std::result::Result<T, redis::RedisError> {
-        let mut conn = match self.conn().await {
-            Ok(c) => c,
-            Err(e) => {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::IoError,
-                    "cluster connect",
-                    e.message().to_owned(),
-                )))
-            }
-        };
-        pipe.query_async(&mut conn).await
+    ) -> Result<std::result::Result<T, redis::RedisError>> {
+        let mut conn = self.conn().await?;
+        Ok(pipe.query_async(&mut conn).await)
     }
 }
 
@@ -114,7 +107,7 @@ impl OnlineStore for RedisClusterStore {
             let pipe = read_pipeline(idx.iter().map(|&i| &lookups[i]));
             async move {
                 let replies: Vec<Vec<Option<Vec<u8>>>> =
-                    self.run(pipe).await.map_err(redis_error)?;
+                    self.run(pipe).await?.map_err(redis_error)?;
                 parse_rows(replies, idx.len())
             }
         });
@@ -139,13 +132,13 @@ impl OnlineStore for RedisClusterStore {
             let group = || idx.iter().map(|&i| &rows[i]);
             match self
                 .run::<Vec<i64>>(write_pipeline(group(), &self.write_script, false))
-                .await
+                .await?
             {
                 Ok(r) => Ok(r),
                 // A node without the script cached (new or restarted): EVAL caches it.
                 Err(e) if e.kind() == redis::ErrorKind::NoScriptError => self
                     .run(write_pipeline(group(), &self.write_script, true))
-                    .await
+                    .await?
                     .map_err(redis_error),
                 Err(e) => Err(redis_error(e)),
             }
