@@ -152,6 +152,49 @@ pub fn decode_row(buf: &[u8]) -> Result<RowBlob> {
     })
 }
 
+/// An aggregation-tile row as the embedded store keeps it: raw fields
+/// (see [`crate::aggregate`]) and an expiry.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TileBlob {
+    /// Expiry instant (epoch micros), 0 for never.
+    pub expire_at: Micros,
+    /// Field name and raw value pairs, sorted by name.
+    pub fields: Vec<(String, Vec<u8>)>,
+}
+
+/// Encodes a [`TileBlob`].
+pub fn encode_tiles(t: &TileBlob) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + t.fields.len() * 32);
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&t.expire_at.to_le_bytes());
+    put_varint(t.fields.len() as u64, &mut out);
+    for (name, v) in &t.fields {
+        put_bytes(name.as_bytes(), &mut out);
+        put_bytes(v, &mut out);
+    }
+    out
+}
+
+/// Decodes a [`TileBlob`].
+pub fn decode_tiles(buf: &[u8]) -> Result<TileBlob> {
+    let mut r = Reader(buf);
+    let version = r.u8()?;
+    if version != FORMAT_VERSION {
+        return Err(corrupt(format!(
+            "unsupported tile format version {version}"
+        )));
+    }
+    let expire_at = r.i64()?;
+    let n = r.len()?;
+    let mut fields = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        let name = r.string()?;
+        let len = r.len()?;
+        fields.push((name, r.take(len)?.to_vec()));
+    }
+    Ok(TileBlob { expire_at, fields })
+}
+
 fn corrupt(m: impl std::fmt::Display) -> Error {
     Error::internal(format!("corrupt stored value: {m}"))
 }

@@ -3,6 +3,9 @@
 //! # Layout
 //! - [`registry`]: entities, feature views and feature services, loaded from
 //!   TOML and validated with messages that name file, item and problem.
+//! - [`event`]: events pushed by producers, validated against the registry.
+//! - [`aggregate`]: windowed aggregation states and tile arithmetic, shared
+//!   by the online (ingest) and offline (batch) computations.
 //! - [`value`]: typed values ([`Value`], [`ValueType`]).
 //! - [`codec`]: the online store's versioned key layout and value encoding.
 //! - [`store`]: the [`OnlineStore`] trait with its Redis and embedded
@@ -10,8 +13,10 @@
 //! - [`time`]: epoch-microsecond time and the injectable [`Clock`].
 //! - [`error`]: the crate error, with a transport-independent [`ErrorKind`].
 
+pub mod aggregate;
 pub mod codec;
 pub mod error;
+pub mod event;
 pub mod registry;
 pub mod store;
 pub mod time;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::time::{duration_micros, Micros};
 use crate::value::ValueType;
 
 /// An entity: the thing features describe, identified by one join key.
@@ -61,8 +62,135 @@ pub struct FeatureView {
     pub description: String,
     /// Free-form labels.
     pub tags: BTreeMap<String, String>,
+    /// Where the view's values come from.
+    pub source: ViewSource,
     feature_idx: HashMap<String, usize>,
 }
+
+/// Where a feature view's values come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ViewSource {
+    /// Written by `WriteFeatures` or materialization from batch jobs.
+    Batch,
+    /// Latest values taken from events by `quiver ingest`.
+    Events {
+        /// Event types that update the view.
+        event_types: Vec<String>,
+        /// Per feature (same order as `features`): where its value comes from.
+        fields: Vec<EventField>,
+    },
+    /// Windowed aggregations over events, kept as time tiles by `quiver
+    /// ingest` and combined at read time; one feature per aggregation.
+    Aggregations {
+        /// Tile length; every window is a whole number of tiles.
+        tile: Micros,
+        /// The aggregations, same order as `features`.
+        aggregations: Vec<Aggregation>,
+    },
+}
+
+/// The part of an event a latest-value feature is taken from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventField {
+    /// An attribute of the event.
+    Attribute(String),
+    /// The event time.
+    EventTime,
+}
+
+/// One windowed aggregation of an aggregation view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregation {
+    /// Feature name.
+    pub name: String,
+    /// What is computed.
+    pub function: AggFunction,
+    /// Aggregated attribute (or join key of the event); `None` for `count`.
+    pub attribute: Option<String>,
+    /// Type of `attribute`.
+    pub attribute_type: Option<ValueType>,
+    /// Event types that count.
+    pub event_types: Vec<String>,
+    /// Window length, a multiple of the view's tile.
+    pub window: Micros,
+}
+
+/// Aggregation functions; see `docs/registry.md` for their exact semantics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggFunction {
+    /// Number of events.
+    Count,
+    /// Sum of a numeric attribute.
+    Sum,
+    /// Mean of a numeric attribute.
+    Mean,
+    /// Minimum of a numeric attribute.
+    Min,
+    /// Maximum of a numeric attribute.
+    Max,
+    /// The newest `n` values of an attribute, newest first.
+    LastN(u32),
+    /// Approximate number of distinct values (HyperLogLog).
+    ApproxDistinct,
+}
+
+impl AggFunction {
+    /// Registry spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AggFunction::Count => "count",
+            AggFunction::Sum => "sum",
+            AggFunction::Mean => "mean",
+            AggFunction::Min => "min",
+            AggFunction::Max => "max",
+            AggFunction::LastN(_) => "last_n",
+            AggFunction::ApproxDistinct => "approx_distinct",
+        }
+    }
+}
+
+/// An event type: its entities and typed attributes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventType {
+    /// Name, e.g. `purchase`.
+    pub name: String,
+    /// Entities the event is about; their join keys are required on events.
+    pub entities: Vec<String>,
+    /// Join keys of `entities`, same order.
+    pub join_keys: Vec<String>,
+    /// Types of `join_keys`, same order.
+    pub key_types: Vec<ValueType>,
+    /// Attributes and their types.
+    pub attributes: Vec<(String, ValueType)>,
+    /// Attributes that may be absent (null) on an event.
+    pub optional: Vec<String>,
+    /// Free text.
+    pub description: String,
+}
+
+impl EventType {
+    /// Type of attribute or join key `name` (aggregations may use either).
+    pub fn value_type(&self, name: &str) -> Option<ValueType> {
+        self.attribute(name).or_else(|| {
+            self.join_keys
+                .iter()
+                .position(|k| k == name)
+                .map(|i| self.key_types[i])
+        })
+    }
+
+    /// Type of attribute `name`.
+    pub fn attribute(&self, name: &str) -> Option<ValueType> {
+        self.attributes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| *t)
+    }
+}
+
+/// Event field names that attributes cannot use: they are columns of the
+/// raw-event archive.
+pub const RESERVED_EVENT_FIELDS: [&str; 3] = ["event_id", "event_type", "event_time"];
 
 impl FeatureView {
     /// Index of feature `name` in [`FeatureView::features`].
@@ -107,6 +235,7 @@ pub struct Selection {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Registry {
     entities: Vec<Entity>,
+    event_types: Vec<EventType>,
     views: Vec<FeatureView>,
     services: Vec<FeatureService>,
     entity_idx: HashMap<String, usize>,
@@ -124,6 +253,47 @@ struct RawFile {
     feature_views: Vec<RawView>,
     #[serde(default)]
     feature_services: Vec<RawService>,
+    #[serde(default)]
+    event_types: Vec<RawEventType>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEventType {
+    name: String,
+    entities: Vec<String>,
+    #[serde(default)]
+    attributes: Vec<RawAttribute>,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttribute {
+    name: String,
+    dtype: String,
+    #[serde(default)]
+    optional: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    events: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAggregation {
+    name: String,
+    function: String,
+    attribute: Option<String>,
+    events: Vec<String>,
+    window: String,
+    n: Option<u32>,
+    #[serde(default)]
+    description: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +323,10 @@ struct RawView {
     tags: BTreeMap<String, String>,
     #[serde(default)]
     features: Vec<RawFeature>,
+    source: Option<RawSource>,
+    tile: Option<String>,
+    #[serde(default)]
+    aggregations: Vec<RawAggregation>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +335,7 @@ struct RawFeature {
     name: String,
     dtype: String,
     dimension: Option<u32>,
+    from: Option<String>,
     #[serde(default)]
     description: String,
 }
@@ -263,6 +438,14 @@ impl Registry {
     /// All entities.
     pub fn entities(&self) -> &[Entity] {
         &self.entities
+    }
+    /// All event types.
+    pub fn event_types(&self) -> &[EventType] {
+        &self.event_types
+    }
+    /// The event type named `name`.
+    pub fn event_type(&self, name: &str) -> Option<&EventType> {
+        self.event_types.iter().find(|e| e.name == name)
     }
     /// All feature views.
     pub fn views(&self) -> &[FeatureView] {
@@ -399,6 +582,313 @@ fn join_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
     }
 }
 
+/// A duration such as `1h` or `7d`, in micros; positive.
+fn parse_window(s: &str) -> std::result::Result<Micros, String> {
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) if !d.is_zero() => Ok(duration_micros(d)),
+        _ => Err(format!(
+            "invalid duration {s:?}; write a positive duration such as \"1h\", \"24h\" or \"7d\""
+        )),
+    }
+}
+
+fn build_event_types(
+    files: &[(&str, RawFile)],
+    entities: &[Entity],
+    entity_idx: &HashMap<String, usize>,
+    problems: &mut Vec<String>,
+) -> Vec<EventType> {
+    let mut out: Vec<EventType> = Vec::new();
+    // Attribute types across all event types: the raw-event archive has one
+    // column per attribute name, so a name has one type everywhere.
+    let mut column_types: HashMap<String, (ValueType, String)> = HashMap::new();
+    for (file, raw) in files {
+        for et in &raw.event_types {
+            let at = format!("{file}: event type {:?}", et.name);
+            if let Err(m) = check_name(&et.name) {
+                problems.push(format!("{at}: {m}"));
+            }
+            if out.iter().any(|o| o.name == et.name) {
+                problems.push(format!("{at}: declared twice"));
+            }
+            if et.entities.is_empty() {
+                problems.push(format!("{at}: needs at least one entity in `entities`"));
+            }
+            let mut join_keys = Vec::new();
+            let mut key_types = Vec::new();
+            for en in &et.entities {
+                match entity_idx.get(en) {
+                    Some(&i) => {
+                        join_keys.push(entities[i].join_key.clone());
+                        key_types.push(entities[i].value_type);
+                    }
+                    None => problems.push(format!(
+                        "{at}: unknown entity {en:?}; declared entities: {}",
+                        join_names(entities.iter().map(|e| e.name.as_str()))
+                    )),
+                }
+            }
+            let mut attributes: Vec<(String, ValueType)> = Vec::new();
+            let mut optional = Vec::new();
+            for a in &et.attributes {
+                let aat = format!("{at}: attribute {:?}", a.name);
+                if let Err(m) = check_name(&a.name) {
+                    problems.push(format!("{aat}: {m}"));
+                }
+                if RESERVED_EVENT_FIELDS.contains(&a.name.as_str())
+                    || entities.iter().any(|e| e.join_key == a.name)
+                {
+                    problems.push(format!(
+                        "{aat}: the name is taken by an event field or a join key; rename the attribute"
+                    ));
+                }
+                let Some(ty) = ValueType::parse(&a.dtype) else {
+                    problems.push(format!(
+                        "{aat}: unknown dtype {:?}; use one of {}",
+                        a.dtype,
+                        join_names(ValueType::ALL.iter().map(|t| t.as_str()))
+                    ));
+                    continue;
+                };
+                if attributes.iter().any(|(n, _)| n == &a.name) {
+                    problems.push(format!("{aat}: declared twice"));
+                }
+                match column_types.get(&a.name) {
+                    Some((t, other)) if *t != ty => problems.push(format!(
+                        "{aat}: is {ty} here but {t} in event type {other:?}; one attribute name has one type"
+                    )),
+                    _ => {
+                        column_types.insert(a.name.clone(), (ty, et.name.clone()));
+                    }
+                }
+                if a.optional {
+                    optional.push(a.name.clone());
+                }
+                attributes.push((a.name.clone(), ty));
+            }
+            out.push(EventType {
+                name: et.name.clone(),
+                entities: et.entities.clone(),
+                join_keys,
+                key_types,
+                attributes,
+                optional,
+                description: et.description.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Checks that every listed event type exists and carries the view's entities.
+fn check_event_refs(
+    at: &str,
+    names: &[String],
+    event_types: &[EventType],
+    view_entities: &[String],
+    problems: &mut Vec<String>,
+) {
+    for name in names {
+        match event_types.iter().find(|e| &e.name == name) {
+            None => problems.push(format!(
+                "{at}: unknown event type {name:?}; declared event types: {}",
+                join_names(event_types.iter().map(|e| e.name.as_str()))
+            )),
+            Some(et) => {
+                for en in view_entities {
+                    if !et.entities.contains(en) {
+                        problems.push(format!(
+                            "{at}: event type {name:?} does not carry entity {en:?}, which keys this view"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn event_field(
+    at: &str,
+    rf: &RawFeature,
+    f: &Feature,
+    events: &[String],
+    event_types: &[EventType],
+    problems: &mut Vec<String>,
+) -> EventField {
+    let fat = format!("{at}: feature {:?}", f.name);
+    let from = rf.from.as_deref().unwrap_or(&f.name);
+    if from == "event_time" {
+        if f.value_type != ValueType::Timestamp {
+            problems.push(format!(
+                "{fat}: takes the event time, so its dtype must be timestamp"
+            ));
+        }
+        return EventField::EventTime;
+    }
+    for name in events {
+        let Some(et) = event_types.iter().find(|e| &e.name == name) else {
+            continue;
+        };
+        match et.attribute(from) {
+            None => problems.push(format!(
+                "{fat}: event type {name:?} has no attribute {from:?}; set `from` to one of {}, or \"event_time\"",
+                join_names(et.attributes.iter().map(|(n, _)| n.as_str()))
+            )),
+            Some(t) if t != f.value_type => problems.push(format!(
+                "{fat}: is {} but attribute {from:?} of event type {name:?} is {t}",
+                f.value_type
+            )),
+            Some(_) => {}
+        }
+    }
+    EventField::Attribute(from.to_owned())
+}
+
+fn build_aggregations(
+    at: &str,
+    v: &RawView,
+    event_types: &[EventType],
+    view_entities: &[String],
+    problems: &mut Vec<String>,
+) -> (Micros, Vec<Aggregation>) {
+    let tile = match parse_window(v.tile.as_deref().unwrap_or("1h")) {
+        Ok(t) => t,
+        Err(m) => {
+            problems.push(format!("{at}: tile: {m}"));
+            3_600_000_000
+        }
+    };
+    let mut out: Vec<Aggregation> = Vec::new();
+    for a in &v.aggregations {
+        let aat = format!("{at}: aggregation {:?}", a.name);
+        if let Err(m) = check_name(&a.name) {
+            problems.push(format!("{aat}: {m}"));
+        }
+        if out.iter().any(|o| o.name == a.name) {
+            problems.push(format!("{aat}: declared twice in this view"));
+        }
+        let function = match (a.function.as_str(), a.n) {
+            ("count", None) => AggFunction::Count,
+            ("sum", None) => AggFunction::Sum,
+            ("mean", None) => AggFunction::Mean,
+            ("min", None) => AggFunction::Min,
+            ("max", None) => AggFunction::Max,
+            ("last_n", Some(n)) if (1..=1000).contains(&n) => AggFunction::LastN(n),
+            ("last_n", _) => {
+                problems.push(format!("{aat}: last_n needs `n` between 1 and 1000"));
+                AggFunction::LastN(1)
+            }
+            ("approx_distinct", None) => AggFunction::ApproxDistinct,
+            (f, Some(_))
+                if ["count", "sum", "mean", "min", "max", "approx_distinct"].contains(&f) =>
+            {
+                problems.push(format!("{aat}: `n` only applies to last_n"));
+                AggFunction::Count
+            }
+            (f, _) => {
+                problems.push(format!(
+                    "{aat}: unknown function {f:?}; use count, sum, mean, min, max, last_n or approx_distinct"
+                ));
+                AggFunction::Count
+            }
+        };
+        let window = match parse_window(&a.window) {
+            Ok(w) => w,
+            Err(m) => {
+                problems.push(format!("{aat}: window: {m}"));
+                tile
+            }
+        };
+        if window % tile != 0 {
+            problems.push(format!(
+                "{aat}: window {:?} is not a whole number of tiles ({:?}); pick a window that is a multiple of `tile`",
+                a.window,
+                v.tile.as_deref().unwrap_or("1h")
+            ));
+        }
+        if a.events.is_empty() {
+            problems.push(format!("{aat}: `events` lists no event types"));
+        }
+        check_event_refs(&aat, &a.events, event_types, view_entities, problems);
+        let mut attribute_type = None;
+        match (&a.attribute, function) {
+            (Some(_), AggFunction::Count) => {
+                problems.push(format!("{aat}: count takes no `attribute`"));
+            }
+            (None, AggFunction::Count) => {}
+            (None, f) => problems.push(format!("{aat}: {} needs an `attribute`", f.as_str())),
+            (Some(attr), f) => {
+                for name in &a.events {
+                    let Some(et) = event_types.iter().find(|e| &e.name == name) else {
+                        continue;
+                    };
+                    match et.value_type(attr) {
+                        None => problems.push(format!(
+                            "{aat}: event type {name:?} has no attribute or join key {attr:?}"
+                        )),
+                        Some(t) if attribute_type.is_some_and(|a| a != t) => problems.push(
+                            format!("{aat}: {attr:?} has different types in its event types"),
+                        ),
+                        Some(t) => attribute_type = Some(t),
+                    }
+                }
+                if let Some(t) = attribute_type {
+                    let ok = match f {
+                        AggFunction::Sum
+                        | AggFunction::Mean
+                        | AggFunction::Min
+                        | AggFunction::Max => {
+                            matches!(t, ValueType::Int64 | ValueType::Double)
+                        }
+                        AggFunction::LastN(_) => matches!(
+                            t,
+                            ValueType::Int64
+                                | ValueType::Double
+                                | ValueType::String
+                                | ValueType::Bool
+                        ),
+                        AggFunction::ApproxDistinct => {
+                            matches!(t, ValueType::Int64 | ValueType::String)
+                        }
+                        AggFunction::Count => true,
+                    };
+                    if !ok {
+                        problems.push(format!(
+                            "{aat}: {} cannot aggregate attribute {attr:?} of type {t}",
+                            f.as_str()
+                        ));
+                    }
+                }
+            }
+        }
+        out.push(Aggregation {
+            name: a.name.clone(),
+            function,
+            attribute: a.attribute.clone(),
+            attribute_type,
+            event_types: a.events.clone(),
+            window,
+        });
+    }
+    (tile, out)
+}
+
+/// The feature type an aggregation produces.
+pub fn agg_output_type(a: &Aggregation) -> ValueType {
+    match a.function {
+        AggFunction::Count | AggFunction::ApproxDistinct => ValueType::Int64,
+        AggFunction::Sum | AggFunction::Mean | AggFunction::Min | AggFunction::Max => {
+            ValueType::Double
+        }
+        AggFunction::LastN(_) => match a.attribute_type {
+            Some(ValueType::Int64) => ValueType::Int64List,
+            Some(ValueType::Double) => ValueType::DoubleList,
+            Some(ValueType::Bool) => ValueType::BoolList,
+            _ => ValueType::StringList,
+        },
+    }
+}
+
 fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
     let mut entities = Vec::new();
     let mut entity_idx = HashMap::new();
@@ -443,6 +933,8 @@ fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
         }
     }
 
+    let event_types = build_event_types(files, &entities, &entity_idx, problems);
+
     let mut views = Vec::new();
     let mut view_idx = HashMap::new();
     for (file, raw) in files {
@@ -480,8 +972,26 @@ fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
                     None
                 }
             };
-            if v.features.is_empty() {
-                problems.push(format!("{at}: declares no features"));
+            let has_aggs = !v.aggregations.is_empty();
+            if v.features.is_empty() && !has_aggs {
+                problems.push(format!(
+                    "{at}: declares no features (list `features`, or `aggregations` for a windowed view)"
+                ));
+            }
+            if has_aggs && !v.features.is_empty() {
+                problems.push(format!(
+                    "{at}: declares both `features` and `aggregations`; an aggregation view's features are its aggregations"
+                ));
+            }
+            if has_aggs && v.source.is_some() {
+                problems.push(format!(
+                    "{at}: `source` is for latest-value views; aggregations name their own `events`"
+                ));
+            }
+            if !has_aggs && v.tile.is_some() {
+                problems.push(format!(
+                    "{at}: `tile` only applies to views with `aggregations`"
+                ));
             }
             let mut features = Vec::new();
             let mut feature_idx = HashMap::new();
@@ -514,6 +1024,52 @@ fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
                     description: f.description.clone(),
                 });
             }
+            let source = if has_aggs {
+                if ttl.is_some() {
+                    problems.push(format!(
+                        "{at}: aggregation views take no `ttl`; their windows decide which events count"
+                    ));
+                }
+                let (tile, aggregations) =
+                    build_aggregations(&at, v, &event_types, &v.entities, problems);
+                for a in &aggregations {
+                    feature_idx.insert(a.name.clone(), features.len());
+                    features.push(Feature {
+                        name: a.name.clone(),
+                        value_type: agg_output_type(a),
+                        dimension: None,
+                        description: v
+                            .aggregations
+                            .iter()
+                            .find(|r| r.name == a.name)
+                            .map(|r| r.description.clone())
+                            .unwrap_or_default(),
+                    });
+                }
+                ViewSource::Aggregations { tile, aggregations }
+            } else if let Some(src) = &v.source {
+                check_event_refs(&at, &src.events, &event_types, &v.entities, problems);
+                let fields = v
+                    .features
+                    .iter()
+                    .zip(&features)
+                    .map(|(rf, f)| event_field(&at, rf, f, &src.events, &event_types, problems))
+                    .collect();
+                if src.events.is_empty() {
+                    problems.push(format!("{at}: source.events lists no event types"));
+                }
+                ViewSource::Events {
+                    event_types: src.events.clone(),
+                    fields,
+                }
+            } else {
+                if v.features.iter().any(|f| f.from.is_some()) {
+                    problems.push(format!(
+                        "{at}: `from` on a feature needs `source = {{ events = [...] }}` on the view"
+                    ));
+                }
+                ViewSource::Batch
+            };
             if view_idx.insert(v.name.clone(), views.len()).is_some() {
                 problems.push(format!("{at}: declared twice"));
             }
@@ -526,6 +1082,7 @@ fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
                 ttl,
                 description: v.description.clone(),
                 tags: v.tags.clone(),
+                source,
                 feature_idx,
             });
         }
@@ -533,6 +1090,7 @@ fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
 
     let mut reg = Registry {
         entities,
+        event_types,
         views,
         services: Vec::new(),
         entity_idx,
@@ -722,5 +1280,133 @@ features = ["v:zzz"]
         assert_eq!(r.views().len(), 2);
         let empty = tempfile::tempdir().unwrap();
         assert!(Registry::load(empty.path()).is_err());
+    }
+
+    const STREAM: &str = r#"
+[[entities]]
+name = "user"
+join_key = "user_id"
+
+[[entities]]
+name = "product"
+join_key = "product_id"
+
+[[event_types]]
+name = "purchase"
+entities = ["user", "product"]
+attributes = [
+  { name = "amount", dtype = "double" },
+  { name = "coupon", dtype = "string", optional = true },
+]
+
+[[event_types]]
+name = "login"
+entities = ["user"]
+attributes = [{ name = "device", dtype = "string" }]
+
+[[feature_views]]
+name = "user_last_login"
+entities = ["user"]
+source = { events = ["login"] }
+features = [
+  { name = "device", dtype = "string" },
+  { name = "at", dtype = "timestamp", from = "event_time" },
+]
+
+[[feature_views]]
+name = "user_stream"
+entities = ["user"]
+tile = "1h"
+aggregations = [
+  { name = "purchases_24h", function = "count", events = ["purchase"], window = "24h" },
+  { name = "spend_7d", function = "sum", attribute = "amount", events = ["purchase"], window = "7d" },
+  { name = "recent_products", function = "last_n", n = 3, attribute = "product_id", events = ["purchase"], window = "24h" },
+  { name = "distinct_products", function = "approx_distinct", attribute = "product_id", events = ["purchase"], window = "7d" },
+]
+"#;
+
+    #[test]
+    fn loads_event_types_and_stream_views() {
+        let r = Registry::from_toml("s.toml", STREAM).unwrap();
+        let p = r.event_type("purchase").unwrap();
+        assert_eq!(p.join_keys, vec!["user_id", "product_id"]);
+        assert_eq!(p.optional, vec!["coupon"]);
+        let v = r.view(r.view_index("user_last_login").unwrap());
+        assert_eq!(
+            v.source,
+            ViewSource::Events {
+                event_types: vec!["login".into()],
+                fields: vec![
+                    EventField::Attribute("device".into()),
+                    EventField::EventTime
+                ],
+            }
+        );
+        let s = r.view(r.view_index("user_stream").unwrap());
+        let ViewSource::Aggregations { tile, aggregations } = &s.source else {
+            panic!("not an aggregation view: {:?}", s.source);
+        };
+        assert_eq!(*tile, 3_600_000_000);
+        assert_eq!(aggregations[1].window, 7 * 24 * 3_600_000_000);
+        assert_eq!(aggregations[2].function, AggFunction::LastN(3));
+        let types: Vec<ValueType> = s.features.iter().map(|f| f.value_type).collect();
+        assert_eq!(
+            types,
+            vec![
+                ValueType::Int64,
+                ValueType::Double,
+                ValueType::StringList,
+                ValueType::Int64
+            ]
+        );
+        assert!(r.resolve_refs(&["user_stream:spend_7d"]).is_ok());
+    }
+
+    #[test]
+    fn stream_views_are_checked_against_event_types() {
+        let bad = STREAM.to_owned()
+            + r#"
+[[event_types]]
+name = "refund"
+entities = ["product"]
+attributes = [{ name = "amount", dtype = "int64" }, { name = "event_time", dtype = "string" }]
+
+[[feature_views]]
+name = "bad_stream"
+entities = ["user"]
+tile = "1h"
+ttl = "1d"
+aggregations = [
+  { name = "a", function = "median", events = ["purchase"], window = "1h" },
+  { name = "b", function = "sum", attribute = "coupon", events = ["purchase"], window = "90m" },
+  { name = "c", function = "count", events = ["refund", "nope"], window = "1h" },
+  { name = "d", function = "last_n", attribute = "amount", events = ["purchase"], window = "1h" },
+]
+
+[[feature_views]]
+name = "bad_latest"
+entities = ["user"]
+source = { events = ["login"] }
+features = [{ name = "devices", dtype = "int64", from = "device" }, { name = "x", dtype = "string" }]
+"#;
+        let m = Registry::from_toml("s.toml", &bad)
+            .unwrap_err()
+            .message()
+            .to_owned();
+        for needle in [
+            "event type \"refund\": attribute \"amount\": is int64 here but double in event type \"purchase\"",
+            "attribute \"event_time\": the name is taken",
+            "feature view \"bad_stream\": aggregation views take no `ttl`",
+            "aggregation \"a\": unknown function \"median\"",
+            "aggregation \"b\": sum cannot aggregate attribute \"coupon\" of type string",
+            "aggregation \"b\": window \"90m\" is not a whole number of tiles",
+            "aggregation \"c\": event type \"refund\" does not carry entity \"user\"",
+            "aggregation \"c\": unknown event type \"nope\"",
+            "aggregation \"d\": last_n needs `n`",
+            "feature \"devices\": is int64 but attribute \"device\" of event type \"login\" is string",
+            "feature \"x\": event type \"login\" has no attribute \"x\"",
+        ] {
+            assert!(m.contains(needle), "missing {needle:?} in:\n{m}");
+        }
     }
 }

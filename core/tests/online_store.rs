@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use quiver_core::codec::{entity_key, row_key};
 use quiver_core::store::{
-    EmbeddedStore, Lookup, RedisClusterStore, RedisConfig, RedisStore, WriteRow,
+    EmbeddedStore, Lookup, RedisClusterStore, RedisConfig, RedisStore, TileWrite, WriteRow,
 };
 use quiver_core::time::system_time_to_micros;
 use quiver_core::{ErrorKind, OnlineStore, SystemClock, Value};
@@ -46,7 +46,7 @@ async fn read_one(
     features: &[&str],
 ) -> Option<(i64, Vec<Option<Value>>)> {
     let k = key(user);
-    let mut rows = store.read(&[Lookup { key: &k, features }]).await.unwrap();
+    let mut rows = store.read(&[Lookup::row(&k, features)]).await.unwrap();
     rows.pop().unwrap().map(|r| (r.event_ts, r.values))
 }
 
@@ -118,13 +118,7 @@ async fn batches_mix_entities_and_order(store: &dyn OnlineStore) {
     );
     let keys: Vec<String> = (0..60).map(|i| key(&format!("b{i}"))).collect();
     let feats = ["age"];
-    let lookups: Vec<Lookup> = keys
-        .iter()
-        .map(|k| Lookup {
-            key: k,
-            features: &feats,
-        })
-        .collect();
+    let lookups: Vec<Lookup> = keys.iter().map(|k| Lookup::row(k, &feats)).collect();
     let got = store.read(&lookups).await.unwrap();
     assert_eq!(got.len(), 60);
     for (i, r) in got.iter().enumerate() {
@@ -149,6 +143,96 @@ async fn expired_rows_read_as_missing(store: &dyn OnlineStore) {
     assert!(read_one(store, "fresh", &["age"]).await.is_some());
 }
 
+fn tile_write(
+    user: &str,
+    source: &str,
+    offset: i64,
+    ts: i64,
+    fields: &[(&str, &str)],
+) -> TileWrite {
+    TileWrite {
+        key: key(user),
+        source: source.into(),
+        offset,
+        event_ts: ts,
+        fields: fields
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
+            .collect(),
+        delete: vec!["c:1:p0".into()],
+        expire_at: ts + HOUR,
+    }
+}
+
+async fn read_tiles(store: &dyn OnlineStore, user: &str, fields: &[&str]) -> Vec<(String, String)> {
+    let k = key(user);
+    let mut rows = store.read(&[Lookup::tiles(&k, fields)]).await.unwrap();
+    rows.pop()
+        .unwrap()
+        .map(|r| {
+            r.raw
+                .into_iter()
+                .map(|(n, v)| (n, String::from_utf8(v).unwrap()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn tile_writes_apply_once_per_source_offset(store: &dyn OnlineStore) {
+    let t = now();
+    let w = tile_write("t1", "ev:0", 10, t, &[("c:1:p0", "a"), ("c:2:ev:0", "x")]);
+    assert_eq!(store.write_tiles(&[w]).await.unwrap().written, 1);
+    // A replay of the same or an older offset of that source is skipped...
+    let replay = tile_write("t1", "ev:0", 10, t, &[("c:2:ev:0", "twice")]);
+    let older = tile_write("t1", "ev:0", 3, t, &[("c:2:ev:0", "old")]);
+    let out = store.write_tiles(&[replay, older]).await.unwrap();
+    assert_eq!((out.written, out.stale), (0, 2));
+    // ...while another source's offsets are its own.
+    let other = tile_write("t1", "ev:1", 2, t - HOUR, &[("c:2:ev:1", "y")]);
+    assert_eq!(store.write_tiles(&[other]).await.unwrap().written, 1);
+    let mut all = read_tiles(store, "t1", &[]).await;
+    all.sort();
+    let ts = t.to_string();
+    let older_ts = (t - HOUR).to_string();
+    assert_eq!(
+        all,
+        vec![
+            ("_o:ev:0".to_owned(), "10".to_owned()),
+            ("_o:ev:1".to_owned(), "2".to_owned()),
+            ("_t:ev:0".to_owned(), ts.clone()),
+            ("_t:ev:1".to_owned(), older_ts),
+            ("c:2:ev:0".to_owned(), "x".to_owned()),
+            ("c:2:ev:1".to_owned(), "y".to_owned()),
+        ],
+        "the deleted field is gone, the replay left nothing behind"
+    );
+    assert_eq!(
+        read_tiles(store, "t1", &["c:2:ev:1", "nope"]).await,
+        vec![("c:2:ev:1".to_owned(), "y".to_owned())]
+    );
+    assert!(read_tiles(store, "nobody", &[]).await.is_empty());
+    // Feature rows and tile rows read in one call.
+    store.write(&[row("t1row", t, 7)]).await.unwrap();
+    let (rk, tk) = (key("t1row"), key("t1"));
+    let got = store
+        .read(&[
+            Lookup::row(&rk, &["age"]),
+            Lookup::tiles(&tk, &["c:2:ev:0"]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(got[0].as_ref().unwrap().values, vec![Some(Value::Int64(7))]);
+    assert_eq!(
+        got[1].as_ref().unwrap().raw,
+        vec![("c:2:ev:0".to_owned(), b"x".to_vec())]
+    );
+    // Expired tile rows read as missing.
+    let mut gone = tile_write("t2", "ev:0", 1, t - 3 * HOUR, &[("c:9:ev:0", "z")]);
+    gone.expire_at = t - HOUR;
+    store.write_tiles(&[gone]).await.unwrap();
+    assert!(read_tiles(store, "t2", &[]).await.is_empty());
+}
+
 async fn suite(store: &dyn OnlineStore) {
     store.ping().await.unwrap();
     round_trips_typed_values(store).await;
@@ -156,6 +240,7 @@ async fn suite(store: &dyn OnlineStore) {
     a_write_replaces_the_whole_row(store).await;
     batches_mix_entities_and_order(store).await;
     expired_rows_read_as_missing(store).await;
+    tile_writes_apply_once_per_source_offset(store).await;
 }
 
 fn redis_store(url: String, timeout: Duration) -> RedisStore {
@@ -248,13 +333,7 @@ async fn redis_down_is_unavailable_within_the_deadline_and_recovers() {
     let err = store.ping().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     let k = key("r");
-    let err = store
-        .read(&[Lookup {
-            key: &k,
-            features: &["age"],
-        }])
-        .await
-        .unwrap_err();
+    let err = store.read(&[Lookup::row(&k, &["age"])]).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(2),

@@ -6,8 +6,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use quiver_core::aggregate::finish_row;
 use quiver_core::codec::{entity_key, row_key};
-use quiver_core::registry::{FeatureRef, Selection};
+use quiver_core::registry::{FeatureRef, Selection, ViewSource};
 use quiver_core::store::{Lookup, StoredRow, WriteOutcome, WriteRow};
 use quiver_core::time::{duration_micros, Micros};
 use quiver_core::{Clock, Error, ErrorKind, OnlineStore, Registry, Result, Value, ValueType};
@@ -317,12 +318,21 @@ impl FeatureServer {
                 keys.push(row_key(&entity_key(&pairs)?, &view.name));
             }
         }
+        let is_tiles: Vec<bool> = sel
+            .by_view
+            .iter()
+            .map(|(vi, _)| matches!(reg.view(*vi).source, ViewSource::Aggregations { .. }))
+            .collect();
         let lookups: Vec<Lookup> = keys
             .iter()
             .enumerate()
-            .map(|(i, k)| Lookup {
-                key: k,
-                features: &features[i % sel.by_view.len()],
+            .map(|(i, k)| {
+                let vpos = i % sel.by_view.len();
+                if is_tiles[vpos] {
+                    Lookup::tiles(k, &[])
+                } else {
+                    Lookup::row(k, &features[vpos])
+                }
             })
             .collect();
         let mut rows = self.timed_store("read", self.store.read(&lookups)).await?;
@@ -333,6 +343,18 @@ impl FeatureServer {
         }
 
         let now = self.clock.now_micros();
+        // Tile rows become feature rows: the window's tiles combined at `now`.
+        for (i, row) in rows.iter_mut().enumerate() {
+            let (vi, fs) = &sel.by_view[i % sel.by_view.len()];
+            let (Some(r), ViewSource::Aggregations { tile, aggregations }) =
+                (row.as_mut(), &reg.view(*vi).source)
+            else {
+                continue;
+            };
+            let (event_ts, values) = finish_row(aggregations, *tile, now, fs, &r.raw)?;
+            r.event_ts = event_ts;
+            r.values = values.into_iter().map(Some).collect();
+        }
         let mut columns: Vec<Column> = req
             .entities
             .iter()
@@ -421,6 +443,11 @@ impl FeatureServer {
     ) -> Result<WriteOutcome> {
         let reg = &*self.registry;
         let view = reg.view(reg.require_view(view_name)?);
+        if let ViewSource::Aggregations { .. } = view.source {
+            return Err(Error::invalid(format!(
+                "feature view {view_name:?} aggregates events; push events (PushEvents, POST /api/v1/events) instead of writing its features"
+            )));
+        }
         if rows.is_empty() {
             return Err(Error::invalid("no rows to write"));
         }

@@ -180,7 +180,7 @@ async fn feature_services_and_many_entities(server: &TestServer) {
     req.full_feature_names = true;
     let resp = client.get_online_features(req).await.unwrap().into_inner();
     let n = names(&resp);
-    assert_eq!(n.len(), 11);
+    assert_eq!(n.len(), 13);
     assert_eq!(n[1], "user_profile__age");
     let col = n
         .iter()

@@ -16,8 +16,11 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::get_slot;
 use redis::Script;
 
-use super::redis::{outcome, parse_rows, read_pipeline, redis_error, write_pipeline, write_script};
-use super::{with_deadline, Lookup, OnlineStore, StoredRow, WriteOutcome, WriteRow};
+use super::redis::{
+    outcome, parse_rows, read_pipeline, redis_error, tile_pipeline, tile_script, write_pipeline,
+    write_script,
+};
+use super::{with_deadline, Lookup, OnlineStore, StoredRow, TileWrite, WriteOutcome, WriteRow};
 use crate::error::{Error, Result};
 
 /// Online store on a Redis Cluster, see the module docs.
@@ -26,6 +29,7 @@ pub struct RedisClusterStore {
     conn: tokio::sync::Mutex<Option<ClusterConnection>>,
     timeout: Duration,
     write_script: Script,
+    tile_script: Script,
 }
 
 impl std::fmt::Debug for RedisClusterStore {
@@ -65,6 +69,7 @@ impl RedisClusterStore {
             conn: tokio::sync::Mutex::new(None),
             timeout,
             write_script: write_script(),
+            tile_script: tile_script(),
         })
     }
 
@@ -95,6 +100,34 @@ impl RedisClusterStore {
     }
 }
 
+impl RedisClusterStore {
+    /// Runs one pipeline of script calls per slot group, concurrently.
+    async fn run_scripts(
+        &self,
+        groups: &[Vec<usize>],
+        build: impl Fn(&[usize], bool) -> redis::Pipeline,
+    ) -> Result<WriteOutcome> {
+        let build = &build;
+        let calls = groups.iter().map(|idx| async move {
+            match self.run::<Vec<i64>>(build(idx, false)).await? {
+                Ok(r) => Ok(r),
+                // A node without the script cached (new or restarted): EVAL caches it.
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                    self.run(build(idx, true)).await?.map_err(redis_error)
+                }
+                Err(e) => Err(redis_error(e)),
+            }
+        });
+        let parts = with_deadline(
+            "redis cluster",
+            self.timeout,
+            futures::future::try_join_all(calls),
+        )
+        .await?;
+        Ok(outcome(&parts.concat()))
+    }
+}
+
 #[async_trait]
 impl OnlineStore for RedisClusterStore {
     fn backend(&self) -> &'static str {
@@ -106,9 +139,8 @@ impl OnlineStore for RedisClusterStore {
         let calls = groups.iter().map(|idx| {
             let pipe = read_pipeline(idx.iter().map(|&i| &lookups[i]));
             async move {
-                let replies: Vec<Vec<Option<Vec<u8>>>> =
-                    self.run(pipe).await?.map_err(redis_error)?;
-                parse_rows(replies, idx.len())
+                let replies: Vec<redis::Value> = self.run(pipe).await?.map_err(redis_error)?;
+                parse_rows(replies, idx.iter().map(|&i| &lookups[i]))
             }
         });
         let parts = with_deadline(
@@ -128,28 +160,18 @@ impl OnlineStore for RedisClusterStore {
 
     async fn write(&self, rows: &[WriteRow]) -> Result<WriteOutcome> {
         let groups = by_slot(rows.iter().map(|r| r.key.as_str()));
-        let calls = groups.iter().map(|idx| async move {
-            let group = || idx.iter().map(|&i| &rows[i]);
-            match self
-                .run::<Vec<i64>>(write_pipeline(group(), &self.write_script, false))
-                .await?
-            {
-                Ok(r) => Ok(r),
-                // A node without the script cached (new or restarted): EVAL caches it.
-                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => self
-                    .run(write_pipeline(group(), &self.write_script, true))
-                    .await?
-                    .map_err(redis_error),
-                Err(e) => Err(redis_error(e)),
-            }
-        });
-        let parts = with_deadline(
-            "redis cluster",
-            self.timeout,
-            futures::future::try_join_all(calls),
-        )
-        .await?;
-        Ok(outcome(&parts.concat()))
+        self.run_scripts(&groups, |idx, eval| {
+            write_pipeline(idx.iter().map(|&i| &rows[i]), &self.write_script, eval)
+        })
+        .await
+    }
+
+    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<WriteOutcome> {
+        let groups = by_slot(writes.iter().map(|w| w.key.as_str()));
+        self.run_scripts(&groups, |idx, eval| {
+            tile_pipeline(idx.iter().map(|&i| &writes[i]), &self.tile_script, eval)
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<()> {

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::{Lookup, OnlineStore, StoredRow, WriteOutcome, WriteRow};
-use crate::codec::{decode_row, encode_row, RowBlob};
+use super::{Lookup, OnlineStore, StoredRow, TileWrite, WriteOutcome, WriteRow};
+use crate::aggregate::{event_time_field, offset_field};
+use crate::codec::{decode_row, decode_tiles, encode_row, encode_tiles, RowBlob, TileBlob};
 use crate::error::{Error, Result};
 use crate::time::Clock;
 
 const ROWS: TableDefinition<&str, &[u8]> = TableDefinition::new("rows_v1");
+const TILES: TableDefinition<&str, &[u8]> = TableDefinition::new("tiles_v1");
 
 /// Online store in a local file, see the module docs of [`crate::store`].
 pub struct EmbeddedStore {
@@ -46,6 +48,7 @@ impl EmbeddedStore {
         })?;
         let tx = db.begin_write().map_err(db_error)?;
         tx.open_table(ROWS).map_err(db_error)?;
+        tx.open_table(TILES).map_err(db_error)?;
         tx.commit().map_err(db_error)?;
         Ok(EmbeddedStore {
             db: Arc::new(db),
@@ -68,7 +71,15 @@ impl EmbeddedStore {
                         !decode_row(blob).is_ok_and(|r| r.expire_at.is_some_and(|e| e <= now))
                     })
                     .map_err(db_error)?;
-                before - table.len().map_err(db_error)?
+                let mut tiles = tx.open_table(TILES).map_err(db_error)?;
+                let tiles_before = tiles.len().map_err(db_error)?;
+                tiles
+                    .retain(|_, blob| {
+                        !decode_tiles(blob).is_ok_and(|t| t.expire_at > 0 && t.expire_at <= now)
+                    })
+                    .map_err(db_error)?;
+                before - table.len().map_err(db_error)? + tiles_before
+                    - tiles.len().map_err(db_error)?
             };
             tx.commit().map_err(db_error)?;
             Ok(removed)
@@ -90,9 +101,31 @@ impl OnlineStore for EmbeddedStore {
         let now = self.clock.now_micros();
         let tx = self.db.begin_read().map_err(db_error)?;
         let table = tx.open_table(ROWS).map_err(db_error)?;
+        let tiles = tx.open_table(TILES).map_err(db_error)?;
         lookups
             .iter()
             .map(|l| {
+                if l.raw {
+                    let Some(guard) = tiles.get(l.key).map_err(db_error)? else {
+                        return Ok(None);
+                    };
+                    let t = decode_tiles(guard.value())?;
+                    if t.expire_at > 0 && t.expire_at <= now {
+                        return Ok(None);
+                    }
+                    let raw: Vec<(String, Vec<u8>)> = if l.features.is_empty() {
+                        t.fields
+                    } else {
+                        t.fields
+                            .into_iter()
+                            .filter(|(n, _)| l.features.contains(&n.as_str()))
+                            .collect()
+                    };
+                    return Ok((!raw.is_empty()).then(|| StoredRow {
+                        raw,
+                        ..StoredRow::default()
+                    }));
+                }
                 let Some(guard) = table.get(l.key).map_err(db_error)? else {
                     return Ok(None);
                 };
@@ -113,6 +146,7 @@ impl OnlineStore for EmbeddedStore {
                 Ok(Some(StoredRow {
                     event_ts: row.event_ts,
                     values,
+                    raw: Vec::new(),
                 }))
             })
             .collect()
@@ -156,7 +190,82 @@ impl OnlineStore for EmbeddedStore {
         .map_err(|e| Error::internal(format!("write task failed: {e}")))?
     }
 
+    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<WriteOutcome> {
+        if writes.is_empty() {
+            return Ok(WriteOutcome::default());
+        }
+        let db = self.db.clone();
+        let now = self.clock.now_micros();
+        let writes = writes.to_vec();
+        tokio::task::spawn_blocking(move || -> Result<WriteOutcome> {
+            let tx = db.begin_write().map_err(db_error)?;
+            let mut out = WriteOutcome::default();
+            {
+                let mut table = tx.open_table(TILES).map_err(db_error)?;
+                for w in writes {
+                    let mut t = match table.get(w.key.as_str()).map_err(db_error)? {
+                        Some(g) => decode_tiles(g.value())?,
+                        None => TileBlob::default(),
+                    };
+                    if t.expire_at > 0 && t.expire_at <= now {
+                        t = TileBlob::default();
+                    }
+                    if apply_tile_write(&mut t, w.clone()) {
+                        table
+                            .insert(w.key.as_str(), encode_tiles(&t).as_slice())
+                            .map_err(db_error)?;
+                        out.written += 1;
+                    } else {
+                        out.stale += 1;
+                    }
+                }
+            }
+            tx.commit().map_err(db_error)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("write task failed: {e}")))?
+    }
+
     async fn ping(&self) -> Result<()> {
         self.db.begin_read().map(drop).map_err(db_error)
     }
+}
+
+/// The tile-write contract of [`OnlineStore::write_tiles`] on an in-memory
+/// row; returns whether the write applied.
+fn apply_tile_write(t: &mut TileBlob, w: TileWrite) -> bool {
+    let parse = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+    };
+    let of = offset_field(&w.source);
+    let tf = event_time_field(&w.source);
+    let get = |t: &TileBlob, name: &str| {
+        t.fields
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .ok()
+            .and_then(|i| parse(&t.fields[i].1))
+    };
+    if get(t, &of).is_some_and(|o| o >= w.offset) {
+        return false;
+    }
+    let set = |t: &mut TileBlob, name: String, v: Vec<u8>| match t
+        .fields
+        .binary_search_by(|(n, _)| n.as_str().cmp(&name))
+    {
+        Ok(i) => t.fields[i].1 = v,
+        Err(i) => t.fields.insert(i, (name, v)),
+    };
+    t.fields.retain(|(n, _)| !w.delete.contains(n));
+    if get(t, &tf).is_none_or(|ts| ts < w.event_ts) {
+        set(t, tf, w.event_ts.to_string().into_bytes());
+    }
+    set(t, of, w.offset.to_string().into_bytes());
+    for (n, v) in w.fields {
+        set(t, n, v);
+    }
+    t.expire_at = t.expire_at.max(w.expire_at);
+    true
 }

@@ -15,7 +15,12 @@
 //!   than the stored row's (ties overwrite, so replays are idempotent);
 //! - a row written with an expiry is gone (reads as missing) after it;
 //! - a read returns, per lookup, the row's event time and the requested
-//!   features in request order (`None` where the row lacks the feature).
+//!   features in request order (`None` where the row lacks the feature);
+//! - tile rows (windowed aggregations) are maps of raw fields; a
+//!   [`TileWrite`] is applied only if its source offset is newer than the
+//!   one the row recorded for that source, so a replayed Kafka batch is
+//!   never counted twice. Reads of feature rows and tile rows mix in one
+//!   call (one round trip).
 
 use std::time::Duration;
 
@@ -38,17 +43,63 @@ pub use self::redis::{redact as redis_url_redacted, RedisConfig, RedisStore};
 pub struct Lookup<'a> {
     /// Full row key.
     pub key: &'a str,
-    /// Feature names to return, in order.
+    /// Feature names to return, in order. For raw lookups: the fields to
+    /// return, or every field when empty.
     pub features: &'a [&'a str],
+    /// A raw lookup of a tile row (see [`TileWrite`]) instead of a feature row.
+    pub raw: bool,
+}
+
+impl<'a> Lookup<'a> {
+    /// A feature-row lookup.
+    pub fn row(key: &'a str, features: &'a [&'a str]) -> Self {
+        Lookup {
+            key,
+            features,
+            raw: false,
+        }
+    }
+
+    /// A tile-row lookup: `fields`, or all fields when empty.
+    pub fn tiles(key: &'a str, fields: &'a [&'a str]) -> Self {
+        Lookup {
+            key,
+            features: fields,
+            raw: true,
+        }
+    }
 }
 
 /// A stored row as read back.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct StoredRow {
-    /// Event time of the row.
+    /// Event time of the row (0 for tile rows).
     pub event_ts: Micros,
     /// One entry per requested feature: `None` if the row lacks it.
     pub values: Vec<Option<Value>>,
+    /// Tile rows: the present fields and their raw bytes.
+    pub raw: Vec<(String, Vec<u8>)>,
+}
+
+/// One source's update of a tile row (aggregation partial states, see
+/// [`crate::aggregate`]), applied at most once: it is skipped when the row
+/// already holds an offset of `source` at or past `offset`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TileWrite {
+    /// Full row key.
+    pub key: String,
+    /// The writer's source (Kafka topic and partition).
+    pub source: String,
+    /// The newest source offset the update includes.
+    pub offset: i64,
+    /// Newest event time in the update; the row keeps the maximum.
+    pub event_ts: Micros,
+    /// Fields to set (whole partial states).
+    pub fields: Vec<(String, Vec<u8>)>,
+    /// Fields to delete (tiles that left every window).
+    pub delete: Vec<String>,
+    /// Expiry instant (epoch micros); the row keeps the latest one.
+    pub expire_at: Micros,
 }
 
 /// One row to write: all features of the view for one entity.
@@ -85,6 +136,10 @@ pub trait OnlineStore: Send + Sync + 'static {
 
     /// Writes rows, event-time last-write-wins, atomically per row.
     async fn write(&self, rows: &[WriteRow]) -> Result<WriteOutcome>;
+
+    /// Applies tile updates, atomically and at most once per row and
+    /// source offset (`stale` counts the skipped ones).
+    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<WriteOutcome>;
 
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<()>;

@@ -8,7 +8,8 @@ use deadpool::Runtime;
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Script};
 
-use super::{with_deadline, Lookup, OnlineStore, StoredRow, WriteOutcome, WriteRow};
+use super::{with_deadline, Lookup, OnlineStore, StoredRow, TileWrite, WriteOutcome, WriteRow};
+use crate::aggregate::{event_time_field, offset_field};
 use crate::codec::{decode_value, encode_value};
 use crate::error::{Error, Result};
 
@@ -33,45 +34,158 @@ if exp > 0 then redis.call('PEXPIREAT', KEYS[1], exp) end
 return 1
 "#;
 
-/// One `HMGET key _ts f1 f2 ...` per lookup (the read protocol, shared
-/// with the cluster store).
+/// Applies one [`TileWrite`] at most once, atomically.
+/// KEYS[1]: row key. ARGV[1]: offset field, ARGV[2]: offset, ARGV[3]: event
+/// time field, ARGV[4]: event time, ARGV[5]: expire-at (epoch ms), ARGV[6]:
+/// number of fields to delete, then those fields, then field, value pairs.
+/// Returns 1 when applied, 0 when the row already has this offset.
+const TILE_SCRIPT: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 0 end
+local nd = tonumber(ARGV[6])
+for i = 7, 6 + nd do redis.call('HDEL', KEYS[1], ARGV[i]) end
+local args = {ARGV[1], ARGV[2]}
+local t = redis.call('HGET', KEYS[1], ARGV[3])
+if (not t) or tonumber(t) < tonumber(ARGV[4]) then
+  args[#args + 1] = ARGV[3]
+  args[#args + 1] = ARGV[4]
+end
+for i = 7 + nd, #ARGV do args[#args + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(args))
+local exp = tonumber(ARGV[5])
+if redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIREAT', KEYS[1], exp)
+else
+  redis.call('PEXPIREAT', KEYS[1], exp, 'GT')
+end
+return 1
+"#;
+
+/// One command per lookup (the read protocol, shared with the cluster
+/// store): `HMGET key _ts f1 f2 ...` for feature rows, `HGETALL key` or
+/// `HMGET key f1 ...` for tile rows.
 pub(super) fn read_pipeline<'a>(
     lookups: impl IntoIterator<Item = &'a Lookup<'a>>,
 ) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for l in lookups {
-        pipe.cmd("HMGET").arg(l.key).arg(TS_FIELD).arg(l.features);
+        if !l.raw {
+            pipe.cmd("HMGET").arg(l.key).arg(TS_FIELD).arg(l.features);
+        } else if l.features.is_empty() {
+            pipe.cmd("HGETALL").arg(l.key);
+        } else {
+            pipe.cmd("HMGET").arg(l.key).arg(l.features);
+        }
     }
     pipe
 }
 
-/// Decodes the replies of [`read_pipeline`].
-pub(super) fn parse_rows(
-    replies: Vec<Vec<Option<Vec<u8>>>>,
-    expected: usize,
+fn bytes_of(v: redis::Value) -> Result<Option<Vec<u8>>> {
+    match v {
+        redis::Value::Nil => Ok(None),
+        redis::Value::BulkString(b) => Ok(Some(b)),
+        redis::Value::SimpleString(s) => Ok(Some(s.into_bytes())),
+        _ => Err(Error::internal("redis returned an unexpected reply type")),
+    }
+}
+
+fn parse_row(reply: redis::Value, l: &Lookup<'_>) -> Result<Option<StoredRow>> {
+    let items = match reply {
+        redis::Value::Array(items) => items,
+        redis::Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        redis::Value::Nil => return Ok(None),
+        _ => return Err(Error::internal("redis returned an unexpected reply type")),
+    };
+    if l.raw {
+        let mut raw = Vec::new();
+        if l.features.is_empty() {
+            let mut it = items.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                let (Some(k), Some(v)) = (bytes_of(k)?, bytes_of(v)?) else {
+                    continue;
+                };
+                raw.push((String::from_utf8_lossy(&k).into_owned(), v));
+            }
+        } else {
+            for (name, v) in l.features.iter().zip(items) {
+                if let Some(v) = bytes_of(v)? {
+                    raw.push(((*name).to_owned(), v));
+                }
+            }
+        }
+        return Ok((!raw.is_empty()).then(|| StoredRow {
+            raw,
+            ..StoredRow::default()
+        }));
+    }
+    let mut it = items.into_iter();
+    let Some(Some(ts)) = it.next().map(bytes_of).transpose()? else {
+        return Ok(None);
+    };
+    let event_ts = std::str::from_utf8(&ts)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::internal("corrupt stored value: bad _ts field"))?;
+    let values = it
+        .map(|raw| bytes_of(raw)?.map(|b| decode_value(&b)).transpose())
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(StoredRow {
+        event_ts,
+        values,
+        raw: Vec::new(),
+    }))
+}
+
+/// Decodes the replies of [`read_pipeline`] for `lookups`.
+pub(super) fn parse_rows<'a>(
+    replies: Vec<redis::Value>,
+    lookups: impl ExactSizeIterator<Item = &'a Lookup<'a>>,
 ) -> Result<Vec<Option<StoredRow>>> {
-    if replies.len() != expected {
+    if replies.len() != lookups.len() {
         return Err(Error::internal(
             "redis pipeline returned a wrong number of replies",
         ));
     }
     replies
         .into_iter()
-        .map(|fields| {
-            let mut it = fields.into_iter();
-            let Some(Some(ts)) = it.next() else {
-                return Ok(None);
-            };
-            let event_ts = std::str::from_utf8(&ts)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| Error::internal("corrupt stored value: bad _ts field"))?;
-            let values = it
-                .map(|raw| raw.map(|b| decode_value(&b)).transpose())
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Some(StoredRow { event_ts, values }))
-        })
+        .zip(lookups)
+        .map(|(r, l)| parse_row(r, l))
         .collect()
+}
+
+/// One run of [`TILE_SCRIPT`] per write (EVALSHA, or EVAL with the source).
+pub(super) fn tile_pipeline<'a>(
+    writes: impl IntoIterator<Item = &'a TileWrite>,
+    script: &Script,
+    eval_source: bool,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for w in writes {
+        let cmd = pipe.cmd(if eval_source { "EVAL" } else { "EVALSHA" });
+        cmd.arg(if eval_source {
+            TILE_SCRIPT
+        } else {
+            script.get_hash()
+        })
+        .arg(1)
+        .arg(&w.key)
+        .arg(offset_field(&w.source))
+        .arg(w.offset)
+        .arg(event_time_field(&w.source))
+        .arg(w.event_ts)
+        .arg(w.expire_at.div_euclid(1000).max(1))
+        .arg(w.delete.len())
+        .arg(&w.delete);
+        for (name, v) in &w.fields {
+            cmd.arg(name).arg(v.as_slice());
+        }
+    }
+    pipe
+}
+
+/// The script of [`tile_pipeline`].
+pub(super) fn tile_script() -> Script {
+    Script::new(TILE_SCRIPT)
 }
 
 /// One run of [`WRITE_SCRIPT`] per row: `EVALSHA` normally, `EVAL` with the
@@ -172,6 +286,7 @@ pub struct RedisStore {
     pool: Pool<Manager>,
     timeout: Duration,
     write_script: Script,
+    tile_script: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -209,6 +324,7 @@ impl RedisStore {
             pool,
             timeout: cfg.timeout,
             write_script: write_script(),
+            tile_script: tile_script(),
         })
     }
 
@@ -235,6 +351,25 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Runs a pipeline of script calls built by `build(eval_source)`.
+    async fn run_script(&self, build: impl Fn(bool) -> redis::Pipeline) -> Result<WriteOutcome> {
+        let results: Vec<i64> = with_deadline("redis", self.timeout, async {
+            match self.pipeline(&build(false)).await? {
+                Ok(r) => Ok(r),
+                // First use after a Redis restart: the script cache is empty.
+                // EVAL both runs and caches it; later calls use EVALSHA again.
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                    self.pipeline(&build(true)).await?.map_err(redis_error)
+                }
+                Err(e) => Err(redis_error(e)),
+            }
+        })
+        .await?;
+        Ok(outcome(&results))
+    }
+}
+
 /// The URL with any password replaced, for messages and logs.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -258,30 +393,23 @@ impl OnlineStore for RedisStore {
             self.pipeline(&pipe).await?.map_err(redis_error)
         })
         .await?;
-        parse_rows(replies, lookups.len())
+        parse_rows(replies, lookups.iter())
     }
 
     async fn write(&self, rows: &[WriteRow]) -> Result<WriteOutcome> {
         if rows.is_empty() {
             return Ok(WriteOutcome::default());
         }
-        let results: Vec<i64> = with_deadline("redis", self.timeout, async {
-            match self
-                .pipeline(&write_pipeline(rows, &self.write_script, false))
-                .await?
-            {
-                Ok(r) => Ok(r),
-                // First use after a Redis restart: the script cache is empty.
-                // EVAL both runs and caches it; later calls use EVALSHA again.
-                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => self
-                    .pipeline(&write_pipeline(rows, &self.write_script, true))
-                    .await?
-                    .map_err(redis_error),
-                Err(e) => Err(redis_error(e)),
-            }
-        })
-        .await?;
-        Ok(outcome(&results))
+        self.run_script(|eval| write_pipeline(rows, &self.write_script, eval))
+            .await
+    }
+
+    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<WriteOutcome> {
+        if writes.is_empty() {
+            return Ok(WriteOutcome::default());
+        }
+        self.run_script(|eval| tile_pipeline(writes, &self.tile_script, eval))
+            .await
     }
 
     async fn ping(&self) -> Result<()> {
