@@ -6,6 +6,7 @@
 //! against the registry; the wire forms are protobuf (`quiver.v1.Event`) and
 //! JSON ([`Event::to_json`] / [`Event::from_json`]), both accepted on Kafka.
 
+use async_trait::async_trait;
 use serde_json::{Map, Number, Value as Json};
 
 use crate::codec::entity_key;
@@ -13,6 +14,16 @@ use crate::error::{Error, Result};
 use crate::registry::{EventType, Registry};
 use crate::time::{format_rfc3339, parse_rfc3339, Micros};
 use crate::value::{Value, ValueType};
+
+/// Where pushed events go: the event log that `quiver ingest` consumes
+/// (Kafka, or the embedded mode's in-process broker).
+#[async_trait]
+pub trait EventSink: Send + Sync + 'static {
+    /// Appends validated events durably (acknowledged by the log) and
+    /// returns one result per event, in order. An `Err` of the whole call
+    /// means nothing can be appended (log unreachable).
+    async fn publish(&self, events: &[Event]) -> Result<Vec<Result<()>>>;
+}
 
 /// Longest accepted event id, in bytes.
 pub const MAX_EVENT_ID_LEN: usize = 256;

@@ -11,6 +11,7 @@
 //! - [`store`]: the [`OnlineStore`] trait with its Redis and embedded
 //!   implementations.
 //! - [`time`]: epoch-microsecond time and the injectable [`Clock`].
+//! - [`wire`]: conversions to and from the `quiver.v1` protobuf types.
 //! - [`error`]: the crate error, with a transport-independent [`ErrorKind`].
 
 pub mod aggregate;
@@ -21,6 +22,7 @@ pub mod registry;
 pub mod store;
 pub mod time;
 pub mod value;
+pub mod wire;
 
 pub use error::{Error, ErrorKind, Result};
 pub use registry::Registry;

@@ -1,74 +1,11 @@
 //! Conversions between `quiver.v1` wire types and domain types.
 
-use pb::value::Kind;
 use quiver_core::registry::Registry;
-use quiver_core::time::Micros;
-use quiver_core::{Error, Result, Value, ValueType};
-use quiver_proto::prost_types::Timestamp;
+pub use quiver_core::wire::{micros_to_ts, ts_to_micros, value_from_pb, value_to_pb};
+use quiver_core::{Error, Result, ValueType};
 use quiver_proto::v1 as pb;
 
 use crate::service::{FeatureRowIn, FeatureSelector, FieldStatus, OnlineRequest, OnlineResponse};
-
-/// Epoch microseconds of a protobuf timestamp; rejects out-of-range nanos.
-pub fn ts_to_micros(t: &Timestamp) -> Result<Micros> {
-    if !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(Error::invalid(format!(
-            "timestamp nanos {} out of range 0..1e9",
-            t.nanos
-        )));
-    }
-    t.seconds
-        .checked_mul(1_000_000)
-        .and_then(|s| s.checked_add(i64::from(t.nanos / 1000)))
-        .ok_or_else(|| Error::invalid(format!("timestamp seconds {} out of range", t.seconds)))
-}
-
-/// A protobuf timestamp of epoch microseconds.
-pub fn micros_to_ts(m: Micros) -> Timestamp {
-    Timestamp {
-        seconds: m.div_euclid(1_000_000),
-        nanos: (m.rem_euclid(1_000_000) * 1000) as i32,
-    }
-}
-
-/// Domain value of a wire value.
-pub fn value_from_pb(v: pb::Value) -> Result<Value> {
-    Ok(match v.kind {
-        None | Some(Kind::NullVal(_)) => Value::Null,
-        Some(Kind::Int64Val(n)) => Value::Int64(n),
-        Some(Kind::DoubleVal(d)) => Value::Double(d),
-        Some(Kind::StringVal(s)) => Value::String(s),
-        Some(Kind::BoolVal(b)) => Value::Bool(b),
-        Some(Kind::BytesVal(b)) => Value::Bytes(b),
-        Some(Kind::TimestampVal(t)) => Value::Timestamp(ts_to_micros(&t)?),
-        Some(Kind::Int64ListVal(l)) => Value::Int64List(l.val),
-        Some(Kind::DoubleListVal(l)) => Value::DoubleList(l.val),
-        Some(Kind::StringListVal(l)) => Value::StringList(l.val),
-        Some(Kind::BoolListVal(l)) => Value::BoolList(l.val),
-        Some(Kind::BytesListVal(l)) => Value::BytesList(l.val),
-        Some(Kind::FloatListVal(l)) => Value::FloatList(l.val),
-    })
-}
-
-/// Wire value of a domain value.
-pub fn value_to_pb(v: Value) -> pb::Value {
-    let kind = match v {
-        Value::Null => None,
-        Value::Int64(n) => Some(Kind::Int64Val(n)),
-        Value::Double(d) => Some(Kind::DoubleVal(d)),
-        Value::String(s) => Some(Kind::StringVal(s)),
-        Value::Bool(b) => Some(Kind::BoolVal(b)),
-        Value::Bytes(b) => Some(Kind::BytesVal(b)),
-        Value::Timestamp(t) => Some(Kind::TimestampVal(micros_to_ts(t))),
-        Value::Int64List(val) => Some(Kind::Int64ListVal(pb::Int64List { val })),
-        Value::DoubleList(val) => Some(Kind::DoubleListVal(pb::DoubleList { val })),
-        Value::StringList(val) => Some(Kind::StringListVal(pb::StringList { val })),
-        Value::BoolList(val) => Some(Kind::BoolListVal(pb::BoolList { val })),
-        Value::BytesList(val) => Some(Kind::BytesListVal(pb::BytesList { val })),
-        Value::FloatList(val) => Some(Kind::FloatListVal(pb::FloatList { val })),
-    };
-    pb::Value { kind }
-}
 
 /// Domain request of a `GetOnlineFeaturesRequest`.
 pub fn online_request_from_pb(req: pb::GetOnlineFeaturesRequest) -> Result<OnlineRequest> {

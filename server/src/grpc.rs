@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use quiver_core::wire::event_from_pb;
 use quiver_core::Result;
 use quiver_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -84,6 +85,34 @@ impl quiver_proto::FeatureService for GrpcService {
             Ok(pb::WriteFeaturesResponse {
                 written: out.written,
                 stale: out.stale,
+            })
+        })
+        .await
+    }
+
+    async fn push_events(
+        &self,
+        request: Request<pb::PushEventsRequest>,
+    ) -> Result<Response<pb::PushEventsResponse>, Status> {
+        self.observe("PushEvents", async {
+            let events = request
+                .into_inner()
+                .events
+                .into_iter()
+                .map(|e| (e.event_id.clone(), event_from_pb(e)))
+                .collect();
+            let out = self.inner.push_events(events).await?;
+            Ok(pb::PushEventsResponse {
+                accepted: out.accepted,
+                rejected: out
+                    .rejected
+                    .into_iter()
+                    .map(|(index, event_id, reason)| pb::RejectedEvent {
+                        index: index as u32,
+                        event_id,
+                        reason,
+                    })
+                    .collect(),
             })
         })
         .await

@@ -4,6 +4,7 @@
 //! - `quiver_request_duration_seconds{protocol, method}`: latency.
 //! - `quiver_online_store_duration_seconds{backend, op}`: online-store calls.
 //! - `quiver_online_store_errors_total{backend, op}`: failed store calls.
+//! - `quiver_events_total{outcome}`: pushed events, `accepted` or `rejected`.
 //! - `quiver_ready`: 1 when the online store answered the last health check.
 //!
 //! `method` is the RPC name for gRPC and the route template for REST
@@ -29,6 +30,7 @@ pub struct Metrics {
     latency: HistogramVec,
     store_latency: HistogramVec,
     store_errors: IntCounterVec,
+    events: IntCounterVec,
     ready: IntGauge,
 }
 
@@ -76,6 +78,11 @@ impl Metrics {
             &["backend", "op"],
         )
         .expect("valid metric");
+        let events = IntCounterVec::new(
+            Opts::new("quiver_events_total", "Pushed events by outcome"),
+            &["outcome"],
+        )
+        .expect("valid metric");
         let ready = IntGauge::new(
             "quiver_ready",
             "1 when the online store answered the last health check",
@@ -86,6 +93,7 @@ impl Metrics {
             Box::new(latency.clone()),
             Box::new(store_latency.clone()),
             Box::new(store_errors.clone()),
+            Box::new(events.clone()),
             Box::new(ready.clone()),
         ] {
             registry.register(m).expect("metric registered once");
@@ -96,6 +104,7 @@ impl Metrics {
             latency,
             store_latency,
             store_errors,
+            events,
             ready,
         }
     }
@@ -118,6 +127,16 @@ impl Metrics {
         if !ok {
             self.store_errors.with_label_values(&[backend, op]).inc();
         }
+    }
+
+    /// Records the outcome of one `PushEvents` call.
+    pub fn observe_events(&self, accepted: u64, rejected: u64) {
+        self.events
+            .with_label_values(&["accepted"])
+            .inc_by(accepted);
+        self.events
+            .with_label_values(&["rejected"])
+            .inc_by(rejected);
     }
 
     /// Sets the readiness gauge.

@@ -16,6 +16,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
+use quiver_core::event::Event;
 use quiver_core::time::{format_rfc3339, parse_rfc3339};
 use quiver_core::{Error, ErrorKind, Value, ValueType};
 use serde::Deserialize;
@@ -75,6 +76,7 @@ pub fn router(service: Arc<FeatureServer>) -> Router {
         .route("/api/v1/features/:entity/:id", get(get_entity_features))
         .route("/api/v1/features/online", post(post_online_features))
         .route("/api/v1/features/write", post(post_write_features))
+        .route("/api/v1/events", post(post_events))
         .route("/api/v1/registry", get(get_registry))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
@@ -306,6 +308,42 @@ async fn post_write_features(
     }
     let out = svc.write_features(&body.feature_view, rows).await?;
     Ok(Json(json!({"written": out.written, "stale": out.stale})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsBody {
+    events: Vec<Json_>,
+}
+
+/// `POST /api/v1/events`: `{"events": [<event JSON>, ...]}`, each event in
+/// the JSON form of `quiver_core::event::Event::to_json`. Answers 200 with
+/// accepted/rejected counts even when some events are rejected.
+async fn post_events(
+    State(svc): State<Arc<FeatureServer>>,
+    body: Result<Json<EventsBody>, JsonRejection>,
+) -> ApiResult {
+    let Json(body) = body.map_err(json_rejection)?;
+    let reg = svc.registry();
+    let events = body
+        .events
+        .iter()
+        .map(|j| {
+            let id = j
+                .get("event_id")
+                .and_then(Json_::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            (id, Event::from_json(reg, j))
+        })
+        .collect();
+    let out = svc.push_events(events).await?;
+    let rejected: Vec<Json_> = out
+        .rejected
+        .into_iter()
+        .map(|(index, event_id, reason)| json!({"index": index, "event_id": event_id, "reason": reason}))
+        .collect();
+    Ok(Json(json!({"accepted": out.accepted, "rejected": rejected})).into_response())
 }
 
 async fn get_registry(State(svc): State<Arc<FeatureServer>>) -> Json<Json_> {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use quiver_core::aggregate::finish_row;
 use quiver_core::codec::{entity_key, row_key};
+use quiver_core::event::{normalize, validate, Event, EventSink};
 use quiver_core::registry::{FeatureRef, Selection, ViewSource};
 use quiver_core::store::{Lookup, StoredRow, WriteOutcome, WriteRow};
 use quiver_core::time::{duration_micros, Micros};
@@ -125,6 +126,16 @@ pub struct FeatureServer {
     limits: Limits,
     expiry_grace: Duration,
     metrics: Arc<Metrics>,
+    events: Option<Arc<dyn EventSink>>,
+}
+
+/// What became of pushed events.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PushOutcome {
+    /// Events appended to the event log.
+    pub accepted: u64,
+    /// Position, event id and reason of each rejected event.
+    pub rejected: Vec<(usize, String, String)>,
 }
 
 impl std::fmt::Debug for FeatureServer {
@@ -154,7 +165,62 @@ impl FeatureServer {
             limits,
             expiry_grace,
             metrics,
+            events: None,
         }
+    }
+
+    /// Sets the event log that `PushEvents` appends to; without one,
+    /// `PushEvents` answers UNAVAILABLE.
+    pub fn with_event_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.events = Some(sink);
+        self
+    }
+
+    /// Validates events and appends the valid ones to the event log. Each
+    /// input is an event or the reason it could not be parsed.
+    pub async fn push_events(&self, events: Vec<(String, Result<Event>)>) -> Result<PushOutcome> {
+        let sink = self.events.as_ref().ok_or_else(|| {
+            Error::unavailable(
+                "this server has no event log: start it with `--kafka-brokers` (or run `quiver demo`) to accept events",
+            )
+        })?;
+        if events.is_empty() {
+            return Err(Error::invalid("no events to push"));
+        }
+        if events.len() > self.limits.max_write_rows {
+            return Err(too_many("events", events.len(), self.limits.max_write_rows));
+        }
+        let mut out = PushOutcome::default();
+        let mut valid = Vec::with_capacity(events.len());
+        let mut positions = Vec::with_capacity(events.len());
+        for (i, (id, ev)) in events.into_iter().enumerate() {
+            match ev.and_then(|mut e| {
+                validate(&self.registry, &e)?;
+                normalize(&self.registry, &mut e);
+                Ok(e)
+            }) {
+                Ok(e) => {
+                    valid.push(e);
+                    positions.push(i);
+                }
+                Err(e) => out.rejected.push((i, id, e.message().to_owned())),
+            }
+        }
+        if !valid.is_empty() {
+            let results = sink.publish(&valid).await?;
+            for ((pos, ev), r) in positions.into_iter().zip(&valid).zip(results) {
+                match r {
+                    Ok(()) => out.accepted += 1,
+                    Err(e) => out
+                        .rejected
+                        .push((pos, ev.event_id.clone(), e.message().to_owned())),
+                }
+            }
+        }
+        out.rejected.sort_by_key(|r| r.0);
+        self.metrics
+            .observe_events(out.accepted, out.rejected.len() as u64);
+        Ok(out)
     }
 
     /// The loaded registry.

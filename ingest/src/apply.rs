@@ -1,0 +1,407 @@
+//! Applies a batch of events to the online store: latest-value views
+//! (event-time last-write-wins rows) and windowed aggregations (tile
+//! states, at most once per source offset).
+//!
+//! # Exactly-once aggregation
+//! Every tile row keeps, per source (Kafka topic and partition), the last
+//! offset applied to it. A batch reads those offsets together with the
+//! partial states it is about to change (one pipelined read), merges only the
+//! events past the stored offset, and writes states and the new offset in one
+//! atomic, conditional update (see `OnlineStore::write_tiles`). A batch
+//! replayed after a crash, or by another consumer after a rebalance, is
+//! therefore skipped per row, never counted twice; Kafka offsets only say
+//! where to resume.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::future::try_join_all;
+use quiver_core::aggregate::{event_time_field, offset_field, tile_field, tile_of, AggState};
+use quiver_core::codec::{entity_key, row_key};
+use quiver_core::event::Event;
+use quiver_core::registry::{EventField, ViewSource};
+use quiver_core::store::{Lookup, TileWrite, WriteRow};
+use quiver_core::time::{duration_micros, Micros};
+use quiver_core::{OnlineStore, Registry, Result, Value};
+
+/// Rows or tile writes per online-store call; calls of one batch run a few
+/// at a time so that a large batch keeps the store busy without one huge
+/// pipeline.
+const CHUNK: usize = 2_000;
+/// Store calls in flight per batch.
+const PARALLEL_CALLS: usize = 4;
+
+/// One consumed event and where it came from.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Source id: `topic:partition`.
+    pub source: Arc<str>,
+    /// Offset in the source.
+    pub offset: i64,
+    /// The decoded, validated event.
+    pub event: Event,
+}
+
+/// What one batch did to the online store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Latest-value rows written.
+    pub rows_written: u64,
+    /// Latest-value rows skipped because a newer row was stored.
+    pub rows_stale: u64,
+    /// Tile rows updated.
+    pub tiles_written: u64,
+    /// Tile rows skipped because they already held these offsets (replays).
+    pub tiles_replayed: u64,
+    /// Events older than every window of a view they aggregate into.
+    pub events_too_late: u64,
+}
+
+impl std::ops::AddAssign for ApplyStats {
+    fn add_assign(&mut self, o: ApplyStats) {
+        self.rows_written += o.rows_written;
+        self.rows_stale += o.rows_stale;
+        self.tiles_written += o.tiles_written;
+        self.tiles_replayed += o.tiles_replayed;
+        self.events_too_late += o.events_too_late;
+    }
+}
+
+/// The views an event type feeds.
+#[derive(Debug, Default, Clone)]
+struct Routes {
+    /// Latest-value views.
+    latest: Vec<usize>,
+    /// Aggregation views and, per view, the aggregations that count this type.
+    aggs: Vec<(usize, Vec<usize>)>,
+}
+
+/// Applies batches of records; cheap to share.
+pub struct Applier {
+    registry: Arc<Registry>,
+    store: Arc<dyn OnlineStore>,
+    expiry_grace: Micros,
+    routes: HashMap<String, Routes>,
+}
+
+impl std::fmt::Debug for Applier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Applier")
+            .field("backend", &self.store.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One tile row's pending update from one source.
+struct TileGroup<'a> {
+    key: String,
+    source: &'a str,
+    view: usize,
+    /// Records of this group, in offset order.
+    records: Vec<&'a Record>,
+}
+
+impl Applier {
+    /// Routes every event type of `registry` to the views it feeds.
+    /// `expiry_grace` extends latest-value rows' life past their TTL, as for
+    /// `WriteFeatures`.
+    pub fn new(
+        registry: Arc<Registry>,
+        store: Arc<dyn OnlineStore>,
+        expiry_grace: std::time::Duration,
+    ) -> Applier {
+        let mut routes: HashMap<String, Routes> = HashMap::new();
+        for (vi, v) in registry.views().iter().enumerate() {
+            match &v.source {
+                ViewSource::Batch => {}
+                ViewSource::Events { event_types, .. } => {
+                    for t in event_types {
+                        routes.entry(t.clone()).or_default().latest.push(vi);
+                    }
+                }
+                ViewSource::Aggregations { aggregations, .. } => {
+                    for (ai, a) in aggregations.iter().enumerate() {
+                        for t in &a.event_types {
+                            let r = routes.entry(t.clone()).or_default();
+                            match r.aggs.iter_mut().find(|(v, _)| *v == vi) {
+                                Some((_, list)) => list.push(ai),
+                                None => r.aggs.push((vi, vec![ai])),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Applier {
+            registry,
+            store,
+            expiry_grace: duration_micros(expiry_grace),
+            routes,
+        }
+    }
+
+    /// Applies records (several sources, each in offset order).
+    pub async fn apply(&self, records: &[Record]) -> Result<ApplyStats> {
+        let mut stats = self.apply_latest(records).await?;
+        stats += self.apply_tiles(records).await?;
+        Ok(stats)
+    }
+
+    fn view_key(&self, view: usize, ev: &Event) -> Result<String> {
+        let v = self.registry.view(view);
+        let pairs: Vec<(&str, &Value)> = v
+            .join_keys
+            .iter()
+            .map(|jk| (jk.as_str(), ev.entity(jk).unwrap_or(&Value::Null)))
+            .collect();
+        Ok(row_key(&entity_key(&pairs)?, &v.name))
+    }
+
+    async fn apply_latest(&self, records: &[Record]) -> Result<ApplyStats> {
+        // Newest row per key within the batch; the store orders across batches.
+        let mut rows: Vec<WriteRow> = Vec::new();
+        let mut by_key: HashMap<String, usize> = HashMap::new();
+        for r in records {
+            let Some(routes) = self.routes.get(&r.event.event_type) else {
+                continue;
+            };
+            for &vi in &routes.latest {
+                let view = self.registry.view(vi);
+                let ViewSource::Events { fields, .. } = &view.source else {
+                    continue;
+                };
+                let key = self.view_key(vi, &r.event)?;
+                let features = view
+                    .features
+                    .iter()
+                    .zip(fields)
+                    .map(|(f, src)| {
+                        let v = match src {
+                            EventField::EventTime => Value::Timestamp(r.event.event_time),
+                            EventField::Attribute(a) => {
+                                r.event.attribute(a).cloned().unwrap_or(Value::Null)
+                            }
+                        };
+                        (f.name.clone(), v)
+                    })
+                    .collect();
+                let row = WriteRow {
+                    key: key.clone(),
+                    event_ts: r.event.event_time,
+                    expire_at: view
+                        .ttl
+                        .map(|t| r.event.event_time + duration_micros(t) + self.expiry_grace),
+                    features,
+                };
+                match by_key.get(&key) {
+                    Some(&i) if rows[i].event_ts > row.event_ts => {}
+                    Some(&i) => rows[i] = row,
+                    None => {
+                        by_key.insert(key, rows.len());
+                        rows.push(row);
+                    }
+                }
+            }
+        }
+        let mut stats = ApplyStats::default();
+        for wave in rows.chunks(CHUNK * PARALLEL_CALLS) {
+            let outs = try_join_all(wave.chunks(CHUNK).map(|c| self.store.write(c))).await?;
+            for o in outs {
+                stats.rows_written += o.written;
+                stats.rows_stale += o.stale;
+            }
+        }
+        Ok(stats)
+    }
+
+    async fn apply_tiles(&self, records: &[Record]) -> Result<ApplyStats> {
+        let mut groups: Vec<TileGroup> = Vec::new();
+        let mut index: HashMap<(String, &str), usize> = HashMap::new();
+        for r in records {
+            let Some(routes) = self.routes.get(&r.event.event_type) else {
+                continue;
+            };
+            for (vi, _) in &routes.aggs {
+                let key = self.view_key(*vi, &r.event)?;
+                let gi = *index.entry((key.clone(), &*r.source)).or_insert_with(|| {
+                    groups.push(TileGroup {
+                        key,
+                        source: &r.source,
+                        view: *vi,
+                        records: Vec::new(),
+                    });
+                    groups.len() - 1
+                });
+                groups[gi].records.push(r);
+            }
+        }
+        let mut stats = ApplyStats::default();
+        for wave in groups.chunks(CHUNK * PARALLEL_CALLS) {
+            let outs = try_join_all(wave.chunks(CHUNK).map(|c| self.apply_tile_chunk(c))).await?;
+            for o in outs {
+                stats += o;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// The fields a group reads: its source's offset and event time, and
+    /// the partial states of every (aggregation, tile) its events touch.
+    fn touched_fields(&self, g: &TileGroup) -> Vec<String> {
+        let ViewSource::Aggregations { tile, aggregations } = &self.registry.view(g.view).source
+        else {
+            return Vec::new();
+        };
+        let mut fields = vec![offset_field(g.source), event_time_field(g.source)];
+        for r in &g.records {
+            for &ai in self.aggs_of(g.view, &r.event.event_type) {
+                let f = tile_field(
+                    &aggregations[ai].name,
+                    tile_of(r.event.event_time, *tile),
+                    g.source,
+                );
+                if !fields.contains(&f) {
+                    fields.push(f);
+                }
+            }
+        }
+        fields
+    }
+
+    fn aggs_of(&self, view: usize, event_type: &str) -> &[usize] {
+        self.routes
+            .get(event_type)
+            .and_then(|r| r.aggs.iter().find(|(v, _)| *v == view))
+            .map_or(&[], |(_, a)| a.as_slice())
+    }
+
+    async fn apply_tile_chunk(&self, groups: &[TileGroup<'_>]) -> Result<ApplyStats> {
+        let fields: Vec<Vec<String>> = groups.iter().map(|g| self.touched_fields(g)).collect();
+        let field_refs: Vec<Vec<&str>> = fields
+            .iter()
+            .map(|f| f.iter().map(String::as_str).collect())
+            .collect();
+        let lookups: Vec<Lookup> = groups
+            .iter()
+            .zip(&field_refs)
+            .map(|(g, f)| Lookup::tiles(&g.key, f))
+            .collect();
+        let stored = self.store.read(&lookups).await?;
+        let mut stats = ApplyStats::default();
+        let mut writes = Vec::with_capacity(groups.len());
+        for (g, row) in groups.iter().zip(stored) {
+            let raw = row.map(|r| r.raw).unwrap_or_default();
+            let w = self.merge_group(g, raw, &mut stats)?;
+            match w {
+                Some(w) => writes.push(w),
+                None => stats.tiles_replayed += 1,
+            }
+        }
+        let out = self.store.write_tiles(&writes).await?;
+        stats.tiles_written += out.written;
+        stats.tiles_replayed += out.stale;
+        Ok(stats)
+    }
+
+    /// Merges a group's new events into its stored states; `None` when the
+    /// row already holds every offset of the group.
+    fn merge_group(
+        &self,
+        g: &TileGroup,
+        raw: Vec<(String, Vec<u8>)>,
+        stats: &mut ApplyStats,
+    ) -> Result<Option<TileWrite>> {
+        let ViewSource::Aggregations { tile, aggregations } = &self.registry.view(g.view).source
+        else {
+            return Ok(None);
+        };
+        let tile = *tile;
+        let parse = |name: &str| {
+            raw.iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
+        };
+        let applied = parse(&offset_field(g.source)).unwrap_or(-1);
+        let prev_ts = parse(&event_time_field(g.source));
+        let fresh: Vec<&Record> = g
+            .records
+            .iter()
+            .copied()
+            .filter(|r| r.offset > applied)
+            .collect();
+        let Some(last) = fresh.last() else {
+            return Ok(None);
+        };
+        let max_ts = fresh
+            .iter()
+            .map(|r| r.event.event_time)
+            .chain(prev_ts)
+            .max()
+            .unwrap_or(last.event.event_time);
+        let max_tile = tile_of(max_ts, tile);
+        let retention = aggregations
+            .iter()
+            .map(|a| a.window / tile)
+            .max()
+            .unwrap_or(1);
+        let first_kept = max_tile - retention + 1;
+
+        let mut states: Vec<(String, AggState)> = Vec::new();
+        for r in &fresh {
+            let t = tile_of(r.event.event_time, tile);
+            if t < first_kept {
+                stats.events_too_late += 1;
+                continue;
+            }
+            for &ai in self.aggs_of(g.view, &r.event.event_type) {
+                let agg = &aggregations[ai];
+                let field = tile_field(&agg.name, t, g.source);
+                let pos = match states.iter().position(|(f, _)| *f == field) {
+                    Some(p) => p,
+                    None => {
+                        let state = match raw.iter().find(|(n, _)| *n == field) {
+                            Some((_, bytes)) => AggState::decode(bytes)?,
+                            None => AggState::new(agg.function),
+                        };
+                        states.push((field, state));
+                        states.len() - 1
+                    }
+                };
+                let value = agg
+                    .attribute
+                    .as_deref()
+                    .and_then(|a| r.event.attribute(a).or_else(|| r.event.entity(a)));
+                states[pos]
+                    .1
+                    .update(r.event.event_time, &r.event.event_id, value);
+            }
+        }
+
+        // Tiles that were kept before this update and have now left every
+        // window; older ones were deleted by earlier updates (or expired).
+        let mut delete = Vec::new();
+        if let Some(prev) = prev_ts {
+            let prev_first = tile_of(prev, tile) - retention + 1;
+            let lo = prev_first.max(first_kept - retention);
+            for t in lo..first_kept {
+                for a in aggregations {
+                    delete.push(tile_field(&a.name, t, g.source));
+                }
+            }
+        }
+        let new_ts = fresh
+            .iter()
+            .map(|r| r.event.event_time)
+            .max()
+            .unwrap_or(max_ts);
+        Ok(Some(TileWrite {
+            key: g.key.clone(),
+            source: g.source.to_owned(),
+            offset: last.offset,
+            event_ts: new_ts,
+            fields: states.into_iter().map(|(f, s)| (f, s.encode())).collect(),
+            delete,
+            expire_at: (max_tile + retention) * tile,
+        }))
+    }
+}

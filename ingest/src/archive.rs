@@ -1,0 +1,592 @@
+//! The raw-event archive: every ingested event as Parquet on object storage
+//! (local disk or S3), for the batch layer.
+//!
+//! # Layout
+//! `{root}/events/date=YYYY-MM-DD/{topic}-{partition}-{first offset}-{last offset}.parquet`,
+//! partitioned by the event's UTC date, one column per event field, join key
+//! and attribute of the registry (see [`archive_schema`]), plus `_source`
+//! (`topic:partition`) and `_offset`.
+//!
+//! # Exactly once, never a partial file
+//! Events are buffered per partition and written when the buffer reaches
+//! `roll_bytes` or `roll_interval`. A roll writes its files under
+//! `{root}/_quiver/staging/`, then records them in the partition's state
+//! object (`{root}/_quiver/archive/{topic}-{partition}.json`, replaced
+//! atomically), then renames them into place and marks the state done. A
+//! crash at any point is repaired by the next roll of that partition: a
+//! recorded roll is finished (roll forward), an unrecorded one is redone
+//! from Kafka. The state's `archived_through` offset is what the consumer
+//! may commit: an offset is committed only once its event is in a visible
+//! file (or in the dead-letter topic).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::builder::{
+    BinaryBuilder, BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, ListBuilder,
+    StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use quiver_core::event::Event;
+use quiver_core::time::Micros;
+use quiver_core::{Error, Registry, Result, Value, ValueType};
+use serde::{Deserialize, Serialize};
+
+use crate::apply::Record;
+
+/// Where and how the archive writes.
+#[derive(Debug, Clone)]
+pub struct ArchiveConfig {
+    /// Roll a partition's file at this many buffered bytes (estimated).
+    pub roll_bytes: usize,
+    /// Roll a partition's file when its oldest buffered event is this old.
+    pub roll_interval: Duration,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            roll_bytes: 64 * 1024 * 1024,
+            roll_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Opens an object store from a URL (`s3://bucket/prefix`, `file:///dir`)
+/// or a local directory path (created if missing). `options` are
+/// object_store's settings (`aws_endpoint`, `aws_access_key_id`, ...).
+pub fn open_store(
+    location: &str,
+    options: &[(String, String)],
+) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    let url = if location.contains("://") {
+        url::Url::parse(location)
+            .map_err(|e| Error::invalid(format!("invalid storage URL {location:?}: {e}")))?
+    } else {
+        std::fs::create_dir_all(location)
+            .map_err(|e| Error::invalid(format!("cannot create {location}: {e}")))?;
+        let abs = std::fs::canonicalize(location)
+            .map_err(|e| Error::invalid(format!("cannot resolve {location}: {e}")))?;
+        url::Url::from_directory_path(&abs)
+            .map_err(|()| Error::invalid(format!("not a usable directory: {}", abs.display())))?
+    };
+    let (store, root) =
+        object_store::parse_url_opts(&url, options.iter().map(|(k, v)| (k.as_str(), v.clone())))
+            .map_err(|e| Error::invalid(format!("cannot open storage {location:?}: {e}")))?;
+    Ok((Arc::from(store), root))
+}
+
+fn storage_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::unavailable(format!("raw-event archive: {what}: {e}"))
+}
+
+/// One column of the archive.
+#[derive(Debug, Clone)]
+struct Column {
+    name: String,
+    ty: ValueType,
+    source: ColumnSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ColumnSource {
+    JoinKey,
+    Attribute,
+}
+
+fn arrow_type(ty: ValueType) -> DataType {
+    let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, true)));
+    match ty {
+        ValueType::Int64 => DataType::Int64,
+        ValueType::Double => DataType::Float64,
+        ValueType::String => DataType::Utf8,
+        ValueType::Bool => DataType::Boolean,
+        ValueType::Bytes => DataType::Binary,
+        ValueType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        ValueType::Int64List => list(DataType::Int64),
+        ValueType::DoubleList => list(DataType::Float64),
+        ValueType::StringList => list(DataType::Utf8),
+        ValueType::BoolList => list(DataType::Boolean),
+        ValueType::BytesList => list(DataType::Binary),
+        ValueType::FloatList => list(DataType::Float32),
+    }
+}
+
+fn columns(reg: &Registry) -> Vec<Column> {
+    let mut cols: Vec<Column> = reg
+        .entities()
+        .iter()
+        .map(|e| Column {
+            name: e.join_key.clone(),
+            ty: e.value_type,
+            source: ColumnSource::JoinKey,
+        })
+        .collect();
+    let mut attrs: BTreeMap<&str, ValueType> = BTreeMap::new();
+    for et in reg.event_types() {
+        for (n, t) in &et.attributes {
+            attrs.insert(n, *t);
+        }
+    }
+    cols.extend(attrs.into_iter().map(|(n, t)| Column {
+        name: n.to_owned(),
+        ty: t,
+        source: ColumnSource::Attribute,
+    }));
+    cols
+}
+
+/// The archive's Arrow schema for a registry: `event_id`, `event_type`,
+/// `event_time` (UTC microseconds), one nullable column per join key and per
+/// attribute name (registry validation gives each name one type), `_source`
+/// and `_offset`.
+pub fn archive_schema(reg: &Registry) -> SchemaRef {
+    let mut fields = vec![
+        Field::new("event_id", DataType::Utf8, false),
+        Field::new("event_type", DataType::Utf8, false),
+        Field::new(
+            "event_time",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+    ];
+    fields.extend(
+        columns(reg)
+            .into_iter()
+            .map(|c| Field::new(c.name, arrow_type(c.ty), true)),
+    );
+    fields.push(Field::new("_source", DataType::Utf8, false));
+    fields.push(Field::new("_offset", DataType::Int64, false));
+    Arc::new(Schema::new(fields))
+}
+
+fn value_array(ty: ValueType, values: &[Option<&Value>]) -> ArrayRef {
+    macro_rules! scalar {
+        ($builder:expr, $variant:ident, $conv:expr) => {{
+            let mut b = $builder;
+            for v in values {
+                match v {
+                    Some(Value::$variant(x)) => b.append_value($conv(x)),
+                    _ => b.append_null(),
+                }
+            }
+            Arc::new(b.finish()) as ArrayRef
+        }};
+    }
+    macro_rules! list {
+        ($inner:expr, $variant:ident, $conv:expr) => {{
+            let mut b = ListBuilder::new($inner);
+            for v in values {
+                match v {
+                    Some(Value::$variant(xs)) => {
+                        for x in xs {
+                            b.values().append_value($conv(x));
+                        }
+                        b.append(true);
+                    }
+                    _ => b.append(false),
+                }
+            }
+            Arc::new(b.finish()) as ArrayRef
+        }};
+    }
+    match ty {
+        ValueType::Int64 => scalar!(Int64Builder::new(), Int64, |x: &i64| *x),
+        ValueType::Double => scalar!(Float64Builder::new(), Double, |x: &f64| *x),
+        ValueType::String => scalar!(StringBuilder::new(), String, |x: &String| x.clone()),
+        ValueType::Bool => scalar!(BooleanBuilder::new(), Bool, |x: &bool| *x),
+        ValueType::Bytes => scalar!(BinaryBuilder::new(), Bytes, |x: &Vec<u8>| x.clone()),
+        ValueType::Timestamp => scalar!(
+            TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            Timestamp,
+            |x: &i64| *x
+        ),
+        ValueType::Int64List => list!(Int64Builder::new(), Int64List, |x: &i64| *x),
+        ValueType::DoubleList => list!(Float64Builder::new(), DoubleList, |x: &f64| *x),
+        ValueType::StringList => list!(StringBuilder::new(), StringList, |x: &String| x.clone()),
+        ValueType::BoolList => list!(BooleanBuilder::new(), BoolList, |x: &bool| *x),
+        ValueType::BytesList => list!(BinaryBuilder::new(), BytesList, |x: &Vec<u8>| x.clone()),
+        ValueType::FloatList => list!(Float32Builder::new(), FloatList, |x: &f32| *x),
+    }
+}
+
+/// Builds one record batch of events in archive form.
+pub fn events_to_batch(
+    reg: &Registry,
+    schema: &SchemaRef,
+    records: &[&Record],
+) -> Result<RecordBatch> {
+    let mut arrays: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    let mut ids = StringBuilder::new();
+    let mut types = StringBuilder::new();
+    let mut times = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+    let mut sources = StringBuilder::new();
+    let mut offsets = Int64Builder::new();
+    for r in records {
+        ids.append_value(&r.event.event_id);
+        types.append_value(&r.event.event_type);
+        times.append_value(r.event.event_time);
+        sources.append_value(&*r.source);
+        offsets.append_value(r.offset);
+    }
+    arrays.push(Arc::new(ids.finish()));
+    arrays.push(Arc::new(types.finish()));
+    arrays.push(Arc::new(times.finish()));
+    for c in columns(reg) {
+        let values: Vec<Option<&Value>> = records
+            .iter()
+            .map(|r| match c.source {
+                ColumnSource::JoinKey => r.event.entity(&c.name),
+                ColumnSource::Attribute => r.event.attribute(&c.name),
+            })
+            .collect();
+        arrays.push(value_array(c.ty, &values));
+    }
+    arrays.push(Arc::new(sources.finish()));
+    arrays.push(Arc::new(offsets.finish()));
+    RecordBatch::try_new(schema.clone(), arrays)
+        .map_err(|e| Error::internal(format!("building the archive batch: {e}")))
+}
+
+/// The UTC date (`YYYY-MM-DD`) of an instant.
+pub fn utc_date(ts: Micros) -> String {
+    // Howard Hinnant's civil_from_days.
+    let z = ts.div_euclid(86_400_000_000) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// A partition's archive state, stored as JSON.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct PartitionState {
+    /// Highest offset whose event is in a visible file (or dead-lettered);
+    /// -1 for none.
+    archived_through: i64,
+    /// A recorded roll not yet moved into place: (staging, final) paths and
+    /// the offset it archives through.
+    #[serde(default)]
+    pending: Option<PendingRoll>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct PendingRoll {
+    through: i64,
+    files: Vec<(String, String)>,
+}
+
+/// One partition's buffer.
+#[derive(Debug)]
+struct Buffer {
+    /// Offsets at or below this are archived (from the state object).
+    archived_through: i64,
+    /// Highest offset handed to the buffer (events or dead letters).
+    through: i64,
+    records: Vec<Record>,
+    bytes: usize,
+    since: Option<Instant>,
+}
+
+/// What a flush wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushStats {
+    /// Parquet files made visible.
+    pub files: u64,
+    /// Events in them.
+    pub events: u64,
+}
+
+/// Buffers events per partition and rolls them into Parquet files.
+pub struct Archiver {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    registry: Arc<Registry>,
+    schema: SchemaRef,
+    cfg: ArchiveConfig,
+    buffers: BTreeMap<(String, i32), Buffer>,
+}
+
+impl std::fmt::Debug for Archiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Archiver")
+            .field("store", &self.store.to_string())
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn approx_size(ev: &Event) -> usize {
+    64 + ev.event_id.len()
+        + ev.entities.iter().map(|(k, _)| k.len() + 16).sum::<usize>()
+        + ev.attributes
+            .iter()
+            .map(|(k, _)| k.len() + 16)
+            .sum::<usize>()
+}
+
+impl Archiver {
+    /// An archiver writing under `root` of `store`.
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        root: Path,
+        registry: Arc<Registry>,
+        cfg: ArchiveConfig,
+    ) -> Archiver {
+        let schema = archive_schema(&registry);
+        Archiver {
+            store,
+            root,
+            registry,
+            schema,
+            cfg,
+            buffers: BTreeMap::new(),
+        }
+    }
+
+    fn state_path(&self, topic: &str, partition: i32) -> Path {
+        self.root
+            .clone()
+            .join("_quiver")
+            .join("archive")
+            .join(format!("{topic}-{partition}.json").as_str())
+    }
+
+    async fn read_state(&self, topic: &str, partition: i32) -> Result<PartitionState> {
+        match self.store.get(&self.state_path(topic, partition)).await {
+            Ok(r) => {
+                let bytes = r
+                    .bytes()
+                    .await
+                    .map_err(|e| storage_error("reading state", e))?;
+                serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::internal(format!(
+                        "corrupt archive state for {topic}-{partition}: {e}"
+                    ))
+                })
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(PartitionState {
+                archived_through: -1,
+                pending: None,
+            }),
+            Err(e) => Err(storage_error("reading state", e)),
+        }
+    }
+
+    async fn write_state(&self, topic: &str, partition: i32, s: &PartitionState) -> Result<()> {
+        let body = serde_json::to_vec(s).map_err(|e| Error::internal(e.to_string()))?;
+        self.store
+            .put(&self.state_path(topic, partition), PutPayload::from(body))
+            .await
+            .map_err(|e| storage_error("writing state", e))?;
+        Ok(())
+    }
+
+    /// Moves a recorded roll's files into place and marks it done.
+    async fn finish_pending(
+        &self,
+        topic: &str,
+        partition: i32,
+        s: &mut PartitionState,
+    ) -> Result<()> {
+        let Some(p) = s.pending.take() else {
+            return Ok(());
+        };
+        for (staging, fin) in &p.files {
+            let (from, to) = (Path::from(staging.as_str()), Path::from(fin.as_str()));
+            match self.store.rename(&from, &to).await {
+                Ok(()) => {}
+                // Already moved before a crash: the final file is there.
+                Err(object_store::Error::NotFound { .. }) if self.store.head(&to).await.is_ok() => {
+                }
+                Err(e) => return Err(storage_error("moving a file into place", e)),
+            }
+        }
+        s.archived_through = s.archived_through.max(p.through);
+        self.write_state(topic, partition, s).await
+    }
+
+    /// Loads (and repairs) a partition's state when first seen.
+    async fn buffer(&mut self, topic: &str, partition: i32) -> Result<&mut Buffer> {
+        let k = (topic.to_owned(), partition);
+        if !self.buffers.contains_key(&k) {
+            let mut s = self.read_state(topic, partition).await?;
+            self.finish_pending(topic, partition, &mut s).await?;
+            self.buffers.insert(
+                k.clone(),
+                Buffer {
+                    archived_through: s.archived_through,
+                    through: s.archived_through,
+                    records: Vec::new(),
+                    bytes: 0,
+                    since: None,
+                },
+            );
+        }
+        Ok(self.buffers.get_mut(&k).expect("inserted above"))
+    }
+
+    /// Adds a record; records at or below the archived offset (replays)
+    /// are dropped. Returns whether it was buffered.
+    pub async fn add(&mut self, topic: &str, partition: i32, r: &Record) -> Result<bool> {
+        let b = self.buffer(topic, partition).await?;
+        if r.offset <= b.through {
+            return Ok(false);
+        }
+        b.through = r.offset;
+        b.bytes += approx_size(&r.event);
+        b.since.get_or_insert_with(Instant::now);
+        b.records.push(r.clone());
+        Ok(true)
+    }
+
+    /// Marks an offset handled without an event (it went to the dead-letter
+    /// topic), so that it can be committed.
+    pub async fn skip(&mut self, topic: &str, partition: i32, offset: i64) -> Result<()> {
+        let b = self.buffer(topic, partition).await?;
+        if offset > b.through {
+            b.through = offset;
+            b.since.get_or_insert_with(Instant::now);
+        }
+        Ok(())
+    }
+
+    /// Forgets partitions this consumer no longer owns (after a rebalance):
+    /// their unwritten events will be replayed by the new owner.
+    pub fn forget(&mut self, partitions: &[(String, i32)]) {
+        for p in partitions {
+            self.buffers.remove(p);
+        }
+    }
+
+    /// Rolls buffers that are due (or all with `force`). Returns what was
+    /// written.
+    pub async fn flush(&mut self, force: bool) -> Result<FlushStats> {
+        let due: Vec<(String, i32)> = self
+            .buffers
+            .iter()
+            .filter(|(_, b)| {
+                b.through > b.archived_through
+                    && (force
+                        || b.bytes >= self.cfg.roll_bytes
+                        || b.since
+                            .is_some_and(|s| s.elapsed() >= self.cfg.roll_interval))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut stats = FlushStats::default();
+        for (topic, partition) in due {
+            let s = self.roll(&topic, partition).await?;
+            stats.files += s.files;
+            stats.events += s.events;
+        }
+        Ok(stats)
+    }
+
+    async fn roll(&mut self, topic: &str, partition: i32) -> Result<FlushStats> {
+        let k = (topic.to_owned(), partition);
+        let Some(b) = self.buffers.get(&k) else {
+            return Ok(FlushStats::default());
+        };
+        let through = b.through;
+        let mut by_date: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
+        for r in &b.records {
+            by_date
+                .entry(utc_date(r.event.event_time))
+                .or_default()
+                .push(r);
+        }
+        let mut files = Vec::new();
+        let mut stats = FlushStats::default();
+        for (date, recs) in &by_date {
+            let first = recs.first().map_or(0, |r| r.offset);
+            let name = format!("{topic}-{partition}-{first:020}-{through:020}.parquet");
+            let staging = self
+                .root
+                .clone()
+                .join("_quiver")
+                .join("staging")
+                .join(format!("{date}-{name}").as_str());
+            let fin = self
+                .root
+                .clone()
+                .join("events")
+                .join(format!("date={date}").as_str())
+                .join(name.as_str());
+            let batch = events_to_batch(&self.registry, &self.schema, recs)?;
+            let bytes = write_parquet(&batch)?;
+            self.store
+                .put(&staging, PutPayload::from(bytes))
+                .await
+                .map_err(|e| storage_error("writing a staging file", e))?;
+            files.push((staging.to_string(), fin.to_string()));
+            stats.files += 1;
+            stats.events += recs.len() as u64;
+        }
+        let mut state = PartitionState {
+            archived_through: b.archived_through,
+            pending: Some(PendingRoll { through, files }),
+        };
+        // The roll is decided once recorded; finishing it is idempotent.
+        self.write_state(topic, partition, &state).await?;
+        self.finish_pending(topic, partition, &mut state).await?;
+        if let Some(b) = self.buffers.get_mut(&k) {
+            b.archived_through = through;
+            b.records.clear();
+            b.bytes = 0;
+            b.since = None;
+        }
+        Ok(stats)
+    }
+
+    /// Per partition, the highest offset that is archived (safe to commit).
+    pub fn archived(&self) -> Vec<((String, i32), i64)> {
+        self.buffers
+            .iter()
+            .filter(|(_, b)| b.archived_through >= 0)
+            .map(|(k, b)| (k.clone(), b.archived_through))
+            .collect()
+    }
+}
+
+/// Encodes a batch as one Parquet file (zstd).
+pub fn write_parquet(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let mut out = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))
+        .map_err(|e| Error::internal(format!("parquet writer: {e}")))?;
+    w.write(batch)
+        .map_err(|e| Error::internal(format!("parquet write: {e}")))?;
+    w.close()
+        .map_err(|e| Error::internal(format!("parquet close: {e}")))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_date(0), "1970-01-01");
+        assert_eq!(utc_date(-1), "1969-12-31");
+        // 2026-11-25T10:00:00Z
+        assert_eq!(utc_date(1_795_600_800_000_000), "2026-11-25");
+        // 2024-02-29T23:59:59Z
+        assert_eq!(utc_date(1_709_251_199_000_000), "2024-02-29");
+    }
+}

@@ -1,0 +1,417 @@
+//! The ingest loop: a Kafka consumer-group member that turns event
+//! messages into online features and archived Parquet.
+//!
+//! Per batch (cut at `batch_max` messages or `batch_wait` after its first):
+//! 1. decode and validate each message; undecodable ones go to the
+//!    dead-letter topic with the reason in headers (awaited, so they are
+//!    durable there before their offset can be committed);
+//! 2. apply the events to the online store (see [`crate::apply`]);
+//! 3. hand them to the archiver, which rolls Parquet files by size or age;
+//! 4. commit, per partition, the offset after the last archived one.
+//!
+//! A failed step is retried with backoff (the batch is kept); nothing is
+//! committed past data that is not durable. Replays after a crash are
+//! harmless: tiles skip offsets they hold, latest values are last-write-wins
+//! by event time, the archiver drops offsets it has archived.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use quiver_core::wire::decode_event;
+use quiver_core::{Error, Registry, Result};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::time::Instant;
+
+use crate::apply::{Applier, ApplyStats, Record};
+use crate::archive::{Archiver, FlushStats};
+use crate::producer::kafka_error;
+use crate::KafkaConfig;
+
+/// Batching and retry settings of the ingest loop.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Most messages per batch.
+    pub batch_max: usize,
+    /// Longest wait for a batch to fill after its first message.
+    pub batch_wait: Duration,
+    /// Dead-letter topic for undecodable messages.
+    pub dead_letter_topic: String,
+    /// Longest pause between retries of a failing batch.
+    pub max_backoff: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            batch_max: 50_000,
+            batch_wait: Duration::from_millis(250),
+            dead_letter_topic: "quiver-events-dlq".into(),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Running totals of an ingest process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestStats {
+    /// Messages consumed (including replays and dead letters).
+    pub messages: u64,
+    /// Events applied to the online store.
+    pub events: u64,
+    /// Messages sent to the dead-letter topic.
+    pub dead_letters: u64,
+    /// Batches processed.
+    pub batches: u64,
+    /// Online-store effect.
+    pub online: ApplyStats,
+    /// Archive files and events written.
+    pub archived: FlushStats,
+}
+
+/// Rebalance hook: remembers revoked partitions so the loop can drop their
+/// archive buffers (the new owner replays them from the committed offset).
+pub struct IngestContext {
+    revoked: Arc<Mutex<Vec<(String, i32)>>>,
+}
+
+impl ClientContext for IngestContext {}
+
+impl ConsumerContext for IngestContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let parts: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                tracing::info!(partitions = ?parts, "partitions revoked");
+                if let Ok(mut r) = self.revoked.lock() {
+                    r.extend(parts);
+                }
+            }
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+/// One consumed message, owned.
+struct Msg {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    payload: Option<Vec<u8>>,
+    key: Option<Vec<u8>>,
+}
+
+/// The ingest process: consumer, dead-letter producer, online applier and
+/// archiver.
+pub struct Ingestor {
+    consumer: StreamConsumer<IngestContext>,
+    dlq: FutureProducer,
+    registry: Arc<Registry>,
+    applier: Applier,
+    archiver: Option<Archiver>,
+    cfg: IngestConfig,
+    kafka_timeout: Duration,
+    revoked: Arc<Mutex<Vec<(String, i32)>>>,
+    committed: HashMap<(String, i32), i64>,
+    stats: IngestStats,
+}
+
+impl std::fmt::Debug for Ingestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingestor")
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ingestor {
+    /// Joins the consumer group `kafka.group_id` on `kafka.topic`.
+    /// Without an archiver, offsets are committed after the online write.
+    pub fn new(
+        kafka: &KafkaConfig,
+        cfg: IngestConfig,
+        registry: Arc<Registry>,
+        applier: Applier,
+        archiver: Option<Archiver>,
+    ) -> Result<Ingestor> {
+        let revoked = Arc::new(Mutex::new(Vec::new()));
+        let consumer: StreamConsumer<IngestContext> = kafka
+            .client_config()
+            .set("group.id", &kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("fetch.min.bytes", "65536")
+            .set("fetch.wait.max.ms", "100")
+            .set("queued.min.messages", "200000")
+            .create_with_context(IngestContext {
+                revoked: revoked.clone(),
+            })
+            .map_err(|e| Error::invalid(format!("invalid Kafka consumer settings: {e}")))?;
+        consumer
+            .subscribe(&[&kafka.topic])
+            .map_err(|e| kafka_error("subscribing to the event topic", e))?;
+        let dlq: FutureProducer = kafka
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .map_err(|e| Error::invalid(format!("invalid Kafka producer settings: {e}")))?;
+        Ok(Ingestor {
+            consumer,
+            dlq,
+            registry,
+            applier,
+            archiver,
+            cfg,
+            kafka_timeout: kafka.timeout,
+            revoked,
+            committed: HashMap::new(),
+            stats: IngestStats::default(),
+        })
+    }
+
+    /// Totals so far.
+    pub fn stats(&self) -> IngestStats {
+        self.stats
+    }
+
+    /// Consumes until `shutdown` resolves, then archives what is buffered,
+    /// commits and returns the totals. `on_batch` sees the totals after
+    /// every batch (progress, tests).
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+        mut on_batch: impl FnMut(&IngestStats),
+    ) -> Result<IngestStats> {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let mut batch: Vec<Msg> = Vec::new();
+            {
+                let mut stream = self.consumer.stream();
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tick.tick() => {}
+                    m = stream.next() => {
+                        if let Some(m) = m {
+                            push_msg(&mut batch, m);
+                            let deadline = Instant::now() + self.cfg.batch_wait;
+                            while batch.len() < self.cfg.batch_max {
+                                match tokio::time::timeout_at(deadline, stream.next()).await {
+                                    Ok(Some(m)) => push_msg(&mut batch, m),
+                                    Ok(None) | Err(_) => break,
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            self.drop_revoked();
+            self.with_retry(&batch, &mut shutdown).await?;
+            if !batch.is_empty() {
+                on_batch(&self.stats);
+            }
+        }
+        self.drop_revoked();
+        if let Some(a) = self.archiver.as_mut() {
+            let s = a.flush(true).await?;
+            self.stats.archived.files += s.files;
+            self.stats.archived.events += s.events;
+        }
+        self.commit(CommitMode::Sync)?;
+        Ok(self.stats)
+    }
+
+    fn drop_revoked(&mut self) {
+        let revoked: Vec<(String, i32)> = self
+            .revoked
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        if !revoked.is_empty() {
+            if let Some(a) = self.archiver.as_mut() {
+                a.forget(&revoked);
+            }
+            for p in &revoked {
+                self.committed.remove(p);
+            }
+        }
+    }
+
+    /// Processes a batch, retrying with backoff until it succeeds or
+    /// shutdown is asked for (then the error is returned, nothing committed).
+    async fn with_retry(
+        &mut self,
+        batch: &[Msg],
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.process(batch).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "ingest batch failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.as_mut() => return Err(e),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.cfg.max_backoff);
+                }
+            }
+        }
+    }
+
+    async fn process(&mut self, batch: &[Msg]) -> Result<()> {
+        let mut records = Vec::with_capacity(batch.len());
+        let mut dead = Vec::new();
+        let mut sources: HashMap<(String, i32), Arc<str>> = HashMap::new();
+        for m in batch {
+            let source = sources
+                .entry((m.topic.clone(), m.partition))
+                .or_insert_with(|| Arc::from(format!("{}:{}", m.topic, m.partition)))
+                .clone();
+            let decoded = match &m.payload {
+                None => Err(Error::invalid("empty message (no payload)")),
+                Some(p) => decode_event(&self.registry, p),
+            };
+            match decoded {
+                Ok(event) => records.push((
+                    m,
+                    Record {
+                        source,
+                        offset: m.offset,
+                        event,
+                    },
+                )),
+                Err(e) => dead.push((m, e.message().to_owned())),
+            }
+        }
+        self.dead_letter(&dead).await?;
+        let just_records: Vec<Record> = records.iter().map(|(_, r)| r.clone()).collect();
+        let online = self.applier.apply(&just_records).await?;
+        if let Some(a) = self.archiver.as_mut() {
+            for (m, r) in &records {
+                a.add(&m.topic, m.partition, r).await?;
+            }
+            for (m, _) in &dead {
+                a.skip(&m.topic, m.partition, m.offset).await?;
+            }
+            let s = a.flush(false).await?;
+            self.stats.archived.files += s.files;
+            self.stats.archived.events += s.events;
+        } else {
+            for m in batch {
+                let e = self
+                    .committed
+                    .entry((m.topic.clone(), m.partition))
+                    .or_insert(-1);
+                *e = (*e).max(m.offset + 1);
+            }
+        }
+        self.stats.messages += batch.len() as u64;
+        self.stats.events += records.len() as u64;
+        self.stats.dead_letters += dead.len() as u64;
+        self.stats.batches += u64::from(!batch.is_empty());
+        self.stats.online += online;
+        self.commit(CommitMode::Async)
+    }
+
+    async fn dead_letter(&self, dead: &[(&Msg, String)]) -> Result<()> {
+        let sends = dead.iter().map(|(m, reason)| {
+            let partition = m.partition.to_string();
+            let offset = m.offset.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "quiver.error",
+                    value: Some(reason.as_str()),
+                })
+                .insert(Header {
+                    key: "quiver.source.topic",
+                    value: Some(m.topic.as_str()),
+                })
+                .insert(Header {
+                    key: "quiver.source.partition",
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: "quiver.source.offset",
+                    value: Some(offset.as_str()),
+                });
+            let mut rec: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.cfg.dead_letter_topic).headers(headers);
+            if let Some(p) = &m.payload {
+                rec = rec.payload(p.as_slice());
+            }
+            if let Some(k) = &m.key {
+                rec = rec.key(k.as_slice());
+            }
+            self.dlq.send(rec, self.kafka_timeout)
+        });
+        for r in futures::future::join_all(sends).await {
+            r.map_err(|(e, _)| kafka_error("writing to the dead-letter topic", e))?;
+        }
+        if !dead.is_empty() {
+            tracing::warn!(count = dead.len(), topic = %self.cfg.dead_letter_topic, first_reason = %dead[0].1, "undecodable events dead-lettered");
+        }
+        Ok(())
+    }
+
+    /// Commits, per partition, the offset after the last durable one.
+    fn commit(&mut self, mode: CommitMode) -> Result<()> {
+        if let Some(a) = &self.archiver {
+            for (k, through) in a.archived() {
+                self.committed.insert(k, through + 1);
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), next) in &self.committed {
+            if *next >= 0 {
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                    .map_err(|e| kafka_error("building the commit", e))?;
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        match self.consumer.commit(&tpl, mode) {
+            Ok(()) => Ok(()),
+            // Partitions moved to another member: its commits win; our
+            // uncommitted work is replayed there and skipped as applied.
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; the next commit or the new owner covers it");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn push_msg(
+    batch: &mut Vec<Msg>,
+    m: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
+) {
+    match m {
+        Ok(m) => batch.push(Msg {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            payload: m.payload().map(<[u8]>::to_vec),
+            key: m.key().map(<[u8]>::to_vec),
+        }),
+        Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
+    }
+}

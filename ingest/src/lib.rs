@@ -1,0 +1,67 @@
+//! quiver's speed layer: events in, fresh features out.
+//!
+//! # Layout
+//! - [`producer`]: [`KafkaEventSink`], the idempotent Kafka producer behind
+//!   `PushEvents` and `quiver generate`.
+//! - [`consumer`]: [`Ingestor`], the consumer-group member of `quiver
+//!   ingest`: batches, dead letters, commits after durable writes.
+//! - [`apply`]: [`Applier`], latest-value rows and windowed-aggregation
+//!   tiles in the online store, exactly once per source offset.
+//! - [`archive`]: [`Archiver`], raw events as Parquet on object storage,
+//!   partitioned by date, rolled by size and age, exactly once.
+//!
+//! The same code runs against a Kafka cluster and, in the embedded default,
+//! against librdkafka's in-process mock cluster.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+
+pub mod apply;
+pub mod archive;
+pub mod consumer;
+pub mod generate;
+pub mod producer;
+
+pub use apply::{Applier, ApplyStats, Record};
+pub use archive::{ArchiveConfig, Archiver};
+pub use consumer::{IngestConfig, IngestStats, Ingestor};
+pub use generate::{Generator, GeneratorConfig};
+pub use producer::KafkaEventSink;
+
+/// Kafka connection settings shared by producer and consumer.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port...]`.
+    pub brokers: String,
+    /// The event topic.
+    pub topic: String,
+    /// Consumer group of `quiver ingest`.
+    pub group_id: String,
+    /// Deadline of a produce (delivery report) and of blocking calls.
+    pub timeout: Duration,
+    /// Extra librdkafka properties (`security.protocol`, `sasl.*`, ...).
+    pub extra: Vec<(String, String)>,
+}
+
+impl KafkaConfig {
+    /// Settings for `brokers` with quiver's defaults.
+    pub fn new(brokers: impl Into<String>) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.into(),
+            topic: "quiver-events".into(),
+            group_id: "quiver-ingest".into(),
+            timeout: Duration::from_secs(10),
+            extra: Vec::new(),
+        }
+    }
+
+    pub(crate) fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        c
+    }
+}
