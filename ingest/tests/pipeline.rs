@@ -1,0 +1,483 @@
+//! The speed layer end to end over librdkafka's mock cluster (the real
+//! Kafka protocol, in process): events produced by the idempotent sink are
+//! consumed by a consumer group, applied to a real online store (a
+//! `redis-server` started on an ephemeral port, or the embedded store) and
+//! archived as Parquet; bad messages land in the dead-letter topic. A crash
+//! in the middle of ingesting loses nothing and counts nothing twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow_array::{Array, Int64Array, StringArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use quiver_core::aggregate::{finish_row, tile_of, window_first_tile, AggState};
+use quiver_core::codec::{entity_key, row_key};
+use quiver_core::event::{Event, EventSink};
+use quiver_core::registry::ViewSource;
+use quiver_core::store::{EmbeddedStore, Lookup, RedisConfig, RedisStore};
+use quiver_core::time::{system_time_to_micros, Micros};
+use quiver_core::{OnlineStore, Registry, SystemClock, Value};
+use quiver_ingest::archive::{open_store, ArchiveConfig, Archiver};
+use quiver_ingest::{
+    Applier, Generator, GeneratorConfig, IngestConfig, IngestStats, Ingestor, KafkaConfig,
+    KafkaEventSink,
+};
+use quiver_testkit::RedisServer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+const TOPIC: &str = "events";
+const DLQ: &str = "events-dlq";
+const HOUR: Micros = 3_600_000_000;
+
+fn registry() -> Arc<Registry> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../registry/features.toml");
+    Arc::new(Registry::load(&path).unwrap())
+}
+
+fn now() -> Micros {
+    system_time_to_micros(std::time::SystemTime::now())
+}
+
+fn kafka(brokers: &str, group: &str) -> KafkaConfig {
+    KafkaConfig {
+        topic: TOPIC.into(),
+        group_id: group.into(),
+        // A crashed member's partitions move after the session timeout;
+        // keep it short so the restart test does not wait the default 45 s.
+        extra: vec![
+            ("session.timeout.ms".into(), "6000".into()),
+            ("heartbeat.interval.ms".into(), "500".into()),
+        ],
+        ..KafkaConfig::new(brokers)
+    }
+}
+
+fn events(n: usize, start: Micros) -> Vec<Event> {
+    let cfg = GeneratorConfig {
+        seed: 7,
+        users: 200,
+        products: 50,
+        start,
+        time_step: 2_000_000,
+    };
+    Generator::new(cfg, &registry()).unwrap().batch(n)
+}
+
+async fn produce(sink: &KafkaEventSink, events: &[Event]) {
+    for chunk in events.chunks(500) {
+        let out = sink.publish(chunk).await.unwrap();
+        assert!(out.iter().all(Result::is_ok));
+    }
+}
+
+/// Feature values straight from the definition: fold every event of the
+/// window into one state, in event-time order.
+fn expected(reg: &Registry, events: &[Event], view: &str, key: &str, at: Micros) -> Vec<Value> {
+    let v = reg.view(reg.view_index(view).unwrap());
+    let ViewSource::Aggregations { tile, aggregations } = &v.source else {
+        panic!("{view} is not an aggregation view");
+    };
+    let jk = &v.join_keys[0];
+    aggregations
+        .iter()
+        .map(|a| {
+            let mut s = AggState::new(a.function);
+            for e in events {
+                let in_window = tile_of(e.event_time, *tile)
+                    >= window_first_tile(at, *tile, a.window)
+                    && e.event_time <= at;
+                let mine = e.entity(jk) == Some(&Value::String(key.into()));
+                if in_window && mine && a.event_types.contains(&e.event_type) {
+                    let attr = a.attribute.as_deref();
+                    let value = attr.and_then(|n| e.attribute(n).or_else(|| e.entity(n)));
+                    s.update(e.event_time, &e.event_id, value);
+                }
+            }
+            s.finish()
+        })
+        .collect()
+}
+
+async fn online(
+    store: &dyn OnlineStore,
+    reg: &Registry,
+    view: &str,
+    jk: &str,
+    key: &str,
+    at: Micros,
+) -> Vec<Value> {
+    let v = reg.view(reg.view_index(view).unwrap());
+    let ViewSource::Aggregations { tile, aggregations } = &v.source else {
+        panic!("{view} is not an aggregation view");
+    };
+    let k = row_key(
+        &entity_key(&[(jk, &Value::String(key.into()))]).unwrap(),
+        view,
+    );
+    let row = store
+        .read(&[Lookup::tiles(&k, &[])])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let raw = row.map(|r| r.raw).unwrap_or_default();
+    let all: Vec<usize> = (0..aggregations.len()).collect();
+    finish_row(aggregations, *tile, at, &all, &raw).unwrap().1
+}
+
+fn close(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Double(x), Value::Double(y)) => (x - y).abs() <= 1e-9 * x.abs().max(1.0),
+        _ => a == b,
+    }
+}
+
+/// Every user and product: online aggregates equal the definition.
+async fn check_aggregates(store: &dyn OnlineStore, reg: &Registry, evs: &[Event], at: Micros) {
+    let mut users = HashSet::new();
+    let mut products = HashSet::new();
+    for e in evs {
+        if let Some(Value::String(u)) = e.entity("user_id") {
+            users.insert(u.clone());
+        }
+        if let Some(Value::String(p)) = e.entity("product_id") {
+            products.insert(p.clone());
+        }
+    }
+    for (view, jk, keys) in [
+        ("user_stream", "user_id", &users),
+        ("product_stream", "product_id", &products),
+    ] {
+        for key in keys {
+            let want = expected(reg, evs, view, key, at);
+            let got = online(store, reg, view, jk, key, at).await;
+            let ok = want.len() == got.len() && want.iter().zip(&got).all(|(a, b)| close(a, b));
+            assert!(ok, "{view} {key}: online {got:?} != definition {want:?}");
+        }
+    }
+}
+
+/// Every archived row: (source, offset) and event ids are unique.
+fn archived_rows(dir: &Path) -> Vec<(String, i64, String)> {
+    let mut rows = Vec::new();
+    let events_dir = dir.join("events");
+    let Ok(dates) = std::fs::read_dir(&events_dir) else {
+        return rows;
+    };
+    for d in dates {
+        let d = d.unwrap().path();
+        assert!(d
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("date="));
+        for f in std::fs::read_dir(&d).unwrap() {
+            let f = f.unwrap().path();
+            let file = std::fs::File::open(&f).unwrap();
+            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                .unwrap()
+                .build()
+                .unwrap();
+            for batch in reader {
+                let b = batch.unwrap();
+                let col = |n: &str| b.column(b.schema().index_of(n).unwrap()).clone();
+                let src = col("_source");
+                let src = src.as_any().downcast_ref::<StringArray>().unwrap();
+                let off = col("_offset");
+                let off = off.as_any().downcast_ref::<Int64Array>().unwrap();
+                let ids = col("event_id");
+                let ids = ids.as_any().downcast_ref::<StringArray>().unwrap();
+                for i in 0..b.num_rows() {
+                    rows.push((
+                        src.value(i).to_owned(),
+                        off.value(i),
+                        ids.value(i).to_owned(),
+                    ));
+                }
+            }
+        }
+    }
+    rows
+}
+
+fn assert_archive_exact(dir: &Path, evs: &[Event], extra_ids: &[&str]) {
+    let rows = archived_rows(dir);
+    let offsets: HashSet<(String, i64)> = rows.iter().map(|r| (r.0.clone(), r.1)).collect();
+    assert_eq!(offsets.len(), rows.len(), "an offset was archived twice");
+    let ids: HashSet<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+    let want: HashSet<&str> = evs
+        .iter()
+        .map(|e| e.event_id.as_str())
+        .chain(extra_ids.iter().copied())
+        .collect();
+    assert_eq!(
+        rows.len(),
+        want.len(),
+        "archived {} rows for {} events",
+        rows.len(),
+        want.len()
+    );
+    assert_eq!(ids, want);
+    // Nothing half-written is visible, staging is empty after clean shutdown.
+    let staging = dir.join("_quiver/staging");
+    let left = std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "staging files left behind");
+}
+
+fn ingestor(
+    brokers: &str,
+    store: Arc<dyn OnlineStore>,
+    archive_dir: &Path,
+    batch_max: usize,
+    roll_bytes: usize,
+) -> Ingestor {
+    let reg = registry();
+    let (obj, root) = open_store(archive_dir.to_str().unwrap(), &[]).unwrap();
+    let archiver = Archiver::new(
+        obj,
+        root,
+        reg.clone(),
+        ArchiveConfig {
+            roll_bytes,
+            roll_interval: Duration::from_secs(3600),
+        },
+    );
+    let applier = Applier::new(reg.clone(), store, Duration::from_secs(86_400));
+    Ingestor::new(
+        &kafka(brokers, "ingest"),
+        IngestConfig {
+            batch_max,
+            batch_wait: Duration::from_millis(50),
+            dead_letter_topic: DLQ.into(),
+            max_backoff: Duration::from_millis(500),
+        },
+        reg,
+        applier,
+        Some(archiver),
+    )
+    .unwrap()
+}
+
+/// Runs an ingestor until it has seen `total` messages or has been idle
+/// (caught up) for a second after at least one batch.
+async fn run_until_caught_up(ing: Ingestor, total: Option<u64>) -> IngestStats {
+    let last = Arc::new(Mutex::new((Instant::now(), 0u64)));
+    let seen = last.clone();
+    let shutdown = async move {
+        let started = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (at, n) = *seen.lock().unwrap();
+            let done = match total {
+                Some(t) => n >= t,
+                None => n > 0 && at.elapsed() > Duration::from_secs(1),
+            };
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "ingest did not finish: {n} messages"
+            );
+            if done {
+                break;
+            }
+        }
+    };
+    ing.run(shutdown, move |s| {
+        *last.lock().unwrap() = (Instant::now(), s.messages);
+    })
+    .await
+    .unwrap()
+}
+
+fn raw_producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap()
+}
+
+async fn dead_letters(brokers: &str) -> Vec<(String, BTreeMap<String, String>)> {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "dlq-reader")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(DLQ, 0, Offset::Beginning).unwrap();
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(5), c.recv()).await {
+        let mut headers = BTreeMap::new();
+        if let Some(h) = m.headers() {
+            for x in h.iter() {
+                headers.insert(
+                    x.key.to_owned(),
+                    String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        let payload = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+        out.push((payload, headers));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_the_online_store_the_archive_and_the_dead_letter_topic() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 3, 1).unwrap();
+    cluster.create_topic(DLQ, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let redis = RedisServer::start();
+    let store: Arc<dyn OnlineStore> = Arc::new(
+        RedisStore::new(&RedisConfig {
+            url: redis.url(),
+            pool_size: 4,
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap(),
+    );
+    let reg = registry();
+    let start = now() - 3 * HOUR;
+    let evs = events(3_000, start);
+    let sink = KafkaEventSink::new(&kafka(&brokers, "unused"), reg.clone()).unwrap();
+    produce(&sink, &evs).await;
+
+    // Any producer may write JSON; undecodable messages go to the DLQ.
+    let json_event = serde_json::json!({
+        "event_id": "json-1", "event_type": "login",
+        "event_time": quiver_core::time::format_rfc3339(start + HOUR),
+        "entities": {"user_id": "user_json"},
+        "attributes": {"device": "web", "country": "NL"},
+    })
+    .to_string();
+    let raw = raw_producer(&brokers);
+    for (key, payload) in [
+        ("k1", json_event.as_str()),
+        ("k2", "\u{1}\u{2}garbage"),
+        (
+            "k3",
+            r#"{"event_id":"x","event_type":"teleport","event_time":"2026-01-01T00:00:00Z"}"#,
+        ),
+    ] {
+        raw.send(
+            FutureRecord::to(TOPIC).key(key).payload(payload),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let ing = ingestor(&brokers, store.clone(), dir.path(), 700, 16 * 1024);
+    let stats = run_until_caught_up(ing, Some(3_003)).await;
+    assert_eq!(stats.messages, 3_003);
+    assert_eq!(stats.events, 3_001);
+    assert_eq!(stats.dead_letters, 2);
+    assert!(stats.archived.files > 3, "rolled by size: {stats:?}");
+    assert_eq!(stats.archived.events, 3_001);
+
+    check_aggregates(&*store, &reg, &evs, now()).await;
+    // Latest values: the newest login per user.
+    let mut last_login: HashMap<String, &Event> = HashMap::new();
+    for e in evs.iter().filter(|e| e.event_type == "login") {
+        if let Some(Value::String(u)) = e.entity("user_id") {
+            last_login.insert(u.clone(), e);
+        }
+    }
+    for (user, e) in last_login.iter().take(20) {
+        let user = Value::String(user.clone());
+        let k = row_key(
+            &entity_key(&[("user_id", &user)]).unwrap(),
+            "user_last_login",
+        );
+        let feats = ["device", "login_at"];
+        let row = store
+            .read(&[Lookup::row(&k, &feats)])
+            .await
+            .unwrap()
+            .pop()
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.event_ts, e.event_time);
+        assert_eq!(row.values[0].as_ref(), e.attribute("device"));
+        assert_eq!(row.values[1], Some(Value::Timestamp(e.event_time)));
+    }
+    assert_archive_exact(dir.path(), &evs, &["json-1"]);
+
+    let dl = dead_letters(&brokers).await;
+    assert_eq!(dl.len(), 2, "{dl:?}");
+    let reasons: Vec<&str> = dl.iter().map(|(_, h)| h["quiver.error"].as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("not a quiver.v1.Event")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unknown event_type \"teleport\"")),
+        "{reasons:?}"
+    );
+    for (_, h) in &dl {
+        assert_eq!(h["quiver.source.topic"], TOPIC);
+        assert!(h.contains_key("quiver.source.offset"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_ingest_loses_nothing_and_counts_nothing_twice() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 4, 1).unwrap();
+    cluster.create_topic(DLQ, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let db = tempfile::tempdir().unwrap();
+    let store: Arc<dyn OnlineStore> = Arc::new(
+        EmbeddedStore::open(&db.path().join("online.redb"), Arc::new(SystemClock)).unwrap(),
+    );
+    let reg = registry();
+    let evs = events(6_000, now() - 4 * HOUR);
+    let sink = KafkaEventSink::new(&kafka(&brokers, "unused"), reg.clone()).unwrap();
+    produce(&sink, &evs).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // First run: killed at an arbitrary await point once a few batches are in.
+    let first = ingestor(&brokers, store.clone(), dir.path(), 250, 8 * 1024);
+    let progress = Arc::new(Mutex::new(0u64));
+    let p = progress.clone();
+    let task = tokio::spawn(first.run(futures::future::pending(), move |s| {
+        *p.lock().unwrap() = s.batches;
+    }));
+    let started = Instant::now();
+    while *progress.lock().unwrap() < 6 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "first run made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    let partial = archived_rows(dir.path()).len();
+    assert!(
+        partial < evs.len(),
+        "the crash came too late to test anything"
+    );
+
+    // Restart with the same group: resumes from committed offsets, replays
+    // what was not committed, skips what was already applied.
+    let second = ingestor(&brokers, store.clone(), dir.path(), 250, 8 * 1024);
+    let stats = run_until_caught_up(second, None).await;
+    eprintln!("after restart: {stats:?}, archived before: {partial}");
+    assert!(
+        stats.online.tiles_replayed > 0 || stats.messages < evs.len() as u64,
+        "{stats:?}"
+    );
+    check_aggregates(&*store, &reg, &evs, now()).await;
+    assert_archive_exact(dir.path(), &evs, &[]);
+}
