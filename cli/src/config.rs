@@ -49,6 +49,91 @@ pub struct Config {
     pub online_store: OnlineStoreConfig,
     /// Request limits.
     pub limits: LimitsConfig,
+    /// The event log (Kafka).
+    pub kafka: KafkaSettings,
+    /// The ingest loop.
+    pub ingest: IngestSettings,
+    /// The raw-event archive (offline store).
+    pub archive: ArchiveSettings,
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// Bootstrap servers (`host:port,...`); empty means no event log (serve
+    /// then answers PushEvents with UNAVAILABLE; `demo` runs one in process).
+    pub brokers: String,
+    /// The event topic.
+    pub topic: String,
+    /// Consumer group of `quiver ingest`.
+    pub group_id: String,
+    /// Topic for events that cannot be decoded.
+    pub dead_letter_topic: String,
+    /// Delivery deadline of a produced event.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Extra librdkafka properties, e.g. `"security.protocol" = "SASL_SSL"`.
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// `[ingest]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestSettings {
+    /// Most messages per batch.
+    pub batch_max: usize,
+    /// Longest wait for a batch to fill.
+    #[serde(deserialize_with = "duration")]
+    pub batch_wait: Duration,
+}
+
+/// `[archive]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveSettings {
+    /// Local directory, `file:///dir` or `s3://bucket/prefix`; empty disables the archive.
+    pub location: String,
+    /// Roll a partition's Parquet file at about this many bytes.
+    pub roll_bytes: usize,
+    /// Roll a partition's Parquet file when its oldest event is this old.
+    #[serde(deserialize_with = "duration")]
+    pub roll_interval: Duration,
+    /// object_store options (`aws_endpoint`, `aws_region`, `aws_allow_http`, ...); `AWS_*` environment variables are added.
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        KafkaSettings {
+            brokers: String::new(),
+            topic: "quiver-events".into(),
+            group_id: "quiver-ingest".into(),
+            dead_letter_topic: "quiver-events-dlq".into(),
+            timeout: Duration::from_secs(10),
+            properties: Default::default(),
+        }
+    }
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            batch_max: 50_000,
+            batch_wait: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Default for ArchiveSettings {
+    fn default() -> Self {
+        ArchiveSettings {
+            location: "quiver-data/offline".into(),
+            roll_bytes: 64 * 1024 * 1024,
+            roll_interval: Duration::from_secs(60),
+            options: Default::default(),
+        }
+    }
 }
 
 /// `[server]`
@@ -184,6 +269,15 @@ pub struct Overrides {
     /// Redis Cluster seed nodes, comma-separated; implies --online-store redis_cluster. [env: QUIVER_REDIS_CLUSTER_NODES]
     #[arg(long, value_delimiter = ',')]
     pub redis_cluster_nodes: Option<Vec<String>>,
+    /// Kafka bootstrap servers. [env: QUIVER_KAFKA_BROKERS]
+    #[arg(long)]
+    pub kafka_brokers: Option<String>,
+    /// Kafka event topic. [env: QUIVER_KAFKA_TOPIC]
+    #[arg(long)]
+    pub kafka_topic: Option<String>,
+    /// Raw-event archive location (directory or s3://bucket/prefix). [env: QUIVER_ARCHIVE]
+    #[arg(long)]
+    pub archive: Option<String>,
 }
 
 impl Config {
@@ -243,6 +337,27 @@ impl Config {
                 .collect();
             self.online_store.backend = Backend::RedisCluster;
         }
+        if let Some(v) = env("QUIVER_KAFKA_BROKERS") {
+            self.kafka.brokers = v;
+        }
+        if let Some(v) = env("QUIVER_KAFKA_TOPIC") {
+            self.kafka.topic = v;
+        }
+        if let Some(v) = env("QUIVER_ARCHIVE") {
+            self.archive.location = v;
+        }
+        for k in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_REGION",
+            "AWS_ENDPOINT",
+            "AWS_ALLOW_HTTP",
+        ] {
+            if let Some(v) = env(k) {
+                self.archive.options.entry(k.to_lowercase()).or_insert(v);
+            }
+        }
         if let Some(v) = env("QUIVER_ONLINE_STORE") {
             self.online_store.backend = parse("QUIVER_ONLINE_STORE", v)?;
         }
@@ -272,6 +387,15 @@ impl Config {
         }
         if let Some(b) = f.online_store {
             self.online_store.backend = b;
+        }
+        if let Some(b) = &f.kafka_brokers {
+            self.kafka.brokers = b.clone();
+        }
+        if let Some(t) = &f.kafka_topic {
+            self.kafka.topic = t.clone();
+        }
+        if let Some(a) = &f.archive {
+            self.archive.location = a.clone();
         }
     }
 
@@ -314,7 +438,45 @@ impl Config {
         if l.max_request_bytes < 1024 {
             bail!("limits.max_request_bytes must be at least 1024");
         }
+        let k = &self.kafka;
+        if k.topic.is_empty() || k.dead_letter_topic.is_empty() || k.group_id.is_empty() {
+            bail!("kafka.topic, kafka.dead_letter_topic and kafka.group_id must not be empty");
+        }
+        if k.topic == k.dead_letter_topic {
+            bail!("kafka.dead_letter_topic must differ from kafka.topic");
+        }
+        if self.ingest.batch_max == 0 {
+            bail!("ingest.batch_max must be at least 1");
+        }
+        let a = &self.archive;
+        if a.roll_bytes < 1024 {
+            bail!("archive.roll_bytes must be at least 1024");
+        }
+        if a.location.contains("://")
+            && !(a.location.starts_with("s3://") || a.location.starts_with("file://"))
+        {
+            bail!(
+                "archive.location {:?}: use a directory, file:///dir or s3://bucket/prefix",
+                a.location
+            );
+        }
         Ok(())
+    }
+
+    /// Kafka settings as the ingest crate takes them.
+    pub fn kafka(&self, brokers: &str) -> quiver_ingest::KafkaConfig {
+        quiver_ingest::KafkaConfig {
+            brokers: brokers.to_owned(),
+            topic: self.kafka.topic.clone(),
+            group_id: self.kafka.group_id.clone(),
+            timeout: self.kafka.timeout,
+            extra: self
+                .kafka
+                .properties
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
     }
 
     /// The limits as the server takes them.

@@ -1,8 +1,9 @@
 //! `quiver`: the feature store's one binary.
 //!
 //! Subcommands: `serve` (gRPC + REST over the configured online store),
-//! `demo` (sample features in the embedded store, then serve), and
-//! `registry validate`.
+//! `ingest` (Kafka consumer: online features and the raw-event archive),
+//! `generate` (sample events to Kafka or the API), `demo` (the whole speed
+//! layer in one process on the embedded default), and `registry validate`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use quiver_core::event::EventSink;
 use quiver_core::store::{EmbeddedStore, RedisClusterStore, RedisConfig, RedisStore};
 use quiver_core::{Clock, OnlineStore, Registry, SystemClock};
 use quiver_server::{FeatureServer, Metrics};
@@ -17,6 +19,7 @@ use tokio::net::TcpListener;
 
 mod config;
 mod demo;
+mod pipeline;
 
 use config::{Backend, Config, Overrides};
 
@@ -42,19 +45,35 @@ enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
-    /// Load the sample registry, write sample features, and serve them.
+    /// Consume events from Kafka into the online store and the raw-event archive.
+    Ingest {
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// Produce realistic sample events (logins, page views, carts, purchases).
+    Generate {
+        #[command(flatten)]
+        overrides: Overrides,
+        #[command(flatten)]
+        args: pipeline::GenerateArgs,
+    },
+    /// Run the whole speed layer in one process: sample features, an
+    /// in-process Kafka, the event generator, ingest, and the server.
     Demo {
         #[command(flatten)]
         overrides: Overrides,
-        /// Sample users to write (user_1 ... user_N).
+        /// Sample users (user_0 ... user_N-1 for events, user_1 ... user_N for batch features).
         #[arg(long, default_value_t = 5000)]
         users: u64,
-        /// Sample products to write (product_1 ... product_N).
+        /// Sample products.
         #[arg(long, default_value_t = 1000)]
         products: u64,
-        /// Seed of the sample data.
+        /// Seed of the sample data and events.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Generated events per second (0 disables the generator).
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
     },
     /// Work with registry files.
     Registry {
@@ -79,22 +98,28 @@ fn main() -> ExitCode {
         Command::Registry {
             command: RegistryCommand::Validate { path },
         } => validate(&path),
-        Command::Serve { overrides } => {
-            runtime().and_then(|rt| rt.block_on(serve(overrides, None)))
+        Command::Serve { overrides } => runtime().and_then(|rt| rt.block_on(serve_cmd(overrides))),
+        Command::Ingest { overrides } => {
+            runtime().and_then(|rt| rt.block_on(pipeline::ingest_cmd(overrides)))
+        }
+        Command::Generate { overrides, args } => {
+            runtime().and_then(|rt| rt.block_on(pipeline::generate_cmd(overrides, args)))
         }
         Command::Demo {
             overrides,
             users,
             products,
             seed,
+            rate,
         } => runtime().and_then(|rt| {
-            rt.block_on(serve(
+            rt.block_on(pipeline::demo_cmd(
                 overrides,
-                Some(DemoData {
+                DemoData {
                     users,
                     products,
                     seed,
-                }),
+                    rate,
+                },
             ))
         }),
     };
@@ -135,11 +160,13 @@ fn validate(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// What `quiver demo` generates.
 #[derive(Debug, Clone, Copy)]
 struct DemoData {
     users: u64,
     products: u64,
     seed: u64,
+    rate: f64,
 }
 
 fn load_registry(cfg: &Config) -> Result<Registry> {
@@ -153,16 +180,32 @@ fn load_registry(cfg: &Config) -> Result<Registry> {
     }
 }
 
-async fn serve(overrides: Overrides, demo: Option<DemoData>) -> Result<()> {
+async fn serve_cmd(overrides: Overrides) -> Result<()> {
     let cfg = Config::load(&overrides, &|k| std::env::var(k).ok())?;
     let registry = Arc::new(load_registry(&cfg)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = open_online_store(&cfg, clock.clone())?;
+    let sink: Option<Arc<dyn EventSink>> = if cfg.kafka.brokers.is_empty() {
+        tracing::info!("no kafka.brokers configured: PushEvents answers UNAVAILABLE");
+        None
+    } else {
+        let kafka = cfg.kafka(&cfg.kafka.brokers);
+        Some(Arc::new(
+            quiver_ingest::KafkaEventSink::new(&kafka, registry.clone())
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ))
+    };
+    serve(&cfg, registry, store, clock, sink, None).await
+}
+
+/// Opens the configured online store (and, for the embedded one, starts
+/// its periodic sweep of expired rows).
+fn open_online_store(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn OnlineStore>> {
     let s = &cfg.online_store;
-    let store: Arc<dyn OnlineStore> = match s.backend {
+    Ok(match s.backend {
         Backend::Embedded => {
-            let store = Arc::new(
-                EmbeddedStore::open(&s.path, clock.clone()).map_err(|e| anyhow::anyhow!("{e}"))?,
-            );
+            let store =
+                Arc::new(EmbeddedStore::open(&s.path, clock).map_err(|e| anyhow::anyhow!("{e}"))?);
             tracing::info!(path = %s.path.display(), "online store: embedded");
             let sweeper = store.clone();
             tokio::spawn(async move {
@@ -203,15 +246,32 @@ async fn serve(overrides: Overrides, demo: Option<DemoData>) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
             )
         }
-    };
-    let service = Arc::new(FeatureServer::new(
+    })
+}
+
+/// Serves `registry` over `store` until SIGTERM/ctrl-c; `demo` seeds
+/// sample batch features first.
+async fn serve(
+    cfg: &Config,
+    registry: Arc<Registry>,
+    store: Arc<dyn OnlineStore>,
+    clock: Arc<dyn Clock>,
+    sink: Option<Arc<dyn EventSink>>,
+    demo: Option<DemoData>,
+) -> Result<()> {
+    let s = &cfg.online_store;
+    let mut service = FeatureServer::new(
         registry,
         store,
         clock.clone(),
         cfg.limits(),
         s.expiry_grace,
         Arc::new(Metrics::new()),
-    ));
+    );
+    if let Some(sink) = sink {
+        service = service.with_event_sink(sink);
+    }
+    let service = Arc::new(service);
 
     if let Some(d) = demo {
         let started = std::time::Instant::now();
@@ -259,7 +319,8 @@ async fn serve(overrides: Overrides, demo: Option<DemoData>) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or ctrl-c.
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -34,10 +34,10 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
-    /// Skewed pick in [0, n): index ~ n * u^3 favours low indices.
+    /// Skewed pick in [0, n): index ~ n * u^2 favours low indices.
     fn skewed(&mut self, n: u64) -> u64 {
         let u = self.f64();
-        ((u * u * u) * n as f64) as u64 % n.max(1)
+        ((u * u) * n as f64) as u64 % n.max(1)
     }
 }
 

@@ -1,0 +1,397 @@
+//! The speed-layer subcommands: `ingest`, `generate` and `demo`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use quiver_core::event::{Event, EventSink};
+use quiver_core::time::{duration_micros, parse_rfc3339, Micros};
+use quiver_core::wire::event_to_pb;
+use quiver_core::{Clock, OnlineStore, Registry, SystemClock};
+use quiver_ingest::archive::{open_store, ArchiveConfig, Archiver};
+use quiver_ingest::{
+    Applier, Generator, GeneratorConfig, IngestConfig, IngestStats, Ingestor, KafkaConfig,
+    KafkaEventSink,
+};
+use quiver_proto::v1 as pb;
+use rdkafka::mocking::MockCluster;
+
+use crate::config::{Config, Overrides};
+use crate::{load_registry, open_online_store, serve, shutdown_signal, DemoData};
+
+/// Flags of `quiver generate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerateArgs {
+    /// Where events go: `kafka` (the configured brokers and topic) or `grpc` (PushEvents).
+    #[arg(long, default_value = "kafka")]
+    pub to: String,
+    /// gRPC endpoint for `--to grpc`.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub grpc_url: String,
+    /// Events to produce; 0 runs until interrupted.
+    #[arg(long, default_value_t = 100_000)]
+    pub events: u64,
+    /// Events per second; 0 is as fast as the target accepts.
+    #[arg(long, default_value_t = 1_000.0)]
+    pub rate: f64,
+    /// Seed: the same seed produces the same events.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Distinct users (user_0 ...).
+    #[arg(long, default_value_t = 5_000)]
+    pub users: u64,
+    /// Distinct products (product_0 ...).
+    #[arg(long, default_value_t = 1_000)]
+    pub products: u64,
+    /// Event time of the first event (RFC 3339); default now.
+    #[arg(long)]
+    pub start: Option<String>,
+    /// Event-time step between events (e.g. `10ms`); default 1 s / rate, or 1ms.
+    #[arg(long)]
+    pub time_step: Option<humantime::Duration>,
+    /// Events per produce call.
+    #[arg(long, default_value_t = 500)]
+    pub batch: usize,
+}
+
+fn err(e: quiver_core::Error) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+fn kafka_of(cfg: &Config) -> Result<KafkaConfig> {
+    if cfg.kafka.brokers.is_empty() {
+        bail!("no Kafka brokers configured: pass --kafka-brokers host:port (or QUIVER_KAFKA_BROKERS), or run `quiver demo` for an in-process one");
+    }
+    Ok(cfg.kafka(&cfg.kafka.brokers))
+}
+
+fn archiver(cfg: &Config, registry: &Arc<Registry>) -> Result<Option<Archiver>> {
+    let a = &cfg.archive;
+    if a.location.is_empty() {
+        tracing::warn!("archive.location is empty: raw events are not archived and the batch layer will not see them");
+        return Ok(None);
+    }
+    let options: Vec<(String, String)> = a
+        .options
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let (store, root) = open_store(&a.location, &options).map_err(err)?;
+    tracing::info!(location = %a.location, "raw-event archive");
+    Ok(Some(Archiver::new(
+        store,
+        root,
+        registry.clone(),
+        ArchiveConfig {
+            roll_bytes: a.roll_bytes,
+            roll_interval: a.roll_interval,
+        },
+    )))
+}
+
+fn ingestor(
+    cfg: &Config,
+    kafka: &KafkaConfig,
+    registry: &Arc<Registry>,
+    store: Arc<dyn OnlineStore>,
+) -> Result<Ingestor> {
+    let applier = Applier::new(registry.clone(), store, cfg.online_store.expiry_grace);
+    Ingestor::new(
+        kafka,
+        IngestConfig {
+            batch_max: cfg.ingest.batch_max,
+            batch_wait: cfg.ingest.batch_wait,
+            dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
+            ..IngestConfig::default()
+        },
+        registry.clone(),
+        applier,
+        archiver(cfg, registry)?,
+    )
+    .map_err(err)
+}
+
+/// Logs ingest progress at most every 10 s.
+fn progress_logger() -> impl FnMut(&IngestStats) {
+    let started = Instant::now();
+    let mut last = Instant::now() - Duration::from_secs(60);
+    move |s: &IngestStats| {
+        if last.elapsed() >= Duration::from_secs(10) {
+            last = Instant::now();
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            tracing::info!(
+                events = s.events,
+                dead_letters = s.dead_letters,
+                events_per_s = (s.events as f64 / secs).round(),
+                tiles = s.online.tiles_written,
+                rows = s.online.rows_written,
+                archived = s.archived.events,
+                files = s.archived.files,
+                "ingesting"
+            );
+        }
+    }
+}
+
+/// `quiver ingest`.
+pub async fn ingest_cmd(overrides: Overrides) -> Result<()> {
+    let cfg = Config::load(&overrides, &|k| std::env::var(k).ok())?;
+    let registry = Arc::new(load_registry(&cfg)?);
+    let store = open_online_store(&cfg, Arc::new(SystemClock))?;
+    let kafka = kafka_of(&cfg)?;
+    tracing::info!(brokers = %kafka.brokers, topic = %kafka.topic, group = %kafka.group_id, "ingesting");
+    let ing = ingestor(&cfg, &kafka, &registry, store)?;
+    let stats = ing
+        .run(shutdown_signal(), progress_logger())
+        .await
+        .map_err(err)?;
+    tracing::info!(?stats, "ingest stopped");
+    Ok(())
+}
+
+/// Where generated events go.
+enum Target {
+    Sink(Arc<dyn EventSink>),
+    Grpc(quiver_proto::FeatureServiceClient<quiver_proto::tonic::transport::Channel>),
+}
+
+impl Target {
+    async fn send(&mut self, events: &[Event]) -> Result<u64> {
+        match self {
+            Target::Sink(s) => {
+                let results = s.publish(events).await.map_err(err)?;
+                if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                    bail!("the event log refused events: {e}");
+                }
+                Ok(results.len() as u64)
+            }
+            Target::Grpc(c) => {
+                let req = pb::PushEventsRequest {
+                    events: events.iter().map(event_to_pb).collect(),
+                };
+                let resp = c
+                    .push_events(req)
+                    .await
+                    .context("PushEvents failed")?
+                    .into_inner();
+                if let Some(r) = resp.rejected.first() {
+                    bail!("PushEvents rejected event {:?}: {}", r.event_id, r.reason);
+                }
+                Ok(resp.accepted)
+            }
+        }
+    }
+}
+
+/// Produces `n` events (0: until `stop`), paced to `rate` per second.
+async fn generate(
+    mut gen: Generator,
+    mut target: Target,
+    n: u64,
+    rate: f64,
+    batch: usize,
+    bar: ProgressBar,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<u64> {
+    tokio::pin!(stop);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        if n > 0 && sent >= n {
+            break;
+        }
+        let want = if n > 0 {
+            (n - sent).min(batch as u64)
+        } else {
+            batch as u64
+        };
+        let want = if rate > 0.0 {
+            want.min((rate / 10.0).ceil().max(1.0) as u64)
+        } else {
+            want
+        };
+        let events = gen.batch(want as usize);
+        sent += target.send(&events).await?;
+        bar.set_position(sent);
+        if rate > 0.0 {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate);
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tokio::time::sleep_until(due.into()) => {}
+            }
+        } else if futures_ready(&mut stop).await {
+            break;
+        }
+    }
+    bar.finish();
+    Ok(sent)
+}
+
+/// Whether `f` has completed, without waiting for it.
+async fn futures_ready(f: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>) -> bool {
+    tokio::select! {
+        biased;
+        _ = f.as_mut() => true,
+        _ = std::future::ready(()) => false,
+    }
+}
+
+fn progress_bar(n: u64) -> ProgressBar {
+    let bar = if n > 0 {
+        ProgressBar::new(n)
+    } else {
+        ProgressBar::new_spinner()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} events ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn generator_config(a: &GenerateArgs, now: Micros) -> Result<GeneratorConfig> {
+    let start = match &a.start {
+        Some(s) => parse_rfc3339(s).with_context(|| format!("--start {s:?} is not RFC 3339"))?,
+        None => now,
+    };
+    let step = match a.time_step {
+        Some(d) => duration_micros(d.into()),
+        None if a.rate > 0.0 => (1e6 / a.rate) as i64,
+        None => 1_000,
+    };
+    Ok(GeneratorConfig {
+        seed: a.seed,
+        users: a.users,
+        products: a.products,
+        start,
+        time_step: step.max(2),
+    })
+}
+
+/// `quiver generate`.
+pub async fn generate_cmd(overrides: Overrides, args: GenerateArgs) -> Result<()> {
+    let cfg = Config::load(&overrides, &|k| std::env::var(k).ok())?;
+    let registry = Arc::new(load_registry(&cfg)?);
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if !(args.rate >= 0.0 && args.rate.is_finite()) {
+        bail!("--rate must be a non-negative number of events per second");
+    }
+    let gen = Generator::new(
+        generator_config(&args, SystemClock.now_micros())?,
+        &registry,
+    )
+    .map_err(err)?;
+    let target = match args.to.as_str() {
+        "kafka" => {
+            let kafka = kafka_of(&cfg)?;
+            Target::Sink(Arc::new(
+                KafkaEventSink::new(&kafka, registry.clone()).map_err(err)?,
+            ))
+        }
+        "grpc" => Target::Grpc(
+            quiver_proto::FeatureServiceClient::connect(args.grpc_url.clone())
+                .await
+                .with_context(|| format!("cannot connect to {}", args.grpc_url))?,
+        ),
+        other => bail!("--to {other:?}: use kafka or grpc"),
+    };
+    let started = Instant::now();
+    let sent = generate(
+        gen,
+        target,
+        args.events,
+        args.rate,
+        args.batch,
+        progress_bar(args.events),
+        shutdown_signal(),
+    )
+    .await?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "generated {sent} events in {secs:.1} s ({:.0} events/s)",
+        sent as f64 / secs.max(1e-3)
+    );
+    Ok(())
+}
+
+/// `quiver demo`: an in-process Kafka (librdkafka's mock cluster), the
+/// event generator pushing through the same path as `PushEvents`, the
+/// ingest loop into the embedded store and local archive, and the server.
+pub async fn demo_cmd(overrides: Overrides, demo: DemoData) -> Result<()> {
+    let mut cfg = Config::load(&overrides, &|k| std::env::var(k).ok())?;
+    let registry = Arc::new(load_registry(&cfg)?);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = open_online_store(&cfg, clock.clone())?;
+
+    // The mock cluster lives as long as this function; it keeps events in
+    // memory, so it is for trying quiver out, not for keeping data.
+    let cluster = if cfg.kafka.brokers.is_empty() {
+        let c = MockCluster::new(1).context("starting the in-process Kafka")?;
+        c.create_topic(&cfg.kafka.topic, 3, 1)
+            .context("creating the event topic")?;
+        c.create_topic(&cfg.kafka.dead_letter_topic, 1, 1)
+            .context("creating the dead-letter topic")?;
+        cfg.kafka.brokers = c.bootstrap_servers();
+        tracing::info!(brokers = %cfg.kafka.brokers, "in-process Kafka (mock cluster) started");
+        Some(c)
+    } else {
+        None
+    };
+    let kafka = cfg.kafka(&cfg.kafka.brokers);
+    let sink: Arc<dyn EventSink> =
+        Arc::new(KafkaEventSink::new(&kafka, registry.clone()).map_err(err)?);
+
+    let ing = ingestor(&cfg, &kafka, &registry, store.clone())?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let ingest = tokio::spawn(ing.run(stopped(stop_rx.clone()), progress_logger()));
+    let generator = if demo.rate > 0.0 {
+        let gen = Generator::new(
+            GeneratorConfig {
+                seed: demo.seed,
+                users: demo.users,
+                products: demo.products,
+                start: clock.now_micros(),
+                time_step: ((1e6 / demo.rate) as i64).max(2),
+            },
+            &registry,
+        )
+        .map_err(err)?;
+        tracing::info!(rate = demo.rate, "generating sample events");
+        Some(tokio::spawn(generate(
+            gen,
+            Target::Sink(sink.clone()),
+            0,
+            demo.rate,
+            500,
+            ProgressBar::hidden(),
+            stopped(stop_rx.clone()),
+        )))
+    } else {
+        None
+    };
+
+    let served = serve(&cfg, registry, store, clock, Some(sink), Some(demo)).await;
+    let _ = stop_tx.send(true);
+    if let Some(g) = generator {
+        match g.await {
+            Ok(Ok(n)) => tracing::info!(events = n, "generator stopped"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "generator failed"),
+            Err(e) => tracing::warn!(error = %e, "generator task failed"),
+        }
+    }
+    match ingest.await {
+        Ok(Ok(stats)) => tracing::info!(?stats, "ingest stopped"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "ingest failed"),
+        Err(e) => tracing::warn!(error = %e, "ingest task failed"),
+    }
+    drop(cluster);
+    served
+}
