@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use quiver_core::event::EventSink;
 use quiver_core::store::{EmbeddedStore, RedisClusterStore, RedisConfig, RedisStore};
 use quiver_core::{Clock, ManualClock, OnlineStore, Registry};
 use quiver_proto::FeatureServiceClient;
@@ -78,16 +79,30 @@ impl TestServer {
         backend: Backend,
         limits: Limits,
     ) -> TestServer {
+        Self::start_with_events(store, backend, limits, None).await
+    }
+
+    /// A server whose `PushEvents` appends to `sink`.
+    pub async fn start_with_events(
+        store: Arc<dyn OnlineStore>,
+        backend: Backend,
+        limits: Limits,
+        sink: Option<Arc<dyn EventSink>>,
+    ) -> TestServer {
         let registry = Arc::new(Registry::from_toml("registry/features.toml", REGISTRY).unwrap());
         let clock = Arc::new(ManualClock::new(now()));
-        let service = Arc::new(FeatureServer::new(
+        let mut service = FeatureServer::new(
             registry,
             store,
             clock.clone(),
             limits,
             Duration::from_secs(86_400),
             Arc::new(Metrics::new()),
-        ));
+        );
+        if let Some(sink) = sink {
+            service = service.with_event_sink(sink);
+        }
+        let service = Arc::new(service);
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
