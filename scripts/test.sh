@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of quiver: Rust unit and integration tests (real redis-server
-# and a 3-node Redis Cluster on ephemeral ports, real gRPC/HTTP), then the Python client tests (grpcio
-# stubs generated from proto/, pytest against a live server).
-# Installs what is missing: redis-server and redis-cli (apt-get) and a Python venv (pip).
+# and a 3-node Redis Cluster on ephemeral ports, Kafka through librdkafka's
+# in-process mock cluster, an S3-compatible server (moto) on loopback, real
+# gRPC/HTTP), then the Python client tests (grpcio stubs generated from
+# proto/, pytest against a live server).
+# Installs what is missing: redis-server and redis-cli (apt-get) and a Python
+# venv with grpcio, pytest and moto[server] (pip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,16 +17,20 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
 fi
 
+echo "== python venv (grpcio, pytest, moto)"
+VENV="${QUIVER_TEST_VENV:-target/py-venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+  "grpcio>=1.60" "grpcio-tools>=1.60" "protobuf>=4.25" "pytest>=7" "moto[server]>=5"
+export QUIVER_MOTO_SERVER="$PWD/$VENV/bin/moto_server"
+
 echo "== cargo test --workspace"
 cargo test --workspace --locked
 
 echo "== python client tests"
 cargo build -p quiver --locked
-VENV="${QUIVER_TEST_VENV:-target/py-venv}"
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "grpcio>=1.60" "grpcio-tools>=1.60" "protobuf>=4.25" "pytest>=7"
 QUIVER_BIN="$PWD/target/debug/quiver" "$VENV/bin/python" -m pytest -q clients/python/tests
 
 echo "== all tests passed"

@@ -238,8 +238,26 @@ fn ingestor(
     batch_max: usize,
     roll_bytes: usize,
 ) -> Ingestor {
+    ingestor_at(
+        brokers,
+        store,
+        archive_dir.to_str().unwrap(),
+        &[],
+        batch_max,
+        roll_bytes,
+    )
+}
+
+fn ingestor_at(
+    brokers: &str,
+    store: Arc<dyn OnlineStore>,
+    location: &str,
+    options: &[(String, String)],
+    batch_max: usize,
+    roll_bytes: usize,
+) -> Ingestor {
     let reg = registry();
-    let (obj, root) = open_store(archive_dir.to_str().unwrap(), &[]).unwrap();
+    let (obj, root) = open_store(location, options).unwrap();
     let archiver = Archiver::new(
         obj,
         root,
@@ -480,4 +498,73 @@ async fn a_crash_mid_ingest_loses_nothing_and_counts_nothing_twice() {
     );
     check_aggregates(&*store, &reg, &evs, now()).await;
     assert_archive_exact(dir.path(), &evs, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archive_writes_to_s3() {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+
+    let s3 = quiver_testkit::S3Server::start();
+    s3.create_bucket("lake");
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 2, 1).unwrap();
+    cluster.create_topic(DLQ, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let db = tempfile::tempdir().unwrap();
+    let store: Arc<dyn OnlineStore> = Arc::new(
+        EmbeddedStore::open(&db.path().join("online.redb"), Arc::new(SystemClock)).unwrap(),
+    );
+    let evs = events(1_500, now() - 2 * HOUR);
+    let sink = KafkaEventSink::new(&kafka(&brokers, "unused"), registry()).unwrap();
+    produce(&sink, &evs).await;
+
+    let ing = ingestor_at(
+        &brokers,
+        store,
+        "s3://lake/offline",
+        &s3.options(),
+        400,
+        32 * 1024,
+    );
+    let stats = run_until_caught_up(ing, Some(1_500)).await;
+    assert_eq!(stats.archived.events, 1_500);
+
+    let (obj, root) = open_store("s3://lake/offline", &s3.options()).unwrap();
+    let files: Vec<object_store::ObjectMeta> = obj.list(Some(&root)).try_collect().await.unwrap();
+    let mut rows = 0;
+    let mut offsets = HashSet::new();
+    let mut parquet_files = 0;
+    for f in &files {
+        let name = f.location.to_string();
+        assert!(!name.contains("/staging/"), "staging file left: {name}");
+        if !name.ends_with(".parquet") {
+            assert!(
+                name.contains("/_quiver/archive/"),
+                "unexpected object {name}"
+            );
+            continue;
+        }
+        assert!(name.starts_with("offline/events/date="), "{name}");
+        parquet_files += 1;
+        let bytes = obj.get(&f.location).await.unwrap().bytes().await.unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in reader {
+            let b = b.unwrap();
+            let src = b.column(b.schema().index_of("_source").unwrap()).clone();
+            let src = src.as_any().downcast_ref::<StringArray>().unwrap().clone();
+            let off = b.column(b.schema().index_of("_offset").unwrap()).clone();
+            let off = off.as_any().downcast_ref::<Int64Array>().unwrap().clone();
+            for i in 0..b.num_rows() {
+                offsets.insert((src.value(i).to_owned(), off.value(i)));
+            }
+            rows += b.num_rows();
+        }
+    }
+    assert!(parquet_files > 1, "rolled by size into several files");
+    assert_eq!(rows, 1_500);
+    assert_eq!(offsets.len(), 1_500, "an offset was archived twice");
 }

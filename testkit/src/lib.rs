@@ -5,7 +5,8 @@
 //! answers `PING` (polling, no fixed sleep), and kills it on drop. A
 //! missing binary fails the test with the install command instead of
 //! skipping it. [`RedisCluster::start`] forms a Redis Cluster of several
-//! such servers with `redis-cli --cluster create`.
+//! such servers with `redis-cli --cluster create`. [`S3Server::start`] runs
+//! moto, an S3-compatible server, the same way.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -207,5 +208,98 @@ impl RedisCluster {
     /// Seed URLs of every node.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
+
+/// An S3-compatible server (moto, from PyPI `moto[server]`) on a free
+/// loopback port, killed on drop. The binary is `$QUIVER_MOTO_SERVER`, or
+/// `moto_server` on `PATH` (scripts/test.sh installs it in its venv).
+#[derive(Debug)]
+pub struct S3Server {
+    child: Child,
+    port: u16,
+}
+
+/// Sends one HTTP/1.1 request without a body; the status code, or `None`
+/// if nothing answers.
+fn http_status(port: u16, method: &str, path: &str) -> Option<u16> {
+    let addr = ([127, 0, 0, 1], port).into();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl S3Server {
+    /// Starts moto on a free port and waits until it answers HTTP.
+    pub fn start() -> S3Server {
+        let bin = std::env::var("QUIVER_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+        for _ in 0..5 {
+            let port = free_port();
+            let child = Command::new(&bin)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let mut child = match child {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                    "{bin} is not installed; install it with `pip install 'moto[server]'` and put it on PATH \
+                     or set QUIVER_MOTO_SERVER (scripts/test.sh does this for you)"
+                ),
+                Err(e) => panic!("cannot start {bin}: {e}"),
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if http_status(port, "GET", "/").is_some() {
+                    return S3Server { child, port };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("moto_server did not come up on any of 5 ephemeral ports");
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a bucket (path-style `PUT /bucket`).
+    pub fn create_bucket(&self, name: &str) {
+        let status = http_status(self.port, "PUT", &format!("/{name}"));
+        assert_eq!(status, Some(200), "creating bucket {name} on moto");
+    }
+
+    /// object_store options that point its S3 client at this server.
+    pub fn options(&self) -> Vec<(String, String)> {
+        [
+            ("aws_endpoint", self.endpoint()),
+            ("aws_allow_http", "true".into()),
+            ("aws_access_key_id", "test".into()),
+            ("aws_secret_access_key", "test".into()),
+            ("aws_region", "us-east-1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
