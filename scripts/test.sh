@@ -24,7 +24,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
   "grpcio>=1.60" "grpcio-tools>=1.60" "protobuf>=4.25" "pytest>=7" "moto[server]>=5"
-export QUIVER_MOTO_SERVER="$PWD/$VENV/bin/moto_server"
+VENV="$(cd "$VENV" && pwd)"
+export QUIVER_MOTO_SERVER="$VENV/bin/moto_server"
 
 echo "== cargo test --workspace"
 cargo test --workspace --locked
