@@ -144,3 +144,89 @@ pub fn decode_event(reg: &crate::Registry, payload: &[u8]) -> Result<Event> {
     crate::event::normalize(reg, &mut ev);
     Ok(ev)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_including_negative() {
+        for m in [0, 1, -1, 1_764_000_000_123_456, -86_400_000_001] {
+            assert_eq!(ts_to_micros(&micros_to_ts(m)).unwrap(), m);
+        }
+        assert!(ts_to_micros(&Timestamp {
+            seconds: 0,
+            nanos: -1
+        })
+        .is_err());
+        assert!(ts_to_micros(&Timestamp {
+            seconds: i64::MAX,
+            nanos: 0
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn events_round_trip_in_protobuf_and_json() {
+        let reg = crate::Registry::from_toml(
+            "r.toml",
+            r#"
+[[entities]]
+name = "user"
+join_key = "user_id"
+
+[[event_types]]
+name = "purchase"
+entities = ["user"]
+attributes = [{ name = "amount", dtype = "double" }, { name = "note", dtype = "string", optional = true }]
+"#,
+        )
+        .unwrap();
+        let ev = Event {
+            event_id: "e1".into(),
+            event_type: "purchase".into(),
+            entities: vec![("user_id".into(), Value::String("u1".into()))],
+            event_time: 1_764_000_000_000_001,
+            attributes: vec![("amount".into(), Value::Double(9.5))],
+        };
+        assert_eq!(decode_event(&reg, &encode_event(&ev)).unwrap(), ev);
+        let json = serde_json::to_vec(&ev.to_json()).unwrap();
+        assert_eq!(decode_event(&reg, &json).unwrap(), ev);
+        // int64 where double is declared is taken and stored as double.
+        let loose = br#"{"event_id":"e1","event_type":"purchase","event_time":"2025-11-24T16:00:00.000001Z","entities":{"user_id":"u1"},"attributes":{"amount":9}}"#;
+        let e = decode_event(&reg, loose).unwrap();
+        assert_eq!(e.attributes, vec![("amount".into(), Value::Double(9.0))]);
+        for (bad, needle) in [
+            (&b"\x08\x01garbage"[..], "not a quiver.v1.Event"),
+            (br#"{"event_id":"e1"}"#, "event_type is required"),
+            (br#"{"event_id":"e1","event_type":"purchase","event_time":"2025-11-24T16:00:00Z","entities":{"user_id":"u1"}}"#, "missing attribute \"amount\""),
+            (br#"{"event_id":"e1","event_type":"purchase","event_time":"2025-11-24T16:00:00Z","entities":{"user_id":5},"attributes":{"amount":1}}"#, "user_id takes string"),
+            (br#"{"event_id":"","event_type":"purchase","event_time":"2025-11-24T16:00:00Z","entities":{"user_id":"u"},"attributes":{"amount":1}}"#, "event_id must be"),
+            (br#"{"event_id":"e","event_type":"purchase","event_time":"2025-11-24T16:00:00Z","entities":{"user_id":"u"},"attributes":{"amount":1,"x":2}}"#, "has no attribute \"x\""),
+        ] {
+            let e = decode_event(&reg, bad).unwrap_err();
+            assert!(e.message().contains(needle), "{needle:?} not in {e}");
+        }
+    }
+
+    #[test]
+    fn values_round_trip() {
+        for v in [
+            Value::Null,
+            Value::Int64(-3),
+            Value::Double(2.5),
+            Value::String("x".into()),
+            Value::Bool(true),
+            Value::Bytes(vec![1, 2]),
+            Value::Timestamp(1_764_000_000_000_001),
+            Value::Int64List(vec![1]),
+            Value::DoubleList(vec![1.5]),
+            Value::StringList(vec!["a".into()]),
+            Value::BoolList(vec![false]),
+            Value::BytesList(vec![vec![9]]),
+            Value::FloatList(vec![0.25]),
+        ] {
+            assert_eq!(value_from_pb(value_to_pb(v.clone())).unwrap(), v);
+        }
+    }
+}
