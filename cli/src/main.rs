@@ -151,9 +151,10 @@ fn init_tracing() {
 fn validate(path: &std::path::Path) -> Result<()> {
     let reg = Registry::load(path).map_err(|e| anyhow::anyhow!("registry is invalid:\n{e}"))?;
     println!(
-        "{}: ok ({} entities, {} feature views, {} feature services)",
+        "{}: ok ({} entities, {} event types, {} feature views, {} feature services)",
         path.display(),
         reg.entities().len(),
+        reg.event_types().len(),
         reg.views().len(),
         reg.services().len()
     );
