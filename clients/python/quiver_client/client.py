@@ -173,6 +173,29 @@ class QuiverClient:
         resp = self._call(self._stub.WriteFeatures, req)
         return {"written": resp.written, "stale": resp.stale}
 
+    def push_events(self, events: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+        """Pushes events {"event_id", "event_type", "event_time": datetime, "entities": {...}, "attributes": {...}}.
+
+        Returns {"accepted": n, "rejected": [{"index", "event_id", "reason"}, ...]}; invalid events are
+        rejected one by one, the others are appended to the server's event log.
+        """
+        req = pb.PushEventsRequest()
+        for e in events:
+            ev = req.events.add()
+            ev.event_id = e["event_id"]
+            ev.event_type = e["event_type"]
+            if e.get("event_time") is not None:
+                ev.event_time.FromDatetime(e["event_time"].astimezone(_dt.timezone.utc))
+            for k, v in e.get("entities", {}).items():
+                ev.entities[k].CopyFrom(to_value(v))
+            for k, v in e.get("attributes", {}).items():
+                ev.attributes[k].CopyFrom(v if isinstance(v, pb.Value) else to_value(v))
+        resp = self._call(self._stub.PushEvents, req)
+        return {
+            "accepted": resp.accepted,
+            "rejected": [{"index": r.index, "event_id": r.event_id, "reason": r.reason} for r in resp.rejected],
+        }
+
     def registry(self) -> "pb.GetRegistryResponse":
         """Entities, feature views and feature services of the server."""
         return self._call(self._stub.GetRegistry, pb.GetRegistryRequest())

@@ -31,7 +31,7 @@ def server(tmp_path_factory):
         [
             binary, "demo", "--users", "300", "--products", "50",
             "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
-            "--store-path", str(data / "online.redb"),
+            "--store-path", str(data / "online.redb"), "--archive", str(data / "offline"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

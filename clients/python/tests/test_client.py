@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import signal
+import time
 import urllib.error
 import urllib.request
 
@@ -112,8 +113,40 @@ def test_rest_gateway_serves_the_seed_curl(server):
     assert e.value.code == 404
     assert "known entities" in json.load(e.value)["error"]["message"]
 
+def test_pushed_events_update_streaming_features(client):
+    now = dt.datetime.now(dt.timezone.utc)
+    views = [
+        {
+            "event_id": f"py-pv-{i}",
+            "event_type": "page_view",
+            "event_time": now,
+            "entities": {"user_id": "py_stream_user", "product_id": f"product_{i}"},
+            "attributes": {"session_id": "py", "category": "books", "dwell_seconds": 2.5},
+        }
+        for i in range(3)
+    ]
+    bad = {"event_id": "py-bad", "event_type": "page_view", "event_time": now,
+           "entities": {"user_id": "py_stream_user"}, "attributes": {}}
+    out = client.push_events(views + [bad])
+    assert out["accepted"] == 3
+    assert out["rejected"][0]["index"] == 3
+    assert "missing join key" in out["rejected"][0]["reason"]
+    deadline = time.time() + 20
+    while True:
+        cols = client.get_online_features(
+            {"user_id": ["py_stream_user"]},
+            features=["user_stream:page_views_1h", "user_stream:recent_products"],
+        )
+        if cols["page_views_1h"][0] == 3 or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert cols["page_views_1h"] == [3]
+    assert sorted(cols["recent_products"][0]) == ["product_0", "product_1", "product_2"]
+
+
 
 def test_zz_sigterm_shuts_down_gracefully(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
+
