@@ -440,7 +440,7 @@ impl Archiver {
 
     /// Adds a record; records at or below the archived offset (replays)
     /// are dropped. Returns whether it was buffered.
-    pub async fn add(&mut self, topic: &str, partition: i32, r: &Record) -> Result<bool> {
+    pub async fn add(&mut self, topic: &str, partition: i32, r: Record) -> Result<bool> {
         let b = self.buffer(topic, partition).await?;
         if r.offset <= b.through {
             return Ok(false);
@@ -448,7 +448,7 @@ impl Archiver {
         b.through = r.offset;
         b.bytes += approx_size(&r.event);
         b.since.get_or_insert_with(Instant::now);
-        b.records.push(r.clone());
+        b.records.push(r);
         Ok(true)
     }
 

@@ -278,6 +278,7 @@ impl Ingestor {
 
     async fn process(&mut self, batch: &[Msg]) -> Result<()> {
         let mut records = Vec::with_capacity(batch.len());
+        let mut origin: Vec<&Msg> = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         let mut sources: HashMap<(String, i32), Arc<str>> = HashMap::new();
         for m in batch {
@@ -290,22 +291,22 @@ impl Ingestor {
                 Some(p) => decode_event(&self.registry, p),
             };
             match decoded {
-                Ok(event) => records.push((
-                    m,
-                    Record {
+                Ok(event) => {
+                    records.push(Record {
                         source,
                         offset: m.offset,
                         event,
-                    },
-                )),
+                    });
+                    origin.push(m);
+                }
                 Err(e) => dead.push((m, e.message().to_owned())),
             }
         }
         self.dead_letter(&dead).await?;
-        let just_records: Vec<Record> = records.iter().map(|(_, r)| r.clone()).collect();
-        let online = self.applier.apply(&just_records).await?;
+        let online = self.applier.apply(&records).await?;
+        let n_events = records.len() as u64;
         if let Some(a) = self.archiver.as_mut() {
-            for (m, r) in &records {
+            for (m, r) in origin.iter().zip(records) {
                 a.add(&m.topic, m.partition, r).await?;
             }
             for (m, _) in &dead {
@@ -324,7 +325,7 @@ impl Ingestor {
             }
         }
         self.stats.messages += batch.len() as u64;
-        self.stats.events += records.len() as u64;
+        self.stats.events += n_events;
         self.stats.dead_letters += dead.len() as u64;
         self.stats.batches += u64::from(!batch.is_empty());
         self.stats.online += online;
