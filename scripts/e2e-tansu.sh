@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# End-to-end speed layer against a real Kafka-compatible broker: tansu (from
+# crates.io, in-memory storage), redis-server, and quiver as three separate
+# processes, the way it is deployed:
+#   quiver generate --to grpc  ->  quiver serve (PushEvents)  ->  Kafka (tansu)
+#   quiver generate --to kafka ----------------------------------^
+#   Kafka  ->  quiver ingest  ->  Redis (latest values, aggregation tiles) + Parquet archive
+# then checks the features over REST, the ingest totals and the archive.
+# Installs tansu into target/tools on first use (a few minutes of compiling).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TOOLS="$PWD/target/tools"
+if [ ! -x "$TOOLS/bin/tansu" ]; then
+  echo "== installing tansu (cargo install tansu --features dynostore)"
+  cargo install --locked tansu --version 0.6.0 --features dynostore --root "$TOOLS"
+fi
+command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install -y redis-server" >&2; exit 1; }
+echo "== building quiver"
+cargo build -p quiver --locked
+QUIVER="$PWD/target/debug/quiver"
+
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+
+KAFKA_PORT=$(free_port)
+REDIS_PORT=$(free_port)
+BROKERS="127.0.0.1:$KAFKA_PORT"
+
+echo "== tansu on $BROKERS, redis on $REDIS_PORT"
+"$TOOLS/bin/tansu" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine memory://tansu/ \
+  >"$WORK/tansu.log" 2>&1 &
+PIDS+=($!)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
+PIDS+=($!)
+wait_port "$KAFKA_PORT"
+wait_port "$REDIS_PORT"
+"$TOOLS/bin/tansu" topic create --broker "tcp://$BROKERS" quiver-events --partitions 3
+"$TOOLS/bin/tansu" topic create --broker "tcp://$BROKERS" quiver-events-dlq --partitions 1
+
+cat >"$WORK/quiver.toml" <<EOF
+[kafka]
+brokers = "$BROKERS"
+properties = { "session.timeout.ms" = "10000" }
+[online_store]
+redis_url = "redis://127.0.0.1:$REDIS_PORT"
+timeout = "2s"
+[archive]
+location = "$WORK/offline"
+roll_interval = "2s"
+[ingest]
+batch_wait = "100ms"
+EOF
+export QUIVER_CONFIG="$WORK/quiver.toml" QUIVER_LOG=info
+
+echo "== quiver serve"
+"$QUIVER" serve --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 >"$WORK/serve.out" 2>"$WORK/serve.log" &
+PIDS+=($!)
+for _ in $(seq 1 100); do grep -q "quiver listening" "$WORK/serve.out" && break; sleep 0.1; done
+GRPC=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$WORK/serve.out")
+HTTP=$(sed -n 's/.*http=\([^ ]*\).*/\1/p' "$WORK/serve.out")
+[ -n "$GRPC" ] || { cat "$WORK/serve.log"; echo "serve did not start" >&2; exit 1; }
+
+echo "== quiver ingest"
+"$QUIVER" ingest 2>"$WORK/ingest.log" &
+INGEST=$!
+PIDS+=($INGEST)
+
+echo "== quiver generate: 4000 events through PushEvents, 3000 straight to Kafka"
+"$QUIVER" generate --to grpc --grpc-url "http://$GRPC" --events 4000 --rate 0 --users 50 --products 20 --seed 1
+"$QUIVER" generate --to kafka --events 3000 --rate 0 --users 50 --products 20 --seed 2
+
+echo "== waiting for ingest"
+for _ in $(seq 1 300); do
+  v=$(curl -sf "http://$HTTP/api/v1/features/user/user_0?features=user_stream:page_views_24h,user_last_login:device" || true)
+  case "$v" in *'"status":"PRESENT"'*'"status":"PRESENT"'*) break ;; esac
+  sleep 0.2
+done
+echo "$v"
+case "$v" in *'"status":"PRESENT"'*'"status":"PRESENT"'*) ;; *) tail -20 "$WORK/ingest.log"; echo "features did not appear" >&2; exit 1 ;; esac
+
+# Stop ingest gracefully once it has seen all 7000 events: it archives what
+# it buffered and commits.
+for _ in $(seq 1 300); do
+  sleep 0.5
+  kill -0 "$INGEST" 2>/dev/null || break
+  # Progress lines come at most every 10 s.
+  if grep -q "events=7000" "$WORK/ingest.log" 2>/dev/null; then break; fi
+done
+kill -TERM "$INGEST"
+wait "$INGEST" || true
+grep "ingest stopped" "$WORK/ingest.log" | tail -1
+grep -q "ingest stopped.*events: 7000" "$WORK/ingest.log" || { tail -20 "$WORK/ingest.log"; echo "ingest did not apply exactly 7000 events" >&2; exit 1; }
+FILES=$(find "$WORK/offline/events" -name '*.parquet' | wc -l)
+echo "archive: $FILES parquet files"
+[ "$FILES" -gt 0 ] || { echo "no archive files" >&2; exit 1; }
+[ -z "$(ls -A "$WORK/offline/_quiver/staging" 2>/dev/null)" ] || { echo "staging files left" >&2; exit 1; }
+echo "== e2e passed"
