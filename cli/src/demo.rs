@@ -3,6 +3,7 @@
 
 use quiver_core::time::Micros;
 use quiver_core::Value;
+use quiver_ingest::generate::Rng;
 use quiver_server::service::FeatureRowIn;
 use quiver_server::FeatureServer;
 
@@ -19,28 +20,6 @@ const CATEGORIES: &[&str] = &[
     "beauty",
     "grocery",
 ];
-
-/// splitmix64: tiny, fast, and good enough for sample data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
-        xs[self.below(xs.len() as u64) as usize]
-    }
-}
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
@@ -100,7 +79,7 @@ pub async fn seed(
         let page_views = sessions * (2 + rng.below(12) as i64);
         let carts = rng.below(page_views as u64 / 3 + 1) as i64;
         let purchases = rng.below(carts as u64 + 1) as i64;
-        let aov = round2(15.0 + rng.unit() * if premium { 220.0 } else { 90.0 });
+        let aov = round2(15.0 + rng.f64() * if premium { 220.0 } else { 90.0 });
         let mut favs: Vec<String> = (0..1 + rng.below(3))
             .map(|_| rng.pick(CATEGORIES).to_owned())
             .collect();
@@ -132,7 +111,7 @@ pub async fn seed(
                 ("favorite_categories", Value::StringList(favs)),
             ],
         ));
-        let v: Vec<f32> = (0..16).map(|_| (rng.unit() * 2.0 - 1.0) as f32).collect();
+        let v: Vec<f32> = (0..16).map(|_| (rng.f64() * 2.0 - 1.0) as f32).collect();
         let norm = v
             .iter()
             .map(|x| x * x)
@@ -169,8 +148,8 @@ pub async fn seed(
             now - rng.below(12 * HOUR as u64) as i64,
             vec![
                 ("category", Value::String(rng.pick(CATEGORIES).to_owned())),
-                ("price", Value::Double(round2(2.0 + rng.unit() * 500.0))),
-                ("rating", Value::Double(round2(1.0 + rng.unit() * 4.0))),
+                ("price", Value::Double(round2(2.0 + rng.f64() * 500.0))),
+                ("rating", Value::Double(round2(1.0 + rng.f64() * 4.0))),
                 ("views_24h", Value::Int64(views)),
                 ("purchases_24h", Value::Int64(purchases)),
                 (

@@ -323,43 +323,26 @@ impl AggState {
 }
 
 fn last_n_value(entries: &[LastEntry]) -> Value {
+    fn all<T>(entries: &[LastEntry], f: impl Fn(&Value) -> Option<T>) -> Vec<T> {
+        entries.iter().filter_map(|e| f(&e.value)).collect()
+    }
     match entries.first().map(|e| &e.value) {
-        Some(Value::Int64(_)) => Value::Int64List(
-            entries
-                .iter()
-                .filter_map(|e| match e.value {
-                    Value::Int64(n) => Some(n),
-                    _ => None,
-                })
-                .collect(),
-        ),
-        Some(Value::Double(_)) => Value::DoubleList(
-            entries
-                .iter()
-                .filter_map(|e| match e.value {
-                    Value::Double(n) => Some(n),
-                    _ => None,
-                })
-                .collect(),
-        ),
-        Some(Value::Bool(_)) => Value::BoolList(
-            entries
-                .iter()
-                .filter_map(|e| match e.value {
-                    Value::Bool(b) => Some(b),
-                    _ => None,
-                })
-                .collect(),
-        ),
-        _ => Value::StringList(
-            entries
-                .iter()
-                .filter_map(|e| match &e.value {
-                    Value::String(s) => Some(s.clone()),
-                    _ => None,
-                })
-                .collect(),
-        ),
+        Some(Value::Int64(_)) => Value::Int64List(all(entries, |v| match v {
+            Value::Int64(n) => Some(*n),
+            _ => None,
+        })),
+        Some(Value::Double(_)) => Value::DoubleList(all(entries, |v| match v {
+            Value::Double(n) => Some(*n),
+            _ => None,
+        })),
+        Some(Value::Bool(_)) => Value::BoolList(all(entries, |v| match v {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        })),
+        _ => Value::StringList(all(entries, |v| match v {
+            Value::String(s) => Some(s.clone()),
+            _ => None,
+        })),
     }
 }
 

@@ -14,12 +14,13 @@ use quiver_core::time::Micros;
 use quiver_core::{Error, Result, Value, ValueType};
 
 /// SplitMix64: tiny, fast, and stable across versions (unlike `rand`'s
-/// `StdRng`), which a deterministic generator needs.
+/// `StdRng`), which deterministic sample data needs.
 #[derive(Debug, Clone)]
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -27,12 +28,16 @@ impl Rng {
         z ^ (z >> 31)
     }
     /// Uniform in [0, 1).
-    fn f64(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    pub fn f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
     /// Uniform in [0, n).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    /// One of `xs`, uniformly.
+    pub fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+        xs[self.below(xs.len() as u64) as usize]
     }
     /// Skewed pick in [0, n): index ~ n * u^2 favours low indices.
     fn skewed(&mut self, n: u64) -> u64 {

@@ -40,6 +40,18 @@ fn inline_command(port: u16, cmd: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// Spawns `cmd` with its output discarded; a missing binary fails with
+/// the command that installs it.
+fn spawn_quiet(cmd: &mut Command, name: &str, install: &str) -> Child {
+    match cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "{name} is not installed; install it with `{install}` (scripts/test.sh does this for you)"
+        ),
+        Err(e) => panic!("cannot start {name}: {e}"),
+    }
+}
+
 fn answers_ping(port: u16) -> bool {
     inline_command(port, "PING").is_some_and(|r| r.starts_with("+PONG"))
 }
@@ -66,31 +78,21 @@ impl RedisServer {
     /// Starts Redis on `port` with extra arguments; `None` if it did not come up.
     fn start_with(port: u16, extra: &[&str]) -> Option<RedisServer> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                "redis-server is not installed; install it with `apt-get install -y redis-server` \
-                 (scripts/test.sh does this for you)"
-            ),
-            Err(e) => panic!("cannot start redis-server: {e}"),
-        };
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .args(extra);
+        let mut child = spawn_quiet(&mut cmd, "redis-server", "apt-get install -y redis-server");
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if answers_ping(port) {
@@ -106,6 +108,7 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
+        let _ = child.wait();
         None
     }
 
@@ -242,19 +245,13 @@ impl S3Server {
         let bin = std::env::var("QUIVER_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
         for _ in 0..5 {
             let port = free_port();
-            let child = Command::new(&bin)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            let mut child = match child {
-                Ok(c) => c,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                    "{bin} is not installed; install it with `pip install 'moto[server]'` and put it on PATH \
-                     or set QUIVER_MOTO_SERVER (scripts/test.sh does this for you)"
-                ),
-                Err(e) => panic!("cannot start {bin}: {e}"),
-            };
+            let mut cmd = Command::new(&bin);
+            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+            let mut child = spawn_quiet(
+                &mut cmd,
+                &bin,
+                "pip install 'moto[server]' (on PATH, or set QUIVER_MOTO_SERVER)",
+            );
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 if http_status(port, "GET", "/").is_some() {
