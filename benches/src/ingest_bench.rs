@@ -25,6 +25,10 @@ use quiver_ingest::{
 };
 use rdkafka::mocking::MockCluster;
 
+// As in the `quiver` binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 struct Args {
     /// Events to ingest.
@@ -55,6 +59,13 @@ struct Args {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QUIVER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../registry/features.toml");
     let registry = Arc::new(Registry::load(&path).expect("sample registry"));
     let cluster = MockCluster::new(1).expect("mock cluster");

@@ -4,19 +4,25 @@
 //!
 //! # Exactly-once aggregation
 //! Every tile row keeps, per source (Kafka topic and partition), the last
-//! offset applied to it. A batch reads those offsets together with the
-//! partial states it is about to change (one pipelined read), merges only the
-//! events past the stored offset, and writes states and the new offset in one
-//! atomic, conditional update (see `OnlineStore::write_tiles`). A batch
-//! replayed after a crash, or by another consumer after a rebalance, is
-//! therefore skipped per row, never counted twice; Kafka offsets only say
-//! where to resume.
+//! offset applied to it, and the partial states of that source. Only the
+//! consumer of a partition writes that partition's fields, so after reading
+//! a row once (whole, in one pipelined read per batch of new rows) the
+//! applier keeps its source's part in memory and later batches only write.
+//! It merges only the events past the row's offset and writes states and
+//! the new offset in one atomic update that the store applies only if the
+//! offset is newer than the stored one (see `OnlineStore::write_tiles`). A
+//! batch replayed after a crash, or by another consumer after a rebalance,
+//! is therefore skipped per row, never counted twice; Kafka offsets only say
+//! where to resume. A write refused as stale, and every row of a revoked
+//! partition, is dropped from memory and read again when next needed.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::future::try_join_all;
-use quiver_core::aggregate::{event_time_field, offset_field, tile_field, tile_of, AggState};
+use quiver_core::aggregate::{
+    event_time_field, offset_field, parse_tile_field, tile_field, tile_of, AggState,
+};
 use quiver_core::codec::{entity_key, row_key};
 use quiver_core::event::Event;
 use quiver_core::registry::{EventField, ViewSource};
@@ -30,6 +36,8 @@ use quiver_core::{OnlineStore, Registry, Result, Value};
 const CHUNK: usize = 2_000;
 /// Store calls in flight per batch.
 const PARALLEL_CALLS: usize = 4;
+/// Tile rows (per source) kept in memory between batches.
+const DEFAULT_CACHE_ROWS: usize = 500_000;
 
 /// One consumed event and where it came from.
 #[derive(Debug, Clone)]
@@ -82,6 +90,50 @@ pub struct Applier {
     store: Arc<dyn OnlineStore>,
     expiry_grace: Micros,
     routes: HashMap<String, Routes>,
+    /// This process's view of the tile rows it wrote, per (row key, source).
+    cache: Mutex<HashMap<(String, Arc<str>), CachedRow>>,
+    cache_rows: usize,
+}
+
+/// One source's part of a tile row: its offset, newest event time and
+/// partial states, as last written (or read).
+#[derive(Debug, Clone, Default)]
+struct CachedRow {
+    offset: i64,
+    event_ts: Option<Micros>,
+    states: HashMap<String, Vec<u8>>,
+}
+
+impl CachedRow {
+    /// The part of a stored row (all its fields) that belongs to `source`.
+    fn of_source(raw: Vec<(String, Vec<u8>)>, source: &str) -> CachedRow {
+        let (of, tf) = (offset_field(source), event_time_field(source));
+        let num = |v: &[u8]| std::str::from_utf8(v).ok()?.parse::<i64>().ok();
+        let mut row = CachedRow {
+            offset: -1,
+            ..CachedRow::default()
+        };
+        for (name, v) in raw {
+            if name == of {
+                row.offset = num(&v).unwrap_or(-1);
+            } else if name == tf {
+                row.event_ts = num(&v);
+            } else if parse_tile_field(&name).is_some_and(|(_, _, s)| s == source) {
+                row.states.insert(name, v);
+            }
+        }
+        row
+    }
+
+    /// The row after `w` applied.
+    fn apply(&mut self, w: TileWrite) {
+        self.offset = w.offset;
+        self.event_ts = Some(self.event_ts.map_or(w.event_ts, |t| t.max(w.event_ts)));
+        for d in &w.delete {
+            self.states.remove(d);
+        }
+        self.states.extend(w.fields);
+    }
 }
 
 impl std::fmt::Debug for Applier {
@@ -137,13 +189,22 @@ impl Applier {
             store,
             expiry_grace: duration_micros(expiry_grace),
             routes,
+            cache: Mutex::new(HashMap::new()),
+            cache_rows: DEFAULT_CACHE_ROWS,
         }
     }
 
     /// Applies records (several sources, each in offset order).
     pub async fn apply(&self, records: &[Record]) -> Result<ApplyStats> {
+        let started = std::time::Instant::now();
         let mut stats = self.apply_latest(records).await?;
+        let latest = started.elapsed();
         stats += self.apply_tiles(records).await?;
+        tracing::debug!(
+            latest_ms = latest.as_millis() as u64,
+            tiles_ms = (started.elapsed() - latest).as_millis() as u64,
+            "applied"
+        );
         Ok(stats)
     }
 
@@ -245,29 +306,6 @@ impl Applier {
         Ok(stats)
     }
 
-    /// The fields a group reads: its source's offset and event time, and
-    /// the partial states of every (aggregation, tile) its events touch.
-    fn touched_fields(&self, g: &TileGroup) -> Vec<String> {
-        let ViewSource::Aggregations { tile, aggregations } = &self.registry.view(g.view).source
-        else {
-            return Vec::new();
-        };
-        let mut fields = vec![offset_field(g.source), event_time_field(g.source)];
-        for r in &g.records {
-            for &ai in self.aggs_of(g.view, &r.event.event_type) {
-                let f = tile_field(
-                    &aggregations[ai].name,
-                    tile_of(r.event.event_time, *tile),
-                    g.source,
-                );
-                if !fields.contains(&f) {
-                    fields.push(f);
-                }
-            }
-        }
-        fields
-    }
-
     fn aggs_of(&self, view: usize, event_type: &str) -> &[usize] {
         self.routes
             .get(event_type)
@@ -276,31 +314,73 @@ impl Applier {
     }
 
     async fn apply_tile_chunk(&self, groups: &[TileGroup<'_>]) -> Result<ApplyStats> {
-        let fields: Vec<Vec<String>> = groups.iter().map(|g| self.touched_fields(g)).collect();
-        let field_refs: Vec<Vec<&str>> = fields
-            .iter()
-            .map(|f| f.iter().map(String::as_str).collect())
-            .collect();
-        let lookups: Vec<Lookup> = groups
-            .iter()
-            .zip(&field_refs)
-            .map(|(g, f)| Lookup::tiles(&g.key, f))
-            .collect();
-        let stored = self.store.read(&lookups).await?;
-        let mut stats = ApplyStats::default();
-        let mut writes = Vec::with_capacity(groups.len());
-        for (g, row) in groups.iter().zip(stored) {
-            let raw = row.map(|r| r.raw).unwrap_or_default();
-            let w = self.merge_group(g, raw, &mut stats)?;
-            match w {
-                Some(w) => writes.push(w),
-                None => stats.tiles_replayed += 1,
+        // Rows this process has not seen (since start or since it lost the
+        // partition) are read whole, once; afterwards it owns its source's
+        // fields of the row and keeps them in memory.
+        let mut rows: Vec<Option<CachedRow>> = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            groups
+                .iter()
+                .map(|g| cache.remove(&(g.key.clone(), Arc::from(g.source))))
+                .collect()
+        };
+        let missing: Vec<usize> = (0..groups.len()).filter(|&i| rows[i].is_none()).collect();
+        if !missing.is_empty() {
+            let lookups: Vec<Lookup> = missing
+                .iter()
+                .map(|&i| Lookup::tiles(&groups[i].key, &[]))
+                .collect();
+            let stored = self.store.read(&lookups).await?;
+            for (&i, row) in missing.iter().zip(stored) {
+                let raw = row.map(|r| r.raw).unwrap_or_default();
+                rows[i] = Some(CachedRow::of_source(raw, groups[i].source));
             }
         }
-        let out = self.store.write_tiles(&writes).await?;
-        stats.tiles_written += out.written;
-        stats.tiles_replayed += out.stale;
+        let mut stats = ApplyStats::default();
+        let mut writes = Vec::with_capacity(groups.len());
+        let mut kept = Vec::with_capacity(groups.len());
+        for (g, row) in groups.iter().zip(rows) {
+            let row = row.unwrap_or_default();
+            match self.merge_group(g, &row, &mut stats)? {
+                Some(w) => {
+                    writes.push(w);
+                    kept.push((g, row));
+                }
+                None => {
+                    stats.tiles_replayed += 1;
+                    self.remember(g, row);
+                }
+            }
+        }
+        let applied = self.store.write_tiles(&writes).await?;
+        for ((w, (g, mut row)), ok) in writes.into_iter().zip(kept).zip(applied) {
+            if ok {
+                stats.tiles_written += 1;
+                row.apply(w);
+                self.remember(g, row);
+            } else {
+                // Another writer holds a newer offset of this source (a
+                // rebalance in flight): forget the row, read it next time.
+                stats.tiles_replayed += 1;
+            }
+        }
         Ok(stats)
+    }
+
+    fn remember(&self, g: &TileGroup, row: CachedRow) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= self.cache_rows {
+            // Crude but bounded: start over; rows are re-read on demand.
+            cache.clear();
+        }
+        cache.insert((g.key.clone(), Arc::from(g.source)), row);
+    }
+
+    /// Forgets the rows of sources this process no longer consumes (after
+    /// a rebalance), so that their next owner's writes are read back first.
+    pub fn forget_sources(&self, sources: &[String]) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|(_, src), _| !sources.iter().any(|s| s.as_str() == &**src));
     }
 
     /// Merges a group's new events into its stored states; `None` when the
@@ -308,7 +388,7 @@ impl Applier {
     fn merge_group(
         &self,
         g: &TileGroup,
-        raw: Vec<(String, Vec<u8>)>,
+        row: &CachedRow,
         stats: &mut ApplyStats,
     ) -> Result<Option<TileWrite>> {
         let ViewSource::Aggregations { tile, aggregations } = &self.registry.view(g.view).source
@@ -316,13 +396,8 @@ impl Applier {
             return Ok(None);
         };
         let tile = *tile;
-        let parse = |name: &str| {
-            raw.iter()
-                .find(|(n, _)| n == name)
-                .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
-        };
-        let applied = parse(&offset_field(g.source)).unwrap_or(-1);
-        let prev_ts = parse(&event_time_field(g.source));
+        let applied = row.offset;
+        let prev_ts = row.event_ts;
         let fresh: Vec<&Record> = g
             .records
             .iter()
@@ -359,8 +434,8 @@ impl Applier {
                 let pos = match states.iter().position(|(f, _)| *f == field) {
                     Some(p) => p,
                     None => {
-                        let state = match raw.iter().find(|(n, _)| *n == field) {
-                            Some((_, bytes)) => AggState::decode(bytes)?,
+                        let state = match row.states.get(&field) {
+                            Some(bytes) => AggState::decode(bytes)?,
                             None => AggState::new(agg.function),
                         };
                         states.push((field, state));

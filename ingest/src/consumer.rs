@@ -247,6 +247,8 @@ impl Ingestor {
             if let Some(a) = self.archiver.as_mut() {
                 a.forget(&revoked);
             }
+            let sources: Vec<String> = revoked.iter().map(|(t, p)| format!("{t}:{p}")).collect();
+            self.applier.forget_sources(&sources);
             for p in &revoked {
                 self.committed.remove(p);
             }
@@ -277,6 +279,7 @@ impl Ingestor {
     }
 
     async fn process(&mut self, batch: &[Msg]) -> Result<()> {
+        let started = std::time::Instant::now();
         let mut records = Vec::with_capacity(batch.len());
         let mut origin: Vec<&Msg> = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
@@ -302,8 +305,10 @@ impl Ingestor {
                 Err(e) => dead.push((m, e.message().to_owned())),
             }
         }
+        let decoded_at = started.elapsed();
         self.dead_letter(&dead).await?;
         let online = self.applier.apply(&records).await?;
+        let applied_at = started.elapsed();
         let n_events = records.len() as u64;
         if let Some(a) = self.archiver.as_mut() {
             for (m, r) in origin.iter().zip(records) {
@@ -324,6 +329,15 @@ impl Ingestor {
                 *e = (*e).max(m.offset + 1);
             }
         }
+        tracing::debug!(
+            messages = batch.len(),
+            decode_ms = decoded_at.as_millis() as u64,
+            online_ms = (applied_at - decoded_at).as_millis() as u64,
+            archive_ms = (started.elapsed() - applied_at).as_millis() as u64,
+            tiles = online.tiles_written,
+            rows = online.rows_written,
+            "batch"
+        );
         self.stats.messages += batch.len() as u64;
         self.stats.events += n_events;
         self.stats.dead_letters += dead.len() as u64;

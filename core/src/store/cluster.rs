@@ -101,12 +101,14 @@ impl RedisClusterStore {
 }
 
 impl RedisClusterStore {
-    /// Runs one pipeline of script calls per slot group, concurrently.
+    /// Runs one pipeline of script calls per slot group, concurrently;
+    /// returns the script results in input order.
     async fn run_scripts(
         &self,
+        n: usize,
         groups: &[Vec<usize>],
         build: impl Fn(&[usize], bool) -> redis::Pipeline,
-    ) -> Result<WriteOutcome> {
+    ) -> Result<Vec<i64>> {
         let build = &build;
         let calls = groups.iter().map(|idx| async move {
             match self.run::<Vec<i64>>(build(idx, false)).await? {
@@ -124,7 +126,13 @@ impl RedisClusterStore {
             futures::future::try_join_all(calls),
         )
         .await?;
-        Ok(outcome(&parts.concat()))
+        let mut out = vec![0; n];
+        for (idx, results) in groups.iter().zip(parts) {
+            for (&i, r) in idx.iter().zip(results) {
+                out[i] = r;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -160,18 +168,22 @@ impl OnlineStore for RedisClusterStore {
 
     async fn write(&self, rows: &[WriteRow]) -> Result<WriteOutcome> {
         let groups = by_slot(rows.iter().map(|r| r.key.as_str()));
-        self.run_scripts(&groups, |idx, eval| {
-            write_pipeline(idx.iter().map(|&i| &rows[i]), &self.write_script, eval)
-        })
-        .await
+        let results = self
+            .run_scripts(rows.len(), &groups, |idx, eval| {
+                write_pipeline(idx.iter().map(|&i| &rows[i]), &self.write_script, eval)
+            })
+            .await?;
+        Ok(outcome(&results))
     }
 
-    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<WriteOutcome> {
+    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<Vec<bool>> {
         let groups = by_slot(writes.iter().map(|w| w.key.as_str()));
-        self.run_scripts(&groups, |idx, eval| {
-            tile_pipeline(idx.iter().map(|&i| &writes[i]), &self.tile_script, eval)
-        })
-        .await
+        let results = self
+            .run_scripts(writes.len(), &groups, |idx, eval| {
+                tile_pipeline(idx.iter().map(|&i| &writes[i]), &self.tile_script, eval)
+            })
+            .await?;
+        Ok(results.into_iter().map(|r| r == 1).collect())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -190,16 +190,16 @@ impl OnlineStore for EmbeddedStore {
         .map_err(|e| Error::internal(format!("write task failed: {e}")))?
     }
 
-    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<WriteOutcome> {
+    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<Vec<bool>> {
         if writes.is_empty() {
-            return Ok(WriteOutcome::default());
+            return Ok(Vec::new());
         }
         let db = self.db.clone();
         let now = self.clock.now_micros();
         let writes = writes.to_vec();
-        tokio::task::spawn_blocking(move || -> Result<WriteOutcome> {
+        tokio::task::spawn_blocking(move || -> Result<Vec<bool>> {
             let tx = db.begin_write().map_err(db_error)?;
-            let mut out = WriteOutcome::default();
+            let mut out = Vec::with_capacity(writes.len());
             {
                 let mut table = tx.open_table(TILES).map_err(db_error)?;
                 for w in writes {
@@ -210,14 +210,14 @@ impl OnlineStore for EmbeddedStore {
                     if t.expire_at > 0 && t.expire_at <= now {
                         t = TileBlob::default();
                     }
-                    if apply_tile_write(&mut t, w.clone()) {
+                    let key = w.key.clone();
+                    let applied = apply_tile_write(&mut t, w);
+                    if applied {
                         table
-                            .insert(w.key.as_str(), encode_tiles(&t).as_slice())
+                            .insert(key.as_str(), encode_tiles(&t).as_slice())
                             .map_err(db_error)?;
-                        out.written += 1;
-                    } else {
-                        out.stale += 1;
                     }
+                    out.push(applied);
                 }
             }
             tx.commit().map_err(db_error)?;

@@ -138,8 +138,9 @@ pub trait OnlineStore: Send + Sync + 'static {
     async fn write(&self, rows: &[WriteRow]) -> Result<WriteOutcome>;
 
     /// Applies tile updates, atomically and at most once per row and
-    /// source offset (`stale` counts the skipped ones).
-    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<WriteOutcome>;
+    /// source offset. Returns, per write, whether it applied (`false`: the
+    /// row already held that offset of the source).
+    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<Vec<bool>>;
 
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<()>;

@@ -353,8 +353,8 @@ impl RedisStore {
 
 impl RedisStore {
     /// Runs a pipeline of script calls built by `build(eval_source)`.
-    async fn run_script(&self, build: impl Fn(bool) -> redis::Pipeline) -> Result<WriteOutcome> {
-        let results: Vec<i64> = with_deadline("redis", self.timeout, async {
+    async fn run_script(&self, build: impl Fn(bool) -> redis::Pipeline) -> Result<Vec<i64>> {
+        with_deadline("redis", self.timeout, async {
             match self.pipeline(&build(false)).await? {
                 Ok(r) => Ok(r),
                 // First use after a Redis restart: the script cache is empty.
@@ -365,8 +365,7 @@ impl RedisStore {
                 Err(e) => Err(redis_error(e)),
             }
         })
-        .await?;
-        Ok(outcome(&results))
+        .await
     }
 }
 
@@ -400,16 +399,20 @@ impl OnlineStore for RedisStore {
         if rows.is_empty() {
             return Ok(WriteOutcome::default());
         }
-        self.run_script(|eval| write_pipeline(rows, &self.write_script, eval))
-            .await
+        let results = self
+            .run_script(|eval| write_pipeline(rows, &self.write_script, eval))
+            .await?;
+        Ok(outcome(&results))
     }
 
-    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<WriteOutcome> {
+    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<Vec<bool>> {
         if writes.is_empty() {
-            return Ok(WriteOutcome::default());
+            return Ok(Vec::new());
         }
-        self.run_script(|eval| tile_pipeline(writes, &self.tile_script, eval))
-            .await
+        let results = self
+            .run_script(|eval| tile_pipeline(writes, &self.tile_script, eval))
+            .await?;
+        Ok(results.into_iter().map(|r| r == 1).collect())
     }
 
     async fn ping(&self) -> Result<()> {
