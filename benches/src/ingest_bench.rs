@@ -9,7 +9,7 @@
 //! `--embedded`).
 //!
 //! ```text
-//! cargo run --release -p quiver-bench --bin quiver-ingest-bench -- --events 1000000
+//! cargo run --release -p quiver-bench --bin quiver-ingest-bench -- --events 600000 --partitions 8
 //! ```
 
 use std::sync::{Arc, Mutex};
@@ -32,10 +32,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 struct Args {
     /// Events to ingest.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 600_000)]
     events: u64,
-    /// Partitions of the event topic.
-    #[arg(long, default_value_t = 4)]
+    /// Partitions of the event topic. librdkafka's mock cluster keeps at
+    /// most 100,000 messages per partition, so keep events / partitions below that.
+    #[arg(long, default_value_t = 8)]
     partitions: i32,
     /// Users and products of the generated events.
     #[arg(long, default_value_t = 100_000)]
@@ -59,6 +60,12 @@ struct Args {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if args.events / args.partitions.max(1) as u64 > 95_000 {
+        eprintln!(
+            "the mock cluster keeps at most 100,000 messages per partition: use more --partitions"
+        );
+        std::process::exit(2);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("QUIVER_LOG")
@@ -156,15 +163,24 @@ async fn main() {
     let progress: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::new(Mutex::new(Vec::new()));
     let seen = progress.clone();
     let done = async move {
+        let started = Instant::now();
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            if seen
-                .lock()
-                .unwrap()
-                .last()
-                .is_some_and(|(_, n)| *n >= target)
-            {
-                break;
+            let marks = seen.lock().unwrap();
+            let last = marks.last().copied();
+            drop(marks);
+            match last {
+                Some((_, n)) if n >= target => break,
+                // Nothing new for 10 s: report what arrived rather than hang.
+                Some((at, n)) if at.elapsed() > Duration::from_secs(10) => {
+                    eprintln!("stalled at {n} of {target} events");
+                    break;
+                }
+                None if started.elapsed() > Duration::from_secs(60) => {
+                    eprintln!("no batch within 60 s");
+                    break;
+                }
+                _ => {}
             }
         }
     };

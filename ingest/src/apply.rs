@@ -421,7 +421,8 @@ impl Applier {
             .unwrap_or(1);
         let first_kept = max_tile - retention + 1;
 
-        let mut states: Vec<(String, AggState)> = Vec::new();
+        // States by (aggregation, tile); field names are built once per state.
+        let mut states: Vec<((usize, i64), AggState)> = Vec::new();
         for r in &fresh {
             let t = tile_of(r.event.event_time, tile);
             if t < first_kept {
@@ -430,15 +431,15 @@ impl Applier {
             }
             for &ai in self.aggs_of(g.view, &r.event.event_type) {
                 let agg = &aggregations[ai];
-                let field = tile_field(&agg.name, t, g.source);
-                let pos = match states.iter().position(|(f, _)| *f == field) {
+                let pos = match states.iter().position(|(k, _)| *k == (ai, t)) {
                     Some(p) => p,
                     None => {
+                        let field = tile_field(&agg.name, t, g.source);
                         let state = match row.states.get(&field) {
                             Some(bytes) => AggState::decode(bytes)?,
                             None => AggState::new(agg.function),
                         };
-                        states.push((field, state));
+                        states.push(((ai, t), state));
                         states.len() - 1
                     }
                 };
@@ -474,7 +475,10 @@ impl Applier {
             source: g.source.to_owned(),
             offset: last.offset,
             event_ts: new_ts,
-            fields: states.into_iter().map(|(f, s)| (f, s.encode())).collect(),
+            fields: states
+                .into_iter()
+                .map(|((ai, t), s)| (tile_field(&aggregations[ai].name, t, g.source), s.encode()))
+                .collect(),
             delete,
             expire_at: (max_tile + retention) * tile,
         }))

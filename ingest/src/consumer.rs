@@ -210,11 +210,17 @@ impl Ingestor {
                     m = stream.next() => {
                         if let Some(m) = m {
                             push_msg(&mut batch, m);
-                            let deadline = Instant::now() + self.cfg.batch_wait;
+                            // One timer per batch, not one per message.
+                            let deadline = tokio::time::sleep_until(Instant::now() + self.cfg.batch_wait);
+                            tokio::pin!(deadline);
                             while batch.len() < self.cfg.batch_max {
-                                match tokio::time::timeout_at(deadline, stream.next()).await {
-                                    Ok(Some(m)) => push_msg(&mut batch, m),
-                                    Ok(None) | Err(_) => break,
+                                tokio::select! {
+                                    biased;
+                                    m = stream.next() => match m {
+                                        Some(m) => push_msg(&mut batch, m),
+                                        None => break,
+                                    },
+                                    _ = &mut deadline => break,
                                 }
                             }
                         }
@@ -222,10 +228,13 @@ impl Ingestor {
                 }
             }
             self.drop_revoked();
-            self.with_retry(&batch, &mut shutdown).await?;
-            if !batch.is_empty() {
-                on_batch(&self.stats);
+            if batch.is_empty() {
+                // Idle: roll archive files that are due by age, and commit.
+                self.flush_idle().await;
+                continue;
             }
+            self.with_retry(&batch, &mut shutdown).await?;
+            on_batch(&self.stats);
         }
         self.drop_revoked();
         if let Some(a) = self.archiver.as_mut() {
@@ -235,6 +244,20 @@ impl Ingestor {
         }
         self.commit(CommitMode::Sync)?;
         Ok(self.stats)
+    }
+
+    async fn flush_idle(&mut self) {
+        if let Some(a) = self.archiver.as_mut() {
+            match a.flush(false).await {
+                Ok(s) => {
+                    self.stats.archived.files += s.files;
+                    self.stats.archived.events += s.events;
+                }
+                // Retried on the next tick or batch.
+                Err(e) => tracing::warn!(error = %e, "archive roll failed"),
+            }
+        }
+        let _ = self.commit(CommitMode::Async);
     }
 
     fn drop_revoked(&mut self) {

@@ -111,14 +111,15 @@ impl RedisClusterStore {
     ) -> Result<Vec<i64>> {
         let build = &build;
         let calls = groups.iter().map(|idx| async move {
-            match self.run::<Vec<i64>>(build(idx, false)).await? {
-                Ok(r) => Ok(r),
+            let replies: Vec<redis::Value> = match self.run(build(idx, false)).await? {
+                Ok(r) => r,
                 // A node without the script cached (new or restarted): EVAL caches it.
                 Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                    self.run(build(idx, true)).await?.map_err(redis_error)
+                    self.run(build(idx, true)).await?.map_err(redis_error)?
                 }
-                Err(e) => Err(redis_error(e)),
-            }
+                Err(e) => return Err(redis_error(e)),
+            };
+            flatten_ints(replies)
         });
         let parts = with_deadline(
             "redis cluster",
@@ -134,6 +135,27 @@ impl RedisClusterStore {
         }
         Ok(out)
     }
+}
+
+/// Script results as one integer per row: a script returns an integer (one
+/// row) or an array of them (several rows).
+fn flatten_ints(replies: Vec<redis::Value>) -> Result<Vec<i64>> {
+    let mut out = Vec::with_capacity(replies.len());
+    for r in replies {
+        match r {
+            redis::Value::Int(n) => out.push(n),
+            redis::Value::Array(items) => {
+                for i in items {
+                    match i {
+                        redis::Value::Int(n) => out.push(n),
+                        _ => return Err(Error::internal("unexpected script reply from redis")),
+                    }
+                }
+            }
+            _ => return Err(Error::internal("unexpected script reply from redis")),
+        }
+    }
+    Ok(out)
 }
 
 #[async_trait]

@@ -34,32 +34,49 @@ if exp > 0 then redis.call('PEXPIREAT', KEYS[1], exp) end
 return 1
 "#;
 
-/// Applies one [`TileWrite`] at most once, atomically.
-/// KEYS[1]: row key. ARGV[1]: offset field, ARGV[2]: offset, ARGV[3]: event
-/// time field, ARGV[4]: event time, ARGV[5]: expire-at (epoch ms), ARGV[6]:
-/// number of fields to delete, then those fields, then field, value pairs.
-/// Returns 1 when applied, 0 when the row already has this offset.
+/// Applies [`TileWrite`]s, each at most once and atomically. KEYS: the
+/// row keys. ARGV, one segment per key: offset field, offset, event-time
+/// field, event time, expire-at (epoch ms), number of fields to delete, those
+/// fields, number of fields to set, then field, value pairs. Returns one
+/// integer per key: 1 when applied, 0 when the row already had the offset.
+/// Many rows per call amortise the script call (one per row would cost
+/// Redis more than the work itself).
 const TILE_SCRIPT: &str = r#"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 0 end
-local nd = tonumber(ARGV[6])
-for i = 7, 6 + nd do redis.call('HDEL', KEYS[1], ARGV[i]) end
-local args = {ARGV[1], ARGV[2]}
-local t = redis.call('HGET', KEYS[1], ARGV[3])
-if (not t) or tonumber(t) < tonumber(ARGV[4]) then
-  args[#args + 1] = ARGV[3]
-  args[#args + 1] = ARGV[4]
+local out = {}
+local a = 1
+for k = 1, #KEYS do
+  local key = KEYS[k]
+  local nd = tonumber(ARGV[a + 5])
+  local nf = tonumber(ARGV[a + 6 + nd])
+  local fields = a + 7 + nd
+  local cur = redis.call('HGET', key, ARGV[a])
+  if cur and tonumber(cur) >= tonumber(ARGV[a + 1]) then
+    out[k] = 0
+  else
+    for i = a + 6, a + 5 + nd do redis.call('HDEL', key, ARGV[i]) end
+    local args = {ARGV[a], ARGV[a + 1]}
+    local t = redis.call('HGET', key, ARGV[a + 2])
+    if (not t) or tonumber(t) < tonumber(ARGV[a + 3]) then
+      args[#args + 1] = ARGV[a + 2]
+      args[#args + 1] = ARGV[a + 3]
+    end
+    for i = fields, fields + 2 * nf - 1 do args[#args + 1] = ARGV[i] end
+    redis.call('HSET', key, unpack(args))
+    local exp = tonumber(ARGV[a + 4])
+    if redis.call('PTTL', key) < 0 then
+      redis.call('PEXPIREAT', key, exp)
+    else
+      redis.call('PEXPIREAT', key, exp, 'GT')
+    end
+    out[k] = 1
+  end
+  a = fields + 2 * nf
 end
-for i = 7 + nd, #ARGV do args[#args + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(args))
-local exp = tonumber(ARGV[5])
-if redis.call('PTTL', KEYS[1]) < 0 then
-  redis.call('PEXPIREAT', KEYS[1], exp)
-else
-  redis.call('PEXPIREAT', KEYS[1], exp, 'GT')
-end
-return 1
+return out
 "#;
+
+/// Rows per run of [`TILE_SCRIPT`].
+const TILE_ROWS_PER_CALL: usize = 64;
 
 /// One command per lookup (the read protocol, shared with the cluster
 /// store): `HMGET key _ts f1 f2 ...` for feature rows, `HGETALL key` or
@@ -153,31 +170,39 @@ pub(super) fn parse_rows<'a>(
         .collect()
 }
 
-/// One run of [`TILE_SCRIPT`] per write (EVALSHA, or EVAL with the source).
+/// Runs of [`TILE_SCRIPT`] over `writes`, [`TILE_ROWS_PER_CALL`] rows each
+/// (EVALSHA, or EVAL with the source). On a cluster, pass writes of one
+/// hash slot only.
 pub(super) fn tile_pipeline<'a>(
     writes: impl IntoIterator<Item = &'a TileWrite>,
     script: &Script,
     eval_source: bool,
 ) -> redis::Pipeline {
+    let writes: Vec<&TileWrite> = writes.into_iter().collect();
     let mut pipe = redis::pipe();
-    for w in writes {
+    for chunk in writes.chunks(TILE_ROWS_PER_CALL) {
         let cmd = pipe.cmd(if eval_source { "EVAL" } else { "EVALSHA" });
         cmd.arg(if eval_source {
             TILE_SCRIPT
         } else {
             script.get_hash()
         })
-        .arg(1)
-        .arg(&w.key)
-        .arg(offset_field(&w.source))
-        .arg(w.offset)
-        .arg(event_time_field(&w.source))
-        .arg(w.event_ts)
-        .arg(w.expire_at.div_euclid(1000).max(1))
-        .arg(w.delete.len())
-        .arg(&w.delete);
-        for (name, v) in &w.fields {
-            cmd.arg(name).arg(v.as_slice());
+        .arg(chunk.len());
+        for w in chunk {
+            cmd.arg(&w.key);
+        }
+        for w in chunk {
+            cmd.arg(offset_field(&w.source))
+                .arg(w.offset)
+                .arg(event_time_field(&w.source))
+                .arg(w.event_ts)
+                .arg(w.expire_at.div_euclid(1000).max(1))
+                .arg(w.delete.len())
+                .arg(&w.delete)
+                .arg(w.fields.len());
+            for (name, v) in &w.fields {
+                cmd.arg(name).arg(v.as_slice());
+            }
         }
     }
     pipe
@@ -353,7 +378,10 @@ impl RedisStore {
 
 impl RedisStore {
     /// Runs a pipeline of script calls built by `build(eval_source)`.
-    async fn run_script(&self, build: impl Fn(bool) -> redis::Pipeline) -> Result<Vec<i64>> {
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        build: impl Fn(bool) -> redis::Pipeline,
+    ) -> Result<Vec<T>> {
         with_deadline("redis", self.timeout, async {
             match self.pipeline(&build(false)).await? {
                 Ok(r) => Ok(r),
@@ -399,7 +427,7 @@ impl OnlineStore for RedisStore {
         if rows.is_empty() {
             return Ok(WriteOutcome::default());
         }
-        let results = self
+        let results: Vec<i64> = self
             .run_script(|eval| write_pipeline(rows, &self.write_script, eval))
             .await?;
         Ok(outcome(&results))
@@ -409,10 +437,10 @@ impl OnlineStore for RedisStore {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        let results = self
+        let results: Vec<Vec<i64>> = self
             .run_script(|eval| tile_pipeline(writes, &self.tile_script, eval))
             .await?;
-        Ok(results.into_iter().map(|r| r == 1).collect())
+        Ok(results.concat().into_iter().map(|r| r == 1).collect())
     }
 
     async fn ping(&self) -> Result<()> {
