@@ -47,9 +47,11 @@ pub fn window_start(now: Micros, tile: Micros, window: Micros) -> Micros {
     window_first_tile(now, tile, window) * tile
 }
 
-/// The online hash field of one partial state.
-pub fn tile_field(agg: &str, tile: i64, source: &str) -> String {
-    format!("{agg}:{tile}:{source}")
+/// The online hash field of one partial state: `state` is the
+/// aggregation's [`Aggregation::state`] (aggregations that differ only in
+/// their window share tiles).
+pub fn tile_field(state: &str, tile: i64, source: &str) -> String {
+    format!("{state}:{tile}:{source}")
 }
 
 /// Splits a tile field into aggregation name, tile and source; `None` for
@@ -554,7 +556,7 @@ pub fn finish_row(
             let agg = &aggregations[i];
             let states = raw.iter().filter_map(|(n, v)| {
                 let (name, t, src) = parse_tile_field(n)?;
-                (name == agg.name).then_some((t, src, v.as_slice()))
+                (name == agg.state).then_some((t, src, v.as_slice()))
             });
             combine(agg, tile, now, states)
         })

@@ -113,6 +113,10 @@ pub struct Aggregation {
     pub event_types: Vec<String>,
     /// Window length, a multiple of the view's tile.
     pub window: Micros,
+    /// Name of the tile state this aggregation reads: the first aggregation
+    /// of the view with the same function, attribute and event types (they
+    /// differ at most in their window, so they share tiles).
+    pub state: String,
 }
 
 /// Aggregation functions; see `docs/registry.md` for their exact semantics.
@@ -861,6 +865,16 @@ fn build_aggregations(
                 }
             }
         }
+        let mut events = a.events.clone();
+        events.sort();
+        let state = out
+            .iter()
+            .find(|o| {
+                let mut oe = o.event_types.clone();
+                oe.sort();
+                o.function == function && o.attribute == a.attribute && oe == events
+            })
+            .map_or_else(|| a.name.clone(), |o| o.state.clone());
         out.push(Aggregation {
             name: a.name.clone(),
             function,
@@ -868,6 +882,7 @@ fn build_aggregations(
             attribute_type,
             event_types: a.events.clone(),
             window,
+            state,
         });
     }
     (tile, out)
@@ -1349,6 +1364,7 @@ aggregations = [
         assert_eq!(*tile, 3_600_000_000);
         assert_eq!(aggregations[1].window, 7 * 24 * 3_600_000_000);
         assert_eq!(aggregations[2].function, AggFunction::LastN(3));
+        assert_eq!(aggregations[0].state, "purchases_24h");
         let types: Vec<ValueType> = s.features.iter().map(|f| f.value_type).collect();
         assert_eq!(
             types,

@@ -96,17 +96,17 @@ pub struct Applier {
 }
 
 /// One source's part of a tile row: its offset, newest event time and
-/// partial states, as last written (or read).
+/// partial states (decoded), as last written (or read).
 #[derive(Debug, Clone, Default)]
 struct CachedRow {
     offset: i64,
     event_ts: Option<Micros>,
-    states: HashMap<String, Vec<u8>>,
+    states: HashMap<String, AggState>,
 }
 
 impl CachedRow {
     /// The part of a stored row (all its fields) that belongs to `source`.
-    fn of_source(raw: Vec<(String, Vec<u8>)>, source: &str) -> CachedRow {
+    fn of_source(raw: Vec<(String, Vec<u8>)>, source: &str) -> Result<CachedRow> {
         let (of, tf) = (offset_field(source), event_time_field(source));
         let num = |v: &[u8]| std::str::from_utf8(v).ok()?.parse::<i64>().ok();
         let mut row = CachedRow {
@@ -119,20 +119,21 @@ impl CachedRow {
             } else if name == tf {
                 row.event_ts = num(&v);
             } else if parse_tile_field(&name).is_some_and(|(_, _, s)| s == source) {
-                row.states.insert(name, v);
+                let state = AggState::decode(&v)?;
+                row.states.insert(name, state);
             }
         }
-        row
+        Ok(row)
     }
 
-    /// The row after `w` applied.
-    fn apply(&mut self, w: TileWrite) {
+    /// The row after `w` applied; `states` are the written states, decoded.
+    fn apply(&mut self, w: &TileWrite, states: Vec<(String, AggState)>) {
         self.offset = w.offset;
         self.event_ts = Some(self.event_ts.map_or(w.event_ts, |t| t.max(w.event_ts)));
         for d in &w.delete {
             self.states.remove(d);
         }
-        self.states.extend(w.fields);
+        self.states.extend(states);
     }
 }
 
@@ -172,7 +173,12 @@ impl Applier {
                     }
                 }
                 ViewSource::Aggregations { aggregations, .. } => {
+                    // One state per distinct (function, attribute, events):
+                    // aggregations that differ only in window share it.
                     for (ai, a) in aggregations.iter().enumerate() {
+                        if a.state != a.name {
+                            continue;
+                        }
                         for t in &a.event_types {
                             let r = routes.entry(t.clone()).or_default();
                             match r.aggs.iter_mut().find(|(v, _)| *v == vi) {
@@ -333,18 +339,18 @@ impl Applier {
             let stored = self.store.read(&lookups).await?;
             for (&i, row) in missing.iter().zip(stored) {
                 let raw = row.map(|r| r.raw).unwrap_or_default();
-                rows[i] = Some(CachedRow::of_source(raw, groups[i].source));
+                rows[i] = Some(CachedRow::of_source(raw, groups[i].source)?);
             }
         }
         let mut stats = ApplyStats::default();
         let mut writes = Vec::with_capacity(groups.len());
         let mut kept = Vec::with_capacity(groups.len());
         for (g, row) in groups.iter().zip(rows) {
-            let row = row.unwrap_or_default();
-            match self.merge_group(g, &row, &mut stats)? {
-                Some(w) => {
+            let mut row = row.unwrap_or_default();
+            match self.merge_group(g, &mut row, &mut stats)? {
+                Some((w, states)) => {
                     writes.push(w);
-                    kept.push((g, row));
+                    kept.push((g, row, states));
                 }
                 None => {
                     stats.tiles_replayed += 1;
@@ -353,10 +359,10 @@ impl Applier {
             }
         }
         let applied = self.store.write_tiles(&writes).await?;
-        for ((w, (g, mut row)), ok) in writes.into_iter().zip(kept).zip(applied) {
+        for ((w, (g, mut row, states)), ok) in writes.iter().zip(kept).zip(applied) {
             if ok {
                 stats.tiles_written += 1;
-                row.apply(w);
+                row.apply(w, states);
                 self.remember(g, row);
             } else {
                 // Another writer holds a newer offset of this source (a
@@ -388,9 +394,9 @@ impl Applier {
     fn merge_group(
         &self,
         g: &TileGroup,
-        row: &CachedRow,
+        row: &mut CachedRow,
         stats: &mut ApplyStats,
-    ) -> Result<Option<TileWrite>> {
+    ) -> Result<Option<(TileWrite, Vec<(String, AggState)>)>> {
         let ViewSource::Aggregations { tile, aggregations } = &self.registry.view(g.view).source
         else {
             return Ok(None);
@@ -434,11 +440,11 @@ impl Applier {
                 let pos = match states.iter().position(|(k, _)| *k == (ai, t)) {
                     Some(p) => p,
                     None => {
-                        let field = tile_field(&agg.name, t, g.source);
-                        let state = match row.states.get(&field) {
-                            Some(bytes) => AggState::decode(bytes)?,
-                            None => AggState::new(agg.function),
-                        };
+                        let field = tile_field(&agg.state, t, g.source);
+                        let state = row
+                            .states
+                            .remove(&field)
+                            .unwrap_or_else(|| AggState::new(agg.function));
                         states.push(((ai, t), state));
                         states.len() - 1
                     }
@@ -460,8 +466,8 @@ impl Applier {
             let prev_first = tile_of(prev, tile) - retention + 1;
             let lo = prev_first.max(first_kept - retention);
             for t in lo..first_kept {
-                for a in aggregations {
-                    delete.push(tile_field(&a.name, t, g.source));
+                for a in aggregations.iter().filter(|a| a.state == a.name) {
+                    delete.push(tile_field(&a.state, t, g.source));
                 }
             }
         }
@@ -470,17 +476,19 @@ impl Applier {
             .map(|r| r.event.event_time)
             .max()
             .unwrap_or(max_ts);
-        Ok(Some(TileWrite {
+        let states: Vec<(String, AggState)> = states
+            .into_iter()
+            .map(|((ai, t), s)| (tile_field(&aggregations[ai].state, t, g.source), s))
+            .collect();
+        let write = TileWrite {
             key: g.key.clone(),
             source: g.source.to_owned(),
             offset: last.offset,
             event_ts: new_ts,
-            fields: states
-                .into_iter()
-                .map(|((ai, t), s)| (tile_field(&aggregations[ai].name, t, g.source), s.encode()))
-                .collect(),
+            fields: states.iter().map(|(f, s)| (f.clone(), s.encode())).collect(),
             delete,
             expire_at: (max_tile + retention) * tile,
-        }))
+        };
+        Ok(Some((write, states)))
     }
 }
