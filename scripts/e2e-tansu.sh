@@ -58,7 +58,6 @@ wait_port "$REDIS_PORT"
 cat >"$WORK/quiver.toml" <<EOF
 [kafka]
 brokers = "$BROKERS"
-properties = { "session.timeout.ms" = "10000" }
 [online_store]
 redis_url = "redis://127.0.0.1:$REDIS_PORT"
 timeout = "2s"
@@ -79,7 +78,7 @@ HTTP=$(sed -n 's/.*http=\([^ ]*\).*/\1/p' "$WORK/serve.out")
 [ -n "$GRPC" ] || { cat "$WORK/serve.log"; echo "serve did not start" >&2; exit 1; }
 
 echo "== quiver ingest"
-"$QUIVER" ingest 2>"$WORK/ingest.log" &
+QUIVER_LOG=info,quiver_ingest::consumer=debug "$QUIVER" ingest 2>"$WORK/ingest.log" &
 INGEST=$!
 PIDS+=($INGEST)
 
@@ -96,13 +95,13 @@ done
 echo "$v"
 case "$v" in *'"status":"PRESENT"'*'"status":"PRESENT"'*) ;; *) tail -20 "$WORK/ingest.log"; echo "features did not appear" >&2; exit 1 ;; esac
 
-# Stop ingest gracefully once it has seen all 7000 events: it archives what
-# it buffered and commits.
+# Stop ingest gracefully once its batches add up to all 7000 messages: it
+# archives what it buffered and commits.
+consumed() { sed -n 's/.* batch messages=\([0-9]*\) .*/\1/p' "$WORK/ingest.log" | awk '{s += $1} END {print s + 0}'; }
 for _ in $(seq 1 300); do
-  sleep 0.5
   kill -0 "$INGEST" 2>/dev/null || break
-  # Progress lines come at most every 10 s.
-  if grep -q "events=7000" "$WORK/ingest.log" 2>/dev/null; then break; fi
+  [ "$(consumed)" -ge 7000 ] && break
+  sleep 0.2
 done
 kill -TERM "$INGEST"
 wait "$INGEST" || true

@@ -5,7 +5,10 @@
 # gRPC/HTTP), then the Python client tests (grpcio stubs generated from
 # proto/, pytest against a live server).
 # Installs what is missing: redis-server and redis-cli (apt-get) and a Python
-# venv with grpcio, pytest and moto[server] (pip).
+# venv with grpcio, pytest and moto[server] (pip). Finally runs
+# scripts/e2e-tansu.sh (serve, ingest and generate as processes against a
+# real Kafka-compatible broker, tansu, installed from crates.io on first use;
+# QUIVER_SKIP_E2E=1 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,5 +36,10 @@ cargo test --workspace --locked
 echo "== python client tests"
 cargo build -p quiver --locked
 QUIVER_BIN="$PWD/target/debug/quiver" "$VENV/bin/python" -m pytest -q clients/python/tests
+
+if [ "${QUIVER_SKIP_E2E:-0}" != 1 ]; then
+  echo "== end to end against a real Kafka-compatible broker (tansu)"
+  ./scripts/e2e-tansu.sh
+fi
 
 echo "== all tests passed"

@@ -142,7 +142,17 @@ async fn main() {
     let archive_dir = tempfile::tempdir().unwrap();
     let archiver = args.archive.then(|| {
         let (obj, root) = open_store(archive_dir.path().to_str().unwrap(), &[]).unwrap();
-        Archiver::new(obj, root, registry.clone(), ArchiveConfig::default())
+        // Small files so that rolls (Parquet encoding and writes) happen
+        // inside the timed part of the run.
+        Archiver::new(
+            obj,
+            root,
+            registry.clone(),
+            ArchiveConfig {
+                roll_bytes: 4 * 1024 * 1024,
+                ..ArchiveConfig::default()
+            },
+        )
     });
     let ingestor = Ingestor::new(
         &kafka,

@@ -301,8 +301,21 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))
+        let mut cfg: Config = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        // As with env and flags: a Redis URL or cluster nodes in the file
+        // select that backend unless the file names a backend itself.
+        let raw: toml::Table = toml::from_str(&text).unwrap_or_default();
+        if let Some(store) = raw.get("online_store").and_then(toml::Value::as_table) {
+            if !store.contains_key("backend") {
+                if store.contains_key("cluster_nodes") {
+                    cfg.online_store.backend = Backend::RedisCluster;
+                } else if store.contains_key("redis_url") {
+                    cfg.online_store.backend = Backend::Redis;
+                }
+            }
+        }
+        Ok(cfg)
     }
 
     fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
@@ -551,6 +564,38 @@ mod tests {
             Config::load(&flags, &env).unwrap().online_store.backend,
             Backend::Embedded
         );
+    }
+
+    #[test]
+    fn a_redis_url_in_the_file_selects_redis() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("q.toml");
+        let flags = Overrides {
+            config: Some(file.clone()),
+            ..Overrides::default()
+        };
+        std::fs::write(&file, "[online_store]\nredis_url = \"redis://r:1\"\n").unwrap();
+        let cfg = Config::load(&flags, &env_of(&[])).unwrap();
+        assert_eq!(cfg.online_store.backend, Backend::Redis);
+        std::fs::write(
+            &file,
+            "[online_store]\nbackend = \"embedded\"\nredis_url = \"redis://r:1\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load(&flags, &env_of(&[])).unwrap();
+        assert_eq!(cfg.online_store.backend, Backend::Embedded);
+        std::fs::write(
+            &file,
+            "[online_store]\ncluster_nodes = [\"redis://a:1\"]\n[kafka]\nbrokers = \"k:9092\"\n[archive]\nlocation = \"s3://lake/q\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load(&flags, &env_of(&[])).unwrap();
+        assert_eq!(cfg.online_store.backend, Backend::RedisCluster);
+        assert_eq!(cfg.kafka.brokers, "k:9092");
+        assert_eq!(cfg.kafka("k:9092").topic, "quiver-events");
+        std::fs::write(&file, "[archive]\nlocation = \"ftp://x\"\n").unwrap();
+        let e = Config::load(&flags, &env_of(&[])).unwrap_err().to_string();
+        assert!(e.contains("archive.location"), "{e}");
     }
 
     #[test]

@@ -485,7 +485,10 @@ impl Applier {
             source: g.source.to_owned(),
             offset: last.offset,
             event_ts: new_ts,
-            fields: states.iter().map(|(f, s)| (f.clone(), s.encode())).collect(),
+            fields: states
+                .iter()
+                .map(|(f, s)| (f.clone(), s.encode()))
+                .collect(),
             delete,
             expire_at: (max_tile + retention) * tile,
         };
