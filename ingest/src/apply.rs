@@ -145,6 +145,10 @@ impl std::fmt::Debug for Applier {
     }
 }
 
+/// A merged group: the write, and the states it writes (decoded, for the
+/// in-memory copy).
+type Merged = (TileWrite, Vec<(String, AggState)>);
+
 /// One tile row's pending update from one source.
 struct TileGroup<'a> {
     key: String,
@@ -396,7 +400,7 @@ impl Applier {
         g: &TileGroup,
         row: &mut CachedRow,
         stats: &mut ApplyStats,
-    ) -> Result<Option<(TileWrite, Vec<(String, AggState)>)>> {
+    ) -> Result<Option<Merged>> {
         let ViewSource::Aggregations { tile, aggregations } = &self.registry.view(g.view).source
         else {
             return Ok(None);
