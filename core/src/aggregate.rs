@@ -589,29 +589,36 @@ mod tests {
         assert_eq!(parse_tile_field(&offset_field("events:3")), None);
     }
 
-    fn states() -> Vec<AggState> {
-        let mut out = Vec::new();
-        for f in [
-            AggFunction::Count,
-            AggFunction::Sum,
-            AggFunction::Mean,
-            AggFunction::Min,
-            AggFunction::Max,
-            AggFunction::LastN(3),
-            AggFunction::ApproxDistinct,
-        ] {
-            let mut s = AggState::new(f);
-            for i in 0..5 {
-                let v = if matches!(f, AggFunction::LastN(_) | AggFunction::ApproxDistinct) {
-                    Value::String(format!("p{}", i % 4))
-                } else {
-                    Value::Double(i as f64 * 1.5)
-                };
-                s.update(i * 10, &format!("e{i}"), Some(&v));
-            }
-            out.push(s);
+    const FUNCTIONS: [AggFunction; 7] = [
+        AggFunction::Count,
+        AggFunction::Sum,
+        AggFunction::Mean,
+        AggFunction::Min,
+        AggFunction::Max,
+        AggFunction::LastN(3),
+        AggFunction::ApproxDistinct,
+    ];
+
+    /// The i-th sample value for function `f`.
+    fn sample(f: AggFunction, i: i64) -> Value {
+        if matches!(f, AggFunction::LastN(_) | AggFunction::ApproxDistinct) {
+            Value::String(format!("p{}", i % 4))
+        } else {
+            Value::Double(i as f64 * 1.5)
         }
-        out
+    }
+
+    fn states() -> Vec<AggState> {
+        FUNCTIONS
+            .iter()
+            .map(|&f| {
+                let mut s = AggState::new(f);
+                for i in 0..5 {
+                    s.update(i * 10, &format!("e{i}"), Some(&sample(f, i)));
+                }
+                s
+            })
+            .collect()
     }
 
     #[test]
@@ -638,24 +645,11 @@ mod tests {
 
     #[test]
     fn merging_equals_updating_in_one_state() {
-        for (whole, f) in states().into_iter().zip([
-            AggFunction::Count,
-            AggFunction::Sum,
-            AggFunction::Mean,
-            AggFunction::Min,
-            AggFunction::Max,
-            AggFunction::LastN(3),
-            AggFunction::ApproxDistinct,
-        ]) {
+        for (whole, f) in states().into_iter().zip(FUNCTIONS) {
             let (mut a, mut b) = (AggState::new(f), AggState::new(f));
             for i in 0..5 {
-                let v = if matches!(f, AggFunction::LastN(_) | AggFunction::ApproxDistinct) {
-                    Value::String(format!("p{}", i % 4))
-                } else {
-                    Value::Double(i as f64 * 1.5)
-                };
                 let target = if i % 2 == 0 { &mut a } else { &mut b };
-                target.update(i * 10, &format!("e{i}"), Some(&v));
+                target.update(i * 10, &format!("e{i}"), Some(&sample(f, i)));
             }
             a.merge(&b).unwrap();
             assert_eq!(a.finish(), whole.finish(), "{f:?}");
