@@ -1,6 +1,6 @@
 //! Conversions between `quiver.v1` wire types and domain types.
 
-use quiver_core::registry::Registry;
+use quiver_core::registry::{AggFunction, Registry, ViewSource};
 pub use quiver_core::wire::{micros_to_ts, ts_to_micros, value_from_pb, value_to_pb};
 use quiver_core::{Error, Result, ValueType};
 use quiver_proto::v1 as pb;
@@ -120,6 +120,15 @@ pub fn value_type_to_pb(t: ValueType) -> pb::ValueType {
     }
 }
 
+/// Wire name of where a view's values come from.
+pub fn source_name(s: &ViewSource) -> &'static str {
+    match s {
+        ViewSource::Batch => "batch",
+        ViewSource::Events { .. } => "events",
+        ViewSource::Aggregations { .. } => "aggregations",
+    }
+}
+
 /// The registry as a `GetRegistryResponse`.
 pub fn registry_to_pb(reg: &Registry) -> pb::GetRegistryResponse {
     pb::GetRegistryResponse {
@@ -152,6 +161,50 @@ pub fn registry_to_pb(reg: &Registry) -> pb::GetRegistryResponse {
                 ttl_seconds: v.ttl.map_or(0, |t| t.as_secs()),
                 description: v.description.clone(),
                 tags: v.tags.clone().into_iter().collect(),
+                source: source_name(&v.source).to_owned(),
+                event_types: match &v.source {
+                    ViewSource::Events { event_types, .. } => event_types.clone(),
+                    _ => Vec::new(),
+                },
+                tile_seconds: match &v.source {
+                    ViewSource::Aggregations { tile, .. } => (*tile / 1_000_000) as u64,
+                    _ => 0,
+                },
+                aggregations: match &v.source {
+                    ViewSource::Aggregations { aggregations, .. } => aggregations
+                        .iter()
+                        .map(|a| pb::AggregationSpec {
+                            name: a.name.clone(),
+                            function: a.function.as_str().to_owned(),
+                            attribute: a.attribute.clone().unwrap_or_default(),
+                            event_types: a.event_types.clone(),
+                            window_seconds: (a.window / 1_000_000) as u64,
+                            n: match a.function {
+                                AggFunction::LastN(n) => n,
+                                _ => 0,
+                            },
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                },
+            })
+            .collect(),
+        event_types: reg
+            .event_types()
+            .iter()
+            .map(|e| pb::EventTypeSpec {
+                name: e.name.clone(),
+                entities: e.entities.clone(),
+                attributes: e
+                    .attributes
+                    .iter()
+                    .map(|(n, t)| pb::AttributeSpec {
+                        name: n.clone(),
+                        value_type: value_type_to_pb(*t) as i32,
+                        optional: e.optional.contains(n),
+                    })
+                    .collect(),
+                description: e.description.clone(),
             })
             .collect(),
         feature_services: reg

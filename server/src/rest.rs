@@ -347,23 +347,46 @@ async fn post_events(
 }
 
 async fn get_registry(State(svc): State<Arc<FeatureServer>>) -> Json<Json_> {
+    // The same content as gRPC GetRegistry, in its JSON mapping.
+    let pb = crate::convert::registry_to_pb(svc.registry());
     let reg = svc.registry();
+    let views: Vec<Json_> = pb
+        .feature_views
+        .iter()
+        .zip(reg.views())
+        .map(|(p, v)| json!({
+            "name": v.name,
+            "entities": v.entities,
+            "ttl_seconds": p.ttl_seconds,
+            "description": v.description,
+            "tags": v.tags,
+            "source": p.source,
+            "event_types": p.event_types,
+            "tile_seconds": p.tile_seconds,
+            "aggregations": p.aggregations.iter().map(|a| json!({
+                "name": a.name, "function": a.function, "attribute": a.attribute,
+                "event_types": a.event_types, "window_seconds": a.window_seconds, "n": a.n,
+            })).collect::<Vec<_>>(),
+            "features": v.features.iter().map(|f| json!({
+                "name": f.name, "value_type": f.value_type.as_str(), "dimension": f.dimension, "description": f.description,
+            })).collect::<Vec<_>>(),
+        }))
+        .collect();
     Json(json!({
         "entities": reg.entities().iter().map(|e| json!({
             "name": e.name, "join_key": e.join_key, "value_type": e.value_type.as_str(), "description": e.description,
         })).collect::<Vec<_>>(),
-        "feature_views": reg.views().iter().map(|v| json!({
-            "name": v.name,
-            "entities": v.entities,
-            "ttl_seconds": v.ttl.map_or(0, |t| t.as_secs()),
-            "description": v.description,
-            "tags": v.tags,
-            "features": v.features.iter().map(|f| json!({
-                "name": f.name, "value_type": f.value_type.as_str(), "dimension": f.dimension, "description": f.description,
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
+        "feature_views": views,
         "feature_services": reg.services().iter().map(|s| json!({
             "name": s.name, "features": s.refs, "description": s.description,
+        })).collect::<Vec<_>>(),
+        "event_types": reg.event_types().iter().map(|e| json!({
+            "name": e.name,
+            "entities": e.entities,
+            "attributes": e.attributes.iter().map(|(n, t)| json!({
+                "name": n, "value_type": t.as_str(), "optional": e.optional.contains(n),
+            })).collect::<Vec<_>>(),
+            "description": e.description,
         })).collect::<Vec<_>>(),
     }))
 }

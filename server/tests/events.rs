@@ -335,3 +335,66 @@ async fn without_an_event_log_push_is_unavailable() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 503);
 }
+
+#[tokio::test]
+async fn the_registry_describes_event_types_and_aggregations() {
+    let server = TestServer::embedded().await;
+    let mut c = server.client().await;
+    let reg = c
+        .get_registry(pb::GetRegistryRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let purchase = reg
+        .event_types
+        .iter()
+        .find(|e| e.name == "purchase")
+        .unwrap();
+    assert_eq!(purchase.entities, vec!["user", "product"]);
+    assert!(purchase
+        .attributes
+        .iter()
+        .any(|a| a.name == "amount" && !a.optional));
+    let stream = reg
+        .feature_views
+        .iter()
+        .find(|v| v.name == "user_stream")
+        .unwrap();
+    assert_eq!(
+        (stream.source.as_str(), stream.tile_seconds),
+        ("aggregations", 3600)
+    );
+    let spend = stream
+        .aggregations
+        .iter()
+        .find(|a| a.name == "spend_7d")
+        .unwrap();
+    assert_eq!(
+        (spend.function.as_str(), spend.attribute.as_str()),
+        ("sum", "amount")
+    );
+    assert_eq!(spend.window_seconds, 7 * 86_400);
+    let login = reg
+        .feature_views
+        .iter()
+        .find(|v| v.name == "user_last_login")
+        .unwrap();
+    assert_eq!(
+        (login.source.as_str(), login.event_types.clone()),
+        ("events", vec!["login".to_owned()])
+    );
+
+    let v: Value = reqwest::get(server.url("/api/v1/registry"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let views = v["feature_views"].as_array().unwrap();
+    let stream = views.iter().find(|x| x["name"] == "user_stream").unwrap();
+    assert_eq!(stream["source"], "aggregations");
+    assert_eq!(stream["aggregations"][7]["function"], "last_n");
+    assert_eq!(stream["aggregations"][7]["n"], 5);
+    let types = v["event_types"].as_array().unwrap();
+    assert_eq!(types.len(), 4);
+}
