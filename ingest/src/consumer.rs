@@ -227,7 +227,16 @@ impl Ingestor {
                     }
                 }
             }
-            self.drop_revoked();
+            let revoked = self.drop_revoked();
+            if !revoked.is_empty() {
+                // Their next owner (maybe us again) resumes from the committed
+                // offset; handling them here would race with it.
+                batch.retain(|m| {
+                    !revoked
+                        .iter()
+                        .any(|(t, p)| *t == m.topic && *p == m.partition)
+                });
+            }
             if batch.is_empty() {
                 // Idle: roll archive files that are due by age, and commit.
                 self.flush_idle().await;
@@ -260,7 +269,8 @@ impl Ingestor {
         let _ = self.commit(CommitMode::Async);
     }
 
-    fn drop_revoked(&mut self) {
+    /// Forgets state of partitions revoked since the last call; returns them.
+    fn drop_revoked(&mut self) -> Vec<(String, i32)> {
         let revoked: Vec<(String, i32)> = self
             .revoked
             .lock()
@@ -276,6 +286,7 @@ impl Ingestor {
                 self.committed.remove(p);
             }
         }
+        revoked
     }
 
     /// Processes a batch, retrying with backoff until it succeeds or

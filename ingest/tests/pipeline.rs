@@ -256,6 +256,26 @@ fn ingestor_at(
     batch_max: usize,
     roll_bytes: usize,
 ) -> Ingestor {
+    ingestor_rolling(
+        brokers,
+        store,
+        location,
+        options,
+        batch_max,
+        roll_bytes,
+        Duration::from_secs(3600),
+    )
+}
+
+fn ingestor_rolling(
+    brokers: &str,
+    store: Arc<dyn OnlineStore>,
+    location: &str,
+    options: &[(String, String)],
+    batch_max: usize,
+    roll_bytes: usize,
+    roll_interval: Duration,
+) -> Ingestor {
     let reg = registry();
     let (obj, root) = open_store(location, options).unwrap();
     let archiver = Archiver::new(
@@ -264,7 +284,7 @@ fn ingestor_at(
         reg.clone(),
         ArchiveConfig {
             roll_bytes,
-            roll_interval: Duration::from_secs(3600),
+            roll_interval,
         },
     );
     let applier = Applier::new(reg.clone(), store, Duration::from_secs(86_400));
@@ -567,4 +587,73 @@ async fn the_archive_writes_to_s3() {
     assert!(parquet_files > 1, "rolled by size into several files");
     assert_eq!(rows, 1_500);
     assert_eq!(offsets.len(), 1_500, "an offset was archived twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ingest_processes_share_the_topic_through_a_rebalance() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 4, 1).unwrap();
+    cluster.create_topic(DLQ, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let redis = RedisServer::start();
+    let store: Arc<dyn OnlineStore> = Arc::new(
+        RedisStore::new(&RedisConfig {
+            url: redis.url(),
+            pool_size: 4,
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap(),
+    );
+    let reg = registry();
+    // Event times end well before now: the definition counts no future events.
+    let evs = events(6_000, now() - 4 * HOUR);
+    let sink = KafkaEventSink::new(&kafka(&brokers, "unused"), reg.clone()).unwrap();
+    produce(&sink, &evs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().to_str().unwrap().to_owned();
+    let member = || {
+        ingestor_rolling(
+            &brokers,
+            store.clone(),
+            &location,
+            &[],
+            200,
+            8 * 1024,
+            Duration::from_millis(300),
+        )
+    };
+
+    // A starts alone; B joins once A is busy, so partitions move mid-stream.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let a_batches = Arc::new(Mutex::new(0u64));
+    let ab = a_batches.clone();
+    let a = tokio::spawn(member().run(stopped(stop_rx.clone()), move |s| {
+        *ab.lock().unwrap() = s.batches
+    }));
+    let started = Instant::now();
+    while *a_batches.lock().unwrap() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "A made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let b = tokio::spawn(member().run(stopped(stop_rx.clone()), |_| {}));
+    // Done when every event is in a visible archive file (rolled by age).
+    while archived_rows(dir.path()).len() < evs.len() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the group did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop_tx.send(true).unwrap();
+    let (sa, sb) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+    eprintln!("A: {sa:?}\nB: {sb:?}");
+    assert!(sb.events > 0, "B never got a partition");
+    check_aggregates(&*store, &reg, &evs, now()).await;
+    assert_archive_exact(dir.path(), &evs, &[]);
 }
