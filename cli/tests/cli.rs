@@ -73,3 +73,43 @@ fn bad_configuration_fails_before_starting() {
         "{stderr}"
     );
 }
+
+#[test]
+fn speed_layer_commands_say_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, needle) in [
+        (vec!["ingest"], "no Kafka brokers configured"),
+        (
+            vec!["generate", "--events", "1"],
+            "no Kafka brokers configured",
+        ),
+        (
+            vec![
+                "generate",
+                "--to",
+                "carrier-pigeon",
+                "--kafka-brokers",
+                "127.0.0.1:1",
+            ],
+            "--to \"carrier-pigeon\": use kafka or grpc",
+        ),
+        (
+            vec!["generate", "--rate=-5"],
+            "--rate must be a non-negative",
+        ),
+        (
+            vec!["ingest", "--archive", "ftp://lake"],
+            "archive.location",
+        ),
+    ] {
+        let out = quiver()
+            .args(&args)
+            .current_dir(dir.path())
+            .env_remove("QUIVER_KAFKA_BROKERS")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
