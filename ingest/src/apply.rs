@@ -346,12 +346,19 @@ impl Applier {
                 rows[i] = Some(CachedRow::of_source(raw, groups[i].source)?);
             }
         }
+        // Merging is CPU work on data this chunk owns: spread it over cores.
+        let merged = crate::par_map(groups.iter().zip(rows).collect(), |(g, row)| {
+            let mut row = row.unwrap_or_default();
+            let mut stats = ApplyStats::default();
+            let m = self.merge_group(g, &mut row, &mut stats);
+            (g, row, stats, m)
+        });
         let mut stats = ApplyStats::default();
         let mut writes = Vec::with_capacity(groups.len());
         let mut kept = Vec::with_capacity(groups.len());
-        for (g, row) in groups.iter().zip(rows) {
-            let mut row = row.unwrap_or_default();
-            match self.merge_group(g, &mut row, &mut stats)? {
+        for (g, row, s, m) in merged {
+            stats += s;
+            match m? {
                 Some((w, states)) => {
                     writes.push(w);
                     kept.push((g, row, states));

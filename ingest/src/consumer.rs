@@ -107,7 +107,7 @@ impl ConsumerContext for IngestContext {
 
 /// One consumed message, owned.
 struct Msg {
-    topic: String,
+    topic: Arc<str>,
     partition: i32,
     offset: i64,
     payload: Option<Vec<u8>>,
@@ -209,6 +209,7 @@ impl Ingestor {
                     _ = tick.tick() => {}
                     m = stream.next() => {
                         if let Some(m) = m {
+                            let collecting = std::time::Instant::now();
                             push_msg(&mut batch, m);
                             // One timer per batch, not one per message.
                             let deadline = tokio::time::sleep_until(Instant::now() + self.cfg.batch_wait);
@@ -223,6 +224,11 @@ impl Ingestor {
                                     _ = &mut deadline => break,
                                 }
                             }
+                            tracing::debug!(
+                                messages = batch.len(),
+                                collect_ms = collecting.elapsed().as_millis() as u64,
+                                "collected"
+                            );
                         }
                     }
                 }
@@ -234,7 +240,7 @@ impl Ingestor {
                 batch.retain(|m| {
                     !revoked
                         .iter()
-                        .any(|(t, p)| *t == m.topic && *p == m.partition)
+                        .any(|(t, p)| t.as_str() == &*m.topic && *p == m.partition)
                 });
             }
             if batch.is_empty() {
@@ -317,16 +323,17 @@ impl Ingestor {
         let mut records = Vec::with_capacity(batch.len());
         let mut origin: Vec<&Msg> = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
-        let mut sources: HashMap<(String, i32), Arc<str>> = HashMap::new();
-        for m in batch {
+        let mut sources: HashMap<(Arc<str>, i32), Arc<str>> = HashMap::new();
+        let registry = &self.registry;
+        let decoded = crate::par_map(batch.iter().collect(), |m: &Msg| match &m.payload {
+            None => Err(Error::invalid("empty message (no payload)")),
+            Some(p) => decode_event(registry, p),
+        });
+        for (m, decoded) in batch.iter().zip(decoded) {
             let source = sources
                 .entry((m.topic.clone(), m.partition))
                 .or_insert_with(|| Arc::from(format!("{}:{}", m.topic, m.partition)))
                 .clone();
-            let decoded = match &m.payload {
-                None => Err(Error::invalid("empty message (no payload)")),
-                Some(p) => decode_event(&self.registry, p),
-            };
             match decoded {
                 Ok(event) => {
                     records.push(Record {
@@ -358,7 +365,7 @@ impl Ingestor {
             for m in batch {
                 let e = self
                     .committed
-                    .entry((m.topic.clone(), m.partition))
+                    .entry((m.topic.to_string(), m.partition))
                     .or_insert(-1);
                 *e = (*e).max(m.offset + 1);
             }
@@ -391,7 +398,7 @@ impl Ingestor {
                 })
                 .insert(Header {
                     key: "quiver.source.topic",
-                    value: Some(m.topic.as_str()),
+                    value: Some(&*m.topic),
                 })
                 .insert(Header {
                     key: "quiver.source.partition",
@@ -455,7 +462,11 @@ fn push_msg(
 ) {
     match m {
         Ok(m) => batch.push(Msg {
-            topic: m.topic().to_owned(),
+            // Share the topic name with the previous message when it is the same.
+            topic: match batch.last() {
+                Some(prev) if &*prev.topic == m.topic() => prev.topic.clone(),
+                _ => Arc::from(m.topic()),
+            },
             partition: m.partition(),
             offset: m.offset(),
             payload: m.payload().map(<[u8]>::to_vec),
