@@ -28,7 +28,7 @@ use quiver_testkit::RedisServer;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const TOPIC: &str = "events";
@@ -69,11 +69,40 @@ fn events(n: usize, start: Micros) -> Vec<Event> {
     Generator::new(cfg, &registry()).unwrap().batch(n)
 }
 
-async fn produce(sink: &KafkaEventSink, events: &[Event]) {
-    for chunk in events.chunks(500) {
+/// Generates `n` events from `start` and produces them, as `PushEvents` would.
+async fn produce_events(brokers: &str, n: usize, start: Micros) -> Vec<Event> {
+    let evs = events(n, start);
+    let sink = KafkaEventSink::new(&kafka(brokers, "unused"), registry()).unwrap();
+    for chunk in evs.chunks(500) {
         let out = sink.publish(chunk).await.unwrap();
         assert!(out.iter().all(Result::is_ok));
     }
+    evs
+}
+
+/// librdkafka's in-process cluster with the event topic and the DLQ; keep
+/// the cluster alive for the test.
+fn mock_kafka(partitions: i32) -> (MockCluster<'static, DefaultProducerContext>, String) {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, partitions, 1).unwrap();
+    cluster.create_topic(DLQ, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    (cluster, brokers)
+}
+
+fn redis_store(redis: &RedisServer) -> Arc<dyn OnlineStore> {
+    Arc::new(
+        RedisStore::new(&RedisConfig {
+            url: redis.url(),
+            pool_size: 4,
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap(),
+    )
+}
+
+fn embedded_store(dir: &Path) -> Arc<dyn OnlineStore> {
+    Arc::new(EmbeddedStore::open(&dir.join("online.redb"), Arc::new(SystemClock)).unwrap())
 }
 
 /// Feature values straight from the definition: fold every event of the
@@ -238,29 +267,11 @@ fn ingestor(
     batch_max: usize,
     roll_bytes: usize,
 ) -> Ingestor {
-    ingestor_at(
+    ingestor_rolling(
         brokers,
         store,
         archive_dir.to_str().unwrap(),
         &[],
-        batch_max,
-        roll_bytes,
-    )
-}
-
-fn ingestor_at(
-    brokers: &str,
-    store: Arc<dyn OnlineStore>,
-    location: &str,
-    options: &[(String, String)],
-    batch_max: usize,
-    roll_bytes: usize,
-) -> Ingestor {
-    ingestor_rolling(
-        brokers,
-        store,
-        location,
-        options,
         batch_max,
         roll_bytes,
         Duration::from_secs(3600),
@@ -368,24 +379,12 @@ async fn dead_letters(brokers: &str) -> Vec<(String, BTreeMap<String, String>)> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_reach_the_online_store_the_archive_and_the_dead_letter_topic() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 3, 1).unwrap();
-    cluster.create_topic(DLQ, 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_kafka(3);
     let redis = RedisServer::start();
-    let store: Arc<dyn OnlineStore> = Arc::new(
-        RedisStore::new(&RedisConfig {
-            url: redis.url(),
-            pool_size: 4,
-            timeout: Duration::from_secs(5),
-        })
-        .unwrap(),
-    );
+    let store = redis_store(&redis);
     let reg = registry();
     let start = now() - 3 * HOUR;
-    let evs = events(3_000, start);
-    let sink = KafkaEventSink::new(&kafka(&brokers, "unused"), reg.clone()).unwrap();
-    produce(&sink, &evs).await;
+    let evs = produce_events(&brokers, 3_000, start).await;
 
     // Any producer may write JSON; undecodable messages go to the DLQ.
     let json_event = serde_json::json!({
@@ -470,18 +469,11 @@ async fn events_reach_the_online_store_the_archive_and_the_dead_letter_topic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_mid_ingest_loses_nothing_and_counts_nothing_twice() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 4, 1).unwrap();
-    cluster.create_topic(DLQ, 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_kafka(4);
     let db = tempfile::tempdir().unwrap();
-    let store: Arc<dyn OnlineStore> = Arc::new(
-        EmbeddedStore::open(&db.path().join("online.redb"), Arc::new(SystemClock)).unwrap(),
-    );
+    let store = embedded_store(db.path());
     let reg = registry();
-    let evs = events(6_000, now() - 4 * HOUR);
-    let sink = KafkaEventSink::new(&kafka(&brokers, "unused"), reg.clone()).unwrap();
-    produce(&sink, &evs).await;
+    let evs = produce_events(&brokers, 6_000, now() - 4 * HOUR).await;
     let dir = tempfile::tempdir().unwrap();
 
     // First run: killed at an arbitrary await point once a few batches are in.
@@ -527,25 +519,19 @@ async fn the_archive_writes_to_s3() {
 
     let s3 = quiver_testkit::S3Server::start();
     s3.create_bucket("lake");
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 2, 1).unwrap();
-    cluster.create_topic(DLQ, 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_kafka(2);
     let db = tempfile::tempdir().unwrap();
-    let store: Arc<dyn OnlineStore> = Arc::new(
-        EmbeddedStore::open(&db.path().join("online.redb"), Arc::new(SystemClock)).unwrap(),
-    );
-    let evs = events(1_500, now() - 2 * HOUR);
-    let sink = KafkaEventSink::new(&kafka(&brokers, "unused"), registry()).unwrap();
-    produce(&sink, &evs).await;
+    let store = embedded_store(db.path());
+    let evs = produce_events(&brokers, 1_500, now() - 2 * HOUR).await;
 
-    let ing = ingestor_at(
+    let ing = ingestor_rolling(
         &brokers,
         store,
         "s3://lake/offline",
         &s3.options(),
         400,
         32 * 1024,
+        Duration::from_secs(3600),
     );
     let stats = run_until_caught_up(ing, Some(1_500)).await;
     assert_eq!(stats.archived.events, 1_500);
@@ -585,30 +571,18 @@ async fn the_archive_writes_to_s3() {
         }
     }
     assert!(parquet_files > 1, "rolled by size into several files");
-    assert_eq!(rows, 1_500);
-    assert_eq!(offsets.len(), 1_500, "an offset was archived twice");
+    assert_eq!(rows, evs.len());
+    assert_eq!(offsets.len(), evs.len(), "an offset was archived twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_ingest_processes_share_the_topic_through_a_rebalance() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 4, 1).unwrap();
-    cluster.create_topic(DLQ, 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_kafka(4);
     let redis = RedisServer::start();
-    let store: Arc<dyn OnlineStore> = Arc::new(
-        RedisStore::new(&RedisConfig {
-            url: redis.url(),
-            pool_size: 4,
-            timeout: Duration::from_secs(5),
-        })
-        .unwrap(),
-    );
+    let store = redis_store(&redis);
     let reg = registry();
     // Event times end well before now: the definition counts no future events.
-    let evs = events(6_000, now() - 4 * HOUR);
-    let sink = KafkaEventSink::new(&kafka(&brokers, "unused"), reg.clone()).unwrap();
-    produce(&sink, &evs).await;
+    let evs = produce_events(&brokers, 6_000, now() - 4 * HOUR).await;
     let dir = tempfile::tempdir().unwrap();
     let location = dir.path().to_str().unwrap().to_owned();
     let member = || {

@@ -301,12 +301,7 @@ async fn pushed_events_become_streaming_features() {
         "{v}"
     );
 
-    let metrics = reqwest::get(st.server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = st.server.metrics().await;
     assert!(
         metrics.contains("quiver_events_total{outcome=\"accepted\"} 6"),
         "{metrics}"

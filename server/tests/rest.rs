@@ -224,12 +224,7 @@ async fn operational_endpoints(server: &TestServer) {
     let (status, ready) = get(server, "/ready").await;
     assert_eq!(status, 200);
     assert_eq!(ready["status"], "ready");
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains(r#"quiver_requests_total{code="200",method="/api/v1/features/:entity/:id",protocol="http"}"#),
         "{metrics}"

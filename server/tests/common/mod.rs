@@ -142,6 +142,16 @@ impl TestServer {
         format!("http://{}{path}", self.http_addr)
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn redis_server(&mut self) -> &mut RedisServer {
         match &mut self.backend {
             Backend::Redis(r) => r,
