@@ -16,6 +16,7 @@
 //! where to resume. A write refused as stale, and every row of a revoked
 //! partition, is dropped from memory and read again when next needed.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -152,7 +153,7 @@ type Merged = (TileWrite, Vec<(String, AggState)>);
 /// One tile row's pending update from one source.
 struct TileGroup<'a> {
     key: String,
-    source: &'a str,
+    source: &'a Arc<str>,
     view: usize,
     /// Records of this group, in offset order.
     records: Vec<&'a Record>,
@@ -294,15 +295,19 @@ impl Applier {
             };
             for (vi, _) in &routes.aggs {
                 let key = self.view_key(*vi, &r.event)?;
-                let gi = *index.entry((key.clone(), &*r.source)).or_insert_with(|| {
-                    groups.push(TileGroup {
-                        key,
-                        source: &r.source,
-                        view: *vi,
-                        records: Vec::new(),
-                    });
-                    groups.len() - 1
-                });
+                // The key is copied only for a new group, not for every event.
+                let gi = match index.entry((key, &*r.source)) {
+                    Entry::Occupied(e) => *e.get(),
+                    Entry::Vacant(e) => {
+                        groups.push(TileGroup {
+                            key: e.key().0.clone(),
+                            source: &r.source,
+                            view: *vi,
+                            records: Vec::new(),
+                        });
+                        *e.insert(groups.len() - 1)
+                    }
+                };
                 groups[gi].records.push(r);
             }
         }
@@ -331,7 +336,7 @@ impl Applier {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             groups
                 .iter()
-                .map(|g| cache.remove(&(g.key.clone(), Arc::from(g.source))))
+                .map(|g| cache.remove(&(g.key.clone(), g.source.clone())))
                 .collect()
         };
         let missing: Vec<usize> = (0..groups.len()).filter(|&i| rows[i].is_none()).collect();
@@ -390,7 +395,7 @@ impl Applier {
             // Crude but bounded: start over; rows are re-read on demand.
             cache.clear();
         }
-        cache.insert((g.key.clone(), Arc::from(g.source)), row);
+        cache.insert((g.key.clone(), g.source.clone()), row);
     }
 
     /// Forgets the rows of sources this process no longer consumes (after
@@ -493,7 +498,7 @@ impl Applier {
             .collect();
         let write = TileWrite {
             key: g.key.clone(),
-            source: g.source.to_owned(),
+            source: g.source.to_string(),
             offset: last.offset,
             event_ts: new_ts,
             fields: states

@@ -309,6 +309,13 @@ pub struct FlushStats {
     pub events: u64,
 }
 
+impl std::ops::AddAssign for FlushStats {
+    fn add_assign(&mut self, o: FlushStats) {
+        self.files += o.files;
+        self.events += o.events;
+    }
+}
+
 /// Buffers events per partition and rolls them into Parquet files.
 pub struct Archiver {
     store: Arc<dyn ObjectStore>,
@@ -488,9 +495,7 @@ impl Archiver {
             .collect();
         let mut stats = FlushStats::default();
         for (topic, partition) in due {
-            let s = self.roll(&topic, partition).await?;
-            stats.files += s.files;
-            stats.events += s.events;
+            stats += self.roll(&topic, partition).await?;
         }
         Ok(stats)
     }

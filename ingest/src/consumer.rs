@@ -254,8 +254,7 @@ impl Ingestor {
         self.drop_revoked();
         if let Some(a) = self.archiver.as_mut() {
             let s = a.flush(true).await?;
-            self.stats.archived.files += s.files;
-            self.stats.archived.events += s.events;
+            self.stats.archived += s;
         }
         self.commit(CommitMode::Sync)?;
         Ok(self.stats)
@@ -265,8 +264,7 @@ impl Ingestor {
         if let Some(a) = self.archiver.as_mut() {
             match a.flush(false).await {
                 Ok(s) => {
-                    self.stats.archived.files += s.files;
-                    self.stats.archived.events += s.events;
+                    self.stats.archived += s;
                 }
                 // Retried on the next tick or batch.
                 Err(e) => tracing::warn!(error = %e, "archive roll failed"),
@@ -359,15 +357,20 @@ impl Ingestor {
                 a.skip(&m.topic, m.partition, m.offset).await?;
             }
             let s = a.flush(false).await?;
-            self.stats.archived.files += s.files;
-            self.stats.archived.events += s.events;
+            self.stats.archived += s;
         } else {
+            // The next offset per partition, then one commit entry each.
+            let mut next: HashMap<(&str, i32), i64> = HashMap::new();
             for m in batch {
+                let e = next.entry((&*m.topic, m.partition)).or_insert(-1);
+                *e = (*e).max(m.offset + 1);
+            }
+            for ((topic, partition), n) in next {
                 let e = self
                     .committed
-                    .entry((m.topic.to_string(), m.partition))
+                    .entry((topic.to_owned(), partition))
                     .or_insert(-1);
-                *e = (*e).max(m.offset + 1);
+                *e = (*e).max(n);
             }
         }
         tracing::debug!(
