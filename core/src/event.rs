@@ -7,10 +7,11 @@
 //! JSON ([`Event::to_json`] / [`Event::from_json`]), both accepted on Kafka.
 
 use async_trait::async_trait;
-use serde_json::{Map, Number, Value as Json};
+use serde_json::{Map, Value as Json};
 
 use crate::codec::entity_key;
 use crate::error::{Error, Result};
+use crate::json::{value_from_json, value_to_json};
 use crate::registry::{EventType, Registry};
 use crate::time::{format_rfc3339, parse_rfc3339, Micros};
 use crate::value::{Value, ValueType};
@@ -74,9 +75,8 @@ impl Event {
     }
 
     /// The JSON form: `{"event_id", "event_type", "event_time" (RFC 3339),
-    /// "entities": {join_key: value}, "attributes": {name: value}}`.
-    /// Timestamps are RFC 3339 strings. Bytes attributes have no JSON form
-    /// (they show as null); send such events as protobuf.
+    /// "entities": {join_key: value}, "attributes": {name: value}}`, values
+    /// as in [`crate::json`] (the REST gateway's mapping).
     pub fn to_json(&self) -> Json {
         let mut entities = Map::new();
         for (k, v) in &self.entities {
@@ -129,7 +129,7 @@ impl Event {
                     .position(|jk| jk == k)
                     .map(|i| et.key_types[i])
                     .ok_or_else(|| unknown_key(et, k))?;
-                entities.push((k.clone(), json_to_value(v, ty, k)?));
+                entities.push((k.clone(), typed(v, ty, k)?));
             }
         }
         let mut attributes = Vec::new();
@@ -139,7 +139,7 @@ impl Event {
                 .ok_or_else(|| Error::invalid("attributes must be an object of name to value"))?;
             for (k, v) in m {
                 let ty = et.attribute(k).ok_or_else(|| unknown_attribute(et, k))?;
-                attributes.push((k.clone(), json_to_value(v, ty, k)?));
+                attributes.push((k.clone(), typed(v, ty, k)?));
             }
         }
         let ev = Event {
@@ -262,107 +262,7 @@ pub fn normalize(reg: &Registry, ev: &mut Event) {
     }
 }
 
-fn value_to_json(v: &Value) -> Json {
-    match v {
-        Value::Null => Json::Null,
-        Value::Int64(n) => Json::from(*n),
-        Value::Double(d) => Number::from_f64(*d).map_or(Json::Null, Json::Number),
-        Value::String(s) => Json::from(s.as_str()),
-        Value::Bool(b) => Json::from(*b),
-        Value::Bytes(_) | Value::BytesList(_) => Json::Null,
-        Value::Timestamp(t) => Json::from(format_rfc3339(*t)),
-        Value::Int64List(l) => Json::from(l.clone()),
-        Value::DoubleList(l) => Json::from(l.clone()),
-        Value::StringList(l) => Json::from(l.clone()),
-        Value::BoolList(l) => Json::from(l.clone()),
-        Value::FloatList(l) => Json::from(l.clone()),
-    }
-}
-
-/// Types a JSON value as `ty`; `field` names it in errors.
-pub fn json_to_value(j: &Json, ty: ValueType, field: &str) -> Result<Value> {
-    let bad = || {
-        Error::invalid(format!(
-            "{field} takes {ty} values, got JSON {}",
-            match j {
-                Json::Null => "null",
-                Json::Bool(_) => "boolean",
-                Json::Number(_) => "number",
-                Json::String(_) => "string",
-                Json::Array(_) => "array",
-                Json::Object(_) => "object",
-            }
-        ))
-    };
-    let list = |f: &dyn Fn(&Json) -> Option<Value>| -> Result<Vec<Value>> {
-        j.as_array()
-            .ok_or_else(bad)?
-            .iter()
-            .map(|x| f(x).ok_or_else(bad))
-            .collect()
-    };
-    Ok(match (ty, j) {
-        (_, Json::Null) => Value::Null,
-        (ValueType::Int64, Json::Number(n)) => Value::Int64(n.as_i64().ok_or_else(bad)?),
-        (ValueType::Double, Json::Number(n)) => Value::Double(n.as_f64().ok_or_else(bad)?),
-        (ValueType::String, Json::String(s)) => Value::String(s.clone()),
-        (ValueType::Bool, Json::Bool(b)) => Value::Bool(*b),
-        (ValueType::Timestamp, Json::String(s)) => {
-            Value::Timestamp(parse_rfc3339(s).ok_or_else(bad)?)
-        }
-        (ValueType::Int64List, _) => Value::Int64List(
-            list(&|x| x.as_i64().map(Value::Int64))?
-                .into_iter()
-                .filter_map(|v| {
-                    if let Value::Int64(n) = v {
-                        Some(n)
-                    } else {
-                        None
-                    }
-                })
-                .collect(),
-        ),
-        (ValueType::DoubleList | ValueType::FloatList, _) => {
-            let l: Vec<f64> = list(&|x| x.as_f64().map(Value::Double))?
-                .into_iter()
-                .filter_map(|v| {
-                    if let Value::Double(n) = v {
-                        Some(n)
-                    } else {
-                        None
-                    }
-                })
-                .collect();
-            if ty == ValueType::FloatList {
-                Value::FloatList(l.into_iter().map(|x| x as f32).collect())
-            } else {
-                Value::DoubleList(l)
-            }
-        }
-        (ValueType::StringList, _) => Value::StringList(
-            list(&|x| x.as_str().map(|s| Value::String(s.to_owned())))?
-                .into_iter()
-                .filter_map(|v| {
-                    if let Value::String(s) = v {
-                        Some(s)
-                    } else {
-                        None
-                    }
-                })
-                .collect(),
-        ),
-        (ValueType::BoolList, _) => Value::BoolList(
-            list(&|x| x.as_bool().map(Value::Bool))?
-                .into_iter()
-                .filter_map(|v| {
-                    if let Value::Bool(b) = v {
-                        Some(b)
-                    } else {
-                        None
-                    }
-                })
-                .collect(),
-        ),
-        _ => return Err(bad()),
-    })
+/// `j` read as `ty` (see [`crate::json`]); errors name the field.
+fn typed(j: &Json, ty: ValueType, field: &str) -> Result<Value> {
+    value_from_json(j, ty).map_err(|m| Error::invalid(format!("{field} takes {ty} values: {m}")))
 }

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`registry`]: entities, feature views and feature services, loaded from
 //!   TOML and validated with messages that name file, item and problem.
+//! - [`json`]: the JSON form of typed values (REST gateway, JSON events).
 //! - [`event`]: events pushed by producers, validated against the registry.
 //! - [`aggregate`]: windowed aggregation states and tile arithmetic, shared
 //!   by the online (ingest) and offline (batch) computations.
@@ -18,6 +19,7 @@ pub mod aggregate;
 pub mod codec;
 pub mod error;
 pub mod event;
+pub mod json;
 pub mod registry;
 pub mod store;
 pub mod time;
