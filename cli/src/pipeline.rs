@@ -214,27 +214,20 @@ async fn generate(
         let events = gen.batch(want as usize);
         sent += target.send(&events).await?;
         bar.set_position(sent);
-        if rate > 0.0 {
-            let due = started + Duration::from_secs_f64(sent as f64 / rate);
-            tokio::select! {
-                _ = &mut stop => break,
-                _ = tokio::time::sleep_until(due.into()) => {}
-            }
-        } else if futures_ready(&mut stop).await {
-            break;
+        // Pace to `rate`; without one, only look whether to stop.
+        let due = if rate > 0.0 {
+            started + Duration::from_secs_f64(sent as f64 / rate)
+        } else {
+            Instant::now()
+        };
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            _ = tokio::time::sleep_until(due.into()) => {}
         }
     }
     bar.finish();
     Ok(sent)
-}
-
-/// Whether `f` has completed, without waiting for it.
-async fn futures_ready(f: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>) -> bool {
-    tokio::select! {
-        biased;
-        _ = f.as_mut() => true,
-        _ = std::future::ready(()) => false,
-    }
 }
 
 fn progress_bar(n: u64) -> ProgressBar {
