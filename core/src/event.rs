@@ -95,9 +95,15 @@ impl Event {
         })
     }
 
-    /// Parses the JSON form, typing values by the registry. Errors name the
+    /// Parses and checks the JSON form (see [`checked`]). Errors name the
     /// offending field.
     pub fn from_json(reg: &Registry, json: &Json) -> Result<Event> {
+        checked(reg, Event::parse_json(reg, json)?)
+    }
+
+    /// Parses the JSON form, typing values by the registry, without the
+    /// checks of [`checked`] (for callers that check every event anyway).
+    pub fn parse_json(reg: &Registry, json: &Json) -> Result<Event> {
         let obj = json
             .as_object()
             .ok_or_else(|| Error::invalid("an event must be a JSON object"))?;
@@ -142,15 +148,13 @@ impl Event {
                 attributes.push((k.clone(), typed(v, ty, k)?));
             }
         }
-        let ev = Event {
+        Ok(Event {
             event_id,
             event_type,
             entities,
             event_time,
             attributes,
-        };
-        validate(reg, &ev)?;
-        Ok(ev)
+        })
     }
 }
 
@@ -190,7 +194,6 @@ fn unknown_attribute(et: &EventType, k: &str) -> Error {
 /// Checks an event against the registry: known type, every join key of
 /// the type present and typed, attributes declared and typed (int64 is
 /// taken where double is declared), required attributes present.
-/// Coerces int64 to double in place.
 pub fn validate(reg: &Registry, ev: &Event) -> Result<()> {
     if ev.event_id.is_empty() || ev.event_id.len() > MAX_EVENT_ID_LEN {
         return Err(Error::invalid(format!(
@@ -249,9 +252,16 @@ pub fn validate(reg: &Registry, ev: &Event) -> Result<()> {
     Ok(())
 }
 
-/// Replaces int64 values of double attributes by doubles, so stored and
-/// archived values have the declared type.
-pub fn normalize(reg: &Registry, ev: &mut Event) {
+/// An event ready to append: [`validate`]d, and with int64 values of
+/// double attributes turned into doubles, so stored and archived values have
+/// the declared type.
+pub fn checked(reg: &Registry, mut ev: Event) -> Result<Event> {
+    validate(reg, &ev)?;
+    normalize(reg, &mut ev);
+    Ok(ev)
+}
+
+fn normalize(reg: &Registry, ev: &mut Event) {
     let Some(et) = reg.event_type(&ev.event_type) else {
         return;
     };

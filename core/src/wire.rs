@@ -130,19 +130,14 @@ pub fn encode_event(e: &Event) -> Vec<u8> {
 /// can write events. Validates against the registry.
 pub fn decode_event(reg: &crate::Registry, payload: &[u8]) -> Result<Event> {
     let first = payload.iter().find(|b| !b.is_ascii_whitespace());
-    let mut ev = if first == Some(&b'{') {
+    if first == Some(&b'{') {
         let json: serde_json::Value = serde_json::from_slice(payload)
             .map_err(|e| Error::invalid(format!("invalid JSON event: {e}")))?;
-        Event::from_json(reg, &json)?
-    } else {
-        let pb = pb::Event::decode(payload)
-            .map_err(|e| Error::invalid(format!("not a quiver.v1.Event protobuf message: {e}")))?;
-        let ev = event_from_pb(pb)?;
-        crate::event::validate(reg, &ev)?;
-        ev
-    };
-    crate::event::normalize(reg, &mut ev);
-    Ok(ev)
+        return Event::from_json(reg, &json);
+    }
+    let pb = pb::Event::decode(payload)
+        .map_err(|e| Error::invalid(format!("not a quiver.v1.Event protobuf message: {e}")))?;
+    crate::event::checked(reg, event_from_pb(pb)?)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use quiver_core::aggregate::finish_row;
 use quiver_core::codec::{entity_key, row_key};
-use quiver_core::event::{normalize, validate, Event, EventSink};
+use quiver_core::event::{checked, Event, EventSink};
 use quiver_core::registry::{FeatureRef, Selection, ViewSource};
 use quiver_core::store::{Lookup, StoredRow, WriteOutcome, WriteRow};
 use quiver_core::time::{duration_micros, Micros};
@@ -176,8 +176,8 @@ impl FeatureServer {
         self
     }
 
-    /// Validates events and appends the valid ones to the event log. Each
-    /// input is an event or the reason it could not be parsed.
+    /// Checks events ([`checked`]) and appends the valid ones to the event
+    /// log. Each input is an event or the reason it could not be parsed.
     pub async fn push_events(&self, events: Vec<(String, Result<Event>)>) -> Result<PushOutcome> {
         let sink = self.events.as_ref().ok_or_else(|| {
             Error::unavailable(
@@ -194,11 +194,7 @@ impl FeatureServer {
         let mut valid = Vec::with_capacity(events.len());
         let mut positions = Vec::with_capacity(events.len());
         for (i, (id, ev)) in events.into_iter().enumerate() {
-            match ev.and_then(|mut e| {
-                validate(&self.registry, &e)?;
-                normalize(&self.registry, &mut e);
-                Ok(e)
-            }) {
+            match ev.and_then(|e| checked(&self.registry, e)) {
                 Ok(e) => {
                     valid.push(e);
                     positions.push(i);
