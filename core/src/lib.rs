@@ -7,6 +7,9 @@
 //! - [`event`]: events pushed by producers, validated against the registry.
 //! - [`aggregate`]: windowed aggregation states and tile arithmetic, shared
 //!   by the online (ingest) and offline (batch) computations.
+//! - [`columnar`]: typed values as Arrow columns (archive, feature tables,
+//!   historical retrieval).
+//! - [`storage`]: the offline store's object-store root and layout.
 //! - [`value`]: typed values ([`Value`], [`ValueType`]).
 //! - [`codec`]: the online store's versioned key layout and value encoding.
 //! - [`store`]: the [`OnlineStore`] trait with its Redis and embedded
@@ -17,10 +20,12 @@
 
 pub mod aggregate;
 pub mod codec;
+pub mod columnar;
 pub mod error;
 pub mod event;
 pub mod json;
 pub mod registry;
+pub mod storage;
 pub mod store;
 pub mod time;
 pub mod value;

@@ -23,10 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow_array::builder::{
-    BinaryBuilder, BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, ListBuilder,
-    StringBuilder, TimestampMicrosecondBuilder,
-};
+use arrow_array::builder::{Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use object_store::path::Path;
@@ -34,7 +31,10 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use quiver_core::columnar::{arrow_type, value_array};
 use quiver_core::event::Event;
+pub use quiver_core::storage::open_store;
+use quiver_core::storage::{EVENTS_DIR, INTERNAL_DIR};
 use quiver_core::time::Micros;
 use quiver_core::{Error, Registry, Result, Value, ValueType};
 use serde::{Deserialize, Serialize};
@@ -59,30 +59,6 @@ impl Default for ArchiveConfig {
     }
 }
 
-/// Opens an object store from a URL (`s3://bucket/prefix`, `file:///dir`)
-/// or a local directory path (created if missing). `options` are
-/// object_store's settings (`aws_endpoint`, `aws_access_key_id`, ...).
-pub fn open_store(
-    location: &str,
-    options: &[(String, String)],
-) -> Result<(Arc<dyn ObjectStore>, Path)> {
-    let url = if location.contains("://") {
-        url::Url::parse(location)
-            .map_err(|e| Error::invalid(format!("invalid storage URL {location:?}: {e}")))?
-    } else {
-        std::fs::create_dir_all(location)
-            .map_err(|e| Error::invalid(format!("cannot create {location}: {e}")))?;
-        let abs = std::fs::canonicalize(location)
-            .map_err(|e| Error::invalid(format!("cannot resolve {location}: {e}")))?;
-        url::Url::from_directory_path(&abs)
-            .map_err(|()| Error::invalid(format!("not a usable directory: {}", abs.display())))?
-    };
-    let (store, root) =
-        object_store::parse_url_opts(&url, options.iter().map(|(k, v)| (k.as_str(), v.clone())))
-            .map_err(|e| Error::invalid(format!("cannot open storage {location:?}: {e}")))?;
-    Ok((Arc::from(store), root))
-}
-
 fn storage_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::unavailable(format!("raw-event archive: {what}: {e}"))
 }
@@ -99,24 +75,6 @@ struct Column {
 enum ColumnSource {
     JoinKey,
     Attribute,
-}
-
-fn arrow_type(ty: ValueType) -> DataType {
-    let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, true)));
-    match ty {
-        ValueType::Int64 => DataType::Int64,
-        ValueType::Double => DataType::Float64,
-        ValueType::String => DataType::Utf8,
-        ValueType::Bool => DataType::Boolean,
-        ValueType::Bytes => DataType::Binary,
-        ValueType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-        ValueType::Int64List => list(DataType::Int64),
-        ValueType::DoubleList => list(DataType::Float64),
-        ValueType::StringList => list(DataType::Utf8),
-        ValueType::BoolList => list(DataType::Boolean),
-        ValueType::BytesList => list(DataType::Binary),
-        ValueType::FloatList => list(DataType::Float32),
-    }
 }
 
 fn columns(reg: &Registry) -> Vec<Column> {
@@ -165,56 +123,6 @@ pub fn archive_schema(reg: &Registry) -> SchemaRef {
     fields.push(Field::new("_source", DataType::Utf8, false));
     fields.push(Field::new("_offset", DataType::Int64, false));
     Arc::new(Schema::new(fields))
-}
-
-fn value_array(ty: ValueType, values: &[Option<&Value>]) -> ArrayRef {
-    macro_rules! scalar {
-        ($builder:expr, $variant:ident, $conv:expr) => {{
-            let mut b = $builder;
-            for v in values {
-                match v {
-                    Some(Value::$variant(x)) => b.append_value($conv(x)),
-                    _ => b.append_null(),
-                }
-            }
-            Arc::new(b.finish()) as ArrayRef
-        }};
-    }
-    macro_rules! list {
-        ($inner:expr, $variant:ident, $conv:expr) => {{
-            let mut b = ListBuilder::new($inner);
-            for v in values {
-                match v {
-                    Some(Value::$variant(xs)) => {
-                        for x in xs {
-                            b.values().append_value($conv(x));
-                        }
-                        b.append(true);
-                    }
-                    _ => b.append(false),
-                }
-            }
-            Arc::new(b.finish()) as ArrayRef
-        }};
-    }
-    match ty {
-        ValueType::Int64 => scalar!(Int64Builder::new(), Int64, |x: &i64| *x),
-        ValueType::Double => scalar!(Float64Builder::new(), Double, |x: &f64| *x),
-        ValueType::String => scalar!(StringBuilder::new(), String, |x: &String| x.clone()),
-        ValueType::Bool => scalar!(BooleanBuilder::new(), Bool, |x: &bool| *x),
-        ValueType::Bytes => scalar!(BinaryBuilder::new(), Bytes, |x: &Vec<u8>| x.clone()),
-        ValueType::Timestamp => scalar!(
-            TimestampMicrosecondBuilder::new().with_timezone("UTC"),
-            Timestamp,
-            |x: &i64| *x
-        ),
-        ValueType::Int64List => list!(Int64Builder::new(), Int64List, |x: &i64| *x),
-        ValueType::DoubleList => list!(Float64Builder::new(), DoubleList, |x: &f64| *x),
-        ValueType::StringList => list!(StringBuilder::new(), StringList, |x: &String| x.clone()),
-        ValueType::BoolList => list!(BooleanBuilder::new(), BoolList, |x: &bool| *x),
-        ValueType::BytesList => list!(BinaryBuilder::new(), BytesList, |x: &Vec<u8>| x.clone()),
-        ValueType::FloatList => list!(Float32Builder::new(), FloatList, |x: &f32| *x),
-    }
 }
 
 /// Builds one record batch of events in archive form.
@@ -366,7 +274,7 @@ impl Archiver {
     fn state_path(&self, topic: &str, partition: i32) -> Path {
         self.root
             .clone()
-            .join("_quiver")
+            .join(INTERNAL_DIR)
             .join("archive")
             .join(format!("{topic}-{partition}.json").as_str())
     }
@@ -521,13 +429,13 @@ impl Archiver {
             let staging = self
                 .root
                 .clone()
-                .join("_quiver")
+                .join(INTERNAL_DIR)
                 .join("staging")
                 .join(format!("{date}-{name}").as_str());
             let fin = self
                 .root
                 .clone()
-                .join("events")
+                .join(EVENTS_DIR)
                 .join(format!("date={date}").as_str())
                 .join(name.as_str());
             let batch = events_to_batch(&self.registry, &self.schema, recs)?;
