@@ -194,6 +194,10 @@ pub struct LimitsConfig {
     pub max_write_rows: usize,
     /// Maximum request size in bytes (gRPC message, HTTP body).
     pub max_request_bytes: usize,
+    /// Maximum entity rows per GetHistoricalFeatures call.
+    pub max_historical_rows: usize,
+    /// Maximum GetHistoricalFeatures request size in bytes.
+    pub max_historical_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -229,6 +233,8 @@ impl Default for LimitsConfig {
             max_features: l.max_features,
             max_write_rows: l.max_write_rows,
             max_request_bytes: l.max_request_bytes,
+            max_historical_rows: l.max_historical_rows,
+            max_historical_bytes: l.max_historical_bytes,
         }
     }
 }
@@ -499,6 +505,8 @@ impl Config {
             max_features: self.limits.max_features,
             max_write_rows: self.limits.max_write_rows,
             max_request_bytes: self.limits.max_request_bytes,
+            max_historical_rows: self.limits.max_historical_rows,
+            max_historical_bytes: self.limits.max_historical_bytes,
         }
     }
 }

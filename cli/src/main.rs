@@ -3,7 +3,9 @@
 //! Subcommands: `serve` (gRPC + REST over the configured online store),
 //! `ingest` (Kafka consumer: online features and the raw-event archive),
 //! `generate` (sample events to Kafka or the API), `demo` (the whole speed
-//! layer in one process on the embedded default), and `registry validate`.
+//! layer in one process on the embedded default), `batch run` and `batch
+//! retrieve` (feature tables and training sets from the offline store),
+//! `materialize` (offline to online), and `registry validate`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +19,7 @@ use quiver_core::{Clock, OnlineStore, Registry, SystemClock};
 use quiver_server::{FeatureServer, Metrics};
 use tokio::net::TcpListener;
 
+mod batch;
 mod config;
 mod demo;
 mod pipeline;
@@ -75,6 +78,18 @@ enum Command {
         #[arg(long, default_value_t = 200.0)]
         rate: f64,
     },
+    /// Batch layer: SQL feature views and point-in-time training sets.
+    Batch {
+        #[command(subcommand)]
+        command: batch::BatchCommand,
+    },
+    /// Write the latest offline values of SQL and event views into the online store.
+    Materialize {
+        #[command(flatten)]
+        overrides: Overrides,
+        #[command(flatten)]
+        args: batch::MaterializeArgs,
+    },
     /// Work with registry files.
     Registry {
         #[command(subcommand)]
@@ -101,6 +116,12 @@ fn main() -> ExitCode {
         Command::Serve { overrides } => runtime().and_then(|rt| rt.block_on(serve_cmd(overrides))),
         Command::Ingest { overrides } => {
             runtime().and_then(|rt| rt.block_on(pipeline::ingest_cmd(overrides)))
+        }
+        Command::Batch { command } => {
+            runtime().and_then(|rt| rt.block_on(batch::batch_cmd(command)))
+        }
+        Command::Materialize { overrides, args } => {
+            runtime().and_then(|rt| rt.block_on(batch::materialize_cmd(overrides, args)))
         }
         Command::Generate { overrides, args } => {
             runtime().and_then(|rt| rt.block_on(pipeline::generate_cmd(overrides, args)))
@@ -263,6 +284,7 @@ async fn serve(
     demo: Option<DemoData>,
 ) -> Result<()> {
     let s = &cfg.online_store;
+    let service_registry = registry.clone();
     let mut service = FeatureServer::new(
         registry,
         store,
@@ -273,6 +295,11 @@ async fn serve(
     );
     if let Some(sink) = sink {
         service = service.with_event_sink(sink);
+    }
+    if cfg.archive.location.is_empty() {
+        tracing::info!("no archive.location: GetHistoricalFeatures answers FAILED_PRECONDITION");
+    } else {
+        service = service.with_offline(Arc::new(batch::offline(cfg, service_registry)?));
     }
     let service = Arc::new(service);
 

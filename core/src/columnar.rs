@@ -15,9 +15,12 @@ use arrow_array::builder::{
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Float64Type, Int64Type, TimestampMicrosecondType};
 use arrow_array::{Array, ArrayRef};
-use arrow_schema::{DataType, Field, TimeUnit};
+use std::collections::BTreeMap;
+
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::error::{Error, Result};
+use crate::registry::Registry;
 use crate::value::{Value, ValueType};
 
 /// The Arrow type of timestamps: microseconds, UTC.
@@ -151,6 +154,71 @@ pub fn value_at(array: &dyn Array, ty: ValueType, i: usize) -> Result<Value> {
         }),
         ValueType::BytesList => list!(BytesList, bytes),
     })
+}
+
+/// One registry-derived column of the raw-event archive.
+#[derive(Debug, Clone)]
+pub struct ArchiveColumn {
+    /// Column name: a join key or an attribute name.
+    pub name: String,
+    /// Its type.
+    pub ty: ValueType,
+    /// What the column holds.
+    pub source: ArchiveColumnSource,
+}
+
+/// What an archive column holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ArchiveColumnSource {
+    /// An entity's join key.
+    JoinKey,
+    /// An event attribute.
+    Attribute,
+}
+
+/// The archive's join-key and attribute columns, in schema order.
+pub fn archive_columns(reg: &Registry) -> Vec<ArchiveColumn> {
+    let mut cols: Vec<ArchiveColumn> = reg
+        .entities()
+        .iter()
+        .map(|e| ArchiveColumn {
+            name: e.join_key.clone(),
+            ty: e.value_type,
+            source: ArchiveColumnSource::JoinKey,
+        })
+        .collect();
+    let mut attrs: BTreeMap<&str, ValueType> = BTreeMap::new();
+    for et in reg.event_types() {
+        for (n, t) in &et.attributes {
+            attrs.insert(n, *t);
+        }
+    }
+    cols.extend(attrs.into_iter().map(|(n, t)| ArchiveColumn {
+        name: n.to_owned(),
+        ty: t,
+        source: ArchiveColumnSource::Attribute,
+    }));
+    cols
+}
+
+/// The archive's Arrow schema for a registry: `event_id`, `event_type`,
+/// `event_time` (UTC microseconds), one nullable column per join key and per
+/// attribute name (registry validation gives each name one type), `_source`
+/// and `_offset`.
+pub fn archive_schema(reg: &Registry) -> SchemaRef {
+    let mut fields = vec![
+        Field::new("event_id", DataType::Utf8, false),
+        Field::new("event_type", DataType::Utf8, false),
+        Field::new("event_time", timestamp_type(), false),
+    ];
+    fields.extend(
+        archive_columns(reg)
+            .into_iter()
+            .map(|c| Field::new(c.name, arrow_type(c.ty), true)),
+    );
+    fields.push(Field::new("_source", DataType::Utf8, false));
+    fields.push(Field::new("_offset", DataType::Int64, false));
+    Arc::new(Schema::new(fields))
 }
 
 #[cfg(test)]

@@ -16,6 +16,9 @@ pub enum ErrorKind {
     NotFound,
     /// The request exceeds a configured limit.
     ResourceExhausted,
+    /// The system is not in the state the operation needs (e.g. a feature
+    /// table that has not been computed yet); fix that state, then retry.
+    FailedPrecondition,
     /// A backend is unreachable or refused the operation; retrying may help.
     Unavailable,
     /// A backend did not answer within the deadline.
@@ -31,6 +34,7 @@ impl ErrorKind {
             ErrorKind::InvalidArgument => "invalid_argument",
             ErrorKind::NotFound => "not_found",
             ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::FailedPrecondition => "failed_precondition",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::Internal => "internal",
@@ -60,6 +64,10 @@ impl Error {
     /// Shorthand for [`ErrorKind::NotFound`].
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::NotFound, message)
+    }
+    /// Shorthand for [`ErrorKind::FailedPrecondition`].
+    pub fn precondition(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::FailedPrecondition, message)
     }
     /// Shorthand for [`ErrorKind::Unavailable`].
     pub fn unavailable(message: impl Into<String>) -> Self {

@@ -72,6 +72,14 @@ pub struct FeatureView {
 pub enum ViewSource {
     /// Written by `WriteFeatures` or materialization from batch jobs.
     Batch,
+    /// A DataFusion SQL query over the raw events and declared tables, run
+    /// by `quiver batch run` into a feature table, materialized online by
+    /// `quiver materialize`. Also writable through `WriteFeatures`.
+    Sql {
+        /// The query; it returns the join keys, `event_timestamp` and the
+        /// features (see `docs/batch.md`).
+        query: String,
+    },
     /// Latest values taken from events by `quiver ingest`.
     Events {
         /// Event types that update the view.
@@ -203,6 +211,22 @@ impl FeatureView {
     }
 }
 
+/// The column of a feature table (and of an entity table in historical
+/// retrieval) that holds the time a row's values were true.
+pub const TIMESTAMP_COLUMN: &str = "event_timestamp";
+
+/// A Parquet table under the offline store root that feature-view SQL can
+/// read, next to `events`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Table {
+    /// Table name in SQL.
+    pub name: String,
+    /// Directory (or file) relative to the offline store root.
+    pub path: String,
+    /// Free text.
+    pub description: String,
+}
+
 /// A reference to one feature of one view.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FeatureRef {
@@ -240,6 +264,7 @@ pub struct Selection {
 pub struct Registry {
     entities: Vec<Entity>,
     event_types: Vec<EventType>,
+    tables: Vec<Table>,
     views: Vec<FeatureView>,
     services: Vec<FeatureService>,
     entity_idx: HashMap<String, usize>,
@@ -259,6 +284,17 @@ struct RawFile {
     feature_services: Vec<RawService>,
     #[serde(default)]
     event_types: Vec<RawEventType>,
+    #[serde(default)]
+    tables: Vec<RawTable>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    name: String,
+    path: String,
+    #[serde(default)]
+    description: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -284,7 +320,8 @@ struct RawAttribute {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSource {
-    events: Vec<String>,
+    events: Option<Vec<String>>,
+    sql: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -451,7 +488,13 @@ impl Registry {
     pub fn event_type(&self, name: &str) -> Option<&EventType> {
         self.event_types.iter().find(|e| e.name == name)
     }
-    /// All feature views.
+
+    /// Parquet tables declared for feature-view SQL.
+    pub fn tables(&self) -> &[Table] {
+        &self.tables
+    }
+
+    /// Feature views, in declaration order.
     pub fn views(&self) -> &[FeatureView] {
         &self.views
     }
@@ -904,6 +947,56 @@ pub fn agg_output_type(a: &Aggregation) -> ValueType {
     }
 }
 
+/// Names SQL cannot use for a declared table: the raw-event table.
+const RESERVED_TABLES: [&str; 1] = ["events"];
+
+fn build_tables(
+    files: &[(&str, RawFile)],
+    views: &[FeatureView],
+    problems: &mut Vec<String>,
+) -> Vec<Table> {
+    let mut tables: Vec<Table> = Vec::new();
+    for (file, raw) in files {
+        for t in &raw.tables {
+            let at = format!("{file}: table {:?}", t.name);
+            if let Err(m) = check_name(&t.name) {
+                problems.push(format!("{at}: {m}"));
+            }
+            if RESERVED_TABLES.contains(&t.name.as_str()) {
+                problems.push(format!(
+                    "{at}: `{}` is the raw-event table; choose another name",
+                    t.name
+                ));
+            }
+            if tables.iter().any(|o| o.name == t.name) {
+                problems.push(format!("{at}: declared twice"));
+            }
+            if views.iter().any(|v| v.name == t.name) {
+                problems.push(format!("{at}: a feature view has this name"));
+            }
+            let path = t.path.trim_matches('/');
+            let bad = path.is_empty()
+                || path.contains("://")
+                || path
+                    .split('/')
+                    .any(|p| p == ".." || p == "." || p.is_empty())
+                || path.starts_with(crate::storage::INTERNAL_DIR);
+            if bad {
+                problems.push(format!(
+                    "{at}: path {:?} must be a relative path under the offline store root, e.g. \"tables/{}\"",
+                    t.path, t.name
+                ));
+            }
+            tables.push(Table {
+                name: t.name.clone(),
+                path: path.to_owned(),
+                description: t.description.clone(),
+            });
+        }
+    }
+    tables
+}
+
 fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
     let mut entities = Vec::new();
     let mut entity_idx = HashMap::new();
@@ -1062,19 +1155,48 @@ fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
                     });
                 }
                 ViewSource::Aggregations { tile, aggregations }
+            } else if let Some(RawSource {
+                sql: Some(sql),
+                events,
+            }) = &v.source
+            {
+                if events.is_some() {
+                    problems.push(format!(
+                        "{at}: a source is either `events` or `sql`, not both"
+                    ));
+                }
+                if v.features.iter().any(|f| f.from.is_some()) {
+                    problems.push(format!(
+                        "{at}: `from` applies to event sources; name the SQL result columns after the features instead"
+                    ));
+                }
+                if sql.trim().is_empty() {
+                    problems.push(format!("{at}: source.sql is empty"));
+                }
+                if features.iter().any(|f| f.name == TIMESTAMP_COLUMN)
+                    || v.entities.iter().any(|e| e == TIMESTAMP_COLUMN)
+                {
+                    problems.push(format!(
+                        "{at}: `{TIMESTAMP_COLUMN}` is the feature time column of SQL views; rename the feature"
+                    ));
+                }
+                ViewSource::Sql { query: sql.clone() }
             } else if let Some(src) = &v.source {
-                check_event_refs(&at, &src.events, &event_types, &v.entities, problems);
+                let events = src.events.clone().unwrap_or_default();
+                check_event_refs(&at, &events, &event_types, &v.entities, problems);
                 let fields = v
                     .features
                     .iter()
                     .zip(&features)
-                    .map(|(rf, f)| event_field(&at, rf, f, &src.events, &event_types, problems))
+                    .map(|(rf, f)| event_field(&at, rf, f, &events, &event_types, problems))
                     .collect();
-                if src.events.is_empty() {
-                    problems.push(format!("{at}: source.events lists no event types"));
+                if events.is_empty() {
+                    problems.push(format!(
+                        "{at}: source lists no event types; write `source = {{ events = [...] }}` or `source = {{ sql = \"...\" }}`"
+                    ));
                 }
                 ViewSource::Events {
-                    event_types: src.events.clone(),
+                    event_types: events,
                     fields,
                 }
             } else {
@@ -1103,9 +1225,11 @@ fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
         }
     }
 
+    let tables = build_tables(files, &views, problems);
     let mut reg = Registry {
         entities,
         event_types,
+        tables,
         views,
         services: Vec::new(),
         entity_idx,

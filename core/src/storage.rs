@@ -27,7 +27,24 @@ pub const INTERNAL_DIR: &str = "_quiver";
 
 /// `root/parts...` as an object path.
 pub fn child(root: &Path, parts: &[&str]) -> Path {
-    parts.iter().fold(root.clone(), |p, part| p.clone().join(*part))
+    parts
+        .iter()
+        .fold(root.clone(), |p, part| p.clone().join(*part))
+}
+
+/// The URL of a storage location: `s3://bucket/prefix` and `file:///dir`
+/// as given, a local directory path (created if missing) as `file://`.
+pub fn location_url(location: &str) -> Result<url::Url> {
+    if location.contains("://") {
+        return url::Url::parse(location)
+            .map_err(|e| Error::invalid(format!("invalid storage URL {location:?}: {e}")));
+    }
+    std::fs::create_dir_all(location)
+        .map_err(|e| Error::invalid(format!("cannot create {location}: {e}")))?;
+    let abs = std::fs::canonicalize(location)
+        .map_err(|e| Error::invalid(format!("cannot resolve {location}: {e}")))?;
+    url::Url::from_directory_path(&abs)
+        .map_err(|()| Error::invalid(format!("not a usable directory: {}", abs.display())))
 }
 
 /// Opens an object store from a URL (`s3://bucket/prefix`, `file:///dir`)
@@ -37,20 +54,9 @@ pub fn open_store(
     location: &str,
     options: &[(String, String)],
 ) -> Result<(Arc<dyn ObjectStore>, Path)> {
-    let url = if location.contains("://") {
-        url::Url::parse(location)
-            .map_err(|e| Error::invalid(format!("invalid storage URL {location:?}: {e}")))?
-    } else {
-        std::fs::create_dir_all(location)
-            .map_err(|e| Error::invalid(format!("cannot create {location}: {e}")))?;
-        let abs = std::fs::canonicalize(location)
-            .map_err(|e| Error::invalid(format!("cannot resolve {location}: {e}")))?;
-        url::Url::from_directory_path(&abs)
-            .map_err(|()| Error::invalid(format!("not a usable directory: {}", abs.display())))?
-    };
+    let url = location_url(location)?;
     let (store, root) =
         object_store::parse_url_opts(&url, options.iter().map(|(k, v)| (k.as_str(), v.clone())))
             .map_err(|e| Error::invalid(format!("cannot open storage {location:?}: {e}")))?;
     Ok((Arc::from(store), root))
 }
-

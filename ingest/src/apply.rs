@@ -171,7 +171,7 @@ impl Applier {
         let mut routes: HashMap<String, Routes> = HashMap::new();
         for (vi, v) in registry.views().iter().enumerate() {
             match &v.source {
-                ViewSource::Batch => {}
+                ViewSource::Batch | ViewSource::Sql { .. } => {}
                 ViewSource::Events { event_types, .. } => {
                     for t in event_types {
                         routes.entry(t.clone()).or_default().latest.push(vi);

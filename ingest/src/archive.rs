@@ -25,18 +25,19 @@ use std::time::{Duration, Instant};
 
 use arrow_array::builder::{Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
-use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow_schema::SchemaRef;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use quiver_core::columnar::{arrow_type, value_array};
+pub use quiver_core::columnar::archive_schema;
+use quiver_core::columnar::{archive_columns, value_array, ArchiveColumnSource};
 use quiver_core::event::Event;
 pub use quiver_core::storage::open_store;
 use quiver_core::storage::{EVENTS_DIR, INTERNAL_DIR};
 use quiver_core::time::Micros;
-use quiver_core::{Error, Registry, Result, Value, ValueType};
+use quiver_core::{Error, Registry, Result, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::apply::Record;
@@ -63,68 +64,6 @@ fn storage_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::unavailable(format!("raw-event archive: {what}: {e}"))
 }
 
-/// One column of the archive.
-#[derive(Debug, Clone)]
-struct Column {
-    name: String,
-    ty: ValueType,
-    source: ColumnSource,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum ColumnSource {
-    JoinKey,
-    Attribute,
-}
-
-fn columns(reg: &Registry) -> Vec<Column> {
-    let mut cols: Vec<Column> = reg
-        .entities()
-        .iter()
-        .map(|e| Column {
-            name: e.join_key.clone(),
-            ty: e.value_type,
-            source: ColumnSource::JoinKey,
-        })
-        .collect();
-    let mut attrs: BTreeMap<&str, ValueType> = BTreeMap::new();
-    for et in reg.event_types() {
-        for (n, t) in &et.attributes {
-            attrs.insert(n, *t);
-        }
-    }
-    cols.extend(attrs.into_iter().map(|(n, t)| Column {
-        name: n.to_owned(),
-        ty: t,
-        source: ColumnSource::Attribute,
-    }));
-    cols
-}
-
-/// The archive's Arrow schema for a registry: `event_id`, `event_type`,
-/// `event_time` (UTC microseconds), one nullable column per join key and per
-/// attribute name (registry validation gives each name one type), `_source`
-/// and `_offset`.
-pub fn archive_schema(reg: &Registry) -> SchemaRef {
-    let mut fields = vec![
-        Field::new("event_id", DataType::Utf8, false),
-        Field::new("event_type", DataType::Utf8, false),
-        Field::new(
-            "event_time",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        ),
-    ];
-    fields.extend(
-        columns(reg)
-            .into_iter()
-            .map(|c| Field::new(c.name, arrow_type(c.ty), true)),
-    );
-    fields.push(Field::new("_source", DataType::Utf8, false));
-    fields.push(Field::new("_offset", DataType::Int64, false));
-    Arc::new(Schema::new(fields))
-}
-
 /// Builds one record batch of events in archive form.
 pub fn events_to_batch(
     reg: &Registry,
@@ -147,12 +86,12 @@ pub fn events_to_batch(
     arrays.push(Arc::new(ids.finish()));
     arrays.push(Arc::new(types.finish()));
     arrays.push(Arc::new(times.finish()));
-    for c in columns(reg) {
+    for c in archive_columns(reg) {
         let values: Vec<Option<&Value>> = records
             .iter()
             .map(|r| match c.source {
-                ColumnSource::JoinKey => r.event.entity(&c.name),
-                ColumnSource::Attribute => r.event.attribute(&c.name),
+                ArchiveColumnSource::JoinKey => r.event.entity(&c.name),
+                ArchiveColumnSource::Attribute => r.event.attribute(&c.name),
             })
             .collect();
         arrays.push(value_array(c.ty, &values));

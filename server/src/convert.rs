@@ -5,23 +5,37 @@ pub use quiver_core::wire::{micros_to_ts, ts_to_micros, value_from_pb, value_to_
 use quiver_core::{Error, Result, ValueType};
 use quiver_proto::v1 as pb;
 
-use crate::service::{FeatureRowIn, FeatureSelector, FieldStatus, OnlineRequest, OnlineResponse};
+use crate::service::{
+    EntityTable, FeatureRowIn, FeatureSelector, FieldStatus, OnlineRequest, OnlineResponse,
+};
 
 /// Domain request of a `GetOnlineFeaturesRequest`.
 pub fn online_request_from_pb(req: pb::GetOnlineFeaturesRequest) -> Result<OnlineRequest> {
-    let selector = match req.kind {
-        Some(pb::get_online_features_request::Kind::FeatureService(s)) => {
-            FeatureSelector::Service(s)
-        }
-        Some(pb::get_online_features_request::Kind::Features(l)) => FeatureSelector::Refs(l.val),
-        None => {
-            return Err(Error::invalid(
-                "set either feature_service or features (a list of \"view:feature\" references)",
-            ))
-        }
-    };
-    let mut entities = req
-        .entities
+    let selector = selector_from_pb(req.kind.map(|k| match k {
+        pb::get_online_features_request::Kind::FeatureService(s) => FeatureSelector::Service(s),
+        pb::get_online_features_request::Kind::Features(l) => FeatureSelector::Refs(l.val),
+    }))?;
+    Ok(OnlineRequest {
+        selector,
+        entities: entity_columns_from_pb(req.entities)?,
+        full_feature_names: req.full_feature_names,
+    })
+}
+
+fn selector_from_pb(kind: Option<FeatureSelector>) -> Result<FeatureSelector> {
+    kind.ok_or_else(|| {
+        Error::invalid(
+            "set either feature_service or features (a list of \"view:feature\" references)",
+        )
+    })
+}
+
+/// Column-wise entity values, sorted by column name (protobuf maps are
+/// unordered; sorting makes output columns deterministic).
+fn entity_columns_from_pb(
+    cols: std::collections::HashMap<String, pb::RepeatedValue>,
+) -> Result<Vec<(String, Vec<quiver_core::Value>)>> {
+    let mut entities = cols
         .into_iter()
         .map(|(k, col)| {
             Ok((
@@ -33,13 +47,34 @@ pub fn online_request_from_pb(req: pb::GetOnlineFeaturesRequest) -> Result<Onlin
             ))
         })
         .collect::<Result<Vec<_>>>()?;
-    // Protobuf maps are unordered; sort so output columns are deterministic.
     entities.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(OnlineRequest {
-        selector,
-        entities,
-        full_feature_names: req.full_feature_names,
-    })
+    Ok(entities)
+}
+
+/// A `GetHistoricalFeaturesRequest` in domain terms: selector, entity
+/// table, full feature names.
+pub fn historical_request_from_pb(
+    req: pb::GetHistoricalFeaturesRequest,
+) -> Result<(FeatureSelector, EntityTable, bool)> {
+    let selector = selector_from_pb(req.kind.map(|k| match k {
+        pb::get_historical_features_request::Kind::FeatureService(s) => FeatureSelector::Service(s),
+        pb::get_historical_features_request::Kind::Features(l) => FeatureSelector::Refs(l.val),
+    }))?;
+    let table = match (req.entities.is_empty(), req.entities_arrow.is_empty()) {
+        (false, true) => EntityTable::Values(entity_columns_from_pb(req.entities)?),
+        (true, false) => EntityTable::ArrowIpc(req.entities_arrow),
+        (false, false) => {
+            return Err(Error::invalid(
+                "set either entities or entities_arrow, not both",
+            ))
+        }
+        (true, true) => {
+            return Err(Error::invalid(
+                "no entity table: set entities (join keys and event_timestamp, column-wise) or entities_arrow (an Arrow IPC stream)",
+            ))
+        }
+    };
+    Ok((selector, table, req.full_feature_names))
 }
 
 fn status_to_pb(s: FieldStatus) -> pb::FieldStatus {
@@ -124,6 +159,7 @@ pub fn value_type_to_pb(t: ValueType) -> pb::ValueType {
 pub fn source_name(s: &ViewSource) -> &'static str {
     match s {
         ViewSource::Batch => "batch",
+        ViewSource::Sql { .. } => "sql",
         ViewSource::Events { .. } => "events",
         ViewSource::Aggregations { .. } => "aggregations",
     }
@@ -186,6 +222,10 @@ pub fn registry_to_pb(reg: &Registry) -> pb::GetRegistryResponse {
                         })
                         .collect(),
                     _ => Vec::new(),
+                },
+                sql: match &v.source {
+                    ViewSource::Sql { query } => query.clone(),
+                    _ => String::new(),
                 },
             })
             .collect(),

@@ -1,8 +1,14 @@
 //! The tonic adapter: decodes requests, calls [`FeatureServer`], encodes
 //! responses, and records per-RPC metrics.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
+
+use futures::Stream;
+use quiver_batch::retrieve::to_ipc;
+use quiver_core::{Error, ErrorKind};
+use quiver_proto::prost::Message;
 
 use quiver_core::wire::event_from_pb;
 use quiver_core::Result;
@@ -55,17 +61,62 @@ fn grpc_code_name(code: tonic::Code) -> &'static str {
         tonic::Code::Unavailable => "UNAVAILABLE",
         tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
         tonic::Code::Internal => "INTERNAL",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
         _ => "OTHER",
+    }
+}
+
+/// The stream of a `GetHistoricalFeatures` answer.
+pub type ArrowStream = Pin<Box<dyn Stream<Item = Result<pb::ArrowBatch, Status>> + Send + 'static>>;
+
+impl GrpcService {
+    /// Refuses unary requests over `max_request_bytes`: the transport
+    /// accepts up to `max_historical_bytes` for training-set entity tables.
+    fn check_size(&self, req: &impl Message) -> Result<()> {
+        let (len, max) = (req.encoded_len(), self.inner.limits().max_request_bytes);
+        if len > max {
+            return Err(Error::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "the request is {len} bytes; the limit is {max} (limits.max_request_bytes)"
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
 #[tonic::async_trait]
 impl quiver_proto::FeatureService for GrpcService {
+    type GetHistoricalFeaturesStream = ArrowStream;
+
+    async fn get_historical_features(
+        &self,
+        request: Request<pb::GetHistoricalFeaturesRequest>,
+    ) -> Result<Response<ArrowStream>, Status> {
+        let answer = self
+            .observe("GetHistoricalFeatures", async {
+                let (selector, table, full) =
+                    convert::historical_request_from_pb(request.into_inner())?;
+                let batches = self.inner.get_historical(&selector, table, full).await?;
+                batches
+                    .iter()
+                    .map(|b| to_ipc(b).map(|arrow_ipc| pb::ArrowBatch { arrow_ipc }))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .await?;
+        let stream: ArrowStream = Box::pin(futures::stream::iter(
+            answer.into_inner().into_iter().map(Ok),
+        ));
+        Ok(Response::new(stream))
+    }
+
     async fn get_online_features(
         &self,
         request: Request<pb::GetOnlineFeaturesRequest>,
     ) -> Result<Response<pb::GetOnlineFeaturesResponse>, Status> {
         self.observe("GetOnlineFeatures", async {
+            self.check_size(request.get_ref())?;
             let req = convert::online_request_from_pb(request.into_inner())?;
             Ok(convert::online_response_to_pb(
                 self.inner.get_online(req).await?,
@@ -79,6 +130,7 @@ impl quiver_proto::FeatureService for GrpcService {
         request: Request<pb::WriteFeaturesRequest>,
     ) -> Result<Response<pb::WriteFeaturesResponse>, Status> {
         self.observe("WriteFeatures", async {
+            self.check_size(request.get_ref())?;
             let req = request.into_inner();
             let rows = convert::write_rows_from_pb(req.rows)?;
             let out = self.inner.write_features(&req.feature_view, rows).await?;
@@ -95,6 +147,7 @@ impl quiver_proto::FeatureService for GrpcService {
         request: Request<pb::PushEventsRequest>,
     ) -> Result<Response<pb::PushEventsResponse>, Status> {
         self.observe("PushEvents", async {
+            self.check_size(request.get_ref())?;
             let events = request
                 .into_inner()
                 .events

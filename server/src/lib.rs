@@ -109,7 +109,14 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let feature_service = FeatureServiceServer::new(grpc::GrpcService::new(service.clone()))
-        .max_decoding_message_size(service.limits().max_request_bytes);
+        .max_decoding_message_size(
+            service
+                .limits()
+                .max_request_bytes
+                .max(service.limits().max_historical_bytes),
+        )
+        // Training sets are large; one response message carries one batch.
+        .max_encoding_message_size(usize::MAX);
     // Small request/response RPCs: Nagle's algorithm would add tens of ms.
     let incoming = TcpListenerStream::new(grpc).map_ok(|s| {
         let _ = s.set_nodelay(true);

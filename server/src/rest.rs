@@ -364,6 +364,7 @@ async fn get_registry(State(svc): State<Arc<FeatureServer>>) -> Json<Json_> {
             "source": p.source,
             "event_types": p.event_types,
             "tile_seconds": p.tile_seconds,
+            "sql": p.sql,
             "aggregations": p.aggregations.iter().map(|a| json!({
                 "name": a.name, "function": a.function, "attribute": a.attribute,
                 "event_types": a.event_types, "window_seconds": a.window_seconds, "n": a.n,

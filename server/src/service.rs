@@ -6,6 +6,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use quiver_batch::arrow::array::RecordBatch;
+use quiver_batch::{retrieve, Offline};
 use quiver_core::aggregate::finish_row;
 use quiver_core::codec::{entity_key, row_key};
 use quiver_core::event::{checked, Event, EventSink};
@@ -27,6 +29,11 @@ pub struct Limits {
     pub max_write_rows: usize,
     /// Maximum encoded request size in bytes (gRPC message, HTTP body).
     pub max_request_bytes: usize,
+    /// Maximum entity rows in one `GetHistoricalFeatures` call.
+    pub max_historical_rows: usize,
+    /// Maximum encoded `GetHistoricalFeatures` request size in bytes (the
+    /// entity table of a training set is larger than online requests).
+    pub max_historical_bytes: usize,
 }
 
 impl Default for Limits {
@@ -36,6 +43,8 @@ impl Default for Limits {
             max_features: 1_000,
             max_write_rows: 10_000,
             max_request_bytes: 4 * 1024 * 1024,
+            max_historical_rows: 10_000_000,
+            max_historical_bytes: 512 * 1024 * 1024,
         }
     }
 }
@@ -118,6 +127,15 @@ pub struct FeatureRowIn {
     pub features: Vec<(String, Value)>,
 }
 
+/// The entity table of a historical request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EntityTable {
+    /// Column-wise typed values: column name and one value per row.
+    Values(Vec<(String, Vec<Value>)>),
+    /// An Arrow IPC stream.
+    ArrowIpc(Vec<u8>),
+}
+
 /// The feature service: registry + online store + clock + limits.
 pub struct FeatureServer {
     registry: Arc<Registry>,
@@ -127,6 +145,7 @@ pub struct FeatureServer {
     expiry_grace: Duration,
     metrics: Arc<Metrics>,
     events: Option<Arc<dyn EventSink>>,
+    offline: Option<Arc<Offline>>,
 }
 
 /// What became of pushed events.
@@ -166,6 +185,7 @@ impl FeatureServer {
             expiry_grace,
             metrics,
             events: None,
+            offline: None,
         }
     }
 
@@ -174,6 +194,56 @@ impl FeatureServer {
     pub fn with_event_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
         self.events = Some(sink);
         self
+    }
+
+    /// Sets the offline store that `GetHistoricalFeatures` reads; without
+    /// one, it answers FAILED_PRECONDITION.
+    pub fn with_offline(mut self, offline: Arc<Offline>) -> Self {
+        self.offline = Some(offline);
+        self
+    }
+
+    /// Point-in-time correct feature values for an entity table (see
+    /// `quiver_batch::retrieve`), in batches of at most
+    /// `quiver_batch::retrieve::STREAM_BATCH_ROWS` rows.
+    pub async fn get_historical(
+        &self,
+        selector: &FeatureSelector,
+        entities: EntityTable,
+        full_feature_names: bool,
+    ) -> Result<Vec<RecordBatch>> {
+        let offline = self.offline.as_ref().ok_or_else(|| {
+            Error::precondition(
+                "this server has no offline store: start it with an archive location (`--archive`, [archive] location) to serve historical features",
+            )
+        })?;
+        if let FeatureSelector::Entity(_) = selector {
+            return Err(Error::invalid("name a feature_service or list features"));
+        }
+        let sel = self.select(selector)?;
+        let table = match entities {
+            EntityTable::Values(cols) => {
+                let rows = cols.first().map_or(0, |c| c.1.len());
+                if rows > self.limits.max_historical_rows {
+                    return Err(too_many(
+                        "entity rows",
+                        rows,
+                        self.limits.max_historical_rows,
+                    ));
+                }
+                retrieve::entity_table_from_values(&self.registry, cols)?
+            }
+            EntityTable::ArrowIpc(bytes) => retrieve::entity_table_from_ipc(&bytes)?,
+        };
+        if table.num_rows() > self.limits.max_historical_rows {
+            return Err(too_many(
+                "entity rows",
+                table.num_rows(),
+                self.limits.max_historical_rows,
+            ));
+        }
+        let out = offline.historical(table, &sel, full_feature_names).await?;
+        Ok(retrieve::chunks(&out))
     }
 
     /// Checks events ([`checked`]) and appends the valid ones to the event

@@ -445,6 +445,8 @@ async fn limits_are_enforced() {
         max_features: 3,
         max_write_rows: 5,
         max_request_bytes: 64 * 1024,
+        max_historical_rows: 100,
+        max_historical_bytes: 1024 * 1024,
     })
     .await;
     let mut client = server.client().await;

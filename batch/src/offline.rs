@@ -1,0 +1,267 @@
+//! The offline store as DataFusion sees it: one session per job with the
+//! object store registered, the raw-event archive as table `events` and the
+//! registry's `[[tables]]`, plus the committed feature tables of SQL views.
+//!
+//! # Feature tables
+//! `quiver batch run` writes a view's rows under a new run directory
+//! `features/{view}/run-{micros}/` and only then replaces the pointer
+//! `features/{view}/_current.json` with the run's name (a single object
+//! put, atomic on local disk and S3). Readers resolve the pointer first and
+//! read only that run's files, so they see the previous run or the new one,
+//! never a half-written mix. The run before the current one is kept for
+//! readers that resolved the pointer just before a commit; older runs are
+//! deleted.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::error::DataFusionError;
+use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use quiver_core::columnar::{archive_schema, arrow_type, timestamp_type};
+use quiver_core::registry::{FeatureView, TIMESTAMP_COLUMN};
+use quiver_core::storage::{child, location_url, open_store, EVENTS_DIR, FEATURES_DIR};
+use quiver_core::{Error, Registry, Result};
+use serde::{Deserialize, Serialize};
+
+/// Name of the raw-event table in feature-view SQL.
+pub const EVENTS_TABLE: &str = "events";
+
+/// Maps a DataFusion error to quiver's: query and type problems are the
+/// user's to fix (`InvalidArgument`), storage problems are `Unavailable`.
+pub fn df_error(what: &str, e: DataFusionError) -> Error {
+    let e = e.find_root().to_string();
+    let msg = format!("{what}: {e}");
+    match () {
+        _ if e.contains("Object Store error") || e.contains("IO error") => Error::unavailable(msg),
+        _ if e.contains("Internal error") => Error::internal(msg),
+        _ => Error::invalid(msg),
+    }
+}
+
+/// What `_current.json` of a feature table records.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommittedRun {
+    /// Run directory name under `features/{view}/`.
+    pub run: String,
+    /// Rows in the run.
+    pub rows: u64,
+    /// When the run was committed (RFC 3339).
+    pub committed_at: String,
+}
+
+/// The offline store of one registry: object store, root and the URL
+/// DataFusion reads it by.
+#[derive(Debug, Clone)]
+pub struct Offline {
+    registry: Arc<Registry>,
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    /// `scheme://host` of the location, where the store is registered.
+    base: url::Url,
+}
+
+impl Offline {
+    /// Opens the offline store at `location` (a directory, `file://` or
+    /// `s3://bucket/prefix` URL) with object_store `options`.
+    pub fn open(
+        registry: Arc<Registry>,
+        location: &str,
+        options: &[(String, String)],
+    ) -> Result<Offline> {
+        let url = location_url(location)?;
+        let (store, root) = open_store(location, options)?;
+        let base = url::Url::parse(&format!(
+            "{}://{}",
+            url.scheme(),
+            url.host_str().unwrap_or("")
+        ))
+        .map_err(|e| Error::invalid(format!("invalid storage URL {location:?}: {e}")))?;
+        Ok(Offline {
+            registry,
+            store,
+            root,
+            base,
+        })
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The object store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The root path in the object store.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The URL DataFusion uses for a directory under the store.
+    pub fn dir_url(&self, path: &Path) -> String {
+        let base = self.base.as_str().trim_end_matches('/');
+        if path.as_ref().is_empty() {
+            format!("{base}/")
+        } else {
+            format!("{base}/{path}/")
+        }
+    }
+
+    /// A DataFusion session with the store registered and the tables
+    /// `events` and the registry's `[[tables]]` defined.
+    pub async fn session(&self) -> Result<SessionContext> {
+        let mut config = SessionConfig::new().with_information_schema(true);
+        // Plain Utf8 strings: the types the registry declares and the
+        // feature tables store (view types would leak into outputs).
+        config
+            .options_mut()
+            .execution
+            .parquet
+            .schema_force_view_types = false;
+        let ctx = SessionContext::new_with_config(config);
+        ctx.register_object_store(&self.base, self.store.clone());
+
+        let events = ListingTableUrl::parse(self.dir_url(&child(&self.root, &[EVENTS_DIR])))
+            .map_err(|e| df_error("events table", e))?;
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+            .with_file_extension(".parquet")
+            .with_table_partition_cols(vec![("date".to_owned(), DataType::Utf8)]);
+        let table = ListingTable::try_new(
+            ListingTableConfig::new(events)
+                .with_listing_options(options)
+                .with_schema(archive_schema(&self.registry)),
+        )
+        .map_err(|e| df_error("events table", e))?;
+        ctx.register_table(EVENTS_TABLE, Arc::new(table))
+            .map_err(|e| df_error("events table", e))?;
+
+        for t in self.registry.tables() {
+            let path: Path = child(&self.root, &[&t.path]);
+            let url = if t.path.ends_with(".parquet") {
+                self.dir_url(&path).trim_end_matches('/').to_owned()
+            } else {
+                self.dir_url(&path)
+            };
+            ctx.register_parquet(&t.name, &url, ParquetReadOptions::default())
+                .await
+                .map_err(|e| df_error(&format!("table {:?} ({url})", t.name), e))?;
+        }
+        Ok(ctx)
+    }
+
+    fn view_dir(&self, view: &str) -> Path {
+        child(&self.root, &[FEATURES_DIR, view])
+    }
+
+    fn pointer(&self, view: &str) -> Path {
+        child(&self.view_dir(view), &["_current.json"])
+    }
+
+    /// The committed run of a SQL view's feature table, `None` before the
+    /// first `quiver batch run`.
+    pub async fn committed(&self, view: &str) -> Result<Option<CommittedRun>> {
+        match self.store.get(&self.pointer(view)).await {
+            Ok(r) => {
+                let bytes = r.bytes().await.map_err(|e| storage("reading", e))?;
+                serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                    Error::internal(format!("feature table pointer of {view:?} is corrupt: {e}"))
+                })
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(storage("reading", e)),
+        }
+    }
+
+    /// Directory of a new run of `view`.
+    pub(crate) fn run_dir(&self, view: &str, run: &str) -> Path {
+        child(&self.view_dir(view), &[run])
+    }
+
+    /// Makes `run` the committed run of `view`, then deletes runs older
+    /// than the one it replaces.
+    pub(crate) async fn commit(&self, view: &str, run: CommittedRun) -> Result<()> {
+        let previous = self.committed(view).await?;
+        let body = serde_json::to_vec_pretty(&run).map_err(|e| Error::internal(e.to_string()))?;
+        self.store
+            .put(&self.pointer(view), PutPayload::from(body))
+            .await
+            .map_err(|e| storage("committing", e))?;
+        let keep = [Some(run.run), previous.map(|p| p.run)];
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&self.view_dir(view)))
+            .await
+            .map_err(|e| storage("listing", e))?;
+        for dir in listing.common_prefixes {
+            let name = dir.filename().unwrap_or_default().to_owned();
+            if !name.starts_with("run-") || keep.iter().flatten().any(|k| *k == name) {
+                continue;
+            }
+            let files: Vec<_> = self
+                .store
+                .list(Some(&dir))
+                .map_ok(|m| m.location)
+                .try_collect()
+                .await
+                .map_err(|e| storage("listing", e))?;
+            for f in files {
+                self.store
+                    .delete(&f)
+                    .await
+                    .map_err(|e| storage("deleting an old run", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The committed feature table of a SQL view as a DataFusion table:
+    /// join keys, `event_timestamp`, features, in the registry's types.
+    /// `None` before the first run.
+    pub async fn feature_table(
+        &self,
+        ctx: &SessionContext,
+        view: &FeatureView,
+    ) -> Result<Option<datafusion::dataframe::DataFrame>> {
+        let Some(run) = self.committed(&view.name).await? else {
+            return Ok(None);
+        };
+        let url = self.dir_url(&self.run_dir(&view.name, &run.run));
+        let schema = feature_table_schema(view);
+        let df = ctx
+            .read_parquet(url.as_str(), ParquetReadOptions::default().schema(&schema))
+            .await
+            .map_err(|e| df_error(&format!("feature table of {:?}", view.name), e))?;
+        Ok(Some(df))
+    }
+}
+
+fn storage(what: &str, e: object_store::Error) -> Error {
+    Error::unavailable(format!("offline store: {what}: {e}"))
+}
+
+/// The schema of a view's feature table: join keys, `event_timestamp`,
+/// then the features, in the types the registry declares.
+pub fn feature_table_schema(view: &FeatureView) -> SchemaRef {
+    let mut fields: Vec<Field> = view
+        .join_keys
+        .iter()
+        .zip(&view.key_types)
+        .map(|(k, t)| Field::new(k, arrow_type(*t), false))
+        .collect();
+    fields.push(Field::new(TIMESTAMP_COLUMN, timestamp_type(), false));
+    fields.extend(
+        view.features
+            .iter()
+            .map(|f| Field::new(&f.name, arrow_type(f.value_type), true)),
+    );
+    Arc::new(Schema::new(fields))
+}

@@ -1,0 +1,405 @@
+//! Historical retrieval: a point-in-time correct training set for an
+//! entity table.
+//!
+//! The entity table has the join keys of the selected views, an
+//! `event_timestamp` column and any other columns (labels), which pass
+//! through unchanged. Per view:
+//! - SQL views read their committed feature table;
+//! - latest-value event views read the archived events of their types
+//!   (every event is a feature row at its event time);
+//! - aggregation views compute their windows as of each row's time
+//!   ([`crate::aggregate`]).
+//!
+//! Feature rows and entity rows meet in the as-of join of [`crate::pit`]:
+//! feature time `<=` row time, within the view's TTL, newest wins.
+//! Views written only through `WriteFeatures` have no offline history and
+//! are refused.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMicrosecondArray};
+use arrow::compute::cast;
+use arrow::datatypes::{Field, Schema};
+use datafusion::dataframe::DataFrame;
+use datafusion::functions_window::expr_fn::row_number;
+use datafusion::logical_expr::{cast as cast_expr, col, ident, lit, Expr, ExprFunctionExt};
+use datafusion::prelude::SessionContext;
+use quiver_core::columnar::{arrow_type, timestamp_type};
+use quiver_core::registry::{EventField, FeatureView, Selection, ViewSource, TIMESTAMP_COLUMN};
+use quiver_core::time::{duration_micros, Micros};
+use quiver_core::{Error, Result};
+
+use crate::aggregate::{aggregations_asof, ts_lit};
+use crate::offline::{df_error, Offline, EVENTS_TABLE};
+use crate::pit::{asof_join, FeatureRows, KeyIndex};
+
+/// Rows per record batch of a streamed result.
+pub const STREAM_BATCH_ROWS: usize = 65_536;
+
+/// The entity table with `event_timestamp` as UTC microseconds, and that
+/// column.
+fn prepare_entities(entities: RecordBatch) -> Result<(RecordBatch, TimestampMicrosecondArray)> {
+    let schema = entities.schema();
+    let Some((ti, _)) = schema.column_with_name(TIMESTAMP_COLUMN) else {
+        return Err(Error::invalid(format!(
+            "the entity table has no {TIMESTAMP_COLUMN:?} column (the time each row's features must be as of); columns: {}",
+            schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    };
+    let raw = entities.column(ti);
+    let ts = cast(raw, &timestamp_type()).map_err(|e| {
+        Error::invalid(format!(
+            "{TIMESTAMP_COLUMN} ({}) cannot be read as a timestamp: {e}",
+            raw.data_type()
+        ))
+    })?;
+    if let Some(i) = (0..ts.len()).find(|&i| ts.is_null(i)) {
+        return Err(Error::invalid(format!(
+            "entity row {i}: {TIMESTAMP_COLUMN} is missing or not a time (write RFC 3339, e.g. 2026-11-25T10:00:00Z)"
+        )));
+    }
+    let mut columns = entities.columns().to_vec();
+    columns[ti] = ts.clone();
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| (**f).clone()).collect();
+    fields[ti] = Field::new(TIMESTAMP_COLUMN, timestamp_type(), false);
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| Error::internal(format!("entity table: {e}")))?;
+    let ts = ts
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()
+        .expect("cast to microseconds")
+        .clone();
+    Ok((batch, ts))
+}
+
+/// The view's join-key columns of the entity table, in the view's types.
+fn entity_keys(entities: &RecordBatch, view: &FeatureView) -> Result<Vec<ArrayRef>> {
+    view.join_keys
+        .iter()
+        .zip(&view.key_types)
+        .map(|(k, t)| {
+            let c = entities.column_by_name(k).ok_or_else(|| {
+                Error::invalid(format!(
+                    "the entity table has no column {k:?}, the join key of feature view {:?}",
+                    view.name
+                ))
+            })?;
+            cast(c, &arrow_type(*t)).map_err(|e| {
+                Error::invalid(format!(
+                    "join key {k:?} ({}) cannot be read as {t}: {e}",
+                    c.data_type()
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Feature rows of a latest-value or SQL view, in the layout of
+/// [`FeatureRows`]: keys, `event_timestamp`, the wanted features.
+async fn feature_frame(
+    offline: &Offline,
+    ctx: &SessionContext,
+    view: &FeatureView,
+    wanted: &[usize],
+) -> Result<DataFrame> {
+    let at = |what: &str| format!("feature view {:?}: {what}", view.name);
+    let keys = view.join_keys.iter().map(ident);
+    match &view.source {
+        ViewSource::Sql { .. } => {
+            let df = offline.feature_table(ctx, view).await?.ok_or_else(|| {
+                Error::precondition(format!(
+                    "feature view {:?} has no feature table yet; run `quiver batch run --views {}` first",
+                    view.name, view.name
+                ))
+            })?;
+            let mut select: Vec<Expr> = keys.collect();
+            select.push(ident(TIMESTAMP_COLUMN));
+            select.extend(wanted.iter().map(|&f| ident(&view.features[f].name)));
+            df.select(select).map_err(|e| df_error(&at("query"), e))
+        }
+        ViewSource::Events {
+            event_types,
+            fields,
+        } => {
+            let mut select: Vec<Expr> = keys.collect();
+            select.push(ident("event_time").alias(TIMESTAMP_COLUMN));
+            for &f in wanted {
+                let feat = &view.features[f];
+                let src = match &fields[f] {
+                    EventField::Attribute(a) => ident(a),
+                    EventField::EventTime => ident("event_time"),
+                };
+                select.push(cast_expr(src, arrow_type(feat.value_type)).alias(&feat.name));
+            }
+            ctx.table(EVENTS_TABLE)
+                .await
+                .map_err(|e| df_error(&at("events"), e))?
+                .filter(col("event_type").in_list(
+                    event_types.iter().map(|t| lit(t.as_str())).collect(),
+                    false,
+                ))
+                .and_then(|df| df.select(select))
+                .map_err(|e| df_error(&at("query"), e))
+        }
+        ViewSource::Batch => Err(Error::precondition(format!(
+            "feature view {:?} is written online only (WriteFeatures) and has no offline history; give it source = {{ sql = \"...\" }} to compute it in the batch layer",
+            view.name
+        ))),
+        ViewSource::Aggregations { .. } => Err(Error::internal("aggregation views have no frame")),
+    }
+}
+
+/// The newest feature row per entity of a SQL or latest-value event view
+/// with a feature time in `[start, end)`: keys, `event_timestamp`, every
+/// feature in view order.
+pub async fn latest_frame(
+    offline: &Offline,
+    ctx: &SessionContext,
+    view: &FeatureView,
+    start: Option<Micros>,
+    end: Micros,
+) -> Result<DataFrame> {
+    let at = format!("feature view {:?}", view.name);
+    let all: Vec<usize> = (0..view.features.len()).collect();
+    let mut range = ident(TIMESTAMP_COLUMN).lt(ts_lit(end));
+    if let Some(start) = start {
+        range = range.and(ident(TIMESTAMP_COLUMN).gt_eq(ts_lit(start)));
+    }
+    let rank = row_number()
+        .partition_by(view.join_keys.iter().map(ident).collect())
+        .order_by(vec![ident(TIMESTAMP_COLUMN).sort(false, true)])
+        .build()
+        .map_err(|e| df_error(&at, e))?
+        .alias("_rank");
+    let mut columns: Vec<Expr> = view.join_keys.iter().map(ident).collect();
+    columns.push(ident(TIMESTAMP_COLUMN));
+    columns.extend(view.features.iter().map(|f| ident(&f.name)));
+    feature_frame(offline, ctx, view, &all)
+        .await?
+        .filter(range)
+        .and_then(|df| df.window(vec![rank]))
+        .and_then(|df| df.filter(ident("_rank").eq(lit(1u64))))
+        .and_then(|df| df.select(columns))
+        .map_err(|e| df_error(&at, e))
+}
+
+impl Offline {
+    /// Point-in-time correct values of the selected features for every
+    /// row of `entities`; the result has the entity columns (with
+    /// `event_timestamp` as UTC microseconds) followed by one column per
+    /// selected feature, named `feature` or `view__feature`.
+    pub async fn historical(
+        &self,
+        entities: RecordBatch,
+        sel: &Selection,
+        full_feature_names: bool,
+    ) -> Result<RecordBatch> {
+        let reg = self.registry().clone();
+        let (entities, times) = prepare_entities(entities)?;
+        let ctx = self.session().await?;
+        let (min_t, max_t) = (
+            times.iter().flatten().min().unwrap_or(0),
+            times.iter().flatten().max().unwrap_or(0),
+        );
+
+        // Per selected view: its feature arrays, in the view's `wanted` order.
+        let mut per_view: Vec<(usize, Vec<usize>, Vec<ArrayRef>)> = Vec::new();
+        for (vi, wanted) in &sel.by_view {
+            let view = reg.view(*vi);
+            let keys = entity_keys(&entities, view)?;
+            let index = KeyIndex::new(&keys)?;
+            let arrays = if let ViewSource::Aggregations { .. } = view.source {
+                aggregations_asof(&ctx, view, &index, &times, wanted).await?
+            } else {
+                let ttl: Option<Micros> = view.ttl.map(duration_micros);
+                let mut range = ident(TIMESTAMP_COLUMN).lt_eq(ts_lit(max_t));
+                if let Some(ttl) = ttl {
+                    range = range.and(ident(TIMESTAMP_COLUMN).gt_eq(ts_lit(min_t - ttl)));
+                }
+                let batches = feature_frame(self, &ctx, view, wanted)
+                    .await?
+                    .filter(range)
+                    .map_err(|e| df_error(&format!("feature view {:?}", view.name), e))?
+                    .collect()
+                    .await
+                    .map_err(|e| df_error(&format!("feature view {:?}: reading", view.name), e))?;
+                let rows = FeatureRows {
+                    batches: &batches,
+                    n_keys: view.join_keys.len(),
+                    feature_types: wanted
+                        .iter()
+                        .map(|&f| arrow_type(view.features[f].value_type))
+                        .collect(),
+                };
+                asof_join(&index, &times, &rows, ttl)?
+            };
+            per_view.push((*vi, wanted.clone(), arrays));
+        }
+
+        let schema = entities.schema();
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| (**f).clone()).collect();
+        let mut columns: Vec<ArrayRef> = entities.columns().to_vec();
+        let mut seen: HashSet<String> = fields.iter().map(|f| f.name().clone()).collect();
+        for r in &sel.columns {
+            let view = reg.view(r.view);
+            let (_, wanted, arrays) = per_view
+                .iter()
+                .find(|(vi, _, _)| *vi == r.view)
+                .expect("every selected view was joined");
+            let pos = wanted
+                .iter()
+                .position(|&f| f == r.feature)
+                .expect("selected feature");
+            let f = &view.features[r.feature];
+            let name = if full_feature_names {
+                format!("{}__{}", view.name, f.name)
+            } else {
+                f.name.clone()
+            };
+            if !seen.insert(name.clone()) {
+                return Err(Error::invalid(format!(
+                    "output column {name:?} would appear twice (two views share a feature name, or a feature is named like an entity column); set full_feature_names"
+                )));
+            }
+            fields.push(Field::new(name, arrays[pos].data_type().clone(), true));
+            columns.push(arrays[pos].clone());
+        }
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+            .map_err(|e| Error::internal(format!("building the result: {e}")))
+    }
+}
+
+/// Splits a result into batches of at most [`STREAM_BATCH_ROWS`] rows.
+pub fn chunks(batch: &RecordBatch) -> Vec<RecordBatch> {
+    let n = batch.num_rows();
+    if n == 0 {
+        return vec![batch.clone()];
+    }
+    (0..n)
+        .step_by(STREAM_BATCH_ROWS)
+        .map(|off| batch.slice(off, STREAM_BATCH_ROWS.min(n - off)))
+        .collect()
+}
+
+/// Builds an entity table from columns of typed values (the protobuf
+/// request): join keys in their entity's type, `event_timestamp` as
+/// timestamps, other columns in the type of their first non-null value.
+pub fn entity_table_from_values(
+    reg: &quiver_core::Registry,
+    columns: Vec<(String, Vec<quiver_core::Value>)>,
+) -> Result<RecordBatch> {
+    use quiver_core::{Value, ValueType};
+    if columns.is_empty() {
+        return Err(Error::invalid(format!(
+            "the entity table is empty: send the join keys and {TIMESTAMP_COLUMN} column-wise"
+        )));
+    }
+    let n = columns[0].1.len();
+    let mut fields = Vec::with_capacity(columns.len());
+    let mut arrays = Vec::with_capacity(columns.len());
+    for (name, values) in &columns {
+        if values.len() != n {
+            return Err(Error::invalid(format!(
+                "entity column {name:?} has {} values, {:?} has {n}; every column needs one value per row",
+                values.len(),
+                columns[0].0
+            )));
+        }
+        let ty = if name == TIMESTAMP_COLUMN {
+            ValueType::Timestamp
+        } else if let Some(e) = reg.entity_by_join_key(name) {
+            e.value_type
+        } else {
+            match values.iter().find_map(Value::value_type) {
+                Some(t) => t,
+                None => ValueType::String,
+            }
+        };
+        if let Some((i, v)) = values
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_null() && v.value_type() != Some(ty))
+        {
+            return Err(Error::invalid(format!(
+                "entity column {name:?} row {i}: expected {ty}, got {}",
+                v.type_name()
+            )));
+        }
+        let refs: Vec<Option<&Value>> = values.iter().map(Some).collect();
+        arrays.push(quiver_core::columnar::value_array(ty, &refs));
+        fields.push(Field::new(name, arrow_type(ty), true));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+        .map_err(|e| Error::internal(format!("entity table: {e}")))
+}
+
+/// Reads an entity table sent as an Arrow IPC stream.
+pub fn entity_table_from_ipc(bytes: &[u8]) -> Result<RecordBatch> {
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .map_err(|e| Error::invalid(format!("entities_arrow is not an Arrow IPC stream: {e}")))?;
+    let schema = reader.schema();
+    let batches = reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::invalid(format!("entities_arrow: {e}")))?;
+    arrow::compute::concat_batches(&schema, &batches)
+        .map_err(|e| Error::invalid(format!("entities_arrow: {e}")))
+}
+
+/// Encodes a record batch as one complete Arrow IPC stream.
+pub fn to_ipc(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &batch.schema())
+        .map_err(|e| Error::internal(format!("Arrow IPC: {e}")))?;
+    w.write(batch)
+        .and_then(|()| w.finish())
+        .map_err(|e| Error::internal(format!("Arrow IPC: {e}")))?;
+    drop(w);
+    Ok(out)
+}
+
+/// Reads an entity table from a local `.parquet` or `.csv` file (CSV with
+/// a header; `event_timestamp` as RFC 3339).
+pub async fn read_entity_file(path: &std::path::Path) -> Result<RecordBatch> {
+    use datafusion::prelude::{CsvReadOptions, ParquetReadOptions};
+    let ctx = SessionContext::new();
+    let shown = path.display().to_string();
+    if !path.is_file() {
+        return Err(Error::invalid(format!("{shown}: no such file")));
+    }
+    let name = shown.as_str();
+    let df = match path.extension().and_then(|e| e.to_str()) {
+        Some("parquet") => ctx.read_parquet(name, ParquetReadOptions::default()).await,
+        Some("csv") => ctx.read_csv(name, CsvReadOptions::new()).await,
+        _ => {
+            return Err(Error::invalid(format!(
+                "{shown}: the entity table must be a .parquet or .csv file"
+            )))
+        }
+    }
+    .map_err(|e| df_error(&shown, e))?;
+    let schema: Arc<Schema> = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await.map_err(|e| df_error(&shown, e))?;
+    let batch = arrow::compute::concat_batches(&schema, &batches)
+        .map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
+    // Parquet and CSV readers may produce view/large string types; keys are
+    // cast per view later, other columns pass through as read.
+    Ok(batch)
+}
+
+/// Writes a result as one Parquet file (zstd).
+pub fn write_parquet_file(batch: &RecordBatch, path: &std::path::Path) -> Result<()> {
+    use datafusion::parquet::arrow::ArrowWriter;
+    use datafusion::parquet::basic::{Compression, ZstdLevel};
+    use datafusion::parquet::file::properties::WriterProperties;
+    let file = std::fs::File::create(path)
+        .map_err(|e| Error::invalid(format!("cannot create {}: {e}", path.display())))?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props))
+        .map_err(|e| Error::internal(format!("Parquet: {e}")))?;
+    w.write(batch)
+        .and_then(|()| w.close().map(|_| ()))
+        .map_err(|e| Error::unavailable(format!("writing {}: {e}", path.display())))
+}

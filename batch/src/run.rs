@@ -1,0 +1,165 @@
+//! `quiver batch run`: runs the SQL of batch feature views and commits
+//! their feature tables.
+
+use std::time::{Duration, Instant};
+
+use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::logical_expr::{cast, ident, Expr};
+use datafusion::prelude::SessionContext;
+use quiver_core::columnar::arrow_type;
+use quiver_core::registry::{FeatureView, ViewSource, TIMESTAMP_COLUMN};
+use quiver_core::time::{format_rfc3339, Micros};
+use quiver_core::value::ValueType;
+use quiver_core::{Error, Result};
+
+use crate::offline::{df_error, CommittedRun, Offline};
+
+/// What one view's run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunReport {
+    /// View name.
+    pub view: String,
+    /// Run directory committed.
+    pub run: String,
+    /// Rows written.
+    pub rows: u64,
+    /// Wall time of query and write.
+    pub elapsed: Duration,
+}
+
+/// The query of a SQL view, or an error naming the view's actual source.
+pub fn view_query(view: &FeatureView) -> Result<&str> {
+    match &view.source {
+        ViewSource::Sql { query } => Ok(query),
+        _ => Err(Error::invalid(format!(
+            "feature view {:?} has no SQL source; `quiver batch run` runs views declared with source = {{ sql = \"...\" }}",
+            view.name
+        ))),
+    }
+}
+
+/// The output columns of a SQL view: `(name, type)` of join keys,
+/// `event_timestamp` and features, in feature-table order.
+fn output_columns(view: &FeatureView) -> Vec<(&str, ValueType)> {
+    let mut cols: Vec<(&str, ValueType)> = view
+        .join_keys
+        .iter()
+        .map(String::as_str)
+        .zip(view.key_types.iter().copied())
+        .collect();
+    cols.push((TIMESTAMP_COLUMN, ValueType::Timestamp));
+    cols.extend(
+        view.features
+            .iter()
+            .map(|f| (f.name.as_str(), f.value_type)),
+    );
+    cols
+}
+
+impl Offline {
+    /// Runs one SQL view's query and commits its result as the view's
+    /// feature table. `now` names the run.
+    pub async fn run_view(
+        &self,
+        ctx: &SessionContext,
+        view: &FeatureView,
+        now: Micros,
+    ) -> Result<RunReport> {
+        let started = Instant::now();
+        let query = view_query(view)?;
+        let at = |what: &str| format!("feature view {:?}: {what}", view.name);
+        let df = ctx.sql(query).await.map_err(|e| df_error(&at("SQL"), e))?;
+        let got: Vec<String> = df
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let cols = output_columns(view);
+        let missing: Vec<&str> = cols
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| !got.iter().any(|g| g == n))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::invalid(format!(
+                "{}: the query returns no column {}; it must return the join keys, {TIMESTAMP_COLUMN} and every feature (it returns: {})",
+                at("SQL"),
+                missing.join(", "),
+                got.join(", ")
+            )));
+        }
+        // Cast to the declared types; rows without keys or time cannot be
+        // joined or materialized, so they are left out.
+        let exprs: Vec<Expr> = cols
+            .iter()
+            .map(|(n, t)| cast(ident(*n), arrow_type(*t)).alias(*n))
+            .collect();
+        let mut df = df
+            .select(exprs)
+            .map_err(|e| df_error(&at("casting the query's columns"), e))?;
+        for (n, _) in &cols[..view.join_keys.len() + 1] {
+            df = df
+                .filter(ident(*n).is_not_null())
+                .map_err(|e| df_error(&at("filter"), e))?;
+        }
+        let run = format!("run-{now:020}");
+        let url = self.dir_url(&self.run_dir(&view.name, &run));
+        let written = df
+            .write_parquet(&url, DataFrameWriteOptions::new(), None)
+            .await
+            .map_err(|e| df_error(&at("writing the feature table"), e))?;
+        let rows = written
+            .first()
+            .and_then(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<arrow::array::UInt64Array>()
+                    .map(|a| a.value(0))
+            })
+            .unwrap_or(0);
+        self.commit(
+            &view.name,
+            CommittedRun {
+                run: run.clone(),
+                rows,
+                committed_at: format_rfc3339(now),
+            },
+        )
+        .await?;
+        Ok(RunReport {
+            view: view.name.clone(),
+            run,
+            rows,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Runs the SQL views named in `views` (every SQL view when empty), one
+    /// after the other, each committed on its own.
+    pub async fn run(&self, views: &[String], now: Micros) -> Result<Vec<RunReport>> {
+        let reg = self.registry().clone();
+        let selected: Vec<&FeatureView> = if views.is_empty() {
+            reg.views()
+                .iter()
+                .filter(|v| matches!(v.source, ViewSource::Sql { .. }))
+                .collect()
+        } else {
+            views
+                .iter()
+                .map(|n| reg.require_view(n).map(|i| reg.view(i)))
+                .collect::<Result<_>>()?
+        };
+        if selected.is_empty() {
+            return Err(Error::invalid(
+                "the registry declares no SQL feature views (source = { sql = \"...\" })",
+            ));
+        }
+        let ctx = self.session().await?;
+        let mut out = Vec::with_capacity(selected.len());
+        for v in selected {
+            out.push(self.run_view(&ctx, v, now).await?);
+        }
+        Ok(out)
+    }
+}
