@@ -138,10 +138,12 @@ impl Offline {
                         v.name
                     )))
                 }
-                ViewSource::Batch => return Err(Error::invalid(format!(
+                ViewSource::Batch => {
+                    return Err(Error::invalid(format!(
                     "feature view {:?} has no offline source (it is written through WriteFeatures)",
                     v.name
-                ))),
+                )))
+                }
             }
         }
         let ctx = self.session().await?;

@@ -1,6 +1,7 @@
 //! The offline store as DataFusion sees it: one session per job with the
 //! object store registered, the raw-event archive as table `events` and the
-//! registry's `[[tables]]`, plus the committed feature tables of SQL views.
+//! registry's `[[tables]]` (defined for the SQL that uses them), plus the
+//! committed feature tables of SQL views.
 //!
 //! # Feature tables
 //! `quiver batch run` writes a view's rows under a new run directory
@@ -116,8 +117,8 @@ impl Offline {
         }
     }
 
-    /// A DataFusion session with the store registered and the tables
-    /// `events` and the registry's `[[tables]]` defined.
+    /// A DataFusion session with the store registered and the raw-event
+    /// table `events` defined.
     pub async fn session(&self) -> Result<SessionContext> {
         let mut config = SessionConfig::new().with_information_schema(true);
         // Plain Utf8 strings: the types the registry declares and the
@@ -143,8 +144,22 @@ impl Offline {
         .map_err(|e| df_error("events table", e))?;
         ctx.register_table(EVENTS_TABLE, Arc::new(table))
             .map_err(|e| df_error("events table", e))?;
+        Ok(ctx)
+    }
 
+    /// Defines the registry's `[[tables]]` that `query` mentions (their
+    /// schema comes from their files, so a table must have one).
+    pub async fn register_tables(&self, ctx: &SessionContext, query: &str) -> Result<()> {
+        let words: std::collections::HashSet<String> = query
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map(str::to_ascii_lowercase)
+            .collect();
         for t in self.registry.tables() {
+            if !words.contains(&t.name.to_ascii_lowercase())
+                || ctx.table_exist(&t.name).unwrap_or(false)
+            {
+                continue;
+            }
             let path: Path = child(&self.root, &[&t.path]);
             let url = if t.path.ends_with(".parquet") {
                 self.dir_url(&path).trim_end_matches('/').to_owned()
@@ -155,7 +170,7 @@ impl Offline {
                 .await
                 .map_err(|e| df_error(&format!("table {:?} ({url})", t.name), e))?;
         }
-        Ok(ctx)
+        Ok(())
     }
 
     fn view_dir(&self, view: &str) -> Path {

@@ -166,9 +166,17 @@ pub async fn latest_frame(
     if let Some(start) = start {
         range = range.and(ident(TIMESTAMP_COLUMN).gt_eq(ts_lit(start)));
     }
+    // Newest first; ties broken like the point-in-time join (the greatest
+    // row by feature values, nulls lowest), so online and offline agree.
+    let mut order = vec![ident(TIMESTAMP_COLUMN).sort(false, false)];
+    order.extend(
+        view.features
+            .iter()
+            .map(|f| ident(&f.name).sort(false, false)),
+    );
     let rank = row_number()
         .partition_by(view.join_keys.iter().map(ident).collect())
-        .order_by(vec![ident(TIMESTAMP_COLUMN).sort(false, true)])
+        .order_by(order)
         .build()
         .map_err(|e| df_error(&at, e))?
         .alias("_rank");

@@ -68,6 +68,7 @@ impl Offline {
         let started = Instant::now();
         let query = view_query(view)?;
         let at = |what: &str| format!("feature view {:?}: {what}", view.name);
+        self.register_tables(ctx, query).await?;
         let df = ctx.sql(query).await.map_err(|e| df_error(&at("SQL"), e))?;
         let got: Vec<String> = df
             .schema()

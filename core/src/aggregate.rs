@@ -536,20 +536,28 @@ pub fn combine<'a>(
 
 /// Turns a tile row (raw fields as stored) into feature values at `now`:
 /// one value per entry of `wanted` (indices into `aggregations`), and the
-/// newest event time applied to the row.
+/// newest event time applied to the row. `None` when the row's newest
+/// event has left the longest window: the row is expired (the store drops
+/// it about then too; deciding here makes reads exact at any clock).
 pub fn finish_row(
     aggregations: &[Aggregation],
     tile: Micros,
     now: Micros,
     wanted: &[usize],
     raw: &[(String, Vec<u8>)],
-) -> Result<(Micros, Vec<Value>)> {
-    let event_ts = raw
+) -> Result<Option<(Micros, Vec<Value>)>> {
+    let Some(event_ts) = raw
         .iter()
         .filter(|(n, _)| n.starts_with("_t:"))
         .filter_map(|(_, v)| std::str::from_utf8(v).ok()?.parse::<Micros>().ok())
         .max()
-        .unwrap_or(0);
+    else {
+        return Ok(None);
+    };
+    let longest = aggregations.iter().map(|a| a.window).max().unwrap_or(tile);
+    if tile_of(event_ts, tile) < window_first_tile(now, tile, longest) {
+        return Ok(None);
+    }
     let values = wanted
         .iter()
         .map(|&i| {
@@ -561,7 +569,7 @@ pub fn finish_row(
             combine(agg, tile, now, states)
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((event_ts, values))
+    Ok(Some((event_ts, values)))
 }
 
 #[cfg(test)]

@@ -157,7 +157,10 @@ async fn online(
         .unwrap();
     let raw = row.map(|r| r.raw).unwrap_or_default();
     let all: Vec<usize> = (0..aggregations.len()).collect();
-    finish_row(aggregations, *tile, at, &all, &raw).unwrap().1
+    finish_row(aggregations, *tile, at, &all, &raw)
+        .unwrap()
+        .map(|r| r.1)
+        .unwrap_or_default()
 }
 
 fn close(a: &Value, b: &Value) -> bool {
@@ -581,8 +584,14 @@ async fn two_ingest_processes_share_the_topic_through_a_rebalance() {
     let redis = RedisServer::start();
     let store = redis_store(&redis);
     let reg = registry();
-    // Event times end well before now: the definition counts no future events.
-    let evs = produce_events(&brokers, 6_000, now() - 4 * HOUR).await;
+    // Event times end well before now: the definition counts no future
+    // events. Two thirds go out before A starts, the rest while B joins.
+    let evs = events(9_000, now() - 6 * HOUR);
+    let sink = KafkaEventSink::new(&kafka(&brokers, "unused"), reg.clone()).unwrap();
+    let (early, late) = evs.split_at(6_000);
+    for chunk in early.chunks(500) {
+        assert!(sink.publish(chunk).await.unwrap().iter().all(Result::is_ok));
+    }
     let dir = tempfile::tempdir().unwrap();
     let location = dir.path().to_str().unwrap().to_owned();
     let member = || {
@@ -615,7 +624,30 @@ async fn two_ingest_processes_share_the_topic_through_a_rebalance() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let b = tokio::spawn(member().run(stopped(stop_rx.clone()), |_| {}));
+    let b_events = Arc::new(Mutex::new(0u64));
+    let be = b_events.clone();
+    let b = tokio::spawn(member().run(stopped(stop_rx.clone()), move |s| {
+        *be.lock().unwrap() = s.events
+    }));
+    // Keep events coming until B has some: on a busy machine A may drain
+    // the early ones before the group has rebalanced.
+    let mut rest = late.chunks(300);
+    while *b_events.lock().unwrap() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(45),
+            "B never got a partition"
+        );
+        match rest.next() {
+            Some(chunk) => {
+                assert!(sink.publish(chunk).await.unwrap().iter().all(Result::is_ok));
+            }
+            None => break,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for chunk in rest {
+        assert!(sink.publish(chunk).await.unwrap().iter().all(Result::is_ok));
+    }
     // Done when every event is in a visible archive file (rolled by age).
     while archived_rows(dir.path()).len() < evs.len() {
         assert!(

@@ -483,9 +483,13 @@ impl FeatureServer {
             else {
                 continue;
             };
-            let (event_ts, values) = finish_row(aggregations, *tile, now, fs, &r.raw)?;
-            r.event_ts = event_ts;
-            r.values = values.into_iter().map(Some).collect();
+            match finish_row(aggregations, *tile, now, fs, &r.raw)? {
+                Some((event_ts, values)) => {
+                    r.event_ts = event_ts;
+                    r.values = values.into_iter().map(Some).collect();
+                }
+                None => *row = None,
+            }
         }
         let mut columns: Vec<Column> = req
             .entities

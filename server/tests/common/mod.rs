@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use quiver_batch::Offline;
 use quiver_core::event::EventSink;
 use quiver_core::store::{EmbeddedStore, RedisClusterStore, RedisConfig, RedisStore};
 use quiver_core::{Clock, ManualClock, OnlineStore, Registry};
@@ -90,6 +91,18 @@ impl TestServer {
         sink: Option<Arc<dyn EventSink>>,
     ) -> TestServer {
         let registry = Arc::new(Registry::from_toml("registry/features.toml", REGISTRY).unwrap());
+        Self::start_full(registry, store, backend, limits, sink, None).await
+    }
+
+    /// A server over `registry` whose `GetHistoricalFeatures` reads `offline`.
+    pub async fn start_full(
+        registry: Arc<Registry>,
+        store: Arc<dyn OnlineStore>,
+        backend: Backend,
+        limits: Limits,
+        sink: Option<Arc<dyn EventSink>>,
+        offline: Option<Arc<Offline>>,
+    ) -> TestServer {
         let clock = Arc::new(ManualClock::new(now()));
         let mut service = FeatureServer::new(
             registry,
@@ -101,6 +114,9 @@ impl TestServer {
         );
         if let Some(sink) = sink {
             service = service.with_event_sink(sink);
+        }
+        if let Some(offline) = offline {
+            service = service.with_offline(offline);
         }
         let service = Arc::new(service);
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
