@@ -113,3 +113,122 @@ fn speed_layer_commands_say_what_is_missing() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+const BATCH_REGISTRY: &str = r#"
+[[entities]]
+name = "user"
+join_key = "user_id"
+
+[[feature_views]]
+name = "scores"
+entities = ["user"]
+source = { sql = """
+SELECT * FROM (VALUES
+  ('u1', TIMESTAMP '2026-01-01T00:00:00Z', 1.0),
+  ('u1', TIMESTAMP '2026-01-02T00:00:00Z', 2.0),
+  ('u2', TIMESTAMP '2026-01-01T12:00:00Z', 5.0)
+) AS t(user_id, event_timestamp, score)
+""" }
+features = [{ name = "score", dtype = "double" }]
+"#;
+
+fn run_ok(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = quiver()
+        .args(args)
+        .current_dir(dir)
+        .env_remove("QUIVER_ARCHIVE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn batch_run_retrieve_and_materialize() {
+    use quiver_batch::arrow::array::{Array, Float64Array};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("reg.toml"), BATCH_REGISTRY).unwrap();
+    let common = ["--registry", "reg.toml", "--archive", "offline"];
+    let with = |cmd: &[&'static str]| -> Vec<&str> {
+        cmd.iter().copied().chain(common.iter().copied()).collect()
+    };
+
+    let out = run_ok(dir.path(), &with(&["batch", "run"]));
+    assert!(out.contains("scores: 3 rows committed"), "{out}");
+
+    std::fs::write(
+        dir.path().join("entities.csv"),
+        "user_id,event_timestamp,label\n\
+         u1,2025-12-31T00:00:00Z,0\n\
+         u1,2026-01-01T06:00:00Z,1\n\
+         u1,2026-01-03T00:00:00Z,1\n\
+         u2,2026-01-03T00:00:00Z,0\n\
+         u3,2026-01-03T00:00:00Z,0\n",
+    )
+    .unwrap();
+    let mut args = with(&["batch", "retrieve", "--entities", "entities.csv"]);
+    args.extend(["--features", "scores:score", "--out", "train.parquet"]);
+    let out = run_ok(dir.path(), &args);
+    assert!(out.contains("5 entity rows x 1 features"), "{out}");
+    let table = quiver_batch::retrieve::read_entity_file(&dir.path().join("train.parquet"))
+        .await
+        .unwrap();
+    let score = table.column_by_name("score").unwrap();
+    let score = score.as_any().downcast_ref::<Float64Array>().unwrap();
+    assert_eq!(
+        score.iter().collect::<Vec<_>>(),
+        vec![None, Some(1.0), Some(2.0), Some(5.0), None]
+    );
+    assert!(table.column_by_name("label").is_some());
+
+    let mut args = with(&["materialize", "--store-path", "online.redb"]);
+    args.extend(["--end", "2026-01-05T00:00:00Z"]);
+    let out = run_ok(dir.path(), &args);
+    assert!(
+        out.contains("scores: [beginning .. 2026-01-05T00:00:00.000000Z) 2 entities: 2 written"),
+        "{out}"
+    );
+    // Incremental: the next run starts at the watermark and finds nothing new.
+    let mut args = with(&["materialize", "--store-path", "online.redb"]);
+    args.extend(["--end", "2026-01-06T00:00:00Z"]);
+    let out = run_ok(dir.path(), &args);
+    assert!(
+        out.contains("scores: [2026-01-05T00:00:00.000000Z .. 2026-01-06T00:00:00.000000Z) 0 entities"),
+        "{out}"
+    );
+
+    // Mistakes are explained.
+    for (args, needle) in [
+        (
+            with(&[
+                "batch",
+                "retrieve",
+                "--entities",
+                "nope.csv",
+                "--features",
+                "scores:score",
+                "--out",
+                "x.parquet",
+            ]),
+            "nope.csv: no such file",
+        ),
+        (
+            with(&["materialize", "--start", "yesterday"]),
+            "--start \"yesterday\" is not an RFC 3339 time",
+        ),
+        (
+            with(&["batch", "run", "--views", "nope"]),
+            "unknown feature view \"nope\"",
+        ),
+    ] {
+        let out = quiver()
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}

@@ -199,3 +199,39 @@ class QuiverClient:
     def registry(self) -> "pb.GetRegistryResponse":
         """Entities, feature views and feature services of the server."""
         return self._call(self._stub.GetRegistry, pb.GetRegistryRequest())
+
+    def get_historical_features(
+        self,
+        entity_df: Any,
+        features: Optional[Sequence[str]] = None,
+        feature_service: Optional[str] = None,
+        full_feature_names: bool = False,
+        timeout: Optional[float] = 600.0,
+    ) -> Any:
+        """A point-in-time correct training set as a pandas DataFrame.
+
+        `entity_df` (pandas DataFrame or pyarrow Table) holds the join keys of the selected views, an
+        `event_timestamp` column (naive times are UTC) and any other columns (labels), which come back
+        unchanged. Each feature is its newest value at or before the row's event_timestamp and within
+        the view's TTL; aggregations are computed as of that time. Needs pyarrow and pandas.
+        """
+        import pyarrow as pa
+
+        if (features is None) == (feature_service is None):
+            raise ValueError("pass exactly one of features= or feature_service=")
+        table = entity_df if isinstance(entity_df, pa.Table) else pa.Table.from_pandas(entity_df, preserve_index=False)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        req = pb.GetHistoricalFeaturesRequest(
+            entities_arrow=sink.getvalue().to_pybytes(), full_feature_names=full_feature_names
+        )
+        if feature_service is not None:
+            req.feature_service = feature_service
+        else:
+            req.features.val.extend(features)
+        try:
+            parts = [pa.ipc.open_stream(m.arrow_ipc).read_all() for m in self._stub.GetHistoricalFeatures(req, timeout=timeout)]
+        except grpc.RpcError as e:
+            raise QuiverError(e.code(), e.details()) from None
+        return pa.concat_tables(parts).to_pandas()

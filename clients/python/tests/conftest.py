@@ -27,9 +27,12 @@ def server(tmp_path_factory):
     if not pathlib.Path(binary).exists():
         pytest.fail(f"quiver binary not found at {binary}: run `cargo build -p quiver` or set QUIVER_BIN")
     data = tmp_path_factory.mktemp("quiver")
+    # Archive rolls every second, so historical retrieval sees events soon.
+    config = data / "quiver.toml"
+    config.write_text('[archive]\nroll_interval = "1s"\n')
     proc = subprocess.Popen(
         [
-            binary, "demo", "--users", "300", "--products", "50",
+            binary, "demo", "--users", "300", "--products", "50", "--config", str(config),
             "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
             "--store-path", str(data / "online.redb"), "--archive", str(data / "offline"),
         ],

@@ -144,6 +144,48 @@ def test_pushed_events_update_streaming_features(client):
     assert sorted(cols["recent_products"][0]) == ["product_0", "product_1", "product_2"]
 
 
+def test_historical_features_as_pandas(client):
+    import pandas as pd
+
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    user = "py_hist_user"
+    events = [
+        {"event_id": f"py-h-pv-{h}", "event_type": "page_view", "event_time": now - dt.timedelta(hours=h),
+         "entities": {"user_id": user, "product_id": "product_7"},
+         "attributes": {"session_id": "h", "category": "books"}}
+        for h in (2, 1)
+    ] + [
+        {"event_id": "py-h-login", "event_type": "login", "event_time": now - dt.timedelta(minutes=100),
+         "entities": {"user_id": user}, "attributes": {"device": "ios", "country": "NL"}},
+    ]
+    assert client.push_events(events)["accepted"] == 3
+    entity_df = pd.DataFrame({
+        "user_id": [user, user, user],
+        "event_timestamp": pd.to_datetime([now - dt.timedelta(hours=3), now - dt.timedelta(minutes=90), now]),
+        "label": [0, 1, 1],
+    })
+    features = ["user_stream:page_views_24h", "user_last_login:device"]
+    deadline = time.time() + 30
+    while True:  # the events reach the archive within a few seconds
+        df = client.get_historical_features(entity_df, features=features, full_feature_names=True)
+        if df["user_stream__page_views_24h"].iloc[2] == 2 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert list(df.columns) == ["user_id", "event_timestamp", "label",
+                                "user_stream__page_views_24h", "user_last_login__device"]
+    assert df["label"].tolist() == [0, 1, 1]
+    # Nothing from after each row's time leaks in.
+    assert pd.isna(df["user_stream__page_views_24h"].iloc[0])
+    assert df["user_stream__page_views_24h"].iloc[1:].tolist() == [1, 2]
+    assert pd.isna(df["user_last_login__device"].iloc[0])
+    assert df["user_last_login__device"].iloc[1:].tolist() == ["ios", "ios"]
+    assert str(df["event_timestamp"].dt.tz) == "UTC"
+
+    with pytest.raises(QuiverError) as e:
+        client.get_historical_features(entity_df[["user_id"]], features=features)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "event_timestamp" in e.value.message
+
 
 def test_zz_sigterm_shuts_down_gracefully(server):
     proc = server["proc"]
