@@ -19,15 +19,17 @@
 //! rows, memory 24 bytes per kept feature row.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
 
 use arrow::array::{
-    make_comparator, new_null_array, Array, ArrayRef, RecordBatch, TimestampMicrosecondArray,
+    make_comparator, new_null_array, Array, ArrayRef, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
 };
 use arrow::compute::interleave;
 use arrow::compute::SortOptions;
 use arrow::datatypes::DataType;
 use arrow::row::{RowConverter, Rows, SortField};
+// hashbrown with foldhash: several times faster than SipHash on row bytes.
+use datafusion::common::HashMap;
 use quiver_core::time::Micros;
 use quiver_core::{Error, Result};
 
@@ -36,27 +38,60 @@ fn arrow_err(what: &str, e: arrow::error::ArrowError) -> Error {
 }
 
 /// Entity keys numbered by distinct value.
+///
+/// A single string or int64 key (the common case) is looked up by its
+/// bytes; other keys by Arrow's row encoding of all key columns.
 #[derive(Debug)]
 pub struct KeyIndex {
-    converter: RowConverter,
+    converter: Option<RowConverter>,
     ids: HashMap<Box<[u8]>, u32>,
     /// Per entity row: its key number, `None` when a key column is null.
     pub row_ids: Vec<Option<u32>>,
+}
+
+/// Key columns of some rows, ready for [`KeyIndex::id`].
+#[derive(Debug)]
+pub enum EncodedKeys<'a> {
+    /// One string key.
+    Utf8(&'a StringArray),
+    /// One int64 key.
+    Int64(&'a Int64Array),
+    /// Arrow rows of several (or other) key columns.
+    Rows(Rows),
+}
+
+impl EncodedKeys<'_> {
+    /// Calls `f` with the bytes that identify row `i`'s key.
+    fn with_bytes<R>(&self, i: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+        match self {
+            EncodedKeys::Utf8(a) => f(a.value(i).as_bytes()),
+            EncodedKeys::Int64(a) => f(&a.value(i).to_le_bytes()),
+            EncodedKeys::Rows(r) => f(r.row(i).data()),
+        }
+    }
 }
 
 impl KeyIndex {
     /// Numbers the distinct keys of the entity rows (`keys`: one array per
     /// join key, all the same length).
     pub fn new(keys: &[ArrayRef]) -> Result<KeyIndex> {
-        let fields = keys
-            .iter()
-            .map(|k| SortField::new(k.data_type().clone()))
-            .collect();
-        let converter = RowConverter::new(fields).map_err(|e| arrow_err("key encoding", e))?;
-        let rows = converter
-            .convert_columns(keys)
-            .map_err(|e| arrow_err("key encoding", e))?;
-        let mut ids: HashMap<Box<[u8]>, u32> = HashMap::new();
+        let simple =
+            keys.len() == 1 && matches!(keys[0].data_type(), DataType::Utf8 | DataType::Int64);
+        let converter = if simple {
+            None
+        } else {
+            let fields = keys
+                .iter()
+                .map(|k| SortField::new(k.data_type().clone()))
+                .collect();
+            Some(RowConverter::new(fields).map_err(|e| arrow_err("key encoding", e))?)
+        };
+        let mut index = KeyIndex {
+            converter,
+            ids: HashMap::new(),
+            row_ids: Vec::new(),
+        };
+        let encoded = index.encode(keys)?;
         let n = keys.first().map_or(0, |k| k.len());
         let mut row_ids = Vec::with_capacity(n);
         for i in 0..n {
@@ -64,15 +99,13 @@ impl KeyIndex {
                 row_ids.push(None);
                 continue;
             }
-            let next = ids.len() as u32;
-            let id = *ids.entry(rows.row(i).as_ref().into()).or_insert(next);
+            let next = index.ids.len() as u32;
+            let id = encoded.with_bytes(i, |b| *index.ids.entry(b.into()).or_insert(next));
             row_ids.push(Some(id));
         }
-        Ok(KeyIndex {
-            converter,
-            ids,
-            row_ids,
-        })
+        drop(encoded);
+        index.row_ids = row_ids;
+        Ok(index)
     }
 
     /// Number of distinct keys.
@@ -85,16 +118,32 @@ impl KeyIndex {
         self.ids.is_empty()
     }
 
-    /// Encodes the key columns of other rows (same types) for [`Self::id`].
-    pub fn encode(&self, keys: &[ArrayRef]) -> Result<Rows> {
-        self.converter
-            .convert_columns(keys)
-            .map_err(|e| arrow_err("key encoding", e))
+    /// Prepares the key columns of other rows (same types) for [`Self::id`].
+    pub fn encode<'a>(&self, keys: &'a [ArrayRef]) -> Result<EncodedKeys<'a>> {
+        match &self.converter {
+            Some(c) => c
+                .convert_columns(keys)
+                .map(EncodedKeys::Rows)
+                .map_err(|e| arrow_err("key encoding", e)),
+            None => {
+                let k = keys[0].as_any();
+                if let Some(a) = k.downcast_ref::<StringArray>() {
+                    Ok(EncodedKeys::Utf8(a))
+                } else if let Some(a) = k.downcast_ref::<Int64Array>() {
+                    Ok(EncodedKeys::Int64(a))
+                } else {
+                    Err(Error::internal(format!(
+                        "key column of type {} where string or int64 was expected",
+                        keys[0].data_type()
+                    )))
+                }
+            }
+        }
     }
 
-    /// The key number of row `i` of `rows`, `None` for keys no entity row has.
-    pub fn id(&self, rows: &Rows, i: usize) -> Option<u32> {
-        self.ids.get(rows.row(i).as_ref()).copied()
+    /// The key number of row `i` of `keys`, `None` for keys no entity row has.
+    pub fn id(&self, keys: &EncodedKeys<'_>, i: usize) -> Option<u32> {
+        keys.with_bytes(i, |b| self.ids.get(b).copied())
     }
 }
 
@@ -133,37 +182,56 @@ pub fn asof_join(
     let ts_col = rows.n_keys;
     let max_t = times.iter().flatten().max().unwrap_or(Micros::MIN);
 
-    let mut cands: Vec<Candidate> = Vec::new();
-    for (bi, b) in rows.batches.iter().enumerate() {
-        let keys: Vec<ArrayRef> = b.columns()[..rows.n_keys].to_vec();
-        let encoded = index.encode(&keys)?;
-        let ts = b
-            .column(ts_col)
-            .as_any()
-            .downcast_ref::<TimestampMicrosecondArray>()
-            .ok_or_else(|| Error::internal("feature time column is not microseconds"))?;
-        for r in 0..b.num_rows() {
-            if ts.is_null(r) || ts.value(r) > max_t {
-                continue;
-            }
-            if let Some(key) = index.id(&encoded, r) {
-                cands.push(Candidate {
-                    key,
-                    ts: ts.value(r),
-                    batch: bi as u32,
-                    row: r as u32,
-                });
-            }
-        }
-    }
-    cands.sort_unstable_by_key(|c| (c.key, c.ts));
-    // starts[k]..starts[k + 1] is key k's run.
+    // Scan the feature batches on all cores: each thread encodes the keys
+    // of its batches and keeps the rows some entity row asks for.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(rows.batches.len().max(1));
+    let per_thread: Vec<Result<Vec<Candidate>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut out = Vec::new();
+                    for (bi, b) in rows.batches.iter().enumerate().skip(t).step_by(threads) {
+                        scan_batch(index, rows, bi, b, max_t, &mut out)?;
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("scan thread panicked"))
+            .collect()
+    });
+    let per_thread = per_thread.into_iter().collect::<Result<Vec<_>>>()?;
+
+    // Counting sort by key, then each key's (short) run by time.
     let mut starts = vec![0usize; index.len() + 1];
-    for c in &cands {
+    for c in per_thread.iter().flatten() {
         starts[c.key as usize + 1] += 1;
     }
     for k in 0..index.len() {
         starts[k + 1] += starts[k];
+    }
+    let total = starts[index.len()];
+    let mut next = starts.clone();
+    let mut cands = vec![
+        Candidate {
+            key: 0,
+            ts: 0,
+            batch: 0,
+            row: 0
+        };
+        total
+    ];
+    for c in per_thread.into_iter().flatten() {
+        let slot = &mut next[c.key as usize];
+        cands[*slot] = c;
+        *slot += 1;
+    }
+    for k in 0..index.len() {
+        cands[starts[k]..starts[k + 1]].sort_unstable_by_key(|c| c.ts);
     }
 
     let null_source = rows.batches.len();
@@ -207,6 +275,37 @@ pub fn asof_join(
             interleave(&sources, &picks).map_err(|e| arrow_err("gathering feature values", e))
         })
         .collect()
+}
+
+/// Appends the rows of batch `bi` that an entity row may pick.
+fn scan_batch(
+    index: &KeyIndex,
+    rows: &FeatureRows<'_>,
+    bi: usize,
+    b: &RecordBatch,
+    max_t: Micros,
+    out: &mut Vec<Candidate>,
+) -> Result<()> {
+    let encoded = index.encode(&b.columns()[..rows.n_keys])?;
+    let ts = b
+        .column(rows.n_keys)
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()
+        .ok_or_else(|| Error::internal("feature time column is not microseconds"))?;
+    for r in 0..b.num_rows() {
+        if ts.is_null(r) || ts.value(r) > max_t {
+            continue;
+        }
+        if let Some(key) = index.id(&encoded, r) {
+            out.push(Candidate {
+                key,
+                ts: ts.value(r),
+                batch: bi as u32,
+                row: r as u32,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Orders two feature rows by their feature values (the tie-break).
@@ -334,5 +433,49 @@ mod tests {
         .unwrap();
         assert_eq!(out[0].data_type(), &DataType::Utf8);
         assert_eq!(out[0].null_count(), 2);
+    }
+
+    #[test]
+    fn composite_keys_match_on_every_column() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("user_id", DataType::Utf8, false),
+            Field::new("shop", DataType::Int64, false),
+            Field::new("event_timestamp", timestamp_type(), false),
+            Field::new("x", DataType::Float64, true),
+        ]));
+        let b = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec!["a", "a", "b"])),
+                Arc::new(Int64Array::from(vec![1, 2, 1])),
+                Arc::new(TimestampMicrosecondArray::from(vec![1, 1, 1]).with_timezone("UTC")),
+                Arc::new(Float64Array::from(vec![10.0, 20.0, 30.0])),
+            ],
+        )
+        .unwrap();
+        let keys: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec!["a", "a", "b", "b"])),
+            Arc::new(Int64Array::from(vec![2, 1, 1, 2])),
+        ];
+        let index = KeyIndex::new(&keys).unwrap();
+        let rows = FeatureRows {
+            batches: std::slice::from_ref(&b),
+            n_keys: 2,
+            feature_types: vec![DataType::Float64],
+        };
+        let out = asof_join(
+            &index,
+            &TimestampMicrosecondArray::from(vec![5; 4]),
+            &rows,
+            None,
+        )
+        .unwrap();
+        let got: Vec<Option<f64>> = out[0]
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap()
+            .iter()
+            .collect();
+        assert_eq!(got, vec![Some(20.0), Some(10.0), Some(30.0), None]);
     }
 }

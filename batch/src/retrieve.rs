@@ -225,6 +225,7 @@ impl Offline {
                 if let Some(ttl) = ttl {
                     range = range.and(ident(TIMESTAMP_COLUMN).gt_eq(ts_lit(min_t - ttl)));
                 }
+                let read_started = std::time::Instant::now();
                 let batches = feature_frame(self, &ctx, view, wanted)
                     .await?
                     .filter(range)
@@ -240,7 +241,16 @@ impl Offline {
                         .map(|&f| arrow_type(view.features[f].value_type))
                         .collect(),
                 };
-                asof_join(&index, &times, &rows, ttl)?
+                let read = read_started.elapsed();
+                let joined = asof_join(&index, &times, &rows, ttl)?;
+                tracing::debug!(
+                    view = %view.name,
+                    feature_rows = batches.iter().map(|b| b.num_rows()).sum::<usize>(),
+                    read_ms = read.as_millis() as u64,
+                    join_ms = (read_started.elapsed() - read).as_millis() as u64,
+                    "point-in-time join"
+                );
+                joined
             };
             per_view.push((*vi, wanted.clone(), arrays));
         }

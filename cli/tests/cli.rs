@@ -194,7 +194,9 @@ async fn batch_run_retrieve_and_materialize() {
     args.extend(["--end", "2026-01-06T00:00:00Z"]);
     let out = run_ok(dir.path(), &args);
     assert!(
-        out.contains("scores: [2026-01-05T00:00:00.000000Z .. 2026-01-06T00:00:00.000000Z) 0 entities"),
+        out.contains(
+            "scores: [2026-01-05T00:00:00.000000Z .. 2026-01-06T00:00:00.000000Z) 0 entities"
+        ),
         "{out}"
     );
 
