@@ -15,16 +15,17 @@
 use std::collections::HashMap;
 
 use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, TimestampMicrosecondArray};
+use arrow::datatypes::DataType;
 use datafusion::logical_expr::{col, ident, lit, Expr};
 use datafusion::prelude::SessionContext;
 use datafusion::scalar::ScalarValue;
 use quiver_core::aggregate::{tile_of, window_first_tile, window_start, AggState};
-use quiver_core::columnar::{value_array, value_at};
+use quiver_core::columnar::{arrow_type, timestamp_type, value_array, value_at};
 use quiver_core::registry::{agg_output_type, Aggregation, FeatureView, ViewSource};
 use quiver_core::time::Micros;
 use quiver_core::{Error, Result, Value};
 
-use crate::offline::{df_error, EVENTS_TABLE};
+use crate::offline::{df_error, typed, EVENTS_TABLE};
 use crate::pit::KeyIndex;
 
 /// A timestamp literal in the archive's type.
@@ -83,18 +84,32 @@ pub async fn aggregations_asof(
     else {
         return Ok(null_columns(aggregations, wanted, times.len()));
     };
-    let mut select: Vec<Expr> = view.join_keys.iter().map(ident).collect();
-    select.extend(
-        ["event_type", "event_id", "event_time", "_source", "_offset"]
-            .into_iter()
-            .map(ident),
-    );
+    let mut select: Vec<Expr> = view
+        .join_keys
+        .iter()
+        .zip(&view.key_types)
+        .map(|(k, t)| typed(k, arrow_type(*t)))
+        .collect();
+    select.extend([
+        typed("event_type", DataType::Utf8),
+        typed("event_id", DataType::Utf8),
+        typed("event_time", timestamp_type()),
+        typed("_source", DataType::Utf8),
+        typed("_offset", DataType::Int64),
+    ]);
     // A join key aggregated as an attribute is already selected.
     select.extend(
         attrs
             .iter()
             .filter(|a| !view.join_keys.iter().any(|k| k == *a))
-            .map(|a| ident(*a)),
+            .map(|a| {
+                let ty = aggregations
+                    .iter()
+                    .find(|x| x.attribute.as_deref() == Some(*a))
+                    .and_then(|x| x.attribute_type)
+                    .expect("attributes come from aggregations");
+                typed(a, arrow_type(ty))
+            }),
     );
     let at = |what: &str| format!("aggregations of {:?}: {what}", view.name);
     let batches: Vec<RecordBatch> = ctx

@@ -46,6 +46,12 @@ pub fn df_error(what: &str, e: DataFusionError) -> Error {
     }
 }
 
+/// Column `name` cast to `ty` and still called `name`: reads pin the Arrow
+/// types they decode (strings may come back as views otherwise).
+pub fn typed(name: &str, ty: DataType) -> datafusion::logical_expr::Expr {
+    datafusion::logical_expr::cast(datafusion::logical_expr::ident(name), ty).alias(name)
+}
+
 /// What `_current.json` of a feature table records.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CommittedRun {
@@ -127,7 +133,7 @@ impl Offline {
             .options_mut()
             .execution
             .parquet
-            .schema_force_view_types = false;
+            .schema_force_view_types = std::env::var("QV_VIEW").is_ok();
         let ctx = SessionContext::new_with_config(config);
         ctx.register_object_store(&self.base, self.store.clone());
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMicrosecondArray};
 use arrow::compute::cast;
-use arrow::datatypes::{Field, Schema};
+use arrow::datatypes::{DataType, Field, Schema};
 use datafusion::dataframe::DataFrame;
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{cast as cast_expr, col, ident, lit, Expr, ExprFunctionExt};
@@ -31,7 +31,7 @@ use quiver_core::time::{duration_micros, Micros};
 use quiver_core::{Error, Result};
 
 use crate::aggregate::{aggregations_asof, ts_lit};
-use crate::offline::{df_error, Offline, EVENTS_TABLE};
+use crate::offline::{df_error, typed, Offline, EVENTS_TABLE};
 use crate::pit::{asof_join, FeatureRows, KeyIndex};
 
 /// Rows per record batch of a streamed result.
@@ -104,7 +104,11 @@ async fn feature_frame(
     wanted: &[usize],
 ) -> Result<DataFrame> {
     let at = |what: &str| format!("feature view {:?}: {what}", view.name);
-    let keys = view.join_keys.iter().map(ident);
+    let keys = view
+        .join_keys
+        .iter()
+        .zip(&view.key_types)
+        .map(|(k, t)| typed(k, arrow_type(*t)));
     match &view.source {
         ViewSource::Sql { .. } => {
             let df = offline.feature_table(ctx, view).await?.ok_or_else(|| {
@@ -114,8 +118,11 @@ async fn feature_frame(
                 ))
             })?;
             let mut select: Vec<Expr> = keys.collect();
-            select.push(ident(TIMESTAMP_COLUMN));
-            select.extend(wanted.iter().map(|&f| ident(&view.features[f].name)));
+            select.push(typed(TIMESTAMP_COLUMN, timestamp_type()));
+            select.extend(wanted.iter().map(|&f| {
+                let feat = &view.features[f];
+                typed(&feat.name, arrow_type(feat.value_type))
+            }));
             df.select(select).map_err(|e| df_error(&at("query"), e))
         }
         ViewSource::Events {
@@ -123,7 +130,7 @@ async fn feature_frame(
             fields,
         } => {
             let mut select: Vec<Expr> = keys.collect();
-            select.push(ident("event_time").alias(TIMESTAMP_COLUMN));
+            select.push(cast_expr(ident("event_time"), timestamp_type()).alias(TIMESTAMP_COLUMN));
             for &f in wanted {
                 let feat = &view.features[f];
                 let src = match &fields[f] {
@@ -400,9 +407,25 @@ pub async fn read_entity_file(path: &std::path::Path) -> Result<RecordBatch> {
     let batches = df.collect().await.map_err(|e| df_error(&shown, e))?;
     let batch = arrow::compute::concat_batches(&schema, &batches)
         .map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
-    // Parquet and CSV readers may produce view/large string types; keys are
-    // cast per view later, other columns pass through as read.
-    Ok(batch)
+    // Readers may produce string views; pass plain strings through.
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Utf8View | DataType::LargeUtf8 => cast(c, &DataType::Utf8),
+            DataType::BinaryView | DataType::LargeBinary => cast(c, &DataType::Binary),
+            _ => Ok(c.clone()),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .zip(&columns)
+        .map(|(f, c)| Field::new(f.name(), c.data_type().clone(), f.is_nullable()))
+        .collect();
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| Error::invalid(format!("{shown}: {e}")))
 }
 
 /// Writes a result as one Parquet file (zstd).

@@ -244,6 +244,7 @@ root, runs, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 sql = sys.stdin.read()
 con = duckdb.connect()
 con.execute("SET TimeZone = 'UTC'")
+con.execute("SET enable_progress_bar = false")
 if kind == "view":
     con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet('{root}/events/*/*.parquet', hive_partitioning = true)")
 else:
