@@ -201,8 +201,8 @@ impl EventType {
 }
 
 /// Event field names that attributes cannot use: they are columns of the
-/// raw-event archive.
-pub const RESERVED_EVENT_FIELDS: [&str; 3] = ["event_id", "event_type", "event_time"];
+/// raw-event archive (`date` is its partition column in batch SQL).
+pub const RESERVED_EVENT_FIELDS: [&str; 4] = ["event_id", "event_type", "event_time", "date"];
 
 impl FeatureView {
     /// Index of feature `name` in [`FeatureView::features`].
