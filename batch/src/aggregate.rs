@@ -112,6 +112,7 @@ pub async fn aggregations_asof(
             }),
     );
     let at = |what: &str| format!("aggregations of {:?}: {what}", view.name);
+    let started = std::time::Instant::now();
     let batches: Vec<RecordBatch> = ctx
         .table(EVENTS_TABLE)
         .await
@@ -128,6 +129,7 @@ pub async fn aggregations_asof(
         .await
         .map_err(|e| df_error(&at("reading events"), e))?;
 
+    let read = started.elapsed();
     let nk = view.join_keys.len();
     let mut source_ids: HashMap<String, u32> = HashMap::new();
     let mut evs: Vec<Ev> = Vec::new();
@@ -147,8 +149,15 @@ pub async fn aggregations_asof(
             let Some(key) = index.id(&encoded, r) else {
                 continue;
             };
-            let next = source_ids.len() as u32;
-            let src = *source_ids.entry(source.value(r).to_owned()).or_insert(next);
+            let name = source.value(r);
+            let src = match source_ids.get(name) {
+                Some(id) => *id,
+                None => {
+                    let id = source_ids.len() as u32;
+                    source_ids.insert(name.to_owned(), id);
+                    id
+                }
+            };
             let ts = time.value(r);
             evs.push(Ev {
                 key,
@@ -256,6 +265,13 @@ pub async fn aggregations_asof(
             o.push(acc.finish());
         }
     }
+    tracing::debug!(
+        view = %view.name,
+        events = evs.len(),
+        read_ms = read.as_millis() as u64,
+        compute_ms = (started.elapsed() - read).as_millis() as u64,
+        "aggregations as of entity rows"
+    );
     Ok(plans
         .iter()
         .zip(out)

@@ -75,6 +75,9 @@ struct Args {
     /// Feature rows of the point-in-time join.
     #[arg(long, default_value_t = 10_000_000)]
     feature_rows: usize,
+    /// Entity rows for the windowed-aggregation retrieval (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    agg_rows: usize,
     /// Timed runs per measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -360,6 +363,46 @@ async fn main() {
         println!("\nratio quiver / DuckDB: **{:.2}x**", df_secs / secs);
     }
 
+    if args.agg_rows > 0 {
+        // Windowed aggregations as of entity rows over the same events.
+        let now = system_time_to_micros(std::time::SystemTime::now());
+        let mut rng = Rng(23);
+        let ids: Vec<String> = (0..args.agg_rows)
+            .map(|_| format!("user_{}", rng.below(args.users)))
+            .collect();
+        let times = TimestampMicrosecondArray::from_iter_values(
+            (0..args.agg_rows).map(|_| now - rng.below(29 * DAY as u64) as i64),
+        )
+        .with_timezone("UTC");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("user_id", DataType::Utf8, false),
+            Field::new("event_timestamp", timestamp_type(), false),
+        ]));
+        let table = RecordBatch::try_new(
+            schema,
+            vec![Arc::new(StringArray::from(ids)), Arc::new(times)],
+        )
+        .unwrap();
+        let sel = reg.resolve_refs(&["user_stream:*"]).unwrap();
+        let (secs, out) = timed(args.runs, || async {
+            offline
+                .historical(table.clone(), &sel, false)
+                .await
+                .unwrap()
+        })
+        .await;
+        println!(
+            "\n## Windowed aggregations as of {} entity rows (user_stream: 9 aggregations, windows 1h-7d, over {} events, median of {})\n",
+            args.agg_rows, args.events, args.runs
+        );
+        println!("| seconds | rows | rows/s |");
+        println!("|---|---|---|");
+        println!(
+            "| {secs:.2} | {} | {:.0} |",
+            out.num_rows(),
+            args.agg_rows as f64 / secs
+        );
+    }
     if args.skip_pit {
         return;
     }
