@@ -215,54 +215,83 @@ pub async fn aggregations_asof(
         })
         .collect();
 
-    let mut out: Vec<Vec<Value>> = vec![Vec::with_capacity(times.len()); wanted.len()];
-    for i in 0..times.len() {
-        let (Some(key), false) = (index.row_ids[i], times.is_null(i)) else {
-            out.iter_mut().for_each(|o| o.push(Value::Null));
-            continue;
-        };
-        let t = times.value(i);
-        let run = &evs[starts[key as usize]..starts[key as usize + 1]];
-        let first_kept = window_first_tile(t, tile, longest);
-        let last = tile_of(t, tile);
-        let exists = run
-            .iter()
-            .any(|e| e.tile >= first_kept && e.tile <= last && e.ts <= t);
-        if !exists {
-            out.iter_mut().for_each(|o| o.push(Value::Null));
-            continue;
-        }
-        for (o, (a, col, types)) in out.iter_mut().zip(&plans) {
-            let first = window_first_tile(t, tile, a.window);
-            let lo = run.partition_point(|e| e.tile < first);
-            let mut acc = AggState::new(a.function);
-            let mut group: Option<(i64, u32, AggState)> = None;
-            for e in run[lo..].iter().take_while(|e| e.tile <= last) {
-                if e.ts > t || !types.contains(&e.event_type) {
-                    continue;
+    // Entity rows are independent: split them over the cores.
+    let row_values = |range: std::ops::Range<usize>| -> Result<Vec<Vec<Value>>> {
+        let mut out: Vec<Vec<Value>> = vec![Vec::with_capacity(range.len()); wanted.len()];
+        for i in range {
+            let (Some(key), false) = (index.row_ids[i], times.is_null(i)) else {
+                out.iter_mut().for_each(|o| o.push(Value::Null));
+                continue;
+            };
+            let t = times.value(i);
+            let run = &evs[starts[key as usize]..starts[key as usize + 1]];
+            let first_kept = window_first_tile(t, tile, longest);
+            let last = tile_of(t, tile);
+            let exists = run
+                .iter()
+                .any(|e| e.tile >= first_kept && e.tile <= last && e.ts <= t);
+            if !exists {
+                out.iter_mut().for_each(|o| o.push(Value::Null));
+                continue;
+            }
+            for (o, (a, col, types)) in out.iter_mut().zip(&plans) {
+                let first = window_first_tile(t, tile, a.window);
+                let lo = run.partition_point(|e| e.tile < first);
+                let mut acc = AggState::new(a.function);
+                let mut group: Option<(i64, u32, AggState)> = None;
+                for e in run[lo..].iter().take_while(|e| e.tile <= last) {
+                    if e.ts > t || !types.contains(&e.event_type) {
+                        continue;
+                    }
+                    if group
+                        .as_ref()
+                        .is_some_and(|g| (g.0, g.1) != (e.tile, e.source))
+                    {
+                        let (_, _, s) = group.take().expect("checked");
+                        acc.merge(&s)?;
+                    }
+                    let g =
+                        group.get_or_insert_with(|| (e.tile, e.source, AggState::new(a.function)));
+                    let b = &batches[e.batch as usize];
+                    let id = b.column(nk + 1).as_string::<i32>().value(e.row as usize);
+                    let value = match (col, a.attribute_type) {
+                        (Some(c), Some(ty)) => {
+                            Some(value_at(b.column(*c).as_ref(), ty, e.row as usize)?)
+                        }
+                        _ => None,
+                    };
+                    g.2.update(e.ts, id, value.as_ref());
                 }
-                if group
-                    .as_ref()
-                    .is_some_and(|g| (g.0, g.1) != (e.tile, e.source))
-                {
-                    let (_, _, s) = group.take().expect("checked");
+                if let Some((_, _, s)) = group {
                     acc.merge(&s)?;
                 }
-                let g = group.get_or_insert_with(|| (e.tile, e.source, AggState::new(a.function)));
-                let b = &batches[e.batch as usize];
-                let id = b.column(nk + 1).as_string::<i32>().value(e.row as usize);
-                let value = match (col, a.attribute_type) {
-                    (Some(c), Some(ty)) => {
-                        Some(value_at(b.column(*c).as_ref(), ty, e.row as usize)?)
-                    }
-                    _ => None,
-                };
-                g.2.update(e.ts, id, value.as_ref());
+                o.push(acc.finish());
             }
-            if let Some((_, _, s)) = group {
-                acc.merge(&s)?;
-            }
-            o.push(acc.finish());
+        }
+        Ok(out)
+    };
+    let n = times.len();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .clamp(1, n.max(1));
+    let chunk = n.div_ceil(threads).max(1);
+    let parts: Vec<Result<Vec<Vec<Value>>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .step_by(chunk)
+            .map(|lo| {
+                let row_values = &row_values;
+                scope.spawn(move || row_values(lo..(lo + chunk).min(n)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("aggregation thread panicked"))
+            .collect()
+    });
+    let mut out: Vec<Vec<Value>> = vec![Vec::with_capacity(n); wanted.len()];
+    for part in parts {
+        for (o, p) in out.iter_mut().zip(part?) {
+            o.extend(p);
         }
     }
     tracing::debug!(
