@@ -232,8 +232,12 @@ impl Offline {
                 if let Some(ttl) = ttl {
                     range = range.and(ident(TIMESTAMP_COLUMN).gt_eq(ts_lit(min_t - ttl)));
                 }
+                // Every feature in declared order is read, whatever is
+                // selected: ties are broken by all of them, so the answer for
+                // a feature does not depend on which others were asked for.
+                let all: Vec<usize> = (0..view.features.len()).collect();
                 let read_started = std::time::Instant::now();
-                let batches = feature_frame(self, &ctx, view, wanted)
+                let batches = feature_frame(self, &ctx, view, &all)
                     .await?
                     .filter(range)
                     .map_err(|e| df_error(&format!("feature view {:?}", view.name), e))?
@@ -243,9 +247,10 @@ impl Offline {
                 let rows = FeatureRows {
                     batches: &batches,
                     n_keys: view.join_keys.len(),
-                    feature_types: wanted
+                    feature_types: view
+                        .features
                         .iter()
-                        .map(|&f| arrow_type(view.features[f].value_type))
+                        .map(|f| arrow_type(f.value_type))
                         .collect(),
                 };
                 let read = read_started.elapsed();
@@ -257,7 +262,7 @@ impl Offline {
                     join_ms = (read_started.elapsed() - read).as_millis() as u64,
                     "point-in-time join"
                 );
-                joined
+                wanted.iter().map(|&f| joined[f].clone()).collect()
             };
             per_view.push((*vi, wanted.clone(), arrays));
         }

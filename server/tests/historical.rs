@@ -572,6 +572,29 @@ async fn point_in_time_suite(p: Pit) {
         values(&out, "tier", quiver_core::ValueType::String)[3],
         Value::String("a".into())
     );
+    // The tie goes to the same row whatever is selected: asking for `tier`
+    // alone still gives the row with the greater score ("a", not "c").
+    let tier_only = historical(
+        srv,
+        pb::GetHistoricalFeaturesRequest {
+            kind: refs(&["user_score:tier"]),
+            entities: [
+                ("user_id".to_owned(), column(vec![pb_s("u1")])),
+                (
+                    "event_timestamp".to_owned(),
+                    column(vec![pb_t(t + 20 * MINUTE)]),
+                ),
+            ]
+            .into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        values(&tier_only, "tier", quiver_core::ValueType::String),
+        vec![Value::String("a".into())]
+    );
     let limit = values(&out, "credit_limit", quiver_core::ValueType::Int64);
     assert_eq!(limit[0], Value::Int64(100)); // 30 days old, no TTL
     assert_eq!(limit[3], Value::Null); // merchant 8's row is 10 min in the future
