@@ -33,9 +33,9 @@ use serde::{Deserialize, Serialize};
 use crate::offline::{df_error, Offline};
 use crate::retrieve::latest_frame;
 
-/// Rows per online write call; several calls are in flight at once.
+/// Rows per online write call.
 const CHUNK_ROWS: usize = 500;
-/// Write calls in flight.
+/// Record batches being written at once (each in calls of `CHUNK_ROWS`).
 const IN_FLIGHT: usize = 8;
 
 /// How a materialization run is bounded and written.
