@@ -21,12 +21,13 @@ use datafusion::prelude::SessionContext;
 use datafusion::scalar::ScalarValue;
 use quiver_core::aggregate::{tile_of, window_first_tile, window_start, AggState};
 use quiver_core::columnar::{arrow_type, timestamp_type, value_array, value_at};
+use quiver_core::par::par_map;
 use quiver_core::registry::{agg_output_type, Aggregation, FeatureView, ViewSource};
 use quiver_core::time::Micros;
 use quiver_core::{Error, Result, Value};
 
 use crate::offline::{df_error, typed, EVENTS_TABLE};
-use crate::pit::KeyIndex;
+use crate::pit::{run_starts, KeyIndex};
 
 /// A timestamp literal in the archive's type.
 pub(crate) fn ts_lit(t: Micros) -> Expr {
@@ -182,13 +183,7 @@ pub async fn aggregations_asof(
         e.source = rank[e.source as usize];
     }
     evs.sort_unstable_by_key(|e| (e.key, e.tile, e.source, e.offset));
-    let mut starts = vec![0usize; index.len() + 1];
-    for e in &evs {
-        starts[e.key as usize + 1] += 1;
-    }
-    for k in 0..index.len() {
-        starts[k + 1] += starts[k];
-    }
+    let starts = run_starts(index.len(), evs.iter().map(|e| e.key));
 
     // Where each wanted aggregation's attribute sits in the batches.
     let attr_col = |a: &Aggregation| -> Option<usize> {
@@ -215,7 +210,6 @@ pub async fn aggregations_asof(
         })
         .collect();
 
-    // Entity rows are independent: split them over the cores.
     let row_values = |range: std::ops::Range<usize>| -> Result<Vec<Vec<Value>>> {
         let mut out: Vec<Vec<Value>> = vec![Vec::with_capacity(range.len()); wanted.len()];
         for i in range {
@@ -270,24 +264,14 @@ pub async fn aggregations_asof(
         }
         Ok(out)
     };
+    // Entity rows are independent: fold chunks of them on all cores.
     let n = times.len();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |t| t.get())
-        .clamp(1, n.max(1));
-    let chunk = n.div_ceil(threads).max(1);
-    let parts: Vec<Result<Vec<Vec<Value>>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..n)
-            .step_by(chunk)
-            .map(|lo| {
-                let row_values = &row_values;
-                scope.spawn(move || row_values(lo..(lo + chunk).min(n)))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("aggregation thread panicked"))
-            .collect()
-    });
+    const CHUNK: usize = 4096;
+    let chunks: Vec<std::ops::Range<usize>> = (0..n)
+        .step_by(CHUNK)
+        .map(|lo| lo..(lo + CHUNK).min(n))
+        .collect();
+    let parts = par_map(chunks, 2, row_values);
     let mut out: Vec<Vec<Value>> = vec![Vec::with_capacity(n); wanted.len()];
     for part in parts {
         for (o, p) in out.iter_mut().zip(part?) {

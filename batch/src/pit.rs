@@ -30,6 +30,7 @@ use arrow::datatypes::DataType;
 use arrow::row::{RowConverter, Rows, SortField};
 // hashbrown with foldhash: several times faster than SipHash on row bytes.
 use datafusion::common::HashMap;
+use quiver_core::par::par_map;
 use quiver_core::time::Micros;
 use quiver_core::{Error, Result};
 
@@ -182,38 +183,15 @@ pub fn asof_join(
     let ts_col = rows.n_keys;
     let max_t = times.iter().flatten().max().unwrap_or(Micros::MIN);
 
-    // Scan the feature batches on all cores: each thread encodes the keys
-    // of its batches and keeps the rows some entity row asks for.
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(rows.batches.len().max(1));
-    let per_thread: Vec<Result<Vec<Candidate>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                scope.spawn(move || {
-                    let mut out = Vec::new();
-                    for (bi, b) in rows.batches.iter().enumerate().skip(t).step_by(threads) {
-                        scan_batch(index, rows, bi, b, max_t, &mut out)?;
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("scan thread panicked"))
-            .collect()
+    // Scan the feature batches on all cores: each encodes its keys and
+    // keeps the rows some entity row asks for.
+    let scanned = par_map((0..rows.batches.len()).collect(), 2, |bi| {
+        scan_batch(index, rows, bi, max_t)
     });
-    let per_thread = per_thread.into_iter().collect::<Result<Vec<_>>>()?;
+    let scanned = scanned.into_iter().collect::<Result<Vec<_>>>()?;
 
     // Counting sort by key, then each key's (short) run by time.
-    let mut starts = vec![0usize; index.len() + 1];
-    for c in per_thread.iter().flatten() {
-        starts[c.key as usize + 1] += 1;
-    }
-    for k in 0..index.len() {
-        starts[k + 1] += starts[k];
-    }
+    let starts = run_starts(index.len(), scanned.iter().flatten().map(|c| c.key));
     let total = starts[index.len()];
     let mut next = starts.clone();
     let mut cands = vec![
@@ -225,7 +203,7 @@ pub fn asof_join(
         };
         total
     ];
-    for c in per_thread.into_iter().flatten() {
+    for c in scanned.into_iter().flatten() {
         let slot = &mut next[c.key as usize];
         cands[*slot] = c;
         *slot += 1;
@@ -277,21 +255,34 @@ pub fn asof_join(
         .collect()
 }
 
-/// Appends the rows of batch `bi` that an entity row may pick.
+/// Where each key's run starts in rows sorted by key: `starts[k]..starts[k +
+/// 1]` holds key `k`, for keys `0..n` (`keys`: the key of every row).
+pub(crate) fn run_starts(n: usize, keys: impl Iterator<Item = u32>) -> Vec<usize> {
+    let mut starts = vec![0usize; n + 1];
+    for k in keys {
+        starts[k as usize + 1] += 1;
+    }
+    for k in 0..n {
+        starts[k + 1] += starts[k];
+    }
+    starts
+}
+
+/// The rows of batch `bi` that an entity row may pick.
 fn scan_batch(
     index: &KeyIndex,
     rows: &FeatureRows<'_>,
     bi: usize,
-    b: &RecordBatch,
     max_t: Micros,
-    out: &mut Vec<Candidate>,
-) -> Result<()> {
+) -> Result<Vec<Candidate>> {
+    let b = &rows.batches[bi];
     let encoded = index.encode(&b.columns()[..rows.n_keys])?;
     let ts = b
         .column(rows.n_keys)
         .as_any()
         .downcast_ref::<TimestampMicrosecondArray>()
         .ok_or_else(|| Error::internal("feature time column is not microseconds"))?;
+    let mut out = Vec::new();
     for r in 0..b.num_rows() {
         if ts.is_null(r) || ts.value(r) > max_t {
             continue;
@@ -305,7 +296,7 @@ fn scan_batch(
             });
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Orders two feature rows by their feature values (the tie-break).

@@ -10,6 +10,7 @@
 //! - [`columnar`]: typed values as Arrow columns (archive, feature tables,
 //!   historical retrieval).
 //! - [`storage`]: the offline store's object-store root and layout.
+//! - [`par`]: order-preserving parallel map for CPU-bound batch steps.
 //! - [`value`]: typed values ([`Value`], [`ValueType`]).
 //! - [`codec`]: the online store's versioned key layout and value encoding.
 //! - [`store`]: the [`OnlineStore`] trait with its Redis and embedded
@@ -24,6 +25,7 @@ pub mod columnar;
 pub mod error;
 pub mod event;
 pub mod json;
+pub mod par;
 pub mod registry;
 pub mod storage;
 pub mod store;

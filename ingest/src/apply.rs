@@ -26,6 +26,7 @@ use quiver_core::aggregate::{
 };
 use quiver_core::codec::{entity_key, row_key};
 use quiver_core::event::Event;
+use quiver_core::par::par_map;
 use quiver_core::registry::{EventField, ViewSource};
 use quiver_core::store::{Lookup, TileWrite, WriteRow};
 use quiver_core::time::{duration_micros, Micros};
@@ -352,12 +353,16 @@ impl Applier {
             }
         }
         // Merging is CPU work on data this chunk owns: spread it over cores.
-        let merged = crate::par_map(groups.iter().zip(rows).collect(), |(g, row)| {
-            let mut row = row.unwrap_or_default();
-            let mut stats = ApplyStats::default();
-            let m = self.merge_group(g, &mut row, &mut stats);
-            (g, row, stats, m)
-        });
+        let merged = par_map(
+            groups.iter().zip(rows).collect(),
+            crate::PAR_MIN_ITEMS,
+            |(g, row)| {
+                let mut row = row.unwrap_or_default();
+                let mut stats = ApplyStats::default();
+                let m = self.merge_group(g, &mut row, &mut stats);
+                (g, row, stats, m)
+            },
+        );
         let mut stats = ApplyStats::default();
         let mut writes = Vec::with_capacity(groups.len());
         let mut kept = Vec::with_capacity(groups.len());

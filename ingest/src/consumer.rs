@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use quiver_core::par::par_map;
 use quiver_core::wire::decode_event;
 use quiver_core::{Error, Registry, Result};
 use rdkafka::consumer::{
@@ -323,10 +324,14 @@ impl Ingestor {
         let mut dead = Vec::new();
         let mut sources: HashMap<(Arc<str>, i32), Arc<str>> = HashMap::new();
         let registry = &self.registry;
-        let decoded = crate::par_map(batch.iter().collect(), |m: &Msg| match &m.payload {
-            None => Err(Error::invalid("empty message (no payload)")),
-            Some(p) => decode_event(registry, p),
-        });
+        let decoded = par_map(
+            batch.iter().collect(),
+            crate::PAR_MIN_ITEMS,
+            |m: &Msg| match &m.payload {
+                None => Err(Error::invalid("empty message (no payload)")),
+                Some(p) => decode_event(registry, p),
+            },
+        );
         for (m, decoded) in batch.iter().zip(decoded) {
             let source = sources
                 .entry((m.topic.clone(), m.partition))

@@ -29,40 +29,9 @@ pub use consumer::{IngestConfig, IngestStats, Ingestor};
 pub use generate::{Generator, GeneratorConfig};
 pub use producer::KafkaEventSink;
 
-/// Maps `f` over `items` on up to `available_parallelism` scoped threads,
-/// keeping order. The CPU-bound steps of a batch (decoding, merging tile
-/// states) use it so that one ingest process can use more than one core
-/// while its async I/O stays on the runtime. Small inputs run inline.
-pub(crate) fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    if threads < 2 || items.len() < 512 {
-        return items.into_iter().map(f).collect();
-    }
-    let per = items.len().div_ceil(threads);
-    let mut parts: Vec<Vec<T>> = Vec::with_capacity(threads);
-    let mut it = items.into_iter();
-    loop {
-        let part: Vec<T> = it.by_ref().take(per).collect();
-        if part.is_empty() {
-            break;
-        }
-        parts.push(part);
-    }
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = parts
-            .into_iter()
-            .map(|part| s.spawn(move || part.into_iter().map(f).collect::<Vec<R>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| match h.join() {
-                Ok(v) => v,
-                Err(panic) => std::panic::resume_unwind(panic),
-            })
-            .collect()
-    })
-}
+/// Inputs smaller than this are mapped inline: per-message work is too
+/// small to pay for threads.
+pub(crate) const PAR_MIN_ITEMS: usize = 512;
 
 /// Kafka connection settings shared by producer and consumer.
 #[derive(Debug, Clone)]
@@ -98,20 +67,5 @@ impl KafkaConfig {
             c.set(k, v);
         }
         c
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn par_map_keeps_order_small_and_large() {
-        let small: Vec<u64> = (0..10).collect();
-        assert_eq!(
-            super::par_map(small, |x| x * 2),
-            (0..10).map(|x| x * 2).collect::<Vec<_>>()
-        );
-        let large: Vec<u64> = (0..10_001).collect();
-        let out = super::par_map(large, |x| x + 1);
-        assert_eq!(out, (1..10_002).collect::<Vec<_>>());
     }
 }
