@@ -14,11 +14,12 @@
 
 use std::collections::HashMap;
 
-use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, TimestampMicrosecondArray};
+use arrow::array::{
+    new_null_array, Array, ArrayRef, AsArray, Int64Array, RecordBatch, TimestampMicrosecondArray,
+};
 use arrow::datatypes::DataType;
 use datafusion::logical_expr::{col, ident, lit, Expr};
 use datafusion::prelude::SessionContext;
-use datafusion::scalar::ScalarValue;
 use quiver_core::aggregate::{tile_of, window_first_tile, window_start, AggState};
 use quiver_core::columnar::{arrow_type, timestamp_type, value_array, value_at};
 use quiver_core::par::par_map;
@@ -26,16 +27,8 @@ use quiver_core::registry::{agg_output_type, Aggregation, FeatureView, ViewSourc
 use quiver_core::time::Micros;
 use quiver_core::{Error, Result, Value};
 
-use crate::offline::{df_error, typed, EVENTS_TABLE};
+use crate::offline::{df_error, ts_lit, typed, EVENTS_TABLE};
 use crate::pit::{run_starts, KeyIndex};
-
-/// A timestamp literal in the archive's type.
-pub(crate) fn ts_lit(t: Micros) -> Expr {
-    lit(ScalarValue::TimestampMicrosecond(
-        Some(t),
-        Some("UTC".into()),
-    ))
-}
 
 /// One archived event of the view, in online merge order.
 #[derive(Debug, Clone, Copy)]
@@ -298,9 +291,6 @@ pub async fn aggregations_asof(
 fn null_columns(aggregations: &[Aggregation], wanted: &[usize], n: usize) -> Vec<ArrayRef> {
     wanted
         .iter()
-        .map(|&i| {
-            let nulls: Vec<Option<&Value>> = vec![None; n];
-            value_array(agg_output_type(&aggregations[i]), &nulls)
-        })
+        .map(|&i| new_null_array(&arrow_type(agg_output_type(&aggregations[i])), n))
         .collect()
 }

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::TimestampMicrosecondType;
 use futures::{StreamExt, TryStreamExt};
-use object_store::{ObjectStoreExt, PutPayload};
 use quiver_core::codec::{entity_key, row_key};
 use quiver_core::columnar::value_at;
 use quiver_core::registry::{FeatureView, ViewSource, TIMESTAMP_COLUMN};
@@ -91,22 +90,13 @@ impl Offline {
 
     /// The end of the view's last successful materialization.
     pub async fn watermark(&self, view: &str) -> Result<Option<Micros>> {
-        match self.store().get(&self.watermark_path(view)).await {
-            Ok(r) => {
-                let bytes = r
-                    .bytes()
-                    .await
-                    .map_err(|e| Error::unavailable(format!("offline store: {e}")))?;
-                let w: Watermark = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::internal(format!(
-                        "materialization watermark of {view:?} is corrupt: {e}"
-                    ))
-                })?;
-                Ok(Some(w.through))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(Error::unavailable(format!("offline store: {e}"))),
-        }
+        let w: Option<Watermark> = self
+            .read_json(
+                &self.watermark_path(view),
+                &format!("materialization watermark of {view:?}"),
+            )
+            .await?;
+        Ok(w.map(|w| w.through))
     }
 
     /// Materializes the selected views one after the other; `progress` is
@@ -205,17 +195,12 @@ impl Offline {
                 through: opts.end,
                 at: format_rfc3339(opts.now),
             };
-            self.store()
-                .put(
-                    &self.watermark_path(&v.name),
-                    PutPayload::from(
-                        serde_json::to_vec(&w).map_err(|e| Error::internal(e.to_string()))?,
-                    ),
-                )
-                .await
-                .map_err(|e| {
-                    Error::unavailable(format!("offline store: saving the watermark: {e}"))
-                })?;
+            self.write_json(
+                &self.watermark_path(&v.name),
+                &w,
+                &format!("materialization watermark of {:?}", v.name),
+            )
+            .await?;
             report.elapsed = started.elapsed();
             out.push(report);
         }

@@ -21,14 +21,17 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::error::DataFusionError;
+use datafusion::logical_expr::{cast, ident, lit, Expr};
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use datafusion::scalar::ScalarValue;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use quiver_core::columnar::{archive_schema, arrow_type, timestamp_type};
+use quiver_core::columnar::{archive_schema, arrow_type};
 use quiver_core::registry::{FeatureView, TIMESTAMP_COLUMN};
 use quiver_core::storage::{child, location_url, open_store, EVENTS_DIR, FEATURES_DIR};
-use quiver_core::{Error, Registry, Result};
+use quiver_core::time::Micros;
+use quiver_core::{Error, Registry, Result, ValueType};
 use serde::{Deserialize, Serialize};
 
 /// Name of the raw-event table in feature-view SQL.
@@ -48,8 +51,16 @@ pub fn df_error(what: &str, e: DataFusionError) -> Error {
 
 /// Column `name` cast to `ty` and still called `name`: reads pin the Arrow
 /// types they decode (strings may come back as views otherwise).
-pub fn typed(name: &str, ty: DataType) -> datafusion::logical_expr::Expr {
-    datafusion::logical_expr::cast(datafusion::logical_expr::ident(name), ty).alias(name)
+pub fn typed(name: &str, ty: DataType) -> Expr {
+    cast(ident(name), ty).alias(name)
+}
+
+/// A timestamp literal in the archive's type (UTC microseconds).
+pub(crate) fn ts_lit(t: Micros) -> Expr {
+    lit(ScalarValue::TimestampMicrosecond(
+        Some(t),
+        Some("UTC".into()),
+    ))
 }
 
 /// What `_current.json` of a feature table records.
@@ -190,16 +201,45 @@ impl Offline {
     /// The committed run of a SQL view's feature table, `None` before the
     /// first `quiver batch run`.
     pub async fn committed(&self, view: &str) -> Result<Option<CommittedRun>> {
-        match self.store.get(&self.pointer(view)).await {
-            Ok(r) => {
-                let bytes = r.bytes().await.map_err(|e| storage("reading", e))?;
-                serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                    Error::internal(format!("feature table pointer of {view:?} is corrupt: {e}"))
-                })
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(storage("reading", e)),
-        }
+        self.read_json(
+            &self.pointer(view),
+            &format!("feature table pointer of {view:?}"),
+        )
+        .await
+    }
+
+    /// A JSON bookkeeping object, `None` when it does not exist yet.
+    pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &Path,
+        what: &str,
+    ) -> Result<Option<T>> {
+        let bytes = match self.store.get(path).await {
+            Ok(r) => r
+                .bytes()
+                .await
+                .map_err(|e| storage(&format!("reading {what}"), e))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(storage(&format!("reading {what}"), e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::internal(format!("{what} is corrupt: {e}")))
+    }
+
+    /// Replaces a JSON bookkeeping object (one put: atomic).
+    pub(crate) async fn write_json<T: Serialize>(
+        &self,
+        path: &Path,
+        value: &T,
+        what: &str,
+    ) -> Result<()> {
+        let body = serde_json::to_vec_pretty(value).map_err(|e| Error::internal(e.to_string()))?;
+        self.store
+            .put(path, PutPayload::from(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| storage(&format!("writing {what}"), e))
     }
 
     /// Directory of a new run of `view`.
@@ -211,11 +251,12 @@ impl Offline {
     /// than the one it replaces.
     pub(crate) async fn commit(&self, view: &str, run: CommittedRun) -> Result<()> {
         let previous = self.committed(view).await?;
-        let body = serde_json::to_vec_pretty(&run).map_err(|e| Error::internal(e.to_string()))?;
-        self.store
-            .put(&self.pointer(view), PutPayload::from(body))
-            .await
-            .map_err(|e| storage("committing", e))?;
+        self.write_json(
+            &self.pointer(view),
+            &run,
+            &format!("feature table pointer of {view:?}"),
+        )
+        .await?;
         let keep = [Some(run.run), previous.map(|p| p.run)];
         let listing = self
             .store
@@ -269,20 +310,32 @@ fn storage(what: &str, e: object_store::Error) -> Error {
     Error::unavailable(format!("offline store: {what}: {e}"))
 }
 
-/// The schema of a view's feature table: join keys, `event_timestamp`,
-/// then the features, in the types the registry declares.
-pub fn feature_table_schema(view: &FeatureView) -> SchemaRef {
-    let mut fields: Vec<Field> = view
+/// The columns of a view's feature table, `(name, type)`: join keys,
+/// `event_timestamp`, then the features, as the registry declares them.
+pub fn feature_table_columns(view: &FeatureView) -> Vec<(&str, ValueType)> {
+    let mut cols: Vec<(&str, ValueType)> = view
         .join_keys
         .iter()
-        .zip(&view.key_types)
-        .map(|(k, t)| Field::new(k, arrow_type(*t), false))
+        .map(String::as_str)
+        .zip(view.key_types.iter().copied())
         .collect();
-    fields.push(Field::new(TIMESTAMP_COLUMN, timestamp_type(), false));
-    fields.extend(
+    cols.push((TIMESTAMP_COLUMN, ValueType::Timestamp));
+    cols.extend(
         view.features
             .iter()
-            .map(|f| Field::new(&f.name, arrow_type(f.value_type), true)),
+            .map(|f| (f.name.as_str(), f.value_type)),
     );
+    cols
+}
+
+/// The Arrow schema of a view's feature table ([`feature_table_columns`]);
+/// join keys and `event_timestamp` are never null.
+pub fn feature_table_schema(view: &FeatureView) -> SchemaRef {
+    let required = view.join_keys.len() + 1;
+    let fields: Vec<Field> = feature_table_columns(view)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, ty))| Field::new(name, arrow_type(ty), i >= required))
+        .collect();
     Arc::new(Schema::new(fields))
 }

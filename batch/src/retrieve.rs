@@ -30,8 +30,8 @@ use quiver_core::registry::{EventField, FeatureView, Selection, ViewSource, TIME
 use quiver_core::time::{duration_micros, Micros};
 use quiver_core::{Error, Result};
 
-use crate::aggregate::{aggregations_asof, ts_lit};
-use crate::offline::{df_error, typed, Offline, EVENTS_TABLE};
+use crate::aggregate::aggregations_asof;
+use crate::offline::{df_error, ts_lit, typed, Offline, EVENTS_TABLE};
 use crate::pit::{asof_join, FeatureRows, KeyIndex};
 
 /// Rows per record batch of a streamed result.
@@ -96,12 +96,13 @@ fn entity_keys(entities: &RecordBatch, view: &FeatureView) -> Result<Vec<ArrayRe
 }
 
 /// Feature rows of a latest-value or SQL view, in the layout of
-/// [`FeatureRows`]: keys, `event_timestamp`, the wanted features.
+/// [`FeatureRows`]: keys, `event_timestamp`, every feature in declared
+/// order (all of them: ties are broken by all features, so the answer for
+/// one feature does not depend on which others were asked for).
 async fn feature_frame(
     offline: &Offline,
     ctx: &SessionContext,
     view: &FeatureView,
-    wanted: &[usize],
 ) -> Result<DataFrame> {
     let at = |what: &str| format!("feature view {:?}: {what}", view.name);
     let keys = view
@@ -119,10 +120,11 @@ async fn feature_frame(
             })?;
             let mut select: Vec<Expr> = keys.collect();
             select.push(typed(TIMESTAMP_COLUMN, timestamp_type()));
-            select.extend(wanted.iter().map(|&f| {
-                let feat = &view.features[f];
-                typed(&feat.name, arrow_type(feat.value_type))
-            }));
+            select.extend(
+                view.features
+                    .iter()
+                    .map(|f| typed(&f.name, arrow_type(f.value_type))),
+            );
             df.select(select).map_err(|e| df_error(&at("query"), e))
         }
         ViewSource::Events {
@@ -131,9 +133,8 @@ async fn feature_frame(
         } => {
             let mut select: Vec<Expr> = keys.collect();
             select.push(cast_expr(ident("event_time"), timestamp_type()).alias(TIMESTAMP_COLUMN));
-            for &f in wanted {
-                let feat = &view.features[f];
-                let src = match &fields[f] {
+            for (feat, field) in view.features.iter().zip(fields) {
+                let src = match field {
                     EventField::Attribute(a) => ident(a),
                     EventField::EventTime => ident("event_time"),
                 };
@@ -168,7 +169,6 @@ pub async fn latest_frame(
     end: Micros,
 ) -> Result<DataFrame> {
     let at = format!("feature view {:?}", view.name);
-    let all: Vec<usize> = (0..view.features.len()).collect();
     let mut range = ident(TIMESTAMP_COLUMN).lt(ts_lit(end));
     if let Some(start) = start {
         range = range.and(ident(TIMESTAMP_COLUMN).gt_eq(ts_lit(start)));
@@ -190,7 +190,7 @@ pub async fn latest_frame(
     let mut columns: Vec<Expr> = view.join_keys.iter().map(ident).collect();
     columns.push(ident(TIMESTAMP_COLUMN));
     columns.extend(view.features.iter().map(|f| ident(&f.name)));
-    feature_frame(offline, ctx, view, &all)
+    feature_frame(offline, ctx, view)
         .await?
         .filter(range)
         .and_then(|df| df.window(vec![rank]))
@@ -232,12 +232,8 @@ impl Offline {
                 if let Some(ttl) = ttl {
                     range = range.and(ident(TIMESTAMP_COLUMN).gt_eq(ts_lit(min_t - ttl)));
                 }
-                // Every feature in declared order is read, whatever is
-                // selected: ties are broken by all of them, so the answer for
-                // a feature does not depend on which others were asked for.
-                let all: Vec<usize> = (0..view.features.len()).collect();
                 let read_started = std::time::Instant::now();
-                let batches = feature_frame(self, &ctx, view, &all)
+                let batches = feature_frame(self, &ctx, view)
                     .await?
                     .filter(range)
                     .map_err(|e| df_error(&format!("feature view {:?}", view.name), e))?

@@ -9,10 +9,9 @@ use datafusion::prelude::SessionContext;
 use quiver_core::columnar::arrow_type;
 use quiver_core::registry::{FeatureView, ViewSource, TIMESTAMP_COLUMN};
 use quiver_core::time::{format_rfc3339, Micros};
-use quiver_core::value::ValueType;
 use quiver_core::{Error, Result};
 
-use crate::offline::{df_error, CommittedRun, Offline};
+use crate::offline::{df_error, feature_table_columns, CommittedRun, Offline};
 
 /// What one view's run produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,24 +37,6 @@ pub fn view_query(view: &FeatureView) -> Result<&str> {
     }
 }
 
-/// The output columns of a SQL view: `(name, type)` of join keys,
-/// `event_timestamp` and features, in feature-table order.
-fn output_columns(view: &FeatureView) -> Vec<(&str, ValueType)> {
-    let mut cols: Vec<(&str, ValueType)> = view
-        .join_keys
-        .iter()
-        .map(String::as_str)
-        .zip(view.key_types.iter().copied())
-        .collect();
-    cols.push((TIMESTAMP_COLUMN, ValueType::Timestamp));
-    cols.extend(
-        view.features
-            .iter()
-            .map(|f| (f.name.as_str(), f.value_type)),
-    );
-    cols
-}
-
 impl Offline {
     /// Runs one SQL view's query and commits its result as the view's
     /// feature table. `now` names the run.
@@ -76,7 +57,7 @@ impl Offline {
             .iter()
             .map(|f| f.name().clone())
             .collect();
-        let cols = output_columns(view);
+        let cols = feature_table_columns(view);
         let missing: Vec<&str> = cols
             .iter()
             .map(|(n, _)| *n)
