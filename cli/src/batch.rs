@@ -77,12 +77,7 @@ pub fn offline(cfg: &Config, registry: Arc<Registry>) -> Result<Offline> {
     if a.location.is_empty() {
         bail!("archive.location is empty: set it (or --archive / QUIVER_ARCHIVE) to the offline store");
     }
-    let options: Vec<(String, String)> = a
-        .options
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    Offline::open(registry, &a.location, &options).map_err(err)
+    Offline::open(registry, &a.location, &a.store_options()).map_err(err)
 }
 
 fn parse_time(flag: &str, s: &str) -> Result<Micros> {

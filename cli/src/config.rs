@@ -125,6 +125,16 @@ impl Default for IngestSettings {
     }
 }
 
+impl ArchiveSettings {
+    /// `options` as object_store takes them.
+    pub fn store_options(&self) -> Vec<(String, String)> {
+        self.options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
 impl Default for ArchiveSettings {
     fn default() -> Self {
         ArchiveSettings {

@@ -72,12 +72,7 @@ fn archiver(cfg: &Config, registry: &Arc<Registry>) -> Result<Option<Archiver>> 
         tracing::warn!("archive.location is empty: raw events are not archived and the batch layer will not see them");
         return Ok(None);
     }
-    let options: Vec<(String, String)> = a
-        .options
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let (store, root) = open_store(&a.location, &options).map_err(err)?;
+    let (store, root) = open_store(&a.location, &a.store_options()).map_err(err)?;
     tracing::info!(location = %a.location, "raw-event archive");
     Ok(Some(Archiver::new(
         store,
