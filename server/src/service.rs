@@ -222,17 +222,7 @@ impl FeatureServer {
         }
         let sel = self.select(selector)?;
         let table = match entities {
-            EntityTable::Values(cols) => {
-                let rows = cols.first().map_or(0, |c| c.1.len());
-                if rows > self.limits.max_historical_rows {
-                    return Err(too_many(
-                        "entity rows",
-                        rows,
-                        self.limits.max_historical_rows,
-                    ));
-                }
-                retrieve::entity_table_from_values(&self.registry, cols)?
-            }
+            EntityTable::Values(cols) => retrieve::entity_table_from_values(&self.registry, cols)?,
             EntityTable::ArrowIpc(bytes) => retrieve::entity_table_from_ipc(&bytes)?,
         };
         if table.num_rows() > self.limits.max_historical_rows {
