@@ -87,6 +87,19 @@ def from_value(v: "pb.Value") -> Any:
     return x
 
 
+def _check_selection(features: Optional[Sequence[str]], feature_service: Optional[str]) -> None:
+    if (features is None) == (feature_service is None):
+        raise ValueError("pass exactly one of features= or feature_service=")
+
+
+def _select(req: Any, features: Optional[Sequence[str]], feature_service: Optional[str]) -> None:
+    """Sets the feature selection (the request's `kind` oneof) of an online or historical request."""
+    if feature_service is not None:
+        req.feature_service = feature_service
+    else:
+        req.features.val.extend(features)
+
+
 class QuiverClient:
     """A connection to quiver's gRPC FeatureService."""
 
@@ -127,13 +140,9 @@ class QuiverClient:
 
         With with_status=True each value is a (value, status name, event datetime or None) tuple.
         """
-        if (features is None) == (feature_service is None):
-            raise ValueError("pass exactly one of features= or feature_service=")
+        _check_selection(features, feature_service)
         req = pb.GetOnlineFeaturesRequest(full_feature_names=full_feature_names)
-        if feature_service is not None:
-            req.feature_service = feature_service
-        else:
-            req.features.val.extend(features)
+        _select(req, features, feature_service)
         for key, ids in entities.items():
             req.entities[key].val.extend(to_value(i) for i in ids)
         resp = self._call(self._stub.GetOnlineFeatures, req)
@@ -217,8 +226,7 @@ class QuiverClient:
         """
         import pyarrow as pa
 
-        if (features is None) == (feature_service is None):
-            raise ValueError("pass exactly one of features= or feature_service=")
+        _check_selection(features, feature_service)
         table = entity_df if isinstance(entity_df, pa.Table) else pa.Table.from_pandas(entity_df, preserve_index=False)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -226,10 +234,7 @@ class QuiverClient:
         req = pb.GetHistoricalFeaturesRequest(
             entities_arrow=sink.getvalue().to_pybytes(), full_feature_names=full_feature_names
         )
-        if feature_service is not None:
-            req.feature_service = feature_service
-        else:
-            req.features.val.extend(features)
+        _select(req, features, feature_service)
         try:
             parts = [pa.ipc.open_stream(m.arrow_ipc).read_all() for m in self._stub.GetHistoricalFeatures(req, timeout=timeout)]
         except grpc.RpcError as e:
