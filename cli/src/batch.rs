@@ -2,16 +2,18 @@
 //! `materialize`. They read and write the offline store at
 //! `archive.location` (where `quiver ingest` archives raw events).
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_batch::materialize::MaterializeOptions;
 use quiver_batch::{retrieve, Offline};
+use quiver_core::registry::ViewSource;
 use quiver_core::time::{format_rfc3339, parse_rfc3339, Micros};
-use quiver_core::{Clock, Registry, SystemClock};
+use quiver_core::{Clock, OnlineStore, Registry, SystemClock};
 
 use crate::config::{Config, Overrides};
 use crate::{load_registry, open_online_store};
@@ -78,6 +80,18 @@ pub fn offline(cfg: &Config, registry: Arc<Registry>) -> Result<Offline> {
         bail!("archive.location is empty: set it (or --archive / QUIVER_ARCHIVE) to the offline store");
     }
     Offline::open(registry, &a.location, &a.store_options()).map_err(err)
+}
+
+/// The offline store of the configuration, or `None` when `archive.location`
+/// is empty (the server then answers historical requests FAILED_PRECONDITION).
+pub fn offline_if_configured(
+    cfg: &Config,
+    registry: Arc<Registry>,
+) -> Result<Option<Arc<Offline>>> {
+    if cfg.archive.location.is_empty() {
+        return Ok(None);
+    }
+    offline(cfg, registry).map(|o| Some(Arc::new(o)))
 }
 
 fn parse_time(flag: &str, s: &str) -> Result<Micros> {
@@ -195,4 +209,75 @@ pub async fn materialize_cmd(overrides: Overrides, args: MaterializeArgs) -> Res
         );
     }
     Ok(())
+}
+
+/// The batch layer on a timer, as `quiver demo` runs it next to ingest and
+/// the server: every `every`, run the SQL views over what has been archived
+/// so far and commit their tables, then materialize every SQL and event view
+/// incrementally (from its watermark to now) into `store`. A failed round is
+/// logged and the next one tries again; `stop` ends the loop between rounds
+/// (a round in progress finishes, so no commit or watermark is cut short).
+pub async fn schedule(
+    off: Arc<Offline>,
+    store: Arc<dyn OnlineStore>,
+    clock: Arc<dyn Clock>,
+    every: Duration,
+    expiry_grace: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let has_sql = off
+        .registry()
+        .views()
+        .iter()
+        .any(|v| matches!(v.source, ViewSource::Sql { .. }));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = ticker.tick() => {}
+        }
+        let now = clock.now_micros();
+        if has_sql {
+            match off.run(&[], now).await {
+                Ok(reports) => {
+                    for r in reports {
+                        tracing::info!(
+                            view = %r.view,
+                            rows = r.rows,
+                            run = %r.run,
+                            elapsed_ms = r.elapsed.as_millis() as u64,
+                            "batch run committed"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "batch run failed; retrying next round"),
+            }
+        }
+        let opts = MaterializeOptions {
+            views: Vec::new(),
+            start: None,
+            end: now,
+            expiry_grace,
+            now,
+        };
+        match off.materialize(store.clone(), &opts, &|_, _, _| {}).await {
+            Ok(reports) => {
+                for r in reports.into_iter().filter(|r| r.entities > 0) {
+                    tracing::info!(
+                        view = %r.view,
+                        start = %r.start.map_or("beginning".to_owned(), format_rfc3339),
+                        end = %format_rfc3339(r.end),
+                        entities = r.entities,
+                        written = r.written,
+                        stale = r.stale,
+                        expired = r.expired,
+                        "materialized"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "materialization failed; retrying next round"),
+        }
+    }
 }

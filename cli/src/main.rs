@@ -60,8 +60,9 @@ enum Command {
         #[command(flatten)]
         args: pipeline::GenerateArgs,
     },
-    /// Run the whole speed layer in one process: sample features, an
-    /// in-process Kafka, the event generator, ingest, and the server.
+    /// Run the whole pipeline in one process: sample features, an
+    /// in-process Kafka, the event generator, ingest, the batch layer on a
+    /// timer, and the server.
     Demo {
         #[command(flatten)]
         overrides: Overrides,
@@ -77,6 +78,10 @@ enum Command {
         /// Generated events per second (0 disables the generator).
         #[arg(long, default_value_t = 200.0)]
         rate: f64,
+        /// Run the batch layer this often: SQL views over the archived
+        /// events, then incremental materialization online ("0s" disables).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        batch_every: std::time::Duration,
     },
     /// Batch layer: SQL feature views and point-in-time training sets.
     Batch {
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
             products,
             seed,
             rate,
+            batch_every,
         } => runtime().and_then(|rt| {
             rt.block_on(pipeline::demo_cmd(
                 overrides,
@@ -140,6 +146,7 @@ fn main() -> ExitCode {
                     products,
                     seed,
                     rate,
+                    batch_every,
                 },
             ))
         }),
@@ -191,6 +198,7 @@ struct DemoData {
     products: u64,
     seed: u64,
     rate: f64,
+    batch_every: std::time::Duration,
 }
 
 fn load_registry(cfg: &Config) -> Result<Registry> {
@@ -219,7 +227,8 @@ async fn serve_cmd(overrides: Overrides) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         ))
     };
-    serve(&cfg, registry, store, clock, sink, None).await
+    let offline = batch::offline_if_configured(&cfg, registry.clone())?;
+    serve(&cfg, registry, store, clock, sink, offline, None).await
 }
 
 /// Opens the configured online store (and, for the embedded one, starts
@@ -281,10 +290,10 @@ async fn serve(
     store: Arc<dyn OnlineStore>,
     clock: Arc<dyn Clock>,
     sink: Option<Arc<dyn EventSink>>,
+    offline: Option<Arc<quiver_batch::Offline>>,
     demo: Option<DemoData>,
 ) -> Result<()> {
     let s = &cfg.online_store;
-    let service_registry = registry.clone();
     let mut service = FeatureServer::new(
         registry,
         store,
@@ -296,10 +305,11 @@ async fn serve(
     if let Some(sink) = sink {
         service = service.with_event_sink(sink);
     }
-    if cfg.archive.location.is_empty() {
-        tracing::info!("no archive.location: GetHistoricalFeatures answers FAILED_PRECONDITION");
-    } else {
-        service = service.with_offline(Arc::new(batch::offline(cfg, service_registry)?));
+    match offline {
+        Some(off) => service = service.with_offline(off),
+        None => {
+            tracing::info!("no archive.location: GetHistoricalFeatures answers FAILED_PRECONDITION")
+        }
     }
     let service = Arc::new(service);
 

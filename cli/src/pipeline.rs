@@ -366,8 +366,38 @@ pub async fn demo_cmd(overrides: Overrides, demo: DemoData) -> Result<()> {
         None
     };
 
-    let served = serve(&cfg, registry, store, clock, Some(sink), Some(demo)).await;
+    let offline = crate::batch::offline_if_configured(&cfg, registry.clone())?;
+    let batch = match &offline {
+        Some(off) if !demo.batch_every.is_zero() => {
+            tracing::info!(every = ?demo.batch_every, "running the batch layer (SQL views, materialization) on a timer");
+            Some(tokio::spawn(crate::batch::schedule(
+                off.clone(),
+                store.clone(),
+                clock.clone(),
+                demo.batch_every,
+                cfg.online_store.expiry_grace,
+                stopped(stop_rx.clone()),
+            )))
+        }
+        _ => None,
+    };
+
+    let served = serve(
+        &cfg,
+        registry,
+        store,
+        clock,
+        Some(sink),
+        offline,
+        Some(demo),
+    )
+    .await;
     let _ = stop_tx.send(true);
+    if let Some(b) = batch {
+        if let Err(e) = b.await {
+            tracing::warn!(error = %e, "batch layer task failed");
+        }
+    }
     if let Some(g) = generator {
         match g.await {
             Ok(Ok(n)) => tracing::info!(events = n, "generator stopped"),

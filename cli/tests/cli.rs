@@ -234,3 +234,83 @@ async fn batch_run_retrieve_and_materialize() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+/// The number after `name=` in a log line.
+fn log_field(line: &str, name: &str) -> Option<u64> {
+    let rest = &line[line.find(&format!(" {name}="))? + name.len() + 2..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn demo_runs_the_batch_layer_on_a_timer() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("q.toml"),
+        "[archive]\nroll_interval = \"1s\"\n",
+    )
+    .unwrap();
+    let mut child = quiver()
+        .args([
+            "demo",
+            "--users",
+            "200",
+            "--products",
+            "20",
+            "--config",
+            "q.toml",
+        ])
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--store-path", "online.redb", "--archive", "offline"])
+        .args(["--batch-every", "1s"])
+        .current_dir(dir.path())
+        .env("QUIVER_LOG", "info")
+        .env_remove("QUIVER_ARCHIVE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    // Wait for a committed user_daily table with rows (SQL over archived
+    // events) and for user_last_login rows materialized from the archive.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let (mut committed, mut materialized) = (0, 0);
+    let mut log = Vec::new();
+    while committed == 0 || materialized == 0 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!(
+                "no batch round with data within 90 s; log:\n{}",
+                log.join("\n")
+            );
+        };
+        if line.contains("batch run committed") && line.contains("view=user_daily") {
+            committed = committed.max(log_field(&line, "rows").unwrap_or(0));
+        }
+        if line.contains("materialized") && line.contains("view=user_last_login") {
+            materialized += log_field(&line, "entities").unwrap_or(0);
+        }
+        assert!(!line.contains("failed"), "{line}");
+        log.push(line);
+    }
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "demo exited with {status}");
+    assert!(dir
+        .path()
+        .join("offline/features/user_daily/_current.json")
+        .exists());
+}
