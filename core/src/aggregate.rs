@@ -389,19 +389,42 @@ const HLL_M: usize = 1 << HLL_P;
 /// Below this many non-zero registers the sparse encoding is smaller.
 const HLL_SPARSE_MAX: usize = HLL_M / 3;
 
+/// Above this many set registers an in-memory sketch is dense (4 bytes per
+/// sparse entry: past a quarter of the registers, dense is smaller).
+const HLL_SPARSE_MEM_MAX: usize = HLL_M / 4;
+
 /// A HyperLogLog sketch with 4096 registers. The hash is fixed (FNV-1a
 /// with a murmur3 finalizer) so that sketches built online and offline, by
 /// any quiver version with this state format, agree.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Small sketches (the usual per-tile state: a few values in an hour) keep
+/// only their set registers; they turn dense past a quarter of the
+/// registers. The representation changes nothing observable: equality,
+/// encoding and the estimate depend only on the register values.
+#[derive(Debug, Clone)]
 pub struct Hll {
-    registers: Vec<u8>,
+    repr: HllRepr,
+}
+
+#[derive(Debug, Clone)]
+enum HllRepr {
+    /// The set registers as (index, rank), sorted by index, no zero ranks.
+    Sparse(Vec<(u16, u8)>),
+    /// All registers.
+    Dense(Vec<u8>),
 }
 
 impl Default for Hll {
     fn default() -> Self {
         Hll {
-            registers: vec![0; HLL_M],
+            repr: HllRepr::Sparse(Vec::new()),
         }
+    }
+}
+
+impl PartialEq for Hll {
+    fn eq(&self, other: &Hll) -> bool {
+        self.set_registers().eq(other.set_registers())
     }
 }
 
@@ -437,32 +460,129 @@ impl Hll {
     /// Adds a value.
     pub fn insert(&mut self, v: &Value) {
         let h = hash_value(v);
-        let idx = (h >> (64 - HLL_P)) as usize;
+        let idx = (h >> (64 - HLL_P)) as u16;
         let rest = h << HLL_P;
         let rank = (rest.leading_zeros().min(64 - HLL_P) + 1) as u8;
-        if self.registers[idx] < rank {
-            self.registers[idx] = rank;
+        self.raise(idx, rank);
+    }
+
+    /// Sets register `idx` to at least `rank` (> 0).
+    fn raise(&mut self, idx: u16, rank: u8) {
+        match &mut self.repr {
+            HllRepr::Dense(regs) => {
+                let r = &mut regs[idx as usize];
+                *r = (*r).max(rank);
+            }
+            HllRepr::Sparse(set) => match set.binary_search_by_key(&idx, |e| e.0) {
+                Ok(i) => set[i].1 = set[i].1.max(rank),
+                Err(i) => {
+                    set.insert(i, (idx, rank));
+                    if set.len() > HLL_SPARSE_MEM_MAX {
+                        self.densify();
+                    }
+                }
+            },
+        }
+    }
+
+    fn densify(&mut self) {
+        if let HllRepr::Sparse(set) = &self.repr {
+            let mut regs = vec![0; HLL_M];
+            for &(i, r) in set {
+                regs[i as usize] = r;
+            }
+            self.repr = HllRepr::Dense(regs);
+        }
+    }
+
+    /// The non-zero registers as (index, rank), by index.
+    fn set_registers(&self) -> Box<dyn Iterator<Item = (u16, u8)> + '_> {
+        match &self.repr {
+            HllRepr::Sparse(set) => Box::new(set.iter().copied()),
+            HllRepr::Dense(regs) => Box::new(
+                regs.iter()
+                    .enumerate()
+                    .filter(|(_, &r)| r > 0)
+                    .map(|(i, &r)| (i as u16, r)),
+            ),
         }
     }
 
     /// Register-wise maximum: the sketch of the union.
     pub fn merge(&mut self, other: &Hll) {
-        for (a, b) in self.registers.iter_mut().zip(&other.registers) {
-            *a = (*a).max(*b);
+        match (&mut self.repr, &other.repr) {
+            (HllRepr::Dense(a), HllRepr::Dense(b)) => {
+                for (a, b) in a.iter_mut().zip(b) {
+                    *a = (*a).max(*b);
+                }
+            }
+            (HllRepr::Dense(a), HllRepr::Sparse(b)) => {
+                for &(i, r) in b {
+                    let x = &mut a[i as usize];
+                    *x = (*x).max(r);
+                }
+            }
+            (HllRepr::Sparse(a), HllRepr::Sparse(b)) => {
+                // Merge the two sorted lists.
+                let mut out = Vec::with_capacity(a.len() + b.len());
+                let (mut i, mut j) = (0, 0);
+                while i < a.len() && j < b.len() {
+                    match a[i].0.cmp(&b[j].0) {
+                        std::cmp::Ordering::Less => {
+                            out.push(a[i]);
+                            i += 1;
+                        }
+                        std::cmp::Ordering::Greater => {
+                            out.push(b[j]);
+                            j += 1;
+                        }
+                        std::cmp::Ordering::Equal => {
+                            out.push((a[i].0, a[i].1.max(b[j].1)));
+                            i += 1;
+                            j += 1;
+                        }
+                    }
+                }
+                out.extend_from_slice(&a[i..]);
+                out.extend_from_slice(&b[j..]);
+                *a = out;
+                if a.len() > HLL_SPARSE_MEM_MAX {
+                    self.densify();
+                }
+            }
+            (HllRepr::Sparse(_), HllRepr::Dense(_)) => {
+                self.densify();
+                self.merge(other);
+            }
         }
     }
 
-    /// Estimated number of distinct values.
+    /// Estimated number of distinct values. Computed from how many
+    /// registers hold each rank, so it depends only on the register values.
     pub fn estimate(&self) -> u64 {
-        let m = HLL_M as f64;
-        let mut sum = 0.0;
-        let mut zeros = 0usize;
-        for &r in &self.registers {
-            sum += 2f64.powi(-i32::from(r));
-            if r == 0 {
-                zeros += 1;
+        let mut by_rank = [0u32; 66];
+        let zeros = match &self.repr {
+            HllRepr::Sparse(set) => {
+                for &(_, r) in set {
+                    by_rank[r as usize] += 1;
+                }
+                HLL_M - set.len()
             }
-        }
+            HllRepr::Dense(regs) => {
+                for &r in regs {
+                    by_rank[r as usize] += 1;
+                }
+                by_rank[0] as usize
+            }
+        };
+        by_rank[0] = zeros as u32;
+        // Each term is exact (a count times a power of two); summed by rank.
+        let sum: f64 = by_rank
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| f64::from(n) * 2f64.powi(-(r as i32)))
+            .sum();
+        let m = HLL_M as f64;
         let alpha = 0.7213 / (1.0 + 1.079 / m);
         let raw = alpha * m * m / sum;
         let e = if raw <= 2.5 * m && zeros > 0 {
@@ -474,37 +594,51 @@ impl Hll {
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
-        let set: Vec<(usize, u8)> = self
-            .registers
-            .iter()
-            .enumerate()
-            .filter(|(_, &r)| r > 0)
-            .map(|(i, &r)| (i, r))
-            .collect();
+        let set: Vec<(u16, u8)> = self.set_registers().collect();
         if set.len() <= HLL_SPARSE_MAX {
             out.push(0);
             for (i, r) in set {
-                out.extend_from_slice(&(i as u16).to_le_bytes());
+                out.extend_from_slice(&i.to_le_bytes());
                 out.push(r);
             }
         } else {
             out.push(1);
-            out.extend_from_slice(&self.registers);
+            match &self.repr {
+                HllRepr::Dense(regs) => out.extend_from_slice(regs),
+                HllRepr::Sparse(_) => {
+                    let mut regs = vec![0u8; HLL_M];
+                    for (i, r) in set {
+                        regs[i as usize] = r;
+                    }
+                    out.extend_from_slice(&regs);
+                }
+            }
         }
     }
 
     fn decode(buf: &[u8]) -> Result<Hll> {
         let corrupt = || Error::internal("corrupt HyperLogLog state in the online store");
         let (&kind, body) = buf.split_first().ok_or_else(corrupt)?;
+        let max_rank = (64 - HLL_P + 1) as u8;
         let mut h = Hll::default();
         match kind {
             0 if body.len() % 3 == 0 => {
                 for c in body.chunks_exact(3) {
-                    let i = u16::from_le_bytes([c[0], c[1]]) as usize;
-                    *h.registers.get_mut(i).ok_or_else(corrupt)? = c[2];
+                    let i = u16::from_le_bytes([c[0], c[1]]);
+                    if i as usize >= HLL_M || c[2] > max_rank {
+                        return Err(corrupt());
+                    }
+                    if c[2] > 0 {
+                        h.raise(i, c[2]);
+                    }
                 }
             }
-            1 if body.len() == HLL_M => h.registers.copy_from_slice(body),
+            1 if body.len() == HLL_M => {
+                if body.iter().any(|&r| r > max_rank) {
+                    return Err(corrupt());
+                }
+                h.repr = HllRepr::Dense(body.to_vec());
+            }
             _ => return Err(corrupt()),
         }
         Ok(h)
@@ -703,5 +837,84 @@ mod tests {
         let s = AggState::Distinct(small);
         assert!(s.encode().len() < 200);
         assert_eq!(AggState::decode(&s.encode()).unwrap(), s);
+    }
+
+    /// The sketch with every register in the dense form.
+    fn dense(h: &Hll) -> Hll {
+        let mut d = h.clone();
+        d.densify();
+        d
+    }
+
+    #[test]
+    fn hll_sparse_and_dense_forms_agree() {
+        // Sizes on both sides of the in-memory and the encoding thresholds.
+        for n in [0u64, 1, 7, 300, 1_000, 1_100, 1_500, 3_000, 20_000] {
+            let mut h = Hll::default();
+            for i in 0..n {
+                h.insert(&Value::String(format!("p{i}")));
+                h.insert(&Value::String(format!("p{}", i / 2))); // repeats
+            }
+            let d = dense(&h);
+            assert!(matches!(d.repr, HllRepr::Dense(_)));
+            assert_eq!(h, d, "{n}");
+            assert_eq!(h.estimate(), d.estimate(), "{n}");
+            let (mut eh, mut ed) = (Vec::new(), Vec::new());
+            h.encode(&mut eh);
+            d.encode(&mut ed);
+            assert_eq!(eh, ed, "{n}: one encoding whatever the form");
+            let back = Hll::decode(&eh).unwrap();
+            assert_eq!(back, h);
+            assert_eq!(back.estimate(), h.estimate());
+            if n > 0 {
+                let e = h.estimate() as f64;
+                assert!((e - n as f64).abs() / n as f64 <= 0.05, "{n}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn hll_merges_across_forms_are_unions() {
+        let sketch = |lo: u64, hi: u64| {
+            let mut h = Hll::default();
+            for i in lo..hi {
+                h.insert(&Value::Int64(i as i64));
+            }
+            h
+        };
+        let union = sketch(0, 6_000);
+        for (a, b) in [(0, 3_000), (0, 200), (5_900, 6_000)] {
+            let (x, y) = (sketch(a, b), sketch(0, 6_000));
+            for (left, right) in [
+                (x.clone(), y.clone()),
+                (dense(&x), y.clone()),
+                (x.clone(), dense(&y)),
+                (y.clone(), x.clone()),
+                (dense(&y), x.clone()),
+            ] {
+                let mut m = left;
+                m.merge(&right);
+                assert_eq!(m, union);
+                assert_eq!(m.estimate(), union.estimate());
+            }
+        }
+        // Two small sketches stay sparse and equal the sketch of all values.
+        let (mut a, b) = (sketch(0, 100), sketch(50, 200));
+        a.merge(&b);
+        assert!(matches!(a.repr, HllRepr::Sparse(_)));
+        assert_eq!(a, sketch(0, 200));
+    }
+
+    #[test]
+    fn hll_rejects_corrupt_states() {
+        for bad in [
+            vec![0, 0xff, 0xff, 1], // register index out of range
+            vec![0, 1, 0, 60],      // impossible rank
+            vec![0, 1, 0],          // truncated entry
+            vec![1, 0, 0],          // dense of the wrong length
+            vec![2],                // unknown form
+        ] {
+            assert!(Hll::decode(&bad).is_err(), "{bad:?}");
+        }
     }
 }
