@@ -15,7 +15,6 @@
 //! Views written only through `WriteFeatures` have no offline history and
 //! are refused.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMicrosecondArray};
@@ -212,6 +211,12 @@ impl Offline {
     ) -> Result<RecordBatch> {
         let reg = self.registry().clone();
         let (entities, times) = prepare_entities(entities)?;
+        // Output names first: a collision fails before any data is read.
+        let names = reg.output_names(
+            sel,
+            entities.schema().fields().iter().map(|f| f.name().clone()),
+            full_feature_names,
+        )?;
         let ctx = self.session().await?;
         let (min_t, max_t) = (
             times.iter().flatten().min().unwrap_or(0),
@@ -266,9 +271,7 @@ impl Offline {
         let schema = entities.schema();
         let mut fields: Vec<Field> = schema.fields().iter().map(|f| (**f).clone()).collect();
         let mut columns: Vec<ArrayRef> = entities.columns().to_vec();
-        let mut seen: HashSet<String> = fields.iter().map(|f| f.name().clone()).collect();
-        for r in &sel.columns {
-            let view = reg.view(r.view);
+        for (r, name) in sel.columns.iter().zip(names) {
             let (_, wanted, arrays) = per_view
                 .iter()
                 .find(|(vi, _, _)| *vi == r.view)
@@ -277,17 +280,6 @@ impl Offline {
                 .iter()
                 .position(|&f| f == r.feature)
                 .expect("selected feature");
-            let f = &view.features[r.feature];
-            let name = if full_feature_names {
-                format!("{}__{}", view.name, f.name)
-            } else {
-                f.name.clone()
-            };
-            if !seen.insert(name.clone()) {
-                return Err(Error::invalid(format!(
-                    "output column {name:?} would appear twice (two views share a feature name, or a feature is named like an entity column); set full_feature_names"
-                )));
-            }
             fields.push(Field::new(name, arrays[pos].data_type().clone(), true));
             columns.push(arrays[pos].clone());
         }

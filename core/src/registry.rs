@@ -533,6 +533,37 @@ impl Registry {
         })
     }
 
+    /// Output column names of `sel`'s features, in its column order:
+    /// `feature`, or `view__feature` (Feast's full names) when `full`. A name
+    /// that repeats another, or one of `taken` (the request's key or entity
+    /// columns), is an error that suggests full names.
+    pub fn output_names(
+        &self,
+        sel: &Selection,
+        taken: impl IntoIterator<Item = String>,
+        full: bool,
+    ) -> Result<Vec<String>> {
+        let mut seen: HashSet<String> = taken.into_iter().collect();
+        let mut names = Vec::with_capacity(sel.columns.len());
+        for r in &sel.columns {
+            let v = self.view(r.view);
+            let f = &v.features[r.feature].name;
+            let name = if full {
+                format!("{}__{f}", v.name)
+            } else {
+                f.clone()
+            };
+            if !seen.insert(name.clone()) {
+                return Err(Error::invalid(format!(
+                    "output column {name:?} would appear twice (two views share a feature name, or a \
+                     feature is named like a key or entity column); set full_feature_names=true"
+                )));
+            }
+            names.push(name);
+        }
+        Ok(names)
+    }
+
     /// Resolves `view:feature` references (`view:*` selects every feature).
     pub fn resolve_refs<S: AsRef<str>>(&self, refs: &[S]) -> Result<Selection> {
         let mut columns = Vec::with_capacity(refs.len());
@@ -1335,6 +1366,34 @@ features = ["user_profile:age", "user_product:*"]
         let all = r.resolve_refs(&["user_profile:*"]).unwrap();
         assert_eq!(all.columns.len(), 3);
         assert_eq!(r.select_entity("user").unwrap().columns.len(), 3);
+    }
+
+    #[test]
+    fn output_names_are_short_or_full_and_never_collide() {
+        let r = Registry::from_toml("r.toml", GOOD).unwrap();
+        let sel = r
+            .resolve_refs(&["user_profile:country", "user_product:views"])
+            .unwrap();
+        let keys = || ["user_id".to_owned()];
+        assert_eq!(
+            r.output_names(&sel, keys(), false).unwrap(),
+            vec!["country", "views"]
+        );
+        assert_eq!(
+            r.output_names(&sel, keys(), true).unwrap(),
+            vec!["user_profile__country", "user_product__views"]
+        );
+        // A feature named like a key or entity column, or listed twice.
+        let e = r
+            .output_names(&sel, ["views".to_owned()], false)
+            .unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+        assert!(e.message().contains("\"views\" would appear twice"), "{e}");
+        assert!(e.message().contains("set full_feature_names=true"), "{e}");
+        let twice = r
+            .resolve_refs(&["user_profile:age", "user_profile:age"])
+            .unwrap();
+        assert!(r.output_names(&twice, keys(), true).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use quiver_batch::{retrieve, Offline};
 use quiver_core::aggregate::finish_row;
 use quiver_core::codec::{entity_key, row_key};
 use quiver_core::event::{checked, Event, EventSink};
-use quiver_core::registry::{FeatureRef, Selection, ViewSource};
+use quiver_core::registry::{Selection, ViewSource};
 use quiver_core::store::{Lookup, StoredRow, WriteOutcome, WriteRow};
 use quiver_core::time::{duration_micros, Micros};
 use quiver_core::{Clock, Error, ErrorKind, OnlineStore, Registry, Result, Value, ValueType};
@@ -539,25 +539,11 @@ impl FeatureServer {
     }
 
     fn output_names(&self, req: &OnlineRequest, sel: &Selection) -> Result<Vec<String>> {
-        let reg = &self.registry;
         let mut names: Vec<String> = req.entities.iter().map(|(k, _)| k.clone()).collect();
-        let mut seen: HashSet<String> = names.iter().cloned().collect();
-        for FeatureRef { view, feature } in &sel.columns {
-            let v = reg.view(*view);
-            let f = &v.features[*feature].name;
-            let name = if req.full_feature_names {
-                format!("{}__{f}", v.name)
-            } else {
-                f.clone()
-            };
-            if !seen.insert(name.clone()) {
-                return Err(Error::invalid(format!(
-                    "output column {name:?} would appear twice (two views share a feature name, or a \
-                     feature is named like a join key); set full_feature_names=true"
-                )));
-            }
-            names.push(name);
-        }
+        let features = self
+            .registry
+            .output_names(sel, names.clone(), req.full_feature_names)?;
+        names.extend(features);
         Ok(names)
     }
 
