@@ -392,6 +392,8 @@ const HLL_SPARSE_MAX: usize = HLL_M / 3;
 /// Above this many set registers an in-memory sketch is dense (4 bytes per
 /// sparse entry: past a quarter of the registers, dense is smaller).
 const HLL_SPARSE_MEM_MAX: usize = HLL_M / 4;
+/// The largest rank a register can hold.
+const HLL_MAX_RANK: u8 = (64 - HLL_P + 1) as u8;
 
 /// A HyperLogLog sketch with 4096 registers. The hash is fixed (FNV-1a
 /// with a murmur3 finalizer) so that sketches built online and offline, by
@@ -560,22 +562,21 @@ impl Hll {
     /// Estimated number of distinct values. Computed from how many
     /// registers hold each rank, so it depends only on the register values.
     pub fn estimate(&self) -> u64 {
-        let mut by_rank = [0u32; 66];
-        let zeros = match &self.repr {
+        let mut by_rank = [0u32; HLL_MAX_RANK as usize + 1];
+        match &self.repr {
             HllRepr::Sparse(set) => {
                 for &(_, r) in set {
                     by_rank[r as usize] += 1;
                 }
-                HLL_M - set.len()
+                by_rank[0] = (HLL_M - set.len()) as u32;
             }
             HllRepr::Dense(regs) => {
                 for &r in regs {
                     by_rank[r as usize] += 1;
                 }
-                by_rank[0] as usize
             }
-        };
-        by_rank[0] = zeros as u32;
+        }
+        let zeros = by_rank[0] as usize;
         // Each term is exact (a count times a power of two); summed by rank.
         let sum: f64 = by_rank
             .iter()
@@ -593,24 +594,20 @@ impl Hll {
         e.round() as u64
     }
 
+    /// The dense encoding past [`HLL_SPARSE_MAX`] set registers, else the
+    /// sparse one; a sparse sketch never holds that many
+    /// ([`HLL_SPARSE_MEM_MAX`] is smaller).
     fn encode(&self, out: &mut Vec<u8>) {
-        let set: Vec<(u16, u8)> = self.set_registers().collect();
-        if set.len() <= HLL_SPARSE_MAX {
-            out.push(0);
-            for (i, r) in set {
-                out.extend_from_slice(&i.to_le_bytes());
-                out.push(r);
+        match &self.repr {
+            HllRepr::Dense(regs) if regs.iter().filter(|&&r| r > 0).count() > HLL_SPARSE_MAX => {
+                out.push(1);
+                out.extend_from_slice(regs);
             }
-        } else {
-            out.push(1);
-            match &self.repr {
-                HllRepr::Dense(regs) => out.extend_from_slice(regs),
-                HllRepr::Sparse(_) => {
-                    let mut regs = vec![0u8; HLL_M];
-                    for (i, r) in set {
-                        regs[i as usize] = r;
-                    }
-                    out.extend_from_slice(&regs);
+            _ => {
+                out.push(0);
+                for (i, r) in self.set_registers() {
+                    out.extend_from_slice(&i.to_le_bytes());
+                    out.push(r);
                 }
             }
         }
@@ -619,13 +616,12 @@ impl Hll {
     fn decode(buf: &[u8]) -> Result<Hll> {
         let corrupt = || Error::internal("corrupt HyperLogLog state in the online store");
         let (&kind, body) = buf.split_first().ok_or_else(corrupt)?;
-        let max_rank = (64 - HLL_P + 1) as u8;
         let mut h = Hll::default();
         match kind {
             0 if body.len() % 3 == 0 => {
                 for c in body.chunks_exact(3) {
                     let i = u16::from_le_bytes([c[0], c[1]]);
-                    if i as usize >= HLL_M || c[2] > max_rank {
+                    if i as usize >= HLL_M || c[2] > HLL_MAX_RANK {
                         return Err(corrupt());
                     }
                     if c[2] > 0 {
@@ -634,7 +630,7 @@ impl Hll {
                 }
             }
             1 if body.len() == HLL_M => {
-                if body.iter().any(|&r| r > max_rank) {
+                if body.iter().any(|&r| r > HLL_MAX_RANK) {
                     return Err(corrupt());
                 }
                 h.repr = HllRepr::Dense(body.to_vec());
