@@ -167,10 +167,10 @@ impl Offline {
                 .execute_stream()
                 .await
                 .map_err(|e| df_error(&format!("feature view {:?}", v.name), e))?;
-            let expire_after = v.ttl.map(|t| duration_micros(t + opts.expiry_grace));
+            let grace = duration_micros(opts.expiry_grace);
             let mut chunks = stream
                 .map_err(|e| df_error(&format!("feature view {:?}: reading", v.name), e))
-                .map(|b| b.and_then(|b| to_rows(v, &b, expire_after, opts.now)))
+                .map(|b| b.and_then(|b| to_rows(v, &b, grace, opts.now)))
                 .map_ok(|(rows, expired)| {
                     let store = store.clone();
                     async move {
@@ -213,7 +213,7 @@ impl Offline {
 fn to_rows(
     view: &FeatureView,
     b: &RecordBatch,
-    expire_after: Option<Micros>,
+    grace: Micros,
     now: Micros,
 ) -> Result<(Vec<WriteRow>, u64)> {
     let nk = view.join_keys.len();
@@ -222,7 +222,7 @@ fn to_rows(
     let mut expired = 0;
     for r in 0..b.num_rows() {
         let event_ts = ts.value(r);
-        let expire_at = expire_after.map(|e| event_ts.saturating_add(e));
+        let expire_at = view.online_expiry(event_ts, grace);
         if expire_at.is_some_and(|e| e <= now) {
             expired += 1;
             continue;

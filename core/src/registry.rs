@@ -209,6 +209,17 @@ impl FeatureView {
     pub fn feature_index(&self, name: &str) -> Option<usize> {
         self.feature_idx.get(name).copied()
     }
+
+    /// When an online row of this view with feature time `event_ts`
+    /// expires: its TTL plus `grace` (micros) later; `None` without a TTL.
+    /// The one rule for `WriteFeatures`, ingest and materialization.
+    pub fn online_expiry(&self, event_ts: Micros, grace: Micros) -> Option<Micros> {
+        self.ttl.map(|t| {
+            event_ts
+                .saturating_add(duration_micros(t))
+                .saturating_add(grace)
+        })
+    }
 }
 
 /// The column of a feature table (and of an entity table in historical

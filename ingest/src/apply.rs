@@ -261,9 +261,7 @@ impl Applier {
                 let row = WriteRow {
                     key: key.clone(),
                     event_ts: r.event.event_time,
-                    expire_at: view
-                        .ttl
-                        .map(|t| r.event.event_time + duration_micros(t) + self.expiry_grace),
+                    expire_at: view.online_expiry(r.event.event_time, self.expiry_grace),
                     features,
                 };
                 match by_key.get(&key) {

@@ -566,7 +566,7 @@ impl FeatureServer {
         if rows.len() > self.limits.max_write_rows {
             return Err(too_many("rows", rows.len(), self.limits.max_write_rows));
         }
-        let expire_after = view.ttl.map(|t| duration_micros(t + self.expiry_grace));
+        let grace = duration_micros(self.expiry_grace);
         let mut out = Vec::with_capacity(rows.len());
         for (i, row) in rows.into_iter().enumerate() {
             let at = |m: String| Error::invalid(format!("row {i}: {m}"));
@@ -636,7 +636,7 @@ impl FeatureServer {
             out.push(WriteRow {
                 key,
                 event_ts,
-                expire_at: expire_after.map(|e| event_ts.saturating_add(e)),
+                expire_at: view.online_expiry(event_ts, grace),
                 features,
             });
         }
