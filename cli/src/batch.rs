@@ -95,9 +95,7 @@ pub fn offline_if_configured(
 }
 
 fn parse_time(flag: &str, s: &str) -> Result<Micros> {
-    parse_rfc3339(s).ok_or_else(|| {
-        anyhow::anyhow!("--{flag} {s:?} is not an RFC 3339 time, e.g. 2026-11-25T00:00:00Z")
-    })
+    parse_rfc3339(s).map_err(|m| anyhow::anyhow!("--{flag}: {m}"))
 }
 
 /// Runs `quiver batch ...`.

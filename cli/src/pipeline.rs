@@ -242,7 +242,7 @@ fn progress_bar(n: u64) -> ProgressBar {
 
 fn generator_config(a: &GenerateArgs, now: Micros) -> Result<GeneratorConfig> {
     let start = match &a.start {
-        Some(s) => parse_rfc3339(s).with_context(|| format!("--start {s:?} is not RFC 3339"))?,
+        Some(s) => parse_rfc3339(s).map_err(|m| anyhow::anyhow!("--start: {m}"))?,
         None => now,
     };
     let step = match a.time_step {

@@ -200,6 +200,19 @@ async fn batch_run_retrieve_and_materialize() {
         "{out}"
     );
 
+    // Range flags with a UTC offset name the same instants as in UTC:
+    // [00:00Z, 12:00Z) holds u1's first row but not u2's row at 12:00Z.
+    let mut args = with(&["materialize", "--store-path", "online2.redb"]);
+    args.extend(["--start", "2026-01-01T05:30:00+05:30"]);
+    args.extend(["--end", "2026-01-01T07:00:00-05:00"]);
+    let out = run_ok(dir.path(), &args);
+    assert!(
+        out.contains(
+            "scores: [2026-01-01T00:00:00.000000Z .. 2026-01-01T12:00:00.000000Z) 1 entities: 1 written"
+        ),
+        "{out}"
+    );
+
     // Mistakes are explained.
     for (args, needle) in [
         (
@@ -217,7 +230,7 @@ async fn batch_run_retrieve_and_materialize() {
         ),
         (
             with(&["materialize", "--start", "yesterday"]),
-            "--start \"yesterday\" is not an RFC 3339 time",
+            "--start: \"yesterday\" is not an RFC 3339 timestamp",
         ),
         (
             with(&["batch", "run", "--views", "nope"]),

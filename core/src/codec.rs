@@ -390,6 +390,14 @@ mod tests {
         ]
     }
 
+    proptest::proptest! {
+        #[test]
+        fn stored_bytes_round_trip((_ty, v) in crate::testing::typed_value()) {
+            let back = decode_value(&encode_value(&v)).unwrap();
+            proptest::prop_assert!(crate::testing::same_bits(&v, &back));
+        }
+    }
+
     #[test]
     fn every_value_round_trips() {
         for v in samples() {

@@ -95,5 +95,22 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// Longest piece of caller input quoted in an error message, in bytes.
+pub const MAX_QUOTED_BYTES: usize = 80;
+
+/// Caller input quoted for an error message: `"text"`, cut after
+/// [`MAX_QUOTED_BYTES`] (at a character boundary) with the full length
+/// added, so that a huge input cannot make a huge message.
+pub fn quote(s: &str) -> String {
+    if s.len() <= MAX_QUOTED_BYTES {
+        return format!("{s:?}");
+    }
+    let mut end = MAX_QUOTED_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}... ({} bytes)", &s[..end], s.len())
+}
+
 /// Result alias of `quiver-core`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -118,11 +118,8 @@ impl Event {
         let event_type = str_field("event_type")?;
         let et = require_type(reg, &event_type)?;
         let time_text = str_field("event_time")?;
-        let event_time = parse_rfc3339(&time_text).ok_or_else(|| {
-            Error::invalid(format!(
-                "event_time {time_text:?} is not an RFC 3339 time such as \"2026-11-25T10:00:00Z\""
-            ))
-        })?;
+        let event_time =
+            parse_rfc3339(&time_text).map_err(|m| Error::invalid(format!("event_time: {m}")))?;
         let mut entities = Vec::new();
         if let Some(m) = obj.get("entities") {
             let m = m

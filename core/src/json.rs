@@ -1,12 +1,17 @@
 //! JSON form of typed values, shared by the REST gateway and the JSON form
-//! of events: numbers, strings, booleans and arrays as themselves; bytes as
-//! base64 strings; timestamps as RFC 3339 strings; NaN and infinities (which
-//! JSON lacks) as the strings `"NaN"`, `"Infinity"`, `"-Infinity"`, like
-//! protobuf's JSON mapping.
+//! of events (on Kafka too): numbers, strings, booleans and arrays as
+//! themselves; bytes as base64 strings; timestamps as RFC 3339 strings
+//! (written in UTC with six fractional digits, read in any RFC 3339 form,
+//! see [`crate::time::parse_rfc3339`]); NaN and infinities (which JSON
+//! lacks) as the strings `"NaN"`, `"Infinity"`, `"-Infinity"`, like
+//! protobuf's JSON mapping. Reading also takes what that mapping allows
+//! besides: int64 as decimal strings, base64 in the URL-safe alphabet or
+//! without padding. Lists cannot hold nulls.
 
 use base64::Engine;
 use serde_json::{json, Value as Json_};
 
+use crate::error::quote;
 use crate::time::{format_rfc3339, parse_rfc3339};
 use crate::value::{Value, ValueType};
 
@@ -22,48 +27,175 @@ pub fn json_kind(v: &Json_) -> &'static str {
     }
 }
 
-/// A JSON value read as the declared type `ty`. Bytes are base64 strings,
-/// timestamps RFC 3339 strings.
+/// Largest magnitude up to which every integer is exactly a double (2^53):
+/// integral JSON numbers written with a fraction or exponent (`3.0`, `1e3`)
+/// are taken as int64 only inside it, where no digit can have been lost.
+const EXACT_F64_INT: f64 = 9_007_199_254_740_992.0;
+
+/// Reads a JSON int64: a number without fraction (`42`), an integral number
+/// up to 2^53 written with one (`42.0`, `4.2e1`), or a decimal string
+/// (`"42"`, as protobuf's JSON mapping writes int64 so that JavaScript
+/// clients keep every digit).
+fn int64_from_json(v: &Json_) -> Result<i64, String> {
+    match v {
+        Json_::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                return Ok(i);
+            }
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if n.is_u64() || f.abs() >= 9_223_372_036_854_775_808.0 {
+                Err(format!("{n} is {INT64_RANGE}"))
+            } else if f.fract() != 0.0 {
+                Err(format!("{n} is not an integer"))
+            } else if f.abs() > EXACT_F64_INT {
+                Err(format!(
+                    "{n} is beyond 2^53 and written with a fraction or exponent, so its digits are not exact; write the integer without them"
+                ))
+            } else {
+                Ok(f as i64)
+            }
+        }
+        Json_::String(s) => parse_int64(s),
+        other => Err(format!("expected int64, got {}", json_kind(other))),
+    }
+}
+
+/// The range of int64, as written in error messages.
+pub const INT64_RANGE: &str =
+    "out of range for int64 (-9223372036854775808 to 9223372036854775807)";
+
+/// Parses a decimal int64 (`42`, `-7`, `+7`, `007`); errors tell an
+/// out-of-range integer from text that is not an integer.
+pub fn parse_int64(s: &str) -> Result<i64, String> {
+    use std::num::IntErrorKind;
+    s.parse::<i64>().map_err(|e| match e.kind() {
+        IntErrorKind::PosOverflow | IntErrorKind::NegOverflow => {
+            format!("{} is {INT64_RANGE}", quote(s))
+        }
+        _ => format!("{} is not an integer", quote(s)),
+    })
+}
+
+/// The strings that stand for the doubles JSON cannot write, as in
+/// protobuf's JSON mapping.
+fn special_f64(s: &str) -> Option<f64> {
+    match s {
+        "NaN" => Some(f64::NAN),
+        "Infinity" => Some(f64::INFINITY),
+        "-Infinity" => Some(f64::NEG_INFINITY),
+        _ => None,
+    }
+}
+
+/// Reads a JSON double: a number, or `"NaN"`, `"Infinity"`, `"-Infinity"`.
+fn f64_from_json(v: &Json_, ty: &str) -> Result<f64, String> {
+    match v {
+        Json_::Number(n) => n
+            .as_f64()
+            .ok_or_else(|| format!("{n} is not a {ty}")),
+        Json_::String(s) => special_f64(s).ok_or_else(|| {
+            format!(
+                "expected {ty} (a number, or \"NaN\", \"Infinity\", \"-Infinity\"), got the string {}",
+                quote(s)
+            )
+        }),
+        other => Err(format!("expected {ty}, got {}", json_kind(other))),
+    }
+}
+
+/// Reads a JSON float32: a double (see [`f64_from_json`]) rounded to the
+/// nearest float32; finite numbers beyond float32's range are refused
+/// rather than turned into infinities.
+fn f32_from_json(v: &Json_) -> Result<f32, String> {
+    let d = f64_from_json(v, "float32")?;
+    let f = d as f32;
+    if d.is_finite() && !f.is_finite() {
+        return Err(format!(
+            "{d} is out of range for float32 (largest magnitude {})",
+            f32::MAX
+        ));
+    }
+    Ok(f)
+}
+
+/// Reads base64 bytes: the standard or the URL-safe alphabet, padded or
+/// not (protobuf's JSON mapping accepts all four).
+fn bytes_from_json(v: &Json_) -> Result<Vec<u8>, String> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let s = v
+        .as_str()
+        .ok_or_else(|| format!("expected base64 bytes, got {}", json_kind(v)))?;
+    let url = s.contains(['-', '_']);
+    let padded = s.ends_with('=');
+    let engine = match (url, padded) {
+        (false, true) => &STANDARD,
+        (false, false) => &STANDARD_NO_PAD,
+        (true, true) => &URL_SAFE,
+        (true, false) => &URL_SAFE_NO_PAD,
+    };
+    engine
+        .decode(s)
+        .map_err(|e| format!("expected base64 bytes, got {} ({e})", quote(s)))
+}
+
+/// A JSON value read as the declared type `ty` (see the module docs for
+/// the mapping). Every value [`value_to_json`] writes reads back as itself.
+/// Errors name what is wrong: the JSON kind that was sent, an integer out
+/// of int64's range, a null or mistyped element of a list and its index.
 pub fn value_from_json(v: &Json_, ty: ValueType) -> Result<Value, String> {
     if v.is_null() {
         return Ok(Value::Null);
     }
-    let wrong = || format!("expected {ty}, got {}", json_kind(v));
-    let int = |v: &Json_| v.as_i64().ok_or_else(wrong);
-    let float = |v: &Json_| v.as_f64().ok_or_else(wrong);
-    let string = |v: &Json_| v.as_str().map(str::to_owned).ok_or_else(wrong);
-    let boolean = |v: &Json_| v.as_bool().ok_or_else(wrong);
-    let bytes = |v: &Json_| {
-        let s = v.as_str().ok_or_else(wrong)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(s)
-            .map_err(|e| format!("expected base64 bytes: {e}"))
+    let string = |v: &Json_| match v {
+        Json_::String(s) => Ok(s.clone()),
+        other => Err(format!("expected string, got {}", json_kind(other))),
+    };
+    let boolean = |v: &Json_| match v {
+        Json_::Bool(b) => Ok(*b),
+        other => Err(format!("expected bool, got {}", json_kind(other))),
     };
     fn list<T>(
         v: &Json_,
+        ty: ValueType,
         item: impl Fn(&Json_) -> Result<T, String>,
-        wrong: impl Fn() -> String,
     ) -> Result<Vec<T>, String> {
-        v.as_array().ok_or_else(&wrong)?.iter().map(item).collect()
+        let Json_::Array(items) = v else {
+            return Err(format!("expected {ty} (an array), got {}", json_kind(v)));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                if x.is_null() {
+                    return Err(format!(
+                        "null element at index {i}; {ty} values cannot hold nulls"
+                    ));
+                }
+                item(x).map_err(|m| format!("element {i}: {m}"))
+            })
+            .collect()
     }
     Ok(match ty {
-        ValueType::Int64 => Value::Int64(int(v)?),
-        ValueType::Double => Value::Double(float(v)?),
+        ValueType::Int64 => Value::Int64(int64_from_json(v)?),
+        ValueType::Double => Value::Double(f64_from_json(v, "double")?),
         ValueType::String => Value::String(string(v)?),
         ValueType::Bool => Value::Bool(boolean(v)?),
-        ValueType::Bytes => Value::Bytes(bytes(v)?),
-        ValueType::Timestamp => {
-            let s = string(v)?;
-            Value::Timestamp(
-                parse_rfc3339(&s).ok_or_else(|| format!("{s:?} is not an RFC 3339 timestamp"))?,
-            )
-        }
-        ValueType::Int64List => Value::Int64List(list(v, int, wrong)?),
-        ValueType::DoubleList => Value::DoubleList(list(v, float, wrong)?),
-        ValueType::StringList => Value::StringList(list(v, string, wrong)?),
-        ValueType::BoolList => Value::BoolList(list(v, boolean, wrong)?),
-        ValueType::BytesList => Value::BytesList(list(v, bytes, wrong)?),
-        ValueType::FloatList => Value::FloatList(list(v, |x| float(x).map(|f| f as f32), wrong)?),
+        ValueType::Bytes => Value::Bytes(bytes_from_json(v)?),
+        ValueType::Timestamp => match v {
+            Json_::String(s) => Value::Timestamp(parse_rfc3339(s)?),
+            other => {
+                return Err(format!(
+                    "expected an RFC 3339 timestamp string, got {}",
+                    json_kind(other)
+                ))
+            }
+        },
+        ValueType::Int64List => Value::Int64List(list(v, ty, int64_from_json)?),
+        ValueType::DoubleList => Value::DoubleList(list(v, ty, |x| f64_from_json(x, "double"))?),
+        ValueType::StringList => Value::StringList(list(v, ty, string)?),
+        ValueType::BoolList => Value::BoolList(list(v, ty, boolean)?),
+        ValueType::BytesList => Value::BytesList(list(v, ty, bytes_from_json)?),
+        ValueType::FloatList => Value::FloatList(list(v, ty, f32_from_json)?),
     })
 }
 
@@ -110,7 +242,10 @@ pub fn value_to_json(v: &Value) -> Json_ {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::testing::{same_modulo_nan, typed_value};
 
     #[test]
     fn json_values_follow_the_declared_type() {
@@ -124,7 +259,7 @@ mod tests {
         );
         assert!(value_from_json(&json!(1.5), ValueType::Int64)
             .unwrap_err()
-            .contains("expected int64"));
+            .contains("not an integer"));
         assert!(value_from_json(&json!("x"), ValueType::Bool).is_err());
         assert_eq!(
             value_from_json(&json!([0.5, 1]), ValueType::FloatList).unwrap(),
@@ -139,6 +274,96 @@ mod tests {
     }
 
     #[test]
+    fn what_json_writes_for_doubles_it_reads() {
+        for (text, ty) in [
+            ("NaN", ValueType::Double),
+            ("Infinity", ValueType::Double),
+            ("-Infinity", ValueType::Double),
+        ] {
+            let v = value_from_json(&json!(text), ty).unwrap();
+            assert_eq!(value_to_json(&v), json!(text));
+        }
+        assert_eq!(
+            value_to_json(
+                &value_from_json(&json!(["NaN", 1.5, "-Infinity"]), ValueType::DoubleList).unwrap()
+            ),
+            json!(["NaN", 1.5, "-Infinity"])
+        );
+        assert_eq!(
+            value_to_json(
+                &value_from_json(&json!(["Infinity", 0.25]), ValueType::FloatList).unwrap()
+            ),
+            json!(["Infinity", 0.25])
+        );
+        let e = value_from_json(&json!("nan"), ValueType::Double).unwrap_err();
+        assert!(e.contains("\"NaN\""), "{e}");
+    }
+
+    #[test]
+    fn timestamps_with_offsets_are_converted() {
+        let v =
+            value_from_json(&json!("2026-06-01T12:00:00.5+02:00"), ValueType::Timestamp).unwrap();
+        assert_eq!(value_to_json(&v), json!("2026-06-01T10:00:00.500000Z"));
+    }
+
+    #[test]
+    fn messages_name_what_is_wrong() {
+        let msg = |v: Json_, ty| value_from_json(&v, ty).unwrap_err();
+        // An integer too large is out of range, not "not an integer".
+        let e = msg(
+            serde_json::from_str("9223372036854775808").unwrap(),
+            ValueType::Int64,
+        );
+        assert!(e.contains("out of range for int64"), "{e}");
+        let e = msg(
+            serde_json::from_str("-9223372036854775809").unwrap(),
+            ValueType::Int64,
+        );
+        assert!(e.contains("out of range for int64"), "{e}");
+        let e = msg(json!("9223372036854775808"), ValueType::Int64);
+        assert!(e.contains("out of range for int64"), "{e}");
+        let e = msg(
+            json!([1, 9_223_372_036_854_775_808u64]),
+            ValueType::Int64List,
+        );
+        assert!(e.contains("element 1") && e.contains("out of range"), "{e}");
+        // A null inside a list is named with its index.
+        let e = msg(json!(["a", null]), ValueType::StringList);
+        assert!(e.contains("null element at index 1"), "{e}");
+        let e = msg(json!(["a", 5]), ValueType::StringList);
+        assert!(
+            e.contains("element 1: expected string, got a number"),
+            "{e}"
+        );
+        let e = msg(json!(1e300), ValueType::FloatList);
+        assert!(e.contains("an array"), "{e}");
+        let e = msg(json!([1e300]), ValueType::FloatList);
+        assert!(e.contains("out of range for float32"), "{e}");
+        let e = msg(json!("abc"), ValueType::Int64);
+        assert!(e.contains("not an integer"), "{e}");
+        let e = msg(json!(1e17), ValueType::Int64);
+        assert!(e.contains("not exact"), "{e}");
+        let e = msg(json!("x".repeat(5000)), ValueType::Timestamp);
+        assert!(e.len() < 400, "{e}");
+    }
+
+    #[test]
+    fn lenient_forms_of_protobufs_json_mapping() {
+        let int = |v| value_from_json(&v, ValueType::Int64).unwrap();
+        assert_eq!(int(json!("-42")), Value::Int64(-42));
+        assert_eq!(int(json!("9223372036854775807")), Value::Int64(i64::MAX));
+        assert_eq!(int(json!(42.0)), Value::Int64(42));
+        assert_eq!(
+            value_from_json(&json!("_-8"), ValueType::Bytes).unwrap(),
+            Value::Bytes(vec![0xff, 0xef])
+        );
+        assert_eq!(
+            value_from_json(&json!("AQI"), ValueType::Bytes).unwrap(),
+            Value::Bytes(vec![1, 2])
+        );
+    }
+
+    #[test]
     fn json_output_is_readable() {
         assert_eq!(
             value_to_json(&Value::FloatList(vec![0.1, -2.5])),
@@ -146,5 +371,20 @@ mod tests {
         );
         assert_eq!(value_to_json(&Value::Double(f64::NAN)), json!("NaN"));
         assert_eq!(value_to_json(&Value::Bytes(vec![1, 2])), json!("AQI="));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// For every type, what the JSON API writes it reads back as the
+        /// same value (every NaN is "NaN").
+        #[test]
+        fn value_to_json_to_value((ty, v) in typed_value()) {
+            let json = value_to_json(&v);
+            // Through text, as a client sends it.
+            let text = serde_json::to_string(&json).unwrap();
+            let back = value_from_json(&serde_json::from_str(&text).unwrap(), ty)
+                .map_err(|e| TestCaseError::fail(format!("{v:?} -> {text}: {e}")))?;
+            prop_assert!(same_modulo_nan(&v, &back), "{:?} -> {} -> {:?}", v, text, back);
+        }
     }
 }

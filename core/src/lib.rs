@@ -29,6 +29,8 @@ pub mod par;
 pub mod registry;
 pub mod storage;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod time;
 pub mod value;
 pub mod wire;

@@ -1,8 +1,13 @@
-//! Time as quiver stores it: microseconds since the Unix epoch (UTC), and an
-//! injectable [`Clock`] so TTL logic is tested without waiting.
+//! Time as quiver stores it: microseconds since the Unix epoch (UTC), the
+//! one RFC 3339 parser and formatter of the workspace (chrono), the accepted
+//! range, and an injectable [`Clock`] so TTL logic is tested without waiting.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::error::quote;
 
 /// Microseconds since the Unix epoch, UTC.
 pub type Micros = i64;
@@ -70,27 +75,180 @@ pub fn duration_micros(d: Duration) -> Micros {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// Formats epoch microseconds as RFC 3339 with microsecond precision.
-pub fn format_rfc3339(m: Micros) -> String {
-    humantime::format_rfc3339_micros(micros_to_system_time(m)).to_string()
+/// Earliest instant quiver accepts: `0001-01-01T00:00:00Z`, the start of
+/// the range of `google.protobuf.Timestamp` (and of Python's `datetime`).
+pub const MIN_MICROS: Micros = -62_135_596_800_000_000;
+
+/// Latest instant quiver accepts: `9999-12-31T23:59:59.999999Z`, the end of
+/// the range of `google.protobuf.Timestamp` at microsecond precision.
+pub const MAX_MICROS: Micros = 253_402_300_799_999_999;
+
+/// The accepted range, as written in error messages.
+pub const RANGE_TEXT: &str = "0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z";
+
+/// `m` if it lies in [`MIN_MICROS`]`..=`[`MAX_MICROS`], else a message
+/// saying so (every path that accepts a time checks this, so that every
+/// stored time can be written back as RFC 3339).
+pub fn check_range(m: Micros) -> Result<Micros, String> {
+    if (MIN_MICROS..=MAX_MICROS).contains(&m) {
+        Ok(m)
+    } else {
+        Err(format!(
+            "{} is outside the supported range {RANGE_TEXT}",
+            format_rfc3339(m)
+        ))
+    }
 }
 
-/// Parses an RFC 3339 timestamp (`2026-01-02T03:04:05Z`, fractions allowed).
-pub fn parse_rfc3339(s: &str) -> Option<Micros> {
-    humantime::parse_rfc3339_weak(s)
-        .ok()
-        .map(system_time_to_micros)
+/// Formats epoch microseconds as RFC 3339 in UTC with six fractional
+/// digits: `2026-11-29T10:00:00.000000Z`. Every accepted time (see
+/// [`check_range`]) formats this way; times outside that range, which no
+/// input path accepts, are written in ISO 8601's expanded-year form
+/// (`+20000-01-01T00:00:00.000000Z`) or, beyond what chrono represents, as
+/// a count of microseconds, never with a panic.
+pub fn format_rfc3339(m: Micros) -> String {
+    match DateTime::<Utc>::from_timestamp_micros(m) {
+        Some(t) => t.to_rfc3339_opts(SecondsFormat::Micros, true),
+        None => format!("{m} microseconds since 1970-01-01T00:00:00Z"),
+    }
+}
+
+/// Parses an RFC 3339 timestamp into epoch microseconds (UTC).
+///
+/// Accepts every RFC 3339 `date-time` (section 5.6): `T`, `t` or a space
+/// between date and time; any number of fractional digits (digits past the
+/// sixth are dropped, i.e. rounded toward the past, as for protobuf
+/// nanoseconds); `Z`, `z` or a numeric offset `+hh:mm`/`-hh:mm` (`-00:00`
+/// included), which is converted to UTC; a leap second (`:60`) reads as the
+/// first instant of the next minute. The result must lie in
+/// [`check_range`]'s range. Errors say what was wrong and show a valid form.
+pub fn parse_rfc3339(s: &str) -> Result<Micros, String> {
+    let t = DateTime::parse_from_rfc3339(s).map_err(|e| {
+        format!(
+            "{} is not an RFC 3339 timestamp ({e}); write e.g. 2026-11-29T10:00:00Z or 2026-11-29T15:30:00.5+05:30",
+            quote(s)
+        )
+    })?;
+    check_range(t.timestamp_micros())
+        .map_err(|_| format!("{} is outside the supported range {RANGE_TEXT}", quote(s)))
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     #[test]
     fn rfc3339_round_trip() {
         let m = 1_764_000_000_123_456;
-        assert_eq!(parse_rfc3339(&format_rfc3339(m)), Some(m));
+        assert_eq!(parse_rfc3339(&format_rfc3339(m)), Ok(m));
         assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(format_rfc3339(MIN_MICROS), "0001-01-01T00:00:00.000000Z");
+        assert_eq!(format_rfc3339(MAX_MICROS), "9999-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn offsets_convert_to_utc() {
+        let z = |s: &str| format_rfc3339(parse_rfc3339(s).unwrap());
+        // The inputs: an offset is converted, never ignored or refused.
+        assert_eq!(
+            z("2026-11-29T15:30:00.000+05:30"),
+            "2026-11-29T10:00:00.000000Z"
+        );
+        assert_eq!(
+            z("2026-11-29T15:30:00+05:30"),
+            "2026-11-29T10:00:00.000000Z"
+        );
+        assert_eq!(
+            z("2026-11-29T05:00:00.000-05:00"),
+            "2026-11-29T10:00:00.000000Z"
+        );
+        assert_eq!(
+            z("2026-06-01T12:00:00.5+02:00"),
+            "2026-06-01T10:00:00.500000Z"
+        );
+        // Every RFC 3339 spelling: lower-case t/z, a space, -00:00, many digits.
+        assert_eq!(z("2026-11-29t10:00:00z"), "2026-11-29T10:00:00.000000Z");
+        assert_eq!(z("2026-11-29 10:00:00Z"), "2026-11-29T10:00:00.000000Z");
+        assert_eq!(
+            z("2026-11-29T10:00:00-00:00"),
+            "2026-11-29T10:00:00.000000Z"
+        );
+        assert_eq!(
+            z("2026-11-29T10:00:00.123456789Z"),
+            "2026-11-29T10:00:00.123456Z"
+        );
+        // A leap second is the first instant of the next minute.
+        assert_eq!(z("2016-12-31T23:59:60Z"), "2017-01-01T00:00:00.000000Z");
+        // An offset crossing a day and year boundary.
+        assert_eq!(
+            z("2027-01-01T01:00:00+02:00"),
+            "2026-12-31T23:00:00.000000Z"
+        );
+    }
+
+    #[test]
+    fn bad_times_are_explained() {
+        for (bad, needle) in [
+            ("2026-11-29", "not an RFC 3339 timestamp"),
+            ("2026-11-29T10:00:00", "not an RFC 3339 timestamp"),
+            ("2026-11-29T10:00:00+0530", "not an RFC 3339 timestamp"),
+            ("2026-13-01T00:00:00Z", "not an RFC 3339 timestamp"),
+            ("0001-01-01T00:00:00+00:01", "outside the supported range"),
+            ("9999-12-31T23:59:60Z", "outside the supported range"),
+        ] {
+            let e = parse_rfc3339(bad).unwrap_err();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+        let e = parse_rfc3339(&"x".repeat(10_000)).unwrap_err();
+        assert!(e.len() < 400 && e.contains("10000 bytes"), "{e}");
+        assert!(check_range(MAX_MICROS + 1).is_err());
+        assert!(check_range(MIN_MICROS - 1).is_err());
+    }
+
+    #[test]
+    fn formatting_never_panics() {
+        for m in [i64::MIN, i64::MAX, MIN_MICROS - 1, MAX_MICROS + 1, -1] {
+            assert!(!format_rfc3339(m).is_empty());
+        }
+        assert_eq!(format_rfc3339(-1), "1969-12-31T23:59:59.999999Z");
+    }
+
+    fn offset_text(minutes: i32) -> String {
+        let sign = if minutes < 0 { '-' } else { '+' };
+        let a = minutes.abs();
+        format!("{sign}{:02}:{:02}", a / 60, a % 60)
+    }
+
+    proptest! {
+        /// Every accepted instant formats and parses back to itself.
+        #[test]
+        fn format_then_parse_is_identity(m in MIN_MICROS..=MAX_MICROS) {
+            prop_assert_eq!(parse_rfc3339(&format_rfc3339(m)), Ok(m));
+        }
+
+        /// The same instant written with any offset, any number of
+        /// fractional digits and any RFC 3339 separator parses to the
+        /// same microsecond.
+        #[test]
+        fn every_offset_form_names_the_same_instant(
+            m in (MIN_MICROS + 86_400_000_000)..=(MAX_MICROS - 86_400_000_000),
+            offset_minutes in -(23 * 60 + 59)..=(23 * 60 + 59),
+            extra_digits in 0usize..4,
+            sep in prop::sample::select(vec!["T", "t", " "]),
+        ) {
+            let local = DateTime::<Utc>::from_timestamp_micros(m).unwrap().naive_utc()
+                + chrono::Duration::minutes(i64::from(offset_minutes));
+            let text = format!(
+                "{}{sep}{}{}{}",
+                local.format("%Y-%m-%d"),
+                local.format("%H:%M:%S%.6f"),
+                "0".repeat(extra_digits),
+                if offset_minutes == 0 { "Z".to_owned() } else { offset_text(offset_minutes) },
+            );
+            prop_assert_eq!(parse_rfc3339(&text), Ok(m), "{}", text);
+        }
     }
 
     #[test]

@@ -12,18 +12,29 @@ use crate::event::Event;
 use crate::time::Micros;
 use crate::{Error, Result, Value};
 
-/// Epoch microseconds of a protobuf timestamp; rejects out-of-range nanos.
+/// Epoch microseconds of a protobuf timestamp. Nanoseconds past the
+/// microsecond are dropped (rounded toward the past, like RFC 3339 digits
+/// past the sixth); `nanos` outside `0..1e9` and instants outside
+/// `google.protobuf.Timestamp`'s range (see [`crate::time::check_range`])
+/// are refused.
 pub fn ts_to_micros(t: &Timestamp) -> Result<Micros> {
     if !(0..1_000_000_000).contains(&t.nanos) {
         return Err(Error::invalid(format!(
-            "timestamp nanos {} out of range 0..1e9",
+            "timestamp nanos {} out of range 0..999999999",
             t.nanos
         )));
     }
     t.seconds
         .checked_mul(1_000_000)
         .and_then(|s| s.checked_add(i64::from(t.nanos / 1000)))
-        .ok_or_else(|| Error::invalid(format!("timestamp seconds {} out of range", t.seconds)))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "timestamp seconds {} is outside the supported range {}",
+                t.seconds,
+                crate::time::RANGE_TEXT
+            ))
+        })
+        .and_then(|m| crate::time::check_range(m).map_err(Error::invalid))
 }
 
 /// A protobuf timestamp of epoch microseconds.
@@ -142,7 +153,47 @@ pub fn decode_event(reg: &crate::Registry, payload: &[u8]) -> Result<Event> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::codec::{decode_value, encode_value};
+    use crate::testing::{same_bits, typed_value};
+    use crate::time::{MAX_MICROS, MIN_MICROS};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// A value sent over gRPC, stored online and read back is the same
+        /// value, bit for bit (NaN payloads and -0.0 included).
+        #[test]
+        fn protobuf_to_stored_bytes_to_protobuf((_ty, v) in typed_value()) {
+            let wire = value_to_pb(v.clone()).encode_to_vec();
+            let received = value_from_pb(pb::Value::decode(wire.as_slice()).unwrap()).unwrap();
+            let stored = decode_value(&encode_value(&received)).unwrap();
+            prop_assert!(same_bits(&v, &stored), "{:?} -> {:?}", v, stored);
+            let served = value_from_pb(value_to_pb(stored)).unwrap();
+            prop_assert!(same_bits(&v, &served));
+        }
+
+        /// Every accepted instant survives a protobuf timestamp.
+        #[test]
+        fn timestamps_in_range_round_trip(m in MIN_MICROS..=MAX_MICROS) {
+            prop_assert_eq!(ts_to_micros(&micros_to_ts(m)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn timestamps_outside_protobufs_range_are_refused() {
+        for m in [MIN_MICROS - 1, MAX_MICROS + 1] {
+            let e = ts_to_micros(&micros_to_ts(m)).unwrap_err();
+            assert!(e.message().contains("outside the supported range"), "{e}");
+        }
+        // Sub-microsecond digits are dropped toward the past.
+        let t = Timestamp {
+            seconds: -1,
+            nanos: 999_999_999,
+        };
+        assert_eq!(ts_to_micros(&t).unwrap(), -1);
+    }
 
     #[test]
     fn timestamps_round_trip_including_negative() {

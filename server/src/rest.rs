@@ -16,9 +16,9 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use quiver_core::event::Event;
-use quiver_core::json::{json_kind, value_from_json, value_to_json};
+use quiver_core::json::{json_kind, parse_int64, value_from_json, value_to_json};
 use quiver_core::time::{format_rfc3339, parse_rfc3339};
-use quiver_core::{Error, ErrorKind, Value, ValueType};
+use quiver_core::{Error, ErrorKind, Registry, Value, ValueType};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json_};
 
@@ -143,11 +143,10 @@ async fn get_entity_features(
     let reg = svc.registry();
     let ent = reg.require_entity(&entity)?;
     let key = match ent.value_type {
-        ValueType::Int64 => Value::Int64(id.parse().map_err(|_| {
-            Error::invalid(format!(
-                "entity {entity:?} has int64 ids; {id:?} is not an integer"
-            ))
-        })?),
+        ValueType::Int64 => Value::Int64(
+            parse_int64(&id)
+                .map_err(|m| Error::invalid(format!("entity {entity:?} has int64 ids: {m}")))?,
+        ),
         _ => Value::String(id.clone()),
     };
     let refs = q.features.map(|f| {
@@ -217,7 +216,7 @@ async fn post_online_features(
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                entity_value_from_json(v)
+                entity_value_from_json(svc.registry(), &key, v)
                     .map_err(|m| Error::invalid(format!("entities.{key}[{i}]: {m}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -278,17 +277,13 @@ async fn post_write_features(
             .entity_key
             .iter()
             .map(|(k, v)| {
-                entity_value_from_json(v)
+                entity_value_from_json(reg, k, v)
                     .map(|v| (k.clone(), v))
                     .map_err(|m| at(format!("entity_key.{k}: {m}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let event_ts = parse_rfc3339(&r.event_timestamp).ok_or_else(|| {
-            at(format!(
-                "event_timestamp {:?} is not RFC 3339, e.g. 2026-01-02T03:04:05Z",
-                r.event_timestamp
-            ))
-        })?;
+        let event_ts =
+            parse_rfc3339(&r.event_timestamp).map_err(|m| at(format!("event_timestamp: {m}")))?;
         let mut features = Vec::with_capacity(r.features.len());
         for (name, v) in r.features {
             // Unknown names are reported by the service with the full list.
@@ -417,8 +412,18 @@ async fn metrics(State(svc): State<Arc<FeatureServer>>) -> Response {
         .into_response()
 }
 
-/// An entity id from JSON: a string or an integer.
-fn entity_value_from_json(v: &Json_) -> Result<Value, String> {
+/// An entity id from JSON, typed by the registry: the declared type of the
+/// entity with join key `join_key` (so `"007"` stays the string "007" for a
+/// string entity, and an int64 id may come as a number or a decimal
+/// string). Ids of unknown join keys are taken as sent (a string or an
+/// integer); the service then names the join keys that exist.
+fn entity_value_from_json(reg: &Registry, join_key: &str, v: &Json_) -> Result<Value, String> {
+    if let Some(e) = reg.entity_by_join_key(join_key) {
+        if v.is_null() {
+            return Err(format!("expected a {} id, got null", e.value_type));
+        }
+        return value_from_json(v, e.value_type);
+    }
     match v {
         Json_::String(s) => Ok(Value::String(s.clone())),
         Json_::Number(n) => n
@@ -437,9 +442,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn entity_ids_are_strings_or_integers() {
-        assert_eq!(entity_value_from_json(&json!(7)).unwrap(), Value::Int64(7));
-        assert!(entity_value_from_json(&json!(7.5)).is_err());
-        assert!(entity_value_from_json(&json!([1])).is_err());
+    fn entity_ids_take_the_registrys_type() {
+        let reg = Registry::from_toml(
+            "r.toml",
+            r#"
+[[entities]]
+name = "account"
+join_key = "account_id"
+
+[[entities]]
+name = "shop"
+join_key = "shop_id"
+value_type = "int64"
+"#,
+        )
+        .unwrap();
+        let id = |k: &str, v: Json_| entity_value_from_json(&reg, k, &v);
+        assert_eq!(
+            id("account_id", json!("007")).unwrap(),
+            Value::String("007".into())
+        );
+        assert!(id("account_id", json!(7))
+            .unwrap_err()
+            .contains("expected string"));
+        assert_eq!(id("shop_id", json!(7)).unwrap(), Value::Int64(7));
+        assert_eq!(id("shop_id", json!("7")).unwrap(), Value::Int64(7));
+        assert!(id("shop_id", json!("9223372036854775808"))
+            .unwrap_err()
+            .contains("out of range for int64"));
+        assert!(id("shop_id", json!(null)).is_err());
+        assert_eq!(id("other", json!(7)).unwrap(), Value::Int64(7));
+        assert!(id("other", json!(7.5)).is_err());
+        assert!(id("other", json!([1])).is_err());
     }
 }
