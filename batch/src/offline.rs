@@ -37,6 +37,31 @@ use serde::{Deserialize, Serialize};
 /// Name of the raw-event table in feature-view SQL.
 pub const EVENTS_TABLE: &str = "events";
 
+/// The configuration of every DataFusion session quiver opens.
+///
+/// Parquet min/max statistics leave NaN out (the Parquet format says so,
+/// and arrow-rs and pyarrow write them that way), but DataFusion 55 reads
+/// them as if they covered every value: a column whose statistics say
+/// min = max is replaced by that constant (`[NaN, 2.5, 2.5]` reads as
+/// `[2.5, 2.5, 2.5]`), `max(x)` may be answered from statistics, and row
+/// groups and pages whose statistics miss a predicate are skipped even
+/// when their NaN rows match it. So statistics are never collected and
+/// neither row groups nor pages are pruned by them: a value must never
+/// depend on metadata that does not describe it. (Partitions, such as the
+/// archive's `date`, are still pruned by their paths.)
+pub fn session_config() -> SessionConfig {
+    let mut config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_collect_statistics(false);
+    let parquet = &mut config.options_mut().execution.parquet;
+    parquet.pruning = false;
+    parquet.enable_page_index = false;
+    // Plain Utf8 strings: the types the registry declares and the feature
+    // tables store (view types would leak into outputs).
+    parquet.schema_force_view_types = false;
+    config
+}
+
 /// Maps a DataFusion error to quiver's: query and type problems are the
 /// user's to fix (`InvalidArgument`), storage problems are `Unavailable`.
 pub fn df_error(what: &str, e: DataFusionError) -> Error {
@@ -137,15 +162,7 @@ impl Offline {
     /// A DataFusion session with the store registered and the raw-event
     /// table `events` defined.
     pub async fn session(&self) -> Result<SessionContext> {
-        let mut config = SessionConfig::new().with_information_schema(true);
-        // Plain Utf8 strings: the types the registry declares and the
-        // feature tables store (view types would leak into outputs).
-        config
-            .options_mut()
-            .execution
-            .parquet
-            .schema_force_view_types = std::env::var("QV_VIEW").is_ok();
-        let ctx = SessionContext::new_with_config(config);
+        let ctx = SessionContext::new_with_config(session_config());
         ctx.register_object_store(&self.base, self.store.clone());
 
         let events = ListingTableUrl::parse(self.dir_url(&child(&self.root, &[EVENTS_DIR])))
