@@ -5,10 +5,12 @@
 //! is older than `t - ttl`, nothing. Feature rows after `t` are never
 //! looked at, so nothing from the future leaks into a training row.
 //!
-//! Ties (several rows of one key with the same feature time) go to the
-//! greatest row by its feature values in Arrow sort order (nulls first),
-//! so the answer depends only on the data, never on file layout or thread
-//! scheduling.
+//! Ties (several rows of one key with the same feature time) go to the row
+//! with the greatest tie digest of its feature values
+//! ([`quiver_core::codec::tie_digest`]), the rule the online store applies
+//! to writes ([`quiver_core::store::replaces`]): the answer depends only on
+//! the data, never on file layout or thread scheduling, and a training row
+//! sees the value serving sees.
 //!
 //! # How
 //! Entity keys are encoded once with Arrow's row format and numbered;
@@ -18,21 +20,20 @@
 //! per feature column. Cost: O(F + E log F) for F feature rows and E entity
 //! rows, memory 24 bytes per kept feature row.
 
-use std::cmp::Ordering;
-
 use arrow::array::{
-    make_comparator, new_null_array, Array, ArrayRef, Int64Array, RecordBatch, StringArray,
+    new_null_array, Array, ArrayRef, Int64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
 use arrow::compute::interleave;
-use arrow::compute::SortOptions;
 use arrow::datatypes::DataType;
 use arrow::row::{RowConverter, Rows, SortField};
 // hashbrown with foldhash: several times faster than SipHash on row bytes.
 use datafusion::common::HashMap;
+use quiver_core::codec::tie_digest;
+use quiver_core::columnar::{arrow_type, value_at};
 use quiver_core::par::par_map;
 use quiver_core::time::Micros;
-use quiver_core::{Error, Result};
+use quiver_core::{Error, Result, Value, ValueType};
 
 fn arrow_err(what: &str, e: arrow::error::ArrowError) -> Error {
     Error::internal(format!("{what}: {e}"))
@@ -166,8 +167,10 @@ pub struct FeatureRows<'a> {
     pub batches: &'a [RecordBatch],
     /// Number of leading join-key columns.
     pub n_keys: usize,
-    /// Types of the feature columns (used when there are no batches).
-    pub feature_types: Vec<DataType>,
+    /// Names and types of the feature columns, in column order (names for
+    /// the tie digest, types for reading values and for null columns when
+    /// there are no batches).
+    pub features: Vec<(String, ValueType)>,
 }
 
 /// Joins entity rows (`index`, `times`) as of their times against `rows`;
@@ -179,7 +182,7 @@ pub fn asof_join(
     ttl: Option<Micros>,
 ) -> Result<Vec<ArrayRef>> {
     let n = times.len();
-    let n_features = rows.feature_types.len();
+    let n_features = rows.features.len();
     let ts_col = rows.n_keys;
     let max_t = times.iter().flatten().max().unwrap_or(Micros::MIN);
 
@@ -212,6 +215,9 @@ pub fn asof_join(
         cands[starts[k]..starts[k + 1]].sort_unstable_by_key(|c| c.ts);
     }
 
+    // Feature columns in the byte order of their names: the tie digest's.
+    let mut digest_order: Vec<usize> = (0..n_features).collect();
+    digest_order.sort_by(|&a, &b| rows.features[a].0.cmp(&rows.features[b].0));
     let null_source = rows.batches.len();
     let mut picks: Vec<(usize, usize)> = Vec::with_capacity(n);
     for i in 0..n {
@@ -227,23 +233,27 @@ pub fn asof_join(
             continue;
         }
         let newest = run[j - 1];
-        if ttl.is_some_and(|ttl| t - newest.ts > ttl) {
+        if ttl.is_some_and(|ttl| t.saturating_sub(newest.ts) > ttl) {
             picks.push((null_source, 0));
             continue;
         }
-        let mut best = newest;
-        for c in run[..j - 1].iter().rev().take_while(|c| c.ts == newest.ts) {
-            if compare_rows(rows, *c, best)? == Ordering::Greater {
-                best = *c;
-            }
-        }
+        let tied = run[..j]
+            .iter()
+            .rev()
+            .take_while(|c| c.ts == newest.ts)
+            .count();
+        let best = if tied == 1 {
+            newest
+        } else {
+            tie_winner(rows, &digest_order, &run[j - tied..j])?
+        };
         picks.push((best.batch as usize, best.row as usize));
     }
 
     (0..n_features)
         .map(|f| {
             let col = ts_col + 1 + f;
-            let nulls = new_null_array(&rows.feature_types[f], 1);
+            let nulls = new_null_array(&arrow_type(rows.features[f].1), 1);
             let mut sources: Vec<&dyn Array> = rows
                 .batches
                 .iter()
@@ -299,26 +309,30 @@ fn scan_batch(
     Ok(out)
 }
 
-/// Orders two feature rows by their feature values (the tie-break).
-fn compare_rows(rows: &FeatureRows<'_>, a: Candidate, b: Candidate) -> Result<Ordering> {
+/// Of rows tied on key and feature time, the one whose feature values have
+/// the greatest tie digest (the online store's rule); rows with equal
+/// digests hold equal values, so either is right.
+fn tie_winner(rows: &FeatureRows<'_>, order: &[usize], tied: &[Candidate]) -> Result<Candidate> {
     let first = rows.n_keys + 1;
-    let (ba, bb) = (
-        &rows.batches[a.batch as usize],
-        &rows.batches[b.batch as usize],
-    );
-    for col in first..ba.num_columns() {
-        let cmp = make_comparator(
-            ba.column(col).as_ref(),
-            bb.column(col).as_ref(),
-            SortOptions::default(),
-        )
-        .map_err(|e| arrow_err("comparing tied rows", e))?;
-        match cmp(a.row as usize, b.row as usize) {
-            Ordering::Equal => continue,
-            o => return Ok(o),
+    let mut best: Option<([u8; 20], Candidate)> = None;
+    for c in tied {
+        let b = &rows.batches[c.batch as usize];
+        let values = order
+            .iter()
+            .map(|&f| {
+                value_at(
+                    b.column(first + f).as_ref(),
+                    rows.features[f].1,
+                    c.row as usize,
+                )
+            })
+            .collect::<Result<Vec<Value>>>()?;
+        let d = tie_digest(values.iter().map(Some));
+        if best.as_ref().is_none_or(|(bd, _)| d > *bd) {
+            best = Some((d, *c));
         }
     }
-    Ok(Ordering::Equal)
+    Ok(best.expect("at least one tied row").1)
 }
 
 #[cfg(test)]
@@ -360,7 +374,7 @@ mod tests {
         let rows = FeatureRows {
             batches,
             n_keys: 1,
-            feature_types: vec![DataType::Float64],
+            features: vec![("x".into(), ValueType::Double)],
         };
         let out = asof_join(&index, &times, &rows, ttl).unwrap();
         let a = out[0].as_any().downcast_ref::<Float64Array>().unwrap();
@@ -398,11 +412,26 @@ mod tests {
     }
 
     #[test]
-    fn ties_resolve_by_value_whatever_the_batch_order() {
+    fn ties_resolve_like_the_online_store_whatever_the_batch_order() {
         let b1 = features(&["a"], &[10], &[1.0]);
         let b2 = features(&["a", "a"], &[10, 10], &[7.0, 3.0]);
+        // The online store's rule decides among the three tied rows.
+        let row = |x: f64| vec![("x".to_owned(), Value::Double(x))];
+        let winner = [1.0, 7.0, 3.0]
+            .into_iter()
+            .reduce(|cur, new| {
+                if quiver_core::store::replaces(10, &row(new), 10, &row(cur)) {
+                    new
+                } else {
+                    cur
+                }
+            })
+            .unwrap();
         for batches in [vec![b1.clone(), b2.clone()], vec![b2, b1]] {
-            assert_eq!(join(&[Some("a")], &[10], &batches, None), vec![Some(7.0)]);
+            assert_eq!(
+                join(&[Some("a")], &[10], &batches, None),
+                vec![Some(winner)]
+            );
         }
     }
 
@@ -413,7 +442,7 @@ mod tests {
         let rows = FeatureRows {
             batches: &[],
             n_keys: 1,
-            feature_types: vec![DataType::Utf8],
+            features: vec![("x".into(), ValueType::String)],
         };
         let out = asof_join(
             &index,
@@ -452,7 +481,7 @@ mod tests {
         let rows = FeatureRows {
             batches: std::slice::from_ref(&b),
             n_keys: 2,
-            feature_types: vec![DataType::Float64],
+            features: vec![("x".into(), ValueType::Double)],
         };
         let out = asof_join(
             &index,

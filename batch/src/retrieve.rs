@@ -17,17 +17,22 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMicrosecondArray};
+use arrow::array::{Array, ArrayRef, BinaryBuilder, RecordBatch, TimestampMicrosecondArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema};
 use datafusion::dataframe::DataFrame;
-use datafusion::functions_window::expr_fn::row_number;
+use datafusion::error::DataFusionError;
+use datafusion::functions_window::expr_fn::{rank, row_number};
 use datafusion::logical_expr::{cast as cast_expr, col, ident, lit, Expr, ExprFunctionExt};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
 use datafusion::prelude::SessionContext;
-use quiver_core::columnar::{arrow_type, timestamp_type};
+use quiver_core::codec::tie_digest;
+use quiver_core::columnar::{arrow_type, timestamp_type, value_at};
 use quiver_core::registry::{EventField, FeatureView, Selection, ViewSource, TIMESTAMP_COLUMN};
 use quiver_core::time::{duration_micros, Micros};
-use quiver_core::{Error, Result};
+use quiver_core::{Error, Result, Value, ValueType};
 
 use crate::aggregate::aggregations_asof;
 use crate::offline::{df_error, ts_lit, typed, Offline, EVENTS_TABLE};
@@ -157,6 +162,60 @@ async fn feature_frame(
     }
 }
 
+/// [`quiver_core::codec::tie_digest`] of a row's feature values as a
+/// DataFusion function: arguments are the feature columns in the byte
+/// order of their names, the result is the 20-byte digest.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct TieDigest {
+    types: Vec<ValueType>,
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for TieDigest {
+    fn name(&self) -> &str {
+        "quiver_tie_digest"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(DataType::Binary)
+    }
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        let n = args.number_rows;
+        let columns = args
+            .args
+            .iter()
+            .map(|a| a.to_array(n))
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        let mut out = BinaryBuilder::with_capacity(n, n * 20);
+        for row in 0..n {
+            let values = columns
+                .iter()
+                .zip(&self.types)
+                .map(|(c, ty)| value_at(c.as_ref(), *ty, row))
+                .collect::<Result<Vec<Value>>>()
+                .map_err(|e| DataFusionError::Execution(e.to_string()))?;
+            out.append_value(tie_digest(values.iter().map(Some)));
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+    }
+}
+
+/// The tie digest of a view's feature row, see [`TieDigest`].
+fn tie_digest_expr(view: &FeatureView) -> Expr {
+    let mut features: Vec<_> = view.features.iter().collect();
+    features.sort_by(|a, b| a.name.cmp(&b.name));
+    ScalarUDF::new_from_impl(TieDigest {
+        types: features.iter().map(|f| f.value_type).collect(),
+        signature: Signature::variadic_any(Volatility::Immutable),
+    })
+    .call(features.iter().map(|f| ident(&f.name)).collect())
+}
+
 /// The newest feature row per entity of a SQL or latest-value event view
 /// with a feature time in `[start, end)`: keys, `event_timestamp`, every
 /// feature in view order.
@@ -172,37 +231,43 @@ pub async fn latest_frame(
     if let Some(start) = start {
         range = range.and(ident(TIMESTAMP_COLUMN).gt_eq(ts_lit(start)));
     }
-    // Newest first; ties broken like the point-in-time join (the greatest
-    // row by feature values, nulls lowest), so online and offline agree.
-    let mut order = vec![ident(TIMESTAMP_COLUMN).sort(false, false)];
-    order.extend(
-        view.features
-            .iter()
-            .map(|f| ident(&f.name).sort(false, false)),
-    );
-    let rank = row_number()
-        .partition_by(view.join_keys.iter().map(ident).collect())
-        .order_by(order)
+    let keys: Vec<Expr> = view.join_keys.iter().map(ident).collect();
+    // Every row at its entity's newest feature time...
+    let newest = rank()
+        .partition_by(keys.clone())
+        .order_by(vec![ident(TIMESTAMP_COLUMN).sort(false, false)])
         .build()
         .map_err(|e| df_error(&at, e))?
-        .alias("_rank");
-    let mut columns: Vec<Expr> = view.join_keys.iter().map(ident).collect();
+        .alias("_newest");
+    // ...and of those the one the online store keeps (the greatest tie
+    // digest, `quiver_core::store::replaces`), the rule of the point-in-time
+    // join too. The digest is computed for these few rows only.
+    let pick = row_number()
+        .partition_by(keys.clone())
+        .order_by(vec![tie_digest_expr(view).sort(false, false)])
+        .build()
+        .map_err(|e| df_error(&at, e))?
+        .alias("_pick");
+    let mut columns = keys;
     columns.push(ident(TIMESTAMP_COLUMN));
     columns.extend(view.features.iter().map(|f| ident(&f.name)));
     feature_frame(offline, ctx, view)
         .await?
         .filter(range)
-        .and_then(|df| df.window(vec![rank]))
-        .and_then(|df| df.filter(ident("_rank").eq(lit(1u64))))
+        .and_then(|df| df.window(vec![newest]))
+        .and_then(|df| df.filter(ident("_newest").eq(lit(1u64))))
+        .and_then(|df| df.window(vec![pick]))
+        .and_then(|df| df.filter(ident("_pick").eq(lit(1u64))))
         .and_then(|df| df.select(columns))
         .map_err(|e| df_error(&at, e))
 }
 
 impl Offline {
     /// Point-in-time correct values of the selected features for every
-    /// row of `entities`; the result has the entity columns (with
-    /// `event_timestamp` as UTC microseconds) followed by one column per
-    /// selected feature, named `feature` or `view__feature`.
+    /// row of `entities`; the result has the entity columns (join keys in
+    /// their entities' types, `event_timestamp` as UTC microseconds, see
+    /// [`crate::entities`]) followed by one column per selected feature,
+    /// named `feature` or `view__feature`.
     pub async fn historical(
         &self,
         entities: RecordBatch,
@@ -235,7 +300,8 @@ impl Offline {
                 let ttl: Option<Micros> = view.ttl.map(duration_micros);
                 let mut range = ident(TIMESTAMP_COLUMN).lt_eq(ts_lit(max_t));
                 if let Some(ttl) = ttl {
-                    range = range.and(ident(TIMESTAMP_COLUMN).gt_eq(ts_lit(min_t - ttl)));
+                    range =
+                        range.and(ident(TIMESTAMP_COLUMN).gt_eq(ts_lit(min_t.saturating_sub(ttl))));
                 }
                 let read_started = std::time::Instant::now();
                 let batches = feature_frame(self, &ctx, view)
@@ -248,10 +314,10 @@ impl Offline {
                 let rows = FeatureRows {
                     batches: &batches,
                     n_keys: view.join_keys.len(),
-                    feature_types: view
+                    features: view
                         .features
                         .iter()
-                        .map(|f| arrow_type(f.value_type))
+                        .map(|f| (f.name.clone(), f.value_type))
                         .collect(),
                 };
                 let read = read_started.elapsed();

@@ -89,6 +89,26 @@ pub fn encode_value(v: &Value) -> Vec<u8> {
     out
 }
 
+/// The tie-break digest of a feature row: SHA-1 over the stored encoding
+/// ([`encode_value`]) of each feature's value, the features taken in the
+/// byte order of their names (`values` must come in that order), a value
+/// the row lacks counting as null. Of two rows with the same event time the
+/// one with the greater digest wins (see [`crate::store::replaces`]); the
+/// Redis write script computes the same digest with `redis.sha1hex`, so
+/// every backend, ingest, materialization and the point-in-time join agree.
+pub fn tie_digest<'a>(values: impl IntoIterator<Item = Option<&'a Value>>) -> [u8; 20] {
+    use sha1::{Digest, Sha1};
+    let mut h = Sha1::new();
+    let mut buf = Vec::with_capacity(64);
+    for v in values {
+        buf.clear();
+        buf.push(FORMAT_VERSION);
+        encode_value_into(v.unwrap_or(&Value::Null), &mut buf);
+        h.update(&buf);
+    }
+    h.finalize().into()
+}
+
 /// Decodes a value written by [`encode_value`].
 pub fn decode_value(buf: &[u8]) -> Result<Value> {
     let mut r = Reader(buf);

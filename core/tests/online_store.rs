@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use quiver_core::codec::{entity_key, row_key};
 use quiver_core::store::{
-    EmbeddedStore, Lookup, RedisClusterStore, RedisConfig, RedisStore, TileWrite, WriteRow,
+    replaces, EmbeddedStore, Lookup, RedisClusterStore, RedisConfig, RedisStore, TileWrite,
+    WriteRow,
 };
 use quiver_core::time::system_time_to_micros;
 use quiver_core::{ErrorKind, OnlineStore, SystemClock, Value};
@@ -141,6 +142,81 @@ async fn expired_rows_read_as_missing(store: &dyn OnlineStore) {
     fresh.expire_at = Some(t + HOUR);
     store.write(&[fresh]).await.unwrap();
     assert!(read_one(store, "fresh", &["age"]).await.is_some());
+    // An expired row is absent: an older row that has not expired is taken.
+    let mut older = row("old", t - 3 * HOUR, 2);
+    older.expire_at = Some(t + HOUR);
+    assert_eq!(store.write(&[older]).await.unwrap().written, 1);
+    assert_eq!(
+        read_one(store, "old", &["age"]).await.unwrap().1,
+        vec![Some(Value::Int64(2))]
+    );
+}
+
+/// Rows with the same event time: the one with the greater tie digest wins
+/// in either write order, on every backend as in `store::replaces` (which
+/// ingest, materialization and the point-in-time join use).
+async fn equal_event_times_resolve_whatever_the_order(store: &dyn OnlineStore) {
+    let t = now();
+    let with = |age: i64, emb: Vec<f32>| {
+        let mut r = row("x", t, age);
+        r.features[3].1 = Value::FloatList(emb);
+        r
+    };
+    let mut slim = row("x", t, 1);
+    slim.features.truncate(1);
+    let pairs = [
+        (with(1, vec![1.0]), with(2, vec![1.0])),
+        (with(7, vec![0.0]), with(7, vec![-0.0])),
+        (with(7, vec![f32::NAN]), with(7, vec![1.0])),
+        (row("x", t, 3), slim),
+    ];
+    for (i, (a, b)) in pairs.into_iter().enumerate() {
+        let rust_says_b = replaces(b.event_ts, &b.features, a.event_ts, &a.features);
+        let rust_says_a = replaces(a.event_ts, &a.features, b.event_ts, &b.features);
+        assert!(rust_says_a || rust_says_b, "pair {i}: one of them wins");
+        let names = ["age", "country", "nick", "emb"];
+        let mut finals = Vec::new();
+        for (n, order) in [[&a, &b], [&b, &a]].into_iter().enumerate() {
+            let k = format!("tie{i}-{n}");
+            let mut first = order[0].clone();
+            let mut second = order[1].clone();
+            first.key = key(&k);
+            second.key = key(&k);
+            assert_eq!(store.write(&[first]).await.unwrap().written, 1);
+            let out = store.write(&[second.clone()]).await.unwrap();
+            let second_wins = replaces(
+                second.event_ts,
+                &second.features,
+                order[0].event_ts,
+                &order[0].features,
+            );
+            assert_eq!(
+                (out.written, out.stale),
+                if second_wins { (1, 0) } else { (0, 1) },
+                "pair {i}, order {n}: the store and store::replaces disagree"
+            );
+            finals.push(read_one(store, &k, &names).await.unwrap());
+        }
+        // Same final row in both orders (NaN compared by bits via Debug).
+        assert_eq!(
+            format!("{:?}", finals[0]),
+            format!("{:?}", finals[1]),
+            "pair {i}"
+        );
+    }
+    // Event times compare exactly, also where doubles cannot tell them
+    // apart (around the year 5000, 1 µs is below a double's resolution).
+    let far = 95_000_000_000_000_001;
+    store.write(&[row("far", far, 1)]).await.unwrap();
+    let out = store.write(&[row("far", far - 1, 2)]).await.unwrap();
+    assert_eq!((out.written, out.stale), (0, 1));
+    let out = store.write(&[row("far", far + 1, 3)]).await.unwrap();
+    assert_eq!((out.written, out.stale), (1, 0));
+    let out = store
+        .write(&[row("neg", -5, 1), row("neg", -10, 2)])
+        .await
+        .unwrap();
+    assert_eq!((out.written, out.stale), (1, 1));
 }
 
 fn tile_write(
@@ -240,6 +316,7 @@ async fn suite(store: &dyn OnlineStore) {
     a_write_replaces_the_whole_row(store).await;
     batches_mix_entities_and_order(store).await;
     expired_rows_read_as_missing(store).await;
+    equal_event_times_resolve_whatever_the_order(store).await;
     tile_writes_apply_once_per_source_offset(store).await;
 }
 

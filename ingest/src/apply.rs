@@ -28,7 +28,7 @@ use quiver_core::codec::{entity_key, row_key};
 use quiver_core::event::Event;
 use quiver_core::par::par_map;
 use quiver_core::registry::{EventField, ViewSource};
-use quiver_core::store::{Lookup, TileWrite, WriteRow};
+use quiver_core::store::{replaces, Lookup, TileWrite, WriteRow};
 use quiver_core::time::{duration_micros, Micros};
 use quiver_core::{OnlineStore, Registry, Result, Value};
 
@@ -231,7 +231,9 @@ impl Applier {
     }
 
     async fn apply_latest(&self, records: &[Record]) -> Result<ApplyStats> {
-        // Newest row per key within the batch; the store orders across batches.
+        // The winning row per key within the batch, by the store's own rule
+        // (`store::replaces`: newest, ties by digest); the store applies the
+        // same rule across batches, so the order of events never matters.
         let mut rows: Vec<WriteRow> = Vec::new();
         let mut by_key: HashMap<String, usize> = HashMap::new();
         for r in records {
@@ -265,8 +267,12 @@ impl Applier {
                     features,
                 };
                 match by_key.get(&key) {
-                    Some(&i) if rows[i].event_ts > row.event_ts => {}
-                    Some(&i) => rows[i] = row,
+                    Some(&i) => {
+                        let cur = &rows[i];
+                        if replaces(row.event_ts, &row.features, cur.event_ts, &cur.features) {
+                            rows[i] = row;
+                        }
+                    }
                     None => {
                         by_key.insert(key, rows.len());
                         rows.push(row);

@@ -151,6 +151,32 @@ async fn online_aggregates_equal_offline_ones_at_every_as_of_time() {
     )
     .unwrap()
     .batch(n);
+    // Logins of one user at the same event time with different values, in
+    // both orders, in one ingest batch and across batches: ingest, the
+    // archive (retrieval, materialization) and the rule agree on the row.
+    let mut events = events;
+    let t_tie = events.iter().map(|e| e.event_time).max().unwrap() + MINUTE;
+    let login = |u: usize, k: &str, device: &str, country: &str| quiver_core::event::Event {
+        event_id: format!("tie-{u}-{k}"),
+        event_type: "login".into(),
+        entities: vec![("user_id".into(), Value::String(format!("user_{u}")))],
+        event_time: t_tie,
+        attributes: vec![
+            ("country".into(), Value::String(country.into())),
+            ("device".into(), Value::String(device.into())),
+        ],
+    };
+    for u in 0..8 {
+        let (a, b) = (login(u, "a", "ios", "NL"), login(u, "b", "android", "DE"));
+        let (first, second) = if u % 2 == 0 { (a, b) } else { (b, a) };
+        if u < 4 {
+            events.insert(1_000 + 3 * u, first);
+        } else {
+            events.push(first);
+        }
+        events.push(second);
+    }
+    let n = events.len();
     let sink = KafkaEventSink::new(&kafka, reg.clone()).unwrap();
     for chunk in events.chunks(500) {
         assert!(sink.publish(chunk).await.unwrap().iter().all(Result::is_ok));
@@ -320,6 +346,58 @@ async fn online_aggregates_equal_offline_ones_at_every_as_of_time() {
     let materialized = fresh.read(&lookups).await.unwrap();
     assert_eq!(ingested.iter().flatten().count() as u64, report[0].written);
     assert_eq!(ingested, materialized);
+
+    // The tied logins: online, historical and the rule pick the same row.
+    let tied: Vec<String> = (0..8).map(|u| format!("user_{u}")).collect();
+    let keys: Vec<pb::Value> = tied.iter().map(|k| pb_s(k)).collect();
+    server.clock.set(t_tie + MINUTE);
+    let online = client
+        .get_online_features(pb::GetOnlineFeaturesRequest {
+            kind: Some(Sel::Features(pb::FeatureList {
+                val: vec!["user_last_login:device".into()],
+            })),
+            entities: [("user_id".to_owned(), column(keys.clone()))].into(),
+            full_feature_names: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let offline = historical(
+        &server,
+        pb::GetHistoricalFeaturesRequest {
+            kind: refs(&["user_last_login:device"]),
+            entities: [
+                ("user_id".to_owned(), column(keys)),
+                (
+                    "event_timestamp".to_owned(),
+                    column(vec![pb_t(t_tie + MINUTE); tied.len()]),
+                ),
+            ]
+            .into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let off = values(&offline, "device", quiver_core::ValueType::String);
+    let row = |device: &str, country: &str| {
+        vec![
+            ("device".to_owned(), Value::String(device.into())),
+            ("login_country".to_owned(), Value::String(country.into())),
+            ("login_at".to_owned(), Value::Timestamp(t_tie)),
+        ]
+    };
+    let (a, b) = (row("ios", "NL"), row("android", "DE"));
+    let want = if quiver_core::store::replaces(t_tie, &b, t_tie, &a) {
+        &b
+    } else {
+        &a
+    };
+    for (i, u) in tied.iter().enumerate() {
+        let on = value_from_pb(online.results[1].values[i].clone()).unwrap();
+        assert_eq!(on, want[0].1, "{u} online");
+        assert_eq!(off[i], want[0].1, "{u} offline");
+    }
     server.shutdown().await;
 }
 
@@ -475,6 +553,22 @@ fn entity_request(t: i64, rows: &[(&str, i64, i64)]) -> pb::GetHistoricalFeature
     }
 }
 
+/// Of u1's two rows at T+20m, (3.0, "c") and (4.0, "a"), the one the
+/// online store keeps (and so retrieval and materialization pick).
+fn tie_winner() -> (f64, &'static str) {
+    let row = |score: f64, tier: &str| {
+        vec![
+            ("score".to_owned(), Value::Double(score)),
+            ("tier".to_owned(), Value::String(tier.into())),
+        ]
+    };
+    if quiver_core::store::replaces(0, &row(4.0, "a"), 0, &row(3.0, "c")) {
+        (4.0, "a")
+    } else {
+        (3.0, "c")
+    }
+}
+
 async fn point_in_time_suite(p: Pit) {
     let t = p.t;
     let srv = &p.server;
@@ -554,14 +648,17 @@ async fn point_in_time_suite(p: Pit) {
             "credit_limit"
         ]
     );
+    // The tie at T+20m goes to the row the online store would keep
+    // (`store::replaces`), whatever the file order.
+    let (tie_score, tie_tier) = tie_winner();
     assert_eq!(
         doubles(&out, "score"),
         vec![
             None,
             Some(1.0),
             Some(2.0),
-            Some(4.0), // tie: the greater row wins, whatever the file order
-            Some(4.0),
+            Some(tie_score),
+            Some(tie_score),
             None,
             Some(5.0),
             None,
@@ -570,10 +667,10 @@ async fn point_in_time_suite(p: Pit) {
     );
     assert_eq!(
         values(&out, "tier", quiver_core::ValueType::String)[3],
-        Value::String("a".into())
+        Value::String(tie_tier.into())
     );
     // The tie goes to the same row whatever is selected: asking for `tier`
-    // alone still gives the row with the greater score ("a", not "c").
+    // alone still gives the same row.
     let tier_only = historical(
         srv,
         pb::GetHistoricalFeaturesRequest {
@@ -593,7 +690,7 @@ async fn point_in_time_suite(p: Pit) {
     .unwrap();
     assert_eq!(
         values(&tier_only, "tier", quiver_core::ValueType::String),
-        vec![Value::String("a".into())]
+        vec![Value::String(tie_tier.into())]
     );
     let limit = values(&out, "credit_limit", quiver_core::ValueType::Int64);
     assert_eq!(limit[0], Value::Int64(100)); // 30 days old, no TTL
@@ -793,9 +890,10 @@ async fn materialization(p: &Pit) {
         (r[0].start, r[0].entities, r[0].written),
         (Some(t + 15 * MINUTE), 1, 1)
     );
+    let tie_score = tie_winner().0;
     assert_eq!(
         read(t + 31 * MINUTE).await,
-        vec![Value::Double(4.0), Value::Double(6.0)]
+        vec![Value::Double(tie_score), Value::Double(6.0)]
     );
     // Re-running an old range never goes back in time: u1's row from
     // T+10m is stale, u2's (same event time as stored) rewrites the same
@@ -812,7 +910,7 @@ async fn materialization(p: &Pit) {
     assert_eq!((r[0].entities, r[0].written, r[0].stale), (2, 1, 1));
     assert_eq!(
         read(t + 31 * MINUTE).await,
-        vec![Value::Double(4.0), Value::Double(6.0)]
+        vec![Value::Double(tie_score), Value::Double(6.0)]
     );
     // Aggregation-free, online-only views cannot be materialized.
     let mut bad = opts(None, t);

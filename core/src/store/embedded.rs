@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::{Lookup, OnlineStore, StoredRow, TileWrite, WriteOutcome, WriteRow};
+use super::{replaces, Lookup, OnlineStore, StoredRow, TileWrite, WriteOutcome, WriteRow};
 use crate::aggregate::{event_time_field, offset_field};
 use crate::codec::{decode_row, decode_tiles, encode_row, encode_tiles, RowBlob, TileBlob};
 use crate::error::{Error, Result};
@@ -158,17 +158,22 @@ impl OnlineStore for EmbeddedStore {
         }
         let db = self.db.clone();
         let rows = rows.to_vec();
+        let now = self.clock.now_micros();
         tokio::task::spawn_blocking(move || -> Result<WriteOutcome> {
             let tx = db.begin_write().map_err(db_error)?;
             let mut out = WriteOutcome::default();
             {
                 let mut table = tx.open_table(ROWS).map_err(db_error)?;
                 for r in rows {
-                    let current_ts = match table.get(r.key.as_str()).map_err(db_error)? {
-                        Some(g) => Some(decode_row(g.value())?.event_ts),
+                    let current = match table.get(r.key.as_str()).map_err(db_error)? {
+                        Some(g) => Some(decode_row(g.value())?),
                         None => None,
                     };
-                    if current_ts.is_some_and(|c| c > r.event_ts) {
+                    // An expired row is absent, as in Redis.
+                    let current = current.filter(|c| c.expire_at.is_none_or(|e| e > now));
+                    if current.is_some_and(|c| {
+                        !replaces(r.event_ts, &r.features, c.event_ts, &c.features)
+                    }) {
                         out.stale += 1;
                         continue;
                     }

@@ -10,9 +10,13 @@
 //! - [`EmbeddedStore`]: a persistent single-file database (redb) for the
 //!   zero-dependency default mode.
 //!
-//! Contract shared by both:
-//! - a write replaces the stored row only if its event time is not older
-//!   than the stored row's (ties overwrite, so replays are idempotent);
+//! Contract shared by all:
+//! - a write replaces the stored row by the rule of [`replaces`]: a later
+//!   event time wins; at the same event time the row with the greater
+//!   [`tie_digest`](crate::codec::tie_digest) wins, whichever was written
+//!   first, and the same row written again is rewritten (replays are
+//!   idempotent). The outcome never depends on the order of writes;
+//! - an expired row counts as absent;
 //! - a row written with an expiry is gone (reads as missing) after it;
 //! - a read returns, per lookup, the row's event time and the requested
 //!   features in request order (`None` where the row lacks the feature);
@@ -144,6 +148,49 @@ pub trait OnlineStore: Send + Sync + 'static {
 
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<()>;
+}
+
+/// The names of `features` in byte order: the order of a tie digest.
+pub fn digest_order(features: &[(String, Value)]) -> Vec<&str> {
+    let mut names: Vec<&str> = features.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    names
+}
+
+/// The tie digest of `row` over the feature `names` (see [`digest_order`]);
+/// names the row lacks count as null.
+pub fn row_digest(names: &[&str], row: &[(String, Value)]) -> [u8; 20] {
+    crate::codec::tie_digest(
+        names
+            .iter()
+            .map(|n| row.iter().find(|(f, _)| f == n).map(|(_, v)| v)),
+    )
+}
+
+/// Whether a row with event time `new_ts` and `new` features replaces a
+/// stored row (`cur_ts`, `cur`): the write rule of every online store,
+/// also applied by ingest within a batch, by materialization and by the
+/// point-in-time join, so that training and serving pick the same row.
+///
+/// A later event time wins. At the same event time the row with the
+/// greater [`tie_digest`](crate::codec::tie_digest) over the new row's
+/// features wins, and an equal digest (the same values) replaces: the rule
+/// is a total order on rows, so the result does not depend on which row
+/// arrives first.
+pub fn replaces(
+    new_ts: Micros,
+    new: &[(String, Value)],
+    cur_ts: Micros,
+    cur: &[(String, Value)],
+) -> bool {
+    match new_ts.cmp(&cur_ts) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => {
+            let names = digest_order(new);
+            row_digest(&names, new) >= row_digest(&names, cur)
+        }
+    }
 }
 
 /// Runs `fut` with a deadline, mapping expiry to `Unavailable`.

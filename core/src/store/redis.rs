@@ -12,18 +12,75 @@ use super::{with_deadline, Lookup, OnlineStore, StoredRow, TileWrite, WriteOutco
 use crate::aggregate::{event_time_field, offset_field};
 use crate::codec::{decode_value, encode_value};
 use crate::error::{Error, Result};
+use crate::value::Value;
 
 /// Hash field holding the row's event time (decimal epoch micros). Feature
 /// names cannot start with `_`, so it never collides with a feature.
 const TS_FIELD: &str = "_ts";
 
-/// Event-time last-write-wins, atomic on the server.
-/// KEYS[1]: row key. ARGV[1]: event time (micros). ARGV[2]: expire-at in
-/// epoch milliseconds, 0 for none. ARGV[3..]: field, value pairs.
-/// Returns 1 when written, 0 when a newer row is stored.
-const WRITE_SCRIPT: &str = r#"
+/// Lua helpers of both scripts. `cmp_int` compares two decimal integers
+/// (as Rust writes them: no leading zeros) exactly: Lua numbers are
+/// doubles, which cannot tell event times 1 µs apart after the year 2255.
+/// `hex_less` compares two hex digests byte by byte (Lua's `<` on strings
+/// follows the server's collation locale).
+macro_rules! lua_helpers {
+    () => {
+        r#"
+local function cmp_int(a, b)
+  local na, nb = string.byte(a, 1) == 45, string.byte(b, 1) == 45
+  if na ~= nb then return na and -1 or 1 end
+  if a == b then return 0 end
+  local c = 1
+  if #a ~= #b then
+    if #a < #b then c = -1 end
+  else
+    for i = 1, #a do
+      local x, y = string.byte(a, i), string.byte(b, i)
+      if x ~= y then
+        if x < y then c = -1 end
+        break
+      end
+    end
+  end
+  if na then c = -c end
+  return c
+end
+local function hex_less(a, b)
+  for i = 1, #a do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return false
+end
+"#
+    };
+}
+
+/// Event-time last-write-wins with the tie-break of
+/// [`crate::store::replaces`], atomic on the server. KEYS[1]: row key.
+/// ARGV[1]: event time (micros). ARGV[2]: expire-at in epoch milliseconds,
+/// 0 for none. ARGV[3..]: field, value pairs, fields in byte order (the
+/// order of [`crate::codec::tie_digest`]; a field the stored row lacks
+/// counts as null, encoded `\x01\x00`). Returns 1 when written, 0 when the
+/// stored row is newer or wins the tie.
+const WRITE_SCRIPT: &str = concat!(
+    lua_helpers!(),
+    r#"
 local cur = redis.call('HGET', KEYS[1], '_ts')
-if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
+if cur then
+  local c = cmp_int(cur, ARGV[1])
+  if c > 0 then return 0 end
+  if c == 0 then
+    local new, old = {}, {}
+    for i = 3, #ARGV, 2 do
+      new[#new + 1] = ARGV[i + 1]
+      old[#old + 1] = redis.call('HGET', KEYS[1], ARGV[i]) or string.char(1, 0)
+    end
+    if hex_less(redis.sha1hex(table.concat(new)), redis.sha1hex(table.concat(old))) then
+      return 0
+    end
+  end
+end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], '_ts', ARGV[1])
 for i = 3, #ARGV, 2 do
@@ -32,7 +89,8 @@ end
 local exp = tonumber(ARGV[2])
 if exp > 0 then redis.call('PEXPIREAT', KEYS[1], exp) end
 return 1
-"#;
+"#
+);
 
 /// Applies [`TileWrite`]s, each at most once and atomically. KEYS: the
 /// row keys. ARGV, one segment per key: offset field, offset, event-time
@@ -41,7 +99,9 @@ return 1
 /// integer per key: 1 when applied, 0 when the row already had the offset.
 /// Many rows per call amortise the script call (one per row would cost
 /// Redis more than the work itself).
-const TILE_SCRIPT: &str = r#"
+const TILE_SCRIPT: &str = concat!(
+    lua_helpers!(),
+    r#"
 local out = {}
 local a = 1
 for k = 1, #KEYS do
@@ -50,13 +110,13 @@ for k = 1, #KEYS do
   local nf = tonumber(ARGV[a + 6 + nd])
   local fields = a + 7 + nd
   local cur = redis.call('HGET', key, ARGV[a])
-  if cur and tonumber(cur) >= tonumber(ARGV[a + 1]) then
+  if cur and cmp_int(cur, ARGV[a + 1]) >= 0 then
     out[k] = 0
   else
     for i = a + 6, a + 5 + nd do redis.call('HDEL', key, ARGV[i]) end
     local args = {ARGV[a], ARGV[a + 1]}
     local t = redis.call('HGET', key, ARGV[a + 2])
-    if (not t) or tonumber(t) < tonumber(ARGV[a + 3]) then
+    if (not t) or cmp_int(t, ARGV[a + 3]) < 0 then
       args[#args + 1] = ARGV[a + 2]
       args[#args + 1] = ARGV[a + 3]
     end
@@ -73,7 +133,8 @@ for k = 1, #KEYS do
   a = fields + 2 * nf
 end
 return out
-"#;
+"#
+);
 
 /// Rows per run of [`TILE_SCRIPT`].
 const TILE_ROWS_PER_CALL: usize = 64;
@@ -232,7 +293,10 @@ pub(super) fn write_pipeline<'a>(
         .arg(&r.key)
         .arg(r.event_ts)
         .arg(r.expire_at.map_or(0, |m| m.div_euclid(1000).max(1)));
-        for (name, v) in &r.features {
+        // In byte order of names: the order of the tie digest.
+        let mut fields: Vec<&(String, Value)> = r.features.iter().collect();
+        fields.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (name, v) in fields {
             cmd.arg(name).arg(encode_value(v));
         }
     }
