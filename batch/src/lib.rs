@@ -7,6 +7,8 @@
 //! - [`aggregate`]: the registry's windowed aggregations computed from the
 //!   archived events as of any time, with the online semantics
 //!   (`quiver_core::aggregate`).
+//! - [`entities`]: entity tables from protobuf, Arrow IPC, Parquet and
+//!   CSV, typed by the registry.
 //! - [`pit`]: the point-in-time join.
 //! - [`retrieve`]: historical retrieval (training sets) over every kind of
 //!   view.
@@ -16,6 +18,7 @@
 //! the workspace); errors come back as [`quiver_core::Error`].
 
 pub mod aggregate;
+pub mod entities;
 pub mod materialize;
 pub mod offline;
 pub mod pit;

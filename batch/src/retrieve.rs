@@ -17,9 +17,10 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BinaryBuilder, RecordBatch, TimestampMicrosecondArray};
-use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::array::BinaryBuilder;
+use arrow::array::{Array, ArrayRef, RecordBatch};
+use arrow::datatypes::DataType;
+use arrow::datatypes::{Field, Schema};
 use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
 use datafusion::functions_window::expr_fn::{rank, row_number};
@@ -41,58 +42,16 @@ use crate::pit::{asof_join, FeatureRows, KeyIndex};
 /// Rows per record batch of a streamed result.
 pub const STREAM_BATCH_ROWS: usize = 65_536;
 
-/// The entity table with `event_timestamp` as UTC microseconds, and that
-/// column.
-fn prepare_entities(entities: RecordBatch) -> Result<(RecordBatch, TimestampMicrosecondArray)> {
-    let schema = entities.schema();
-    let Some((ti, _)) = schema.column_with_name(TIMESTAMP_COLUMN) else {
-        return Err(Error::invalid(format!(
-            "the entity table has no {TIMESTAMP_COLUMN:?} column (the time each row's features must be as of); columns: {}",
-            schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
-        )));
-    };
-    let raw = entities.column(ti);
-    let ts = cast(raw, &timestamp_type()).map_err(|e| {
-        Error::invalid(format!(
-            "{TIMESTAMP_COLUMN} ({}) cannot be read as a timestamp: {e}",
-            raw.data_type()
-        ))
-    })?;
-    if let Some(i) = (0..ts.len()).find(|&i| ts.is_null(i)) {
-        return Err(Error::invalid(format!(
-            "entity row {i}: {TIMESTAMP_COLUMN} is missing or not a time (write RFC 3339, e.g. 2026-11-25T10:00:00Z)"
-        )));
-    }
-    let mut columns = entities.columns().to_vec();
-    columns[ti] = ts.clone();
-    let mut fields: Vec<Field> = schema.fields().iter().map(|f| (**f).clone()).collect();
-    fields[ti] = Field::new(TIMESTAMP_COLUMN, timestamp_type(), false);
-    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
-        .map_err(|e| Error::internal(format!("entity table: {e}")))?;
-    let ts = ts
-        .as_any()
-        .downcast_ref::<TimestampMicrosecondArray>()
-        .expect("cast to microseconds")
-        .clone();
-    Ok((batch, ts))
-}
-
-/// The view's join-key columns of the entity table, in the view's types.
+/// The view's join-key columns of the entity table (already in their
+/// entities' types, see [`crate::entities::typed`]).
 fn entity_keys(entities: &RecordBatch, view: &FeatureView) -> Result<Vec<ArrayRef>> {
     view.join_keys
         .iter()
-        .zip(&view.key_types)
-        .map(|(k, t)| {
-            let c = entities.column_by_name(k).ok_or_else(|| {
+        .map(|k| {
+            entities.column_by_name(k).cloned().ok_or_else(|| {
                 Error::invalid(format!(
                     "the entity table has no column {k:?}, the join key of feature view {:?}",
                     view.name
-                ))
-            })?;
-            cast(c, &arrow_type(*t)).map_err(|e| {
-                Error::invalid(format!(
-                    "join key {k:?} ({}) cannot be read as {t}: {e}",
-                    c.data_type()
                 ))
             })
         })
@@ -275,7 +234,7 @@ impl Offline {
         full_feature_names: bool,
     ) -> Result<RecordBatch> {
         let reg = self.registry().clone();
-        let (entities, times) = prepare_entities(entities)?;
+        let (entities, times) = crate::entities::typed(&reg, entities)?;
         // Output names first: a collision fails before any data is read.
         let names = reg.output_names(
             sel,
@@ -366,70 +325,6 @@ pub fn chunks(batch: &RecordBatch) -> Vec<RecordBatch> {
         .collect()
 }
 
-/// Builds an entity table from columns of typed values (the protobuf
-/// request): join keys in their entity's type, `event_timestamp` as
-/// timestamps, other columns in the type of their first non-null value.
-pub fn entity_table_from_values(
-    reg: &quiver_core::Registry,
-    columns: Vec<(String, Vec<quiver_core::Value>)>,
-) -> Result<RecordBatch> {
-    use quiver_core::{Value, ValueType};
-    if columns.is_empty() {
-        return Err(Error::invalid(format!(
-            "the entity table is empty: send the join keys and {TIMESTAMP_COLUMN} column-wise"
-        )));
-    }
-    let n = columns[0].1.len();
-    let mut fields = Vec::with_capacity(columns.len());
-    let mut arrays = Vec::with_capacity(columns.len());
-    for (name, values) in &columns {
-        if values.len() != n {
-            return Err(Error::invalid(format!(
-                "entity column {name:?} has {} values, {:?} has {n}; every column needs one value per row",
-                values.len(),
-                columns[0].0
-            )));
-        }
-        let ty = if name == TIMESTAMP_COLUMN {
-            ValueType::Timestamp
-        } else if let Some(e) = reg.entity_by_join_key(name) {
-            e.value_type
-        } else {
-            match values.iter().find_map(Value::value_type) {
-                Some(t) => t,
-                None => ValueType::String,
-            }
-        };
-        if let Some((i, v)) = values
-            .iter()
-            .enumerate()
-            .find(|(_, v)| !v.is_null() && v.value_type() != Some(ty))
-        {
-            return Err(Error::invalid(format!(
-                "entity column {name:?} row {i}: expected {ty}, got {}",
-                v.type_name()
-            )));
-        }
-        let refs: Vec<Option<&Value>> = values.iter().map(Some).collect();
-        arrays.push(quiver_core::columnar::value_array(ty, &refs));
-        fields.push(Field::new(name, arrow_type(ty), true));
-    }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
-        .map_err(|e| Error::internal(format!("entity table: {e}")))
-}
-
-/// Reads an entity table sent as an Arrow IPC stream.
-pub fn entity_table_from_ipc(bytes: &[u8]) -> Result<RecordBatch> {
-    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
-        .map_err(|e| Error::invalid(format!("entities_arrow is not an Arrow IPC stream: {e}")))?;
-    let schema = reader.schema();
-    let batches = reader
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::invalid(format!("entities_arrow: {e}")))?;
-    arrow::compute::concat_batches(&schema, &batches)
-        .map_err(|e| Error::invalid(format!("entities_arrow: {e}")))
-}
-
 /// Encodes a record batch as one complete Arrow IPC stream.
 pub fn to_ipc(batch: &RecordBatch) -> Result<Vec<u8>> {
     let mut out = Vec::new();
@@ -440,51 +335,6 @@ pub fn to_ipc(batch: &RecordBatch) -> Result<Vec<u8>> {
         .map_err(|e| Error::internal(format!("Arrow IPC: {e}")))?;
     drop(w);
     Ok(out)
-}
-
-/// Reads an entity table from a local `.parquet` or `.csv` file (CSV with
-/// a header; `event_timestamp` as RFC 3339).
-pub async fn read_entity_file(path: &std::path::Path) -> Result<RecordBatch> {
-    use datafusion::prelude::{CsvReadOptions, ParquetReadOptions};
-    let ctx = SessionContext::new();
-    let shown = path.display().to_string();
-    if !path.is_file() {
-        return Err(Error::invalid(format!("{shown}: no such file")));
-    }
-    let name = shown.as_str();
-    let df = match path.extension().and_then(|e| e.to_str()) {
-        Some("parquet") => ctx.read_parquet(name, ParquetReadOptions::default()).await,
-        Some("csv") => ctx.read_csv(name, CsvReadOptions::new()).await,
-        _ => {
-            return Err(Error::invalid(format!(
-                "{shown}: the entity table must be a .parquet or .csv file"
-            )))
-        }
-    }
-    .map_err(|e| df_error(&shown, e))?;
-    let schema: Arc<Schema> = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await.map_err(|e| df_error(&shown, e))?;
-    let batch = arrow::compute::concat_batches(&schema, &batches)
-        .map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
-    // Readers may produce string views; pass plain strings through.
-    let columns = batch
-        .columns()
-        .iter()
-        .map(|c| match c.data_type() {
-            DataType::Utf8View | DataType::LargeUtf8 => cast(c, &DataType::Utf8),
-            DataType::BinaryView | DataType::LargeBinary => cast(c, &DataType::Binary),
-            _ => Ok(c.clone()),
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
-    let fields: Vec<Field> = schema
-        .fields()
-        .iter()
-        .zip(&columns)
-        .map(|(f, c)| Field::new(f.name(), c.data_type().clone(), f.is_nullable()))
-        .collect();
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
-        .map_err(|e| Error::invalid(format!("{shown}: {e}")))
 }
 
 /// Writes a result as one Parquet file (zstd).

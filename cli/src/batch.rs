@@ -135,9 +135,11 @@ pub async fn batch_cmd(cmd: BatchCommand) -> Result<()> {
                 None => registry.resolve_refs(&features),
             }
             .map_err(err)?;
-            let off = offline(&cfg, registry)?;
+            let off = offline(&cfg, registry.clone())?;
             let started = Instant::now();
-            let table = retrieve::read_entity_file(&entities).await.map_err(err)?;
+            let table = quiver_batch::entities::read_file(&registry, &entities)
+                .await
+                .map_err(err)?;
             let rows = table.num_rows();
             let result = off
                 .historical(table, &sel, full_feature_names)

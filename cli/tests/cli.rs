@@ -171,7 +171,8 @@ async fn batch_run_retrieve_and_materialize() {
     args.extend(["--features", "scores:score", "--out", "train.parquet"]);
     let out = run_ok(dir.path(), &args);
     assert!(out.contains("5 entity rows x 1 features"), "{out}");
-    let table = quiver_batch::retrieve::read_entity_file(&dir.path().join("train.parquet"))
+    let reg = quiver_core::Registry::from_toml("reg.toml", BATCH_REGISTRY).unwrap();
+    let table = quiver_batch::entities::read_file(&reg, &dir.path().join("train.parquet"))
         .await
         .unwrap();
     let score = table.column_by_name("score").unwrap();
@@ -246,6 +247,92 @@ async fn batch_run_retrieve_and_materialize() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+}
+
+const ACCOUNT_REGISTRY: &str = r#"
+[[entities]]
+name = "account"
+join_key = "account_id"
+
+[[feature_views]]
+name = "balances"
+entities = ["account"]
+source = { sql = """
+SELECT * FROM (VALUES
+  ('007', TIMESTAMP '2026-11-01T00:00:00Z', 7.0),
+  ('7', TIMESTAMP '2026-11-01T00:00:00Z', 70.0)
+) AS t(account_id, event_timestamp, balance)
+""" }
+features = [{ name = "balance", dtype = "double" }]
+"#;
+
+/// A CSV entity file is typed by the registry, not by guessing: string ids
+/// "007" and "7" stay two accounts, whatever the other rows hold, and
+/// times with UTC offsets are the instants they name.
+#[tokio::test]
+async fn csv_entity_files_are_typed_by_the_registry() {
+    use quiver_batch::arrow::array::{Array, AsArray};
+    use quiver_batch::arrow::datatypes::Float64Type;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("reg.toml"), ACCOUNT_REGISTRY).unwrap();
+    let common = ["--registry", "reg.toml", "--archive", "offline"];
+    let with = |cmd: &[&'static str]| -> Vec<&str> {
+        cmd.iter().copied().chain(common.iter().copied()).collect()
+    };
+    run_ok(dir.path(), &with(&["batch", "run"]));
+    std::fs::write(
+        dir.path().join("entities.csv"),
+        "account_id,event_timestamp,label\n\
+         007,2026-11-02T00:00:00Z,1\n\
+         7,2026-11-02T05:30:00+05:30,0\n\
+         7,2026-10-31T23:00:00-01:30,0\n",
+    )
+    .unwrap();
+    let mut args = with(&["batch", "retrieve", "--entities", "entities.csv"]);
+    args.extend(["--features", "balances:balance", "--out", "train.parquet"]);
+    run_ok(dir.path(), &args);
+    let reg = quiver_core::Registry::from_toml("reg.toml", ACCOUNT_REGISTRY).unwrap();
+    let table = quiver_batch::entities::read_file(&reg, &dir.path().join("train.parquet"))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = table
+        .column_by_name("account_id")
+        .unwrap()
+        .as_string::<i32>()
+        .iter()
+        .flatten()
+        .collect();
+    assert_eq!(ids, vec!["007", "7", "7"]);
+    let balance = table.column_by_name("balance").unwrap();
+    let balance = balance.as_primitive::<Float64Type>();
+    // The last row is 2026-11-01T00:30:00Z: after the feature time.
+    assert_eq!(
+        balance.iter().collect::<Vec<_>>(),
+        vec![Some(7.0), Some(70.0), Some(70.0)]
+    );
+    let times = table.column_by_name("event_timestamp").unwrap();
+    assert!(times.is_valid(2));
+
+    // A time without an offset is refused with the row and a valid form.
+    std::fs::write(
+        dir.path().join("naive.csv"),
+        "account_id,event_timestamp\n007,2026-11-02 00:00:00\n",
+    )
+    .unwrap();
+    let mut args = with(&["batch", "retrieve", "--entities", "naive.csv"]);
+    args.extend(["--features", "balances:balance", "--out", "x.parquet"]);
+    let out = quiver()
+        .args(&args)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "entity row 0: event_timestamp: \"2026-11-02 00:00:00\" is not an RFC 3339 timestamp"
+        ),
+        "{stderr}"
+    );
 }
 
 /// The number after `name=` in a log line.

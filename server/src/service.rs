@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quiver_batch::arrow::array::RecordBatch;
-use quiver_batch::{retrieve, Offline};
+use quiver_batch::{entities, retrieve, Offline};
 use quiver_core::aggregate::finish_row;
 use quiver_core::codec::{entity_key, row_key};
 use quiver_core::event::{checked, Event, EventSink};
@@ -222,8 +222,8 @@ impl FeatureServer {
         }
         let sel = self.select(selector)?;
         let table = match entities {
-            EntityTable::Values(cols) => retrieve::entity_table_from_values(&self.registry, cols)?,
-            EntityTable::ArrowIpc(bytes) => retrieve::entity_table_from_ipc(&bytes)?,
+            EntityTable::Values(cols) => entities::from_values(cols)?,
+            EntityTable::ArrowIpc(bytes) => entities::from_ipc(&bytes)?,
         };
         if table.num_rows() > self.limits.max_historical_rows {
             return Err(too_many(

@@ -17,8 +17,9 @@ use quiver_batch::arrow::array::{
 };
 use quiver_batch::arrow::compute::concat_batches;
 use quiver_batch::arrow::datatypes::{DataType, Field, Schema};
+use quiver_batch::entities::from_ipc as entity_table_from_ipc;
 use quiver_batch::materialize::MaterializeOptions;
-use quiver_batch::retrieve::{entity_table_from_ipc, to_ipc};
+use quiver_batch::retrieve::to_ipc;
 use quiver_batch::Offline;
 use quiver_core::columnar::{timestamp_type, value_at};
 use quiver_core::event::EventSink;
@@ -782,12 +783,17 @@ async fn point_in_time_suite(p: Pit) {
             bad(
                 refs(&["user_score:score"]),
                 vec![
-                    ("user_id", vec![pb_i(1)]),
+                    (
+                        "user_id",
+                        vec![pb::Value {
+                            kind: Some(pb::value::Kind::DoubleVal(1.5)),
+                        }],
+                    ),
                     ("event_timestamp", vec![pb_t(t)]),
                 ],
             ),
             Code::InvalidArgument,
-            "expected string",
+            "join key column \"user_id\" is Float64, but entity \"user\" has string ids",
         ),
         (
             bad(

@@ -1,0 +1,569 @@
+//! Entity tables (the rows a training set is built for), in every form a
+//! client sends them: protobuf columns, Arrow IPC, Parquet and CSV files.
+//!
+//! Whatever the form, [`typed`] gives every table the same shape before any
+//! data is joined:
+//! - join-key columns (columns named like a registry entity's join key)
+//!   take the entity's declared type, never a type guessed from their
+//!   contents. Other types are converted when the conversion loses nothing
+//!   (integers to decimal text for string entities; smaller or unsigned
+//!   integers, integral floats up to 2^53 and decimal text for int64
+//!   entities); anything else is an error naming the column, its type and
+//!   the row. CSV files read join keys as text, so `"007"` stays `"007"`.
+//! - `event_timestamp` becomes UTC microseconds: timestamp columns of any
+//!   unit (timestamps without a time zone count as UTC, Arrow's
+//!   convention; nanoseconds are dropped toward the past), dates (midnight
+//!   UTC), or RFC 3339 text read by quiver's one parser
+//!   ([`quiver_core::time::parse_rfc3339`]); every time must lie in the
+//!   supported range.
+//! - every other column (labels) passes through as given.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, TimestampMicrosecondArray};
+use arrow::compute::cast;
+use arrow::datatypes::{
+    DataType, Date32Type, Date64Type, Field, Float32Type, Float64Type, Schema, TimeUnit,
+    TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
+    TimestampSecondType, UInt64Type,
+};
+use datafusion::prelude::SessionContext;
+use quiver_core::columnar::{arrow_type, timestamp_type};
+use quiver_core::json::parse_int64;
+use quiver_core::registry::TIMESTAMP_COLUMN;
+use quiver_core::time::{check_range, parse_rfc3339, Micros};
+use quiver_core::{Error, Registry, Result, Value, ValueType};
+
+use crate::offline::{df_error, session_config};
+
+/// Largest magnitude up to which a float holds every integer exactly.
+const EXACT_F64_INT: f64 = 9_007_199_254_740_992.0;
+
+/// The entity table with join keys in their entities' types and
+/// `event_timestamp` as UTC microseconds (see the module docs), and that
+/// column.
+pub fn typed(
+    reg: &Registry,
+    entities: RecordBatch,
+) -> Result<(RecordBatch, TimestampMicrosecondArray)> {
+    let schema = entities.schema();
+    if schema.column_with_name(TIMESTAMP_COLUMN).is_none() {
+        return Err(Error::invalid(format!(
+            "the entity table has no {TIMESTAMP_COLUMN:?} column (the time each row's features must be as of); columns: {}",
+            schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    let mut times = None;
+    for (field, column) in schema.fields().iter().zip(entities.columns()) {
+        let name = field.name();
+        if name == TIMESTAMP_COLUMN {
+            let t = timestamps(column)?;
+            fields.push(Field::new(name, timestamp_type(), false));
+            columns.push(Arc::new(t.clone()) as ArrayRef);
+            times = Some(t);
+        } else if let Some(e) = reg.entity_by_join_key(name) {
+            fields.push(Field::new(name, arrow_type(e.value_type), true));
+            columns.push(key_column(name, &e.name, column, e.value_type)?);
+        } else {
+            fields.push((**field).clone());
+            columns.push(column.clone());
+        }
+    }
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| Error::internal(format!("entity table: {e}")))?;
+    Ok((batch, times.expect("checked above")))
+}
+
+/// `event_timestamp` as UTC microseconds, every row set and in range.
+fn timestamps(a: &ArrayRef) -> Result<TimestampMicrosecondArray> {
+    let bad_type = || {
+        Error::invalid(format!(
+            "{TIMESTAMP_COLUMN} is {}; give it as a timestamp (or date) column or as RFC 3339 text such as 2026-11-25T10:00:00Z",
+            a.data_type()
+        ))
+    };
+    let out_of_range = |i: usize| {
+        Error::invalid(format!(
+            "entity row {i}: {TIMESTAMP_COLUMN} is outside the supported range {}",
+            quiver_core::time::RANGE_TEXT
+        ))
+    };
+    // Per row: epoch microseconds, `None` when null or out of range (told
+    // apart below by the null mask).
+    let micros: Vec<Option<Micros>> = match a.data_type() {
+        DataType::Timestamp(unit, _) => {
+            let scaled = |v: i64| -> Option<Micros> {
+                match unit {
+                    TimeUnit::Second => v.checked_mul(1_000_000),
+                    TimeUnit::Millisecond => v.checked_mul(1_000),
+                    TimeUnit::Microsecond => Some(v),
+                    TimeUnit::Nanosecond => Some(v.div_euclid(1_000)),
+                }
+            };
+            let values: Vec<Option<i64>> = match unit {
+                TimeUnit::Second => a.as_primitive::<TimestampSecondType>().iter().collect(),
+                TimeUnit::Millisecond => a
+                    .as_primitive::<TimestampMillisecondType>()
+                    .iter()
+                    .collect(),
+                TimeUnit::Microsecond => a
+                    .as_primitive::<TimestampMicrosecondType>()
+                    .iter()
+                    .collect(),
+                TimeUnit::Nanosecond => {
+                    a.as_primitive::<TimestampNanosecondType>().iter().collect()
+                }
+            };
+            values.into_iter().map(|v| v.and_then(scaled)).collect()
+        }
+        DataType::Date32 => a
+            .as_primitive::<Date32Type>()
+            .iter()
+            .map(|d| d.and_then(|d| i64::from(d).checked_mul(86_400_000_000)))
+            .collect(),
+        DataType::Date64 => a
+            .as_primitive::<Date64Type>()
+            .iter()
+            .map(|d| d.and_then(|d| d.checked_mul(1_000)))
+            .collect(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+            let s = cast(a, &DataType::Utf8).map_err(|_| bad_type())?;
+            s.as_string::<i32>()
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    s.map(|s| {
+                        parse_rfc3339(s).map_err(|m| {
+                            Error::invalid(format!("entity row {i}: {TIMESTAMP_COLUMN}: {m}"))
+                        })
+                    })
+                    .transpose()
+                })
+                .collect::<Result<_>>()?
+        }
+        _ => return Err(bad_type()),
+    };
+    for (i, m) in micros.iter().enumerate() {
+        match m {
+            None if a.is_null(i) => {
+                return Err(Error::invalid(format!(
+                    "entity row {i}: {TIMESTAMP_COLUMN} is missing (every row needs the time its features must be as of)"
+                )))
+            }
+            None => return Err(out_of_range(i)),
+            Some(m) if check_range(*m).is_err() => return Err(out_of_range(i)),
+            Some(_) => {}
+        }
+    }
+    Ok(TimestampMicrosecondArray::from(micros).with_timezone("UTC"))
+}
+
+/// A join-key column in the entity's type `ty` (`string` or `int64`),
+/// converted only where nothing is lost.
+fn key_column(name: &str, entity: &str, a: &ArrayRef, ty: ValueType) -> Result<ArrayRef> {
+    let refuse = || {
+        Error::invalid(format!(
+            "join key column {name:?} is {}, but entity {entity:?} has {ty} ids; send {ty} values",
+            a.data_type()
+        ))
+    };
+    let at = |i: usize, m: String| {
+        Error::invalid(format!(
+            "entity row {i}: join key {name:?} (entity {entity:?}, {ty} ids): {m}"
+        ))
+    };
+    if let DataType::Dictionary(_, values) = a.data_type() {
+        let plain = cast(a, values).map_err(|_| refuse())?;
+        return key_column(name, entity, &plain, ty);
+    }
+    let dt = a.data_type();
+    let is_text = matches!(
+        dt,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    );
+    let is_small_int = matches!(
+        dt,
+        DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::UInt8
+            | DataType::UInt16
+            | DataType::UInt32
+    );
+    match ty {
+        ValueType::String if dt == &DataType::Utf8 => Ok(a.clone()),
+        ValueType::String
+            if is_text || is_small_int || dt == &DataType::Int64 || dt == &DataType::UInt64 =>
+        {
+            cast(a, &DataType::Utf8).map_err(|_| refuse())
+        }
+        ValueType::Int64 if dt == &DataType::Int64 => Ok(a.clone()),
+        ValueType::Int64 if is_small_int => cast(a, &DataType::Int64).map_err(|_| refuse()),
+        ValueType::Int64 if dt == &DataType::UInt64 => {
+            let out: Int64Array = a
+                .as_primitive::<UInt64Type>()
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.map(|v| {
+                        i64::try_from(v).map_err(|_| {
+                            at(i, format!("{v} is {}", quiver_core::json::INT64_RANGE))
+                        })
+                    })
+                    .transpose()
+                })
+                .collect::<Result<_>>()?;
+            Ok(Arc::new(out))
+        }
+        ValueType::Int64 if matches!(dt, DataType::Float32 | DataType::Float64) => {
+            let values: Vec<Option<f64>> = match dt {
+                DataType::Float32 => a
+                    .as_primitive::<Float32Type>()
+                    .iter()
+                    .map(|v| v.map(f64::from))
+                    .collect(),
+                _ => a.as_primitive::<Float64Type>().iter().collect(),
+            };
+            let out: Int64Array = values
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.map(|f| {
+                        if f.fract() == 0.0 && f.abs() <= EXACT_F64_INT {
+                            Ok(f as i64)
+                        } else {
+                            Err(at(
+                                i,
+                                format!("{f} is not an integer that a {dt} holds exactly"),
+                            ))
+                        }
+                    })
+                    .transpose()
+                })
+                .collect::<Result<_>>()?;
+            Ok(Arc::new(out))
+        }
+        ValueType::Int64 if is_text => {
+            let s = cast(a, &DataType::Utf8).map_err(|_| refuse())?;
+            let out: Int64Array = s
+                .as_string::<i32>()
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.map(|v| parse_int64(v).map_err(|m| at(i, m))).transpose())
+                .collect::<Result<_>>()?;
+            Ok(Arc::new(out))
+        }
+        _ => Err(refuse()),
+    }
+}
+
+/// Builds an entity table from columns of typed values (the protobuf
+/// request): each column in the type of its values (all of one type;
+/// nulls allowed), then [`typed`] by the registry.
+pub fn from_values(columns: Vec<(String, Vec<Value>)>) -> Result<RecordBatch> {
+    if columns.is_empty() {
+        return Err(Error::invalid(format!(
+            "the entity table is empty: send the join keys and {TIMESTAMP_COLUMN} column-wise"
+        )));
+    }
+    let n = columns[0].1.len();
+    let mut fields = Vec::with_capacity(columns.len());
+    let mut arrays = Vec::with_capacity(columns.len());
+    for (name, values) in &columns {
+        if values.len() != n {
+            return Err(Error::invalid(format!(
+                "entity column {name:?} has {} values, {:?} has {n}; every column needs one value per row",
+                values.len(),
+                columns[0].0
+            )));
+        }
+        let ty = values
+            .iter()
+            .find_map(Value::value_type)
+            .unwrap_or(ValueType::String);
+        if let Some((i, v)) = values
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_null() && v.value_type() != Some(ty))
+        {
+            return Err(Error::invalid(format!(
+                "entity column {name:?} row {i}: expected {ty} like the rows before, got {}",
+                v.type_name()
+            )));
+        }
+        let refs: Vec<Option<&Value>> = values.iter().map(Some).collect();
+        arrays.push(quiver_core::columnar::value_array(ty, &refs));
+        fields.push(Field::new(name, arrow_type(ty), true));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+        .map_err(|e| Error::internal(format!("entity table: {e}")))
+}
+
+/// Reads an entity table sent as an Arrow IPC stream.
+pub fn from_ipc(bytes: &[u8]) -> Result<RecordBatch> {
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .map_err(|e| Error::invalid(format!("entities_arrow is not an Arrow IPC stream: {e}")))?;
+    let schema = reader.schema();
+    let batches = reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::invalid(format!("entities_arrow: {e}")))?;
+    arrow::compute::concat_batches(&schema, &batches)
+        .map_err(|e| Error::invalid(format!("entities_arrow: {e}")))
+}
+
+/// Reads an entity table from a local `.parquet` or `.csv` file (CSV with a
+/// header). CSV join keys and `event_timestamp` are read as text (then
+/// [`typed`]); other CSV columns take the types DataFusion infers.
+pub async fn read_file(reg: &Registry, path: &std::path::Path) -> Result<RecordBatch> {
+    use datafusion::prelude::{CsvReadOptions, ParquetReadOptions};
+    let ctx = SessionContext::new_with_config(session_config());
+    let shown = path.display().to_string();
+    if !path.is_file() {
+        return Err(Error::invalid(format!("{shown}: no such file")));
+    }
+    let name = shown.as_str();
+    let df = match path.extension().and_then(|e| e.to_str()) {
+        Some("parquet") => ctx.read_parquet(name, ParquetReadOptions::default()).await,
+        Some("csv") => {
+            let inferred = ctx
+                .read_csv(name, CsvReadOptions::new())
+                .await
+                .map_err(|e| df_error(&shown, e))?;
+            let fields: Vec<Field> = inferred
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| {
+                    if f.name() == TIMESTAMP_COLUMN || reg.entity_by_join_key(f.name()).is_some() {
+                        Field::new(f.name(), DataType::Utf8, true)
+                    } else {
+                        (**f).clone()
+                    }
+                })
+                .collect();
+            let schema = Schema::new(fields);
+            ctx.read_csv(name, CsvReadOptions::new().schema(&schema))
+                .await
+        }
+        _ => {
+            return Err(Error::invalid(format!(
+                "{shown}: the entity table must be a .parquet or .csv file"
+            )))
+        }
+    }
+    .map_err(|e| df_error(&shown, e))?;
+    let schema: Arc<Schema> = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await.map_err(|e| df_error(&shown, e))?;
+    let batch = arrow::compute::concat_batches(&schema, &batches)
+        .map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
+    // Readers may produce string views; pass plain strings through.
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Utf8View | DataType::LargeUtf8 => cast(c, &DataType::Utf8),
+            DataType::BinaryView | DataType::LargeBinary => cast(c, &DataType::Binary),
+            _ => Ok(c.clone()),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .zip(&columns)
+        .map(|(f, c)| Field::new(f.name(), c.data_type().clone(), f.is_nullable()))
+        .collect();
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| Error::invalid(format!("{shown}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{
+        Date32Array, Float64Array, Int32Array, LargeStringArray, StringArray,
+        TimestampNanosecondArray, TimestampSecondArray, UInt64Array,
+    };
+
+    use super::*;
+
+    fn registry() -> Registry {
+        Registry::from_toml(
+            "r.toml",
+            r#"
+[[entities]]
+name = "account"
+join_key = "account_id"
+
+[[entities]]
+name = "shop"
+join_key = "shop_id"
+value_type = "int64"
+"#,
+        )
+        .unwrap()
+    }
+
+    fn table(cols: Vec<(&str, ArrayRef)>) -> RecordBatch {
+        RecordBatch::try_from_iter(cols).unwrap()
+    }
+
+    fn ts_strings(n: usize) -> ArrayRef {
+        Arc::new(StringArray::from(vec!["2026-11-02T00:00:00Z"; n]))
+    }
+
+    #[test]
+    fn string_keys_keep_their_text() {
+        let (t, _) = typed(
+            &registry(),
+            table(vec![
+                (
+                    "account_id",
+                    Arc::new(StringArray::from(vec!["007", "7"])) as ArrayRef,
+                ),
+                ("event_timestamp", ts_strings(2)),
+            ]),
+        )
+        .unwrap();
+        let ids: Vec<_> = t.column(0).as_string::<i32>().iter().flatten().collect();
+        assert_eq!(ids, vec!["007", "7"]);
+    }
+
+    #[test]
+    fn keys_convert_only_when_nothing_is_lost() {
+        let reg = registry();
+        let keys = |name: &str, col: ArrayRef| {
+            typed(
+                &reg,
+                table(vec![
+                    (name, col.clone()),
+                    ("event_timestamp", ts_strings(col.len())),
+                ]),
+            )
+            .map(|(t, _)| t.column(0).clone())
+        };
+        // Integers become decimal text for a string entity.
+        let k = keys("account_id", Arc::new(Int32Array::from(vec![7, -1]))).unwrap();
+        assert_eq!(k.as_string::<i32>().value(0), "7");
+        let k = keys("account_id", Arc::new(LargeStringArray::from(vec!["a"]))).unwrap();
+        assert_eq!(k.data_type(), &DataType::Utf8);
+        // Text, integral floats and unsigned integers become int64 ids.
+        let k = keys(
+            "shop_id",
+            Arc::new(StringArray::from(vec![Some("007"), None, Some("-3")])),
+        )
+        .unwrap();
+        let k = k.as_primitive::<arrow::datatypes::Int64Type>();
+        assert_eq!((k.value(0), k.is_null(1), k.value(2)), (7, true, -3));
+        let k = keys("shop_id", Arc::new(Float64Array::from(vec![3.0]))).unwrap();
+        assert_eq!(k.as_primitive::<arrow::datatypes::Int64Type>().value(0), 3);
+        // Everything else is an error naming column, type and row.
+        for (name, col, needle) in [
+            (
+                "account_id",
+                Arc::new(Float64Array::from(vec![1.5])) as ArrayRef,
+                "is Float64",
+            ),
+            (
+                "shop_id",
+                Arc::new(Float64Array::from(vec![1.0, 1.5])),
+                "entity row 1",
+            ),
+            (
+                "shop_id",
+                Arc::new(Float64Array::from(vec![1e17])),
+                "exactly",
+            ),
+            (
+                "shop_id",
+                Arc::new(StringArray::from(vec!["x7"])),
+                "not an integer",
+            ),
+            (
+                "shop_id",
+                Arc::new(StringArray::from(vec!["9223372036854775808"])),
+                "out of range for int64",
+            ),
+            (
+                "shop_id",
+                Arc::new(UInt64Array::from(vec![u64::MAX])),
+                "out of range for int64",
+            ),
+        ] {
+            let e = keys(name, col).unwrap_err();
+            assert!(e.message().contains(needle), "{needle}: {e}");
+        }
+    }
+
+    #[test]
+    fn times_of_every_form_are_utc_microseconds() {
+        let reg = registry();
+        let times = |col: ArrayRef| {
+            typed(&reg, table(vec![("event_timestamp", col)])).map(|(_, t)| t.values().to_vec())
+        };
+        let want = 1_764_410_400_000_000; // 2025-11-29T10:00:00Z
+        assert_eq!(
+            times(Arc::new(StringArray::from(vec![
+                "2025-11-29T15:30:00+05:30",
+                "2025-11-29T05:00:00.000-05:00",
+                "2025-11-29 10:00:00Z",
+            ])))
+            .unwrap(),
+            vec![want; 3]
+        );
+        assert_eq!(
+            times(Arc::new(
+                TimestampSecondArray::from(vec![want / 1_000_000]).with_timezone("+05:30")
+            ))
+            .unwrap(),
+            vec![want]
+        );
+        assert_eq!(
+            times(Arc::new(TimestampNanosecondArray::from(vec![-1]))).unwrap(),
+            vec![-1]
+        );
+        assert_eq!(
+            times(Arc::new(Date32Array::from(vec![1]))).unwrap(),
+            vec![86_400_000_000]
+        );
+        for (col, needle) in [
+            (
+                Arc::new(StringArray::from(vec!["2025-11-29T10:00:00"])) as ArrayRef,
+                "not an RFC 3339",
+            ),
+            (
+                Arc::new(StringArray::from(vec![Some("2025-11-29T10:00:00Z"), None])),
+                "entity row 1",
+            ),
+            (Arc::new(Int64Array::from(vec![1])), "is Int64"),
+            (
+                Arc::new(TimestampSecondArray::from(vec![i64::MAX])),
+                "outside the supported range",
+            ),
+            (
+                Arc::new(StringArray::from(vec!["10000-01-01T00:00:00Z"])),
+                "not an RFC 3339",
+            ),
+        ] {
+            let e = times(col).unwrap_err();
+            assert!(e.message().contains(needle), "{needle}: {e}");
+        }
+    }
+
+    #[test]
+    fn labels_pass_through() {
+        let (t, _) = typed(
+            &registry(),
+            table(vec![
+                ("event_timestamp", ts_strings(1)),
+                (
+                    "label",
+                    Arc::new(Float64Array::from(vec![f64::NAN])) as ArrayRef,
+                ),
+            ]),
+        )
+        .unwrap();
+        assert!(t.column(1).as_primitive::<Float64Type>().value(0).is_nan());
+    }
+}
