@@ -55,7 +55,16 @@ fn int64_from_json(v: &Json_) -> Result<i64, String> {
                 Ok(f as i64)
             }
         }
-        Json_::String(s) => parse_int64(s),
+        Json_::String(s) => {
+            let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!(
+                    "expected int64 (a number, or one as a decimal string), got the string {}",
+                    quote(s)
+                ));
+            }
+            parse_int64(s)
+        }
         other => Err(format!("expected int64, got {}", json_kind(other))),
     }
 }
@@ -340,7 +349,12 @@ mod tests {
         let e = msg(json!([1e300]), ValueType::FloatList);
         assert!(e.contains("out of range for float32"), "{e}");
         let e = msg(json!("abc"), ValueType::Int64);
-        assert!(e.contains("not an integer"), "{e}");
+        assert!(
+            e.contains(
+                "expected int64 (a number, or one as a decimal string), got the string \"abc\""
+            ),
+            "{e}"
+        );
         let e = msg(json!(1e17), ValueType::Int64);
         assert!(e.contains("not exact"), "{e}");
         let e = msg(json!("x".repeat(5000)), ValueType::Timestamp);

@@ -153,19 +153,19 @@ async fn bad_input_gets_json_errors(server: &TestServer) {
             "/api/v1/features/online",
             r#"{"features": ["user_profile:age"], "entities": {"user_id": [7]}}"#,
             400,
-            "takes string values; row 0 has int64",
+            "entities.user_id[0]: expected string, got a number",
         ),
         (
             "/api/v1/features/write",
             r#"{"feature_view": "user_profile", "rows": [{"entity_key": {"user_id": "u"}, "event_timestamp": "yesterday"}]}"#,
             400,
-            "not RFC 3339",
+            "event_timestamp: \"yesterday\" is not an RFC 3339 timestamp",
         ),
         (
             "/api/v1/features/write",
             r#"{"feature_view": "user_profile", "rows": [{"entity_key": {"user_id": "u"}, "event_timestamp": "2026-01-01T00:00:00Z", "features": {"age": "old"}}]}"#,
             400,
-            "features.age: expected int64, got a string",
+            "features.age: expected int64 (a number, or one as a decimal string), got the string \"old\"",
         ),
         (
             "/api/v1/features/write",

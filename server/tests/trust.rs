@@ -1,0 +1,788 @@
+//! Every value a client sends comes back exactly: times with UTC offsets,
+//! NaN and infinities, ids typed by the registry, ties on event time, and
+//! error messages that name what is wrong. Real gRPC and HTTP against a
+//! server over a real Redis, with an offline store on local disk.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{redis_store, Backend, TestServer};
+use quiver_batch::arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, Int32Array, LargeStringArray, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
+};
+use quiver_batch::arrow::compute::concat_batches;
+use quiver_batch::arrow::datatypes::{DataType, Field, Float64Type, Schema};
+use quiver_batch::entities::from_ipc;
+use quiver_batch::materialize::MaterializeOptions;
+use quiver_batch::retrieve::to_ipc;
+use quiver_batch::Offline;
+use quiver_core::columnar::timestamp_type;
+use quiver_core::event::{Event, EventSink};
+use quiver_core::time::parse_rfc3339;
+use quiver_core::wire::{micros_to_ts, value_from_pb};
+use quiver_core::{OnlineStore, Registry, Result as CoreResult, Value};
+use quiver_proto::prost_types::Timestamp;
+use quiver_proto::v1 as pb;
+use quiver_proto::v1::get_historical_features_request::Kind as HSel;
+use quiver_proto::v1::get_online_features_request::Kind as Sel;
+use quiver_server::Limits;
+use quiver_testkit::RedisServer;
+use serde_json::{json, Value as Json};
+use tonic::Code;
+
+const REGISTRY: &str = r#"
+[[entities]]
+name = "user"
+join_key = "user_id"
+
+[[entities]]
+name = "shop"
+join_key = "shop_id"
+value_type = "int64"
+
+[[tables]]
+name = "ratios"
+path = "tables/ratios"
+
+[[tables]]
+name = "ties"
+path = "tables/ties"
+
+[[event_types]]
+name = "visit"
+entities = ["user"]
+attributes = [{ name = "amount", dtype = "double" }]
+
+[[feature_views]]
+name = "user_nottl"
+entities = ["user"]
+features = [
+  { name = "v", dtype = "int64" },
+  { name = "seen_at", dtype = "timestamp" },
+  { name = "score", dtype = "double" },
+  { name = "scores", dtype = "double_list" },
+  { name = "emb", dtype = "float_list" },
+  { name = "tags", dtype = "string_list" },
+]
+
+[[feature_views]]
+name = "user_ratio"
+entities = ["user"]
+source = { sql = "SELECT user_id, event_timestamp, ratio FROM ratios" }
+features = [{ name = "ratio", dtype = "double" }]
+
+[[feature_views]]
+name = "user_big_ratio"
+entities = ["user"]
+source = { sql = "SELECT user_id, event_timestamp, ratio AS big FROM ratios WHERE ratio > 3" }
+features = [{ name = "big", dtype = "double" }]
+
+[[feature_views]]
+name = "user_tie"
+entities = ["user"]
+source = { sql = "SELECT user_id, event_timestamp, x, label FROM ties" }
+features = [{ name = "x", dtype = "double" }, { name = "label", dtype = "string" }]
+
+[[feature_views]]
+name = "shop_tier"
+entities = ["shop"]
+features = [{ name = "tier", dtype = "string" }]
+"#;
+
+/// 2026-11-01T00:00:00Z, the feature time of the offline tables.
+const T0: i64 = 1_793_491_200_000_000;
+
+/// Records pushed events instead of appending them to Kafka.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<Event>>);
+
+#[async_trait]
+impl EventSink for Recorder {
+    async fn publish(&self, events: &[Event]) -> CoreResult<Vec<CoreResult<()>>> {
+        self.0.lock().unwrap().extend_from_slice(events);
+        Ok(events.iter().map(|_| Ok(())).collect())
+    }
+}
+
+struct Stack {
+    server: TestServer,
+    offline: Arc<Offline>,
+    store: Arc<dyn OnlineStore>,
+    events: Arc<Recorder>,
+    _dir: tempfile::TempDir,
+}
+
+async fn stack() -> Stack {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Arc::new(Registry::from_toml("trust.toml", REGISTRY).unwrap());
+    let offline = Arc::new(Offline::open(reg.clone(), dir.path().to_str().unwrap(), &[]).unwrap());
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, Duration::from_secs(2));
+    let events = Arc::new(Recorder::default());
+    let server = TestServer::start_full(
+        reg,
+        store.clone(),
+        Backend::Redis(redis),
+        Limits::default(),
+        Some(events.clone()),
+        Some(offline.clone()),
+    )
+    .await;
+    Stack {
+        server,
+        offline,
+        store,
+        events,
+        _dir: dir,
+    }
+}
+
+async fn post(s: &TestServer, path: &str, body: Json) -> (u16, Json) {
+    let resp = reqwest::Client::new()
+        .post(s.url(path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Json::Null))
+}
+
+async fn get(s: &TestServer, path: &str) -> (u16, Json) {
+    let resp = reqwest::get(s.url(path)).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Json::Null))
+}
+
+async fn write(s: &TestServer, rows: Json) -> (u16, Json) {
+    post(
+        s,
+        "/api/v1/features/write",
+        json!({"feature_view": "user_nottl", "rows": rows}),
+    )
+    .await
+}
+
+/// Writes a Parquet file into the offline store.
+async fn put_table(offline: &Offline, path: &str, batch: &RecordBatch) {
+    use object_store::ObjectStoreExt;
+    let mut buf = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, batch.schema(), None).unwrap();
+    w.write(batch).unwrap();
+    w.close().unwrap();
+    let p = quiver_core::storage::child(offline.root(), &path.split('/').collect::<Vec<_>>());
+    offline.store().put(&p, buf.into()).await.unwrap();
+}
+
+fn pb_s(v: &str) -> pb::Value {
+    pb::Value {
+        kind: Some(pb::value::Kind::StringVal(v.into())),
+    }
+}
+
+fn features(refs: &[&str]) -> Option<HSel> {
+    Some(HSel::Features(pb::FeatureList {
+        val: refs.iter().map(|f| f.to_string()).collect(),
+    }))
+}
+
+async fn historical(s: &TestServer, req: pb::GetHistoricalFeaturesRequest) -> RecordBatch {
+    let mut client = s.client().await;
+    let mut stream = client
+        .get_historical_features(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut batches = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        batches.push(from_ipc(&m.arrow_ipc).unwrap());
+    }
+    concat_batches(&batches[0].schema(), &batches).unwrap()
+}
+
+async fn online(s: &TestServer, refs: &[&str], users: &[&str]) -> pb::GetOnlineFeaturesResponse {
+    s.client()
+        .await
+        .get_online_features(pb::GetOnlineFeaturesRequest {
+            kind: Some(Sel::Features(pb::FeatureList {
+                val: refs.iter().map(|f| f.to_string()).collect(),
+            })),
+            entities: [(
+                "user_id".to_owned(),
+                pb::RepeatedValue {
+                    val: users.iter().map(|u| pb_s(u)).collect(),
+                },
+            )]
+            .into(),
+            full_feature_names: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Finding 1: a UTC offset names an instant; it is converted, never
+/// ignored or refused, on every online path.
+#[tokio::test]
+async fn times_with_utc_offsets_are_the_instants_they_name() {
+    let st = stack().await;
+    let s = &st.server;
+    // The issue's case: 15:30+05:30 is 10:00Z, an hour before 11:00Z.
+    let (status, out) = write(
+        s,
+        json!([{"entity_key": {"user_id": "u_tz"}, "event_timestamp": "2026-11-29T15:30:00.000+05:30",
+                "features": {"v": 1, "seen_at": "2026-06-01T12:00:00.5+02:00"}}]),
+    )
+    .await;
+    assert_eq!((status, out), (200, json!({"written": 1, "stale": 0})));
+    let (status, out) = write(
+        s,
+        json!([{"entity_key": {"user_id": "u_tz"}, "event_timestamp": "2026-11-29T11:00:00Z",
+                "features": {"v": 2, "seen_at": "2026-06-01T12:00:00.5+02:00"}}]),
+    )
+    .await;
+    assert_eq!((status, out), (200, json!({"written": 1, "stale": 0})));
+    let (_, body) = get(
+        s,
+        "/api/v1/features/user/u_tz?features=user_nottl:v,user_nottl:seen_at",
+    )
+    .await;
+    assert_eq!(
+        body["features"]["user_nottl__v"]["value"],
+        json!(2),
+        "{body}"
+    );
+    assert_eq!(
+        body["features"]["user_nottl__v"]["event_timestamp"],
+        json!("2026-11-29T11:00:00.000000Z")
+    );
+    assert_eq!(
+        body["features"]["user_nottl__seen_at"]["value"],
+        json!("2026-06-01T10:00:00.500000Z")
+    );
+    // The same instant over gRPC.
+    let r = online(s, &["user_nottl:seen_at"], &["u_tz"]).await;
+    assert_eq!(
+        value_from_pb(r.results[1].values[0].clone()).unwrap(),
+        Value::Timestamp(parse_rfc3339("2026-06-01T10:00:00.5Z").unwrap())
+    );
+    // Every RFC 3339 form is taken: no fraction, a negative offset.
+    for (i, text) in [
+        "2026-11-29T15:30:00+05:30",
+        "2026-11-29T05:00:00.000-05:00",
+        "2026-11-29 10:00:00z",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (status, out) = write(
+            s,
+            json!([{"entity_key": {"user_id": format!("u_form{i}")}, "event_timestamp": text, "features": {"v": 1}}]),
+        )
+        .await;
+        assert_eq!(status, 200, "{text}: {out}");
+        let (_, body) = get(
+            s,
+            &format!("/api/v1/features/user/u_form{i}?features=user_nottl:v"),
+        )
+        .await;
+        assert_eq!(
+            body["features"]["user_nottl__v"]["event_timestamp"],
+            json!("2026-11-29T10:00:00.000000Z"),
+            "{text}"
+        );
+    }
+    // Pushed events: the event time is converted before it reaches the log
+    // (it decides the tile an aggregate counts the event in).
+    let (status, out) = post(
+        s,
+        "/api/v1/events",
+        json!({"events": [{"event_id": "e1", "event_type": "visit", "event_time": "2026-11-29T15:30:00+05:30",
+                           "entities": {"user_id": "u_tz"}, "attributes": {"amount": 1.5}}]}),
+    )
+    .await;
+    assert_eq!((status, &out["accepted"]), (200, &json!(1)), "{out}");
+    assert_eq!(
+        st.events.0.lock().unwrap()[0].event_time,
+        parse_rfc3339("2026-11-29T10:00:00Z").unwrap()
+    );
+    // Outside the range every form can write back: refused, with the range.
+    let (status, out) = write(
+        s,
+        json!([{"entity_key": {"user_id": "u_x"}, "event_timestamp": "0001-01-01T00:30:00+01:00", "features": {}}]),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        out["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("outside the supported range"),
+        "{out}"
+    );
+    let e = s
+        .client()
+        .await
+        .write_features(pb::WriteFeaturesRequest {
+            feature_view: "user_nottl".into(),
+            rows: vec![pb::FeatureRow {
+                entity_key: [("user_id".to_owned(), pb_s("u_x"))].into(),
+                event_timestamp: Some(Timestamp {
+                    seconds: 253_402_300_800,
+                    nanos: 0,
+                }),
+                features: Default::default(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("outside the supported range"), "{e:?}");
+    st.server.shutdown().await;
+}
+
+/// Finding 3: what the JSON API writes for doubles it reads back, for
+/// features (write, then read) and for events.
+#[tokio::test]
+async fn rest_takes_back_what_it_gives() {
+    let st = stack().await;
+    let s = &st.server;
+    let features = json!({
+        "score": "NaN",
+        "scores": ["Infinity", "-Infinity", 1.5, "NaN"],
+        "emb": ["NaN", -0.0, "Infinity"],
+        "seen_at": "2026-06-01T10:00:00.500000Z",
+        "v": "9223372036854775807",
+        "tags": ["a", ""],
+    });
+    let (status, out) = write(
+        s,
+        json!([{"entity_key": {"user_id": "u_special"}, "event_timestamp": "2026-11-29T10:00:00Z", "features": features}]),
+    )
+    .await;
+    assert_eq!(status, 200, "{out}");
+    let (_, body) = get(s, "/api/v1/features/user/u_special?features=user_nottl:*").await;
+    let read: serde_json::Map<String, Json> = ["score", "scores", "emb", "seen_at", "v", "tags"]
+        .iter()
+        .map(|f| {
+            (
+                f.to_string(),
+                body["features"][format!("user_nottl__{f}")]["value"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(read["score"], json!("NaN"));
+    assert_eq!(read["scores"], json!(["Infinity", "-Infinity", 1.5, "NaN"]));
+    assert_eq!(read["emb"], json!(["NaN", -0.0, "Infinity"]));
+    assert_eq!(read["v"], json!(9_223_372_036_854_775_807i64));
+    // What was read is written back as is, and reads back the same.
+    let (status, out) = write(
+        s,
+        json!([{"entity_key": {"user_id": "u_again"}, "event_timestamp": "2026-11-29T10:00:00Z", "features": read}]),
+    )
+    .await;
+    assert_eq!(status, 200, "{out}");
+    let (_, again) = get(s, "/api/v1/features/user/u_again?features=user_nottl:*").await;
+    assert_eq!(again["features"], body["features"]);
+    // Events take the same spellings.
+    let (status, out) = post(
+        s,
+        "/api/v1/events",
+        json!({"events": [{"event_id": "e2", "event_type": "visit", "event_time": "2026-11-29T10:00:00Z",
+                           "entities": {"user_id": "u1"}, "attributes": {"amount": "Infinity"}}]}),
+    )
+    .await;
+    assert_eq!((status, &out["accepted"]), (200, &json!(1)), "{out}");
+    assert_eq!(
+        st.events.0.lock().unwrap()[0].attribute("amount"),
+        Some(&Value::Double(f64::INFINITY))
+    );
+    st.server.shutdown().await;
+}
+
+fn ratios() -> RecordBatch {
+    RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("user_id", DataType::Utf8, false),
+            Field::new("event_timestamp", timestamp_type(), false),
+            Field::new("ratio", DataType::Float64, true),
+        ])),
+        vec![
+            Arc::new(StringArray::from(vec!["u_nan", "u_a", "u_b"])),
+            Arc::new(TimestampMicrosecondArray::from(vec![T0; 3]).with_timezone("UTC")),
+            Arc::new(Float64Array::from(vec![f64::NAN, 2.5, 2.5])),
+        ],
+    )
+    .unwrap()
+}
+
+fn entity_rows(users: &[&str], times: &[&str]) -> pb::GetHistoricalFeaturesRequest {
+    let ts: Vec<pb::Value> = times
+        .iter()
+        .map(|t| pb::Value {
+            kind: Some(pb::value::Kind::TimestampVal(micros_to_ts(
+                parse_rfc3339(t).unwrap(),
+            ))),
+        })
+        .collect();
+    pb::GetHistoricalFeaturesRequest {
+        entities: [
+            (
+                "user_id".to_owned(),
+                pb::RepeatedValue {
+                    val: users.iter().map(|u| pb_s(u)).collect(),
+                },
+            ),
+            ("event_timestamp".to_owned(), pb::RepeatedValue { val: ts }),
+        ]
+        .into(),
+        ..Default::default()
+    }
+}
+
+fn f64s(batch: &RecordBatch, name: &str) -> Vec<Option<f64>> {
+    batch
+        .column_by_name(name)
+        .unwrap()
+        .as_primitive::<Float64Type>()
+        .iter()
+        .collect()
+}
+
+/// Finding 2: a NaN feature value stays NaN through `batch run`, historical
+/// retrieval, materialization and serving, whatever the Parquet statistics
+/// of its file say (they leave NaN out).
+#[tokio::test]
+async fn nan_stays_nan_offline_and_online() {
+    let st = stack().await;
+    let s = &st.server;
+    put_table(&st.offline, "tables/ratios/part-0.parquet", &ratios()).await;
+    st.offline
+        .run(
+            &["user_ratio".into(), "user_big_ratio".into()],
+            common::now(),
+        )
+        .await
+        .unwrap();
+    let mut req = entity_rows(&["u_nan", "u_a", "u_b"], &["2026-11-02T00:00:00Z"; 3]);
+    req.kind = features(&["user_ratio:ratio", "user_big_ratio:big"]);
+    let out = historical(s, req).await;
+    let ratio = f64s(&out, "ratio");
+    assert!(ratio[0].unwrap().is_nan(), "{ratio:?}");
+    assert_eq!(&ratio[1..], &[Some(2.5), Some(2.5)]);
+    // `WHERE ratio > 3` keeps the NaN row (NaN sorts above every number in
+    // DataFusion) although the file's statistics say max = 2.5.
+    let big = f64s(&out, "big");
+    assert!(big[0].unwrap().is_nan(), "{big:?}");
+    assert_eq!(&big[1..], &[None, None]);
+
+    let opts = MaterializeOptions {
+        views: vec!["user_ratio".into()],
+        start: None,
+        end: common::now(),
+        expiry_grace: Duration::from_secs(86_400),
+        now: common::now(),
+    };
+    let r = st
+        .offline
+        .materialize(st.store.clone(), &opts, &|_: &str, _: u64, _: u64| {})
+        .await
+        .unwrap();
+    assert_eq!(r[0].written, 3);
+    let (_, body) = get(s, "/api/v1/features/user/u_nan?features=user_ratio:ratio").await;
+    assert_eq!(
+        body["features"]["user_ratio__ratio"]["value"],
+        json!("NaN"),
+        "{body}"
+    );
+    let (_, body) = get(s, "/api/v1/features/user/u_a?features=user_ratio:ratio").await;
+    assert_eq!(body["features"]["user_ratio__ratio"]["value"], json!(2.5));
+
+    // An entity file's labels pass through: [NaN, 1, 1] is not [1, 1, 1].
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("entities.parquet");
+    let table = RecordBatch::try_from_iter(vec![
+        (
+            "user_id",
+            Arc::new(StringArray::from(vec!["u_nan", "u_a", "u_b"])) as ArrayRef,
+        ),
+        (
+            "event_timestamp",
+            Arc::new(StringArray::from(vec!["2026-11-02T00:00:00Z"; 3])),
+        ),
+        (
+            "label",
+            Arc::new(Float64Array::from(vec![f64::NAN, 1.0, 1.0])),
+        ),
+    ])
+    .unwrap();
+    quiver_batch::retrieve::write_parquet_file(&table, &path).unwrap();
+    let reg = st.offline.registry().clone();
+    let read = quiver_batch::entities::read_file(&reg, &path)
+        .await
+        .unwrap();
+    let sel = reg.resolve_refs(&["user_ratio:ratio"]).unwrap();
+    let out = st.offline.historical(read, &sel, false).await.unwrap();
+    let label = f64s(&out, "label");
+    assert!(label[0].unwrap().is_nan(), "{label:?}");
+    assert!(f64s(&out, "ratio")[0].unwrap().is_nan());
+    st.server.shutdown().await;
+}
+
+/// Finding 4: entity tables sent as Arrow are typed by the registry (any
+/// string type, integer ids of another width) and their string times are
+/// read with the one RFC 3339 parser, offsets included.
+#[tokio::test]
+async fn arrow_entity_tables_are_typed_by_the_registry() {
+    let st = stack().await;
+    let s = &st.server;
+    put_table(&st.offline, "tables/ratios/part-0.parquet", &ratios()).await;
+    st.offline
+        .run(&["user_ratio".into()], common::now())
+        .await
+        .unwrap();
+    let table = RecordBatch::try_from_iter(vec![
+        (
+            "user_id",
+            Arc::new(LargeStringArray::from(vec!["u_a", "u_a", "u_b"])) as ArrayRef,
+        ),
+        (
+            "event_timestamp",
+            // 2026-10-31T23:00Z (before T0), 2026-11-01T01:00Z, T0 exactly.
+            Arc::new(StringArray::from(vec![
+                "2026-11-01T04:00:00+05:00",
+                "2026-10-31T20:00:00-05:00",
+                "2026-11-01T05:30:00+05:30",
+            ])),
+        ),
+        ("shop_id", Arc::new(Int32Array::from(vec![1, 2, 3]))),
+    ])
+    .unwrap();
+    let out = historical(
+        s,
+        pb::GetHistoricalFeaturesRequest {
+            kind: features(&["user_ratio:ratio"]),
+            entities_arrow: to_ipc(&table).unwrap(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(f64s(&out, "ratio"), vec![None, Some(2.5), Some(2.5)]);
+    assert_eq!(
+        out.column_by_name("user_id").unwrap().data_type(),
+        &DataType::Utf8
+    );
+    assert_eq!(
+        out.column_by_name("shop_id").unwrap().data_type(),
+        &DataType::Int64
+    );
+    let times = out.column_by_name("event_timestamp").unwrap();
+    let times = times
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()
+        .unwrap();
+    assert_eq!(times.value(2), T0);
+    st.server.shutdown().await;
+}
+
+fn tied_rows() -> RecordBatch {
+    RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("user_id", DataType::Utf8, false),
+            Field::new("event_timestamp", timestamp_type(), false),
+            Field::new("x", DataType::Float64, true),
+            Field::new("label", DataType::Utf8, true),
+        ])),
+        vec![
+            Arc::new(StringArray::from(vec!["u_t"; 4])),
+            Arc::new(TimestampMicrosecondArray::from(vec![T0; 4]).with_timezone("UTC")),
+            Arc::new(Float64Array::from(vec![1.0, 7.0, 3.0, f64::NAN])),
+            Arc::new(StringArray::from(vec!["a", "b", "c", "d"])),
+        ],
+    )
+    .unwrap()
+}
+
+/// Finding 5: rows with the same event time resolve by one rule on every
+/// path. Offline (historical retrieval, materialization) and online
+/// (WriteFeatures over REST, in every order) pick the same row.
+#[tokio::test]
+async fn ties_resolve_the_same_online_and_offline() {
+    let st = stack().await;
+    let s = &st.server;
+    let rows = tied_rows();
+    // Two files, so that the tie spans files in both orders.
+    put_table(&st.offline, "tables/ties/part-0.parquet", &rows.slice(0, 2)).await;
+    put_table(&st.offline, "tables/ties/part-1.parquet", &rows.slice(2, 2)).await;
+    st.offline
+        .run(&["user_tie".into()], common::now())
+        .await
+        .unwrap();
+    let mut req = entity_rows(&["u_t"], &["2026-11-02T00:00:00Z"]);
+    req.kind = features(&["user_tie:x", "user_tie:label"]);
+    let out = historical(s, req).await;
+    let offline_label = out
+        .column_by_name("label")
+        .unwrap()
+        .as_string::<i32>()
+        .value(0)
+        .to_owned();
+    let offline_x = f64s(&out, "x")[0].unwrap();
+
+    // The rule itself decides the same row.
+    let candidates: Vec<Vec<(String, Value)>> = (0..4)
+        .map(|i| {
+            vec![
+                (
+                    "x".to_owned(),
+                    Value::Double(rows.column(2).as_primitive::<Float64Type>().value(i)),
+                ),
+                (
+                    "label".to_owned(),
+                    Value::String(rows.column(3).as_string::<i32>().value(i).to_owned()),
+                ),
+            ]
+        })
+        .collect();
+    let winner = candidates
+        .iter()
+        .cloned()
+        .reduce(|cur, new| {
+            if quiver_core::store::replaces(T0, &new, T0, &cur) {
+                new
+            } else {
+                cur
+            }
+        })
+        .unwrap();
+    assert_eq!(Value::String(offline_label.clone()), winner[1].1);
+
+    // Materialization writes that row.
+    let opts = MaterializeOptions {
+        views: vec!["user_tie".into()],
+        start: None,
+        end: common::now(),
+        expiry_grace: Duration::from_secs(86_400),
+        now: common::now(),
+    };
+    let r = st
+        .offline
+        .materialize(st.store.clone(), &opts, &|_: &str, _: u64, _: u64| {})
+        .await
+        .unwrap();
+    assert_eq!((r[0].entities, r[0].written), (1, 1));
+    let (_, body) = get(s, "/api/v1/features/user/u_t?features=user_tie:label").await;
+    assert_eq!(
+        body["features"]["user_tie__label"]["value"],
+        json!(offline_label)
+    );
+
+    // WriteFeatures of the four rows, forwards and backwards: the same row
+    // stays, whatever the order, and it is the offline one.
+    for (user, order) in [
+        ("u_fwd", [0, 1, 2, 3]),
+        ("u_bwd", [3, 2, 1, 0]),
+        ("u_mid", [2, 0, 3, 1]),
+    ] {
+        for i in order {
+            let row = json!([{"entity_key": {"user_id": user}, "event_timestamp": "2026-11-01T00:00:00Z",
+                              "features": {"x": quiver_core::json::value_to_json(&candidates[i][0].1),
+                                           "label": quiver_core::json::value_to_json(&candidates[i][1].1)}}]);
+            let (status, out) = post(
+                s,
+                "/api/v1/features/write",
+                json!({"feature_view": "user_tie", "rows": row}),
+            )
+            .await;
+            assert_eq!(status, 200, "{out}");
+        }
+        let (_, body) = get(
+            s,
+            &format!("/api/v1/features/user/{user}?features=user_tie:*"),
+        )
+        .await;
+        assert_eq!(
+            body["features"]["user_tie__label"]["value"],
+            json!(offline_label),
+            "{user}"
+        );
+        let x = &body["features"]["user_tie__x"]["value"];
+        if offline_x.is_nan() {
+            assert_eq!(x, &json!("NaN"));
+        } else {
+            assert_eq!(x, &json!(offline_x));
+        }
+    }
+    st.server.shutdown().await;
+}
+
+/// Finding 6: messages name what is wrong.
+#[tokio::test]
+async fn messages_name_what_is_wrong() {
+    let st = stack().await;
+    let s = &st.server;
+    let (status, body) = get(s, "/api/v1/features/shop/9223372036854775808").await;
+    assert_eq!(status, 400);
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("out of range for int64"), "{msg}");
+    let (status, body) = get(s, "/api/v1/features/shop/12x").await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not an integer"),
+        "{body}"
+    );
+    for (features, needle) in [
+        (
+            json!({"tags": ["a", null]}),
+            "features.tags: null element at index 1",
+        ),
+        (
+            json!({"v": 9_223_372_036_854_775_808u64}),
+            "out of range for int64",
+        ),
+        (json!({"scores": [1, "x"]}), "element 1: expected double"),
+        (
+            json!({"score": "nan"}),
+            "\"NaN\", \"Infinity\", \"-Infinity\"",
+        ),
+    ] {
+        let (status, body) = write(
+            s,
+            json!([{"entity_key": {"user_id": "u1"}, "event_timestamp": "2026-11-29T10:00:00Z", "features": features}]),
+        )
+        .await;
+        assert_eq!(status, 400, "{needle}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{needle}: {msg}");
+    }
+    // Ids of int64 entities may come as decimal strings; string ids stay text.
+    let (status, body) = post(
+        s,
+        "/api/v1/features/online",
+        json!({"features": ["shop_tier:tier"], "entities": {"shop_id": ["7", 8]}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(
+        s,
+        "/api/v1/features/online",
+        json!({"features": ["user_nottl:v"], "entities": {"user_id": [7]}}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expected string"),
+        "{body}"
+    );
+    st.server.shutdown().await;
+}
