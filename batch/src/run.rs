@@ -3,13 +3,19 @@
 
 use std::time::{Duration, Instant};
 
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, TimestampMicrosecondType};
 use datafusion::dataframe::DataFrameWriteOptions;
-use datafusion::logical_expr::{cast, ident, Expr};
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::{
+    cast, ident, ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    Volatility,
+};
 use datafusion::prelude::SessionContext;
 use quiver_core::columnar::arrow_type;
 use quiver_core::registry::{FeatureView, ViewSource, TIMESTAMP_COLUMN};
-use quiver_core::time::{format_rfc3339, Micros};
-use quiver_core::{Error, Result};
+use quiver_core::time::{check_range, format_rfc3339, Micros};
+use quiver_core::{Error, Result, ValueType};
 
 use crate::offline::{df_error, feature_table_columns, CommittedRun, Offline};
 
@@ -24,6 +30,78 @@ pub struct RunReport {
     pub rows: u64,
     /// Wall time of query and write.
     pub elapsed: Duration,
+}
+
+/// Checks a feature-table column as the run writes it, so that every
+/// value committed can be served and written back as sent: times within
+/// the supported range ([`quiver_core::time::check_range`]), lists without
+/// null elements. The column passes through unchanged; a violation fails
+/// the run before anything is committed.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Checked {
+    view: String,
+    column: String,
+    ty: ValueType,
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for Checked {
+    fn name(&self) -> &str {
+        "quiver_checked"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, args: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(args[0].clone())
+    }
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        let a = args.args[0].to_array(args.number_rows)?;
+        let fail = |m: String| {
+            DataFusionError::Execution(format!(
+                "feature view {:?}, column {:?}: {m}",
+                self.view, self.column
+            ))
+        };
+        if self.ty == ValueType::Timestamp {
+            for t in a
+                .as_primitive::<TimestampMicrosecondType>()
+                .iter()
+                .flatten()
+            {
+                check_range(t).map_err(fail)?;
+            }
+        } else if self.ty.is_list() {
+            let lists = a.as_list::<i32>();
+            if lists.values().null_count() > 0 {
+                if let Some(l) = lists.iter().flatten().find(|l| l.null_count() > 0) {
+                    let j = (0..l.len()).find(|&j| l.is_null(j)).unwrap_or(0);
+                    return Err(fail(format!(
+                        "a {} value has a null element (index {j}); quiver's lists cannot hold nulls, so remove them in the SQL",
+                        self.ty
+                    )));
+                }
+            }
+        }
+        Ok(ColumnarValue::Array(a))
+    }
+}
+
+/// `expr` (a column of type `ty`) through [`Checked`] where `ty` needs it.
+fn checked(view: &str, column: &str, ty: ValueType, expr: Expr) -> Expr {
+    if ty != ValueType::Timestamp && !ty.is_list() {
+        return expr;
+    }
+    ScalarUDF::new_from_impl(Checked {
+        view: view.to_owned(),
+        column: column.to_owned(),
+        ty,
+        signature: Signature::any(1, Volatility::Immutable),
+    })
+    .call(vec![expr])
 }
 
 /// The query of a SQL view, or an error naming the view's actual source.
@@ -71,11 +149,12 @@ impl Offline {
                 got.join(", ")
             )));
         }
-        // Cast to the declared types; rows without keys or time cannot be
-        // joined or materialized, so they are left out.
+        // Cast to the declared types, and check what every later reader
+        // relies on; rows without keys or time cannot be joined or
+        // materialized, so they are left out.
         let exprs: Vec<Expr> = cols
             .iter()
-            .map(|(n, t)| cast(ident(*n), arrow_type(*t)).alias(*n))
+            .map(|(n, t)| checked(&view.name, n, *t, cast(ident(*n), arrow_type(*t))).alias(*n))
             .collect();
         let mut df = df
             .select(exprs)

@@ -100,7 +100,9 @@ pub fn value_array(ty: ValueType, values: &[Option<&Value>]) -> ArrayRef {
 }
 
 /// Reads row `i` of a column of type [`arrow_type`]`(ty)` (cast other
-/// types first); a null slot is [`Value::Null`].
+/// types first); a null slot is [`Value::Null`]. A list with a null element
+/// is an error (quiver's lists cannot hold nulls; reading the element as a
+/// zero would change the value).
 pub fn value_at(array: &dyn Array, ty: ValueType, i: usize) -> Result<Value> {
     if array.is_null(i) {
         return Ok(Value::Null);
@@ -114,6 +116,11 @@ pub fn value_at(array: &dyn Array, ty: ValueType, i: usize) -> Result<Value> {
     macro_rules! list {
         ($variant:ident, $conv:expr) => {{
             let l = array.as_list::<i32>().value(i);
+            if let Some(j) = (0..l.len()).find(|&j| l.is_null(j)) {
+                return Err(Error::invalid(format!(
+                    "null element at index {j} of a {ty} value; lists cannot hold nulls"
+                )));
+            }
             $variant($conv(&*l))
         }};
     }
@@ -248,6 +255,27 @@ mod tests {
             assert_eq!(value_at(&*col, ty, 0).unwrap(), v);
             assert_eq!(value_at(&*col, ty, 1).unwrap(), Value::Null);
             assert_eq!(value_at(&*col, ty, 2).unwrap(), Value::Null);
+        }
+    }
+
+    #[test]
+    fn a_list_with_a_null_element_is_an_error_not_a_zero() {
+        let mut b = ListBuilder::new(Int64Builder::new());
+        b.values().append_value(1);
+        b.values().append_null();
+        b.append(true);
+        let col: ArrayRef = Arc::new(b.finish());
+        let e = value_at(&*col, ValueType::Int64List, 0).unwrap_err();
+        assert!(e.message().contains("null element at index 1"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Every value of every type survives an Arrow column, bit for bit.
+        #[test]
+        fn values_round_trip_through_arrow((ty, v) in crate::testing::typed_value()) {
+            let col = value_array(ty, &[Some(&v)]);
+            let back = value_at(&*col, ty, 0).unwrap();
+            proptest::prop_assert!(crate::testing::same_bits(&v, &back), "{:?} -> {:?}", v, back);
         }
     }
 }

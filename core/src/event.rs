@@ -250,23 +250,20 @@ pub fn validate(reg: &Registry, ev: &Event) -> Result<()> {
 }
 
 /// An event ready to append: [`validate`]d, and with int64 values of
-/// double attributes turned into doubles, so stored and archived values have
-/// the declared type.
+/// double attributes turned into doubles (exactly, see
+/// [`crate::value::coerce`]), so stored and archived values have the
+/// declared type.
 pub fn checked(reg: &Registry, mut ev: Event) -> Result<Event> {
     validate(reg, &ev)?;
-    normalize(reg, &mut ev);
-    Ok(ev)
-}
-
-fn normalize(reg: &Registry, ev: &mut Event) {
-    let Some(et) = reg.event_type(&ev.event_type) else {
-        return;
-    };
+    let et = require_type(reg, &ev.event_type)?;
     for (k, v) in &mut ev.attributes {
-        if let (Some(ValueType::Double), Value::Int64(n)) = (et.attribute(k), &*v) {
-            *v = Value::Double(*n as f64);
+        if let (Some(ValueType::Double), Value::Int64(_)) = (et.attribute(k), &*v) {
+            let taken = std::mem::replace(v, Value::Null);
+            *v = crate::value::coerce(taken, ValueType::Double)
+                .map_err(|m| Error::invalid(format!("attribute {k:?}: {m}")))?;
         }
     }
+    Ok(ev)
 }
 
 /// `j` read as `ty` (see [`crate::json`]); errors name the field.

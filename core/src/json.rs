@@ -116,15 +116,7 @@ fn f64_from_json(v: &Json_, ty: &str) -> Result<f64, String> {
 /// nearest float32; finite numbers beyond float32's range are refused
 /// rather than turned into infinities.
 fn f32_from_json(v: &Json_) -> Result<f32, String> {
-    let d = f64_from_json(v, "float32")?;
-    let f = d as f32;
-    if d.is_finite() && !f.is_finite() {
-        return Err(format!(
-            "{d} is out of range for float32 (largest magnitude {})",
-            f32::MAX
-        ));
-    }
-    Ok(f)
+    crate::value::f64_to_f32(f64_from_json(v, "float32")?)
 }
 
 /// Reads base64 bytes: the standard or the URL-safe alphabet, padded or

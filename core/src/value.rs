@@ -176,9 +176,103 @@ impl Value {
     }
 }
 
+/// A double as the nearest float32; a finite double beyond float32's range
+/// is refused rather than turned into an infinity (NaN and infinities stay).
+pub fn f64_to_f32(d: f64) -> Result<f32, String> {
+    let f = d as f32;
+    if d.is_finite() && !f.is_finite() {
+        return Err(format!(
+            "{d} is out of range for float32 (largest magnitude {})",
+            f32::MAX
+        ));
+    }
+    Ok(f)
+}
+
+/// `v` as a value of the declared type `ty`: the same type or null as is;
+/// numbers of another type only where nothing changes but the type.
+///
+/// - int64 to double (and int64 lists to double lists): only integers a
+///   double holds exactly (all up to 2^53 in magnitude), since JSON and
+///   many clients do not tell 3 from 3.0;
+/// - int64 lists to float lists: only integers a float32 holds exactly;
+/// - double lists to float lists (embeddings sent as doubles): rounded to
+///   the nearest float32, but a finite number beyond float32's range is
+///   refused rather than turned into an infinity.
+///
+/// Errors say which value cannot be taken and why.
+pub fn coerce(v: Value, ty: ValueType) -> Result<Value, String> {
+    fn exact_f64(n: i64) -> Result<f64, String> {
+        let d = n as f64;
+        if d as i128 == i128::from(n) {
+            Ok(d)
+        } else {
+            Err(format!(
+                "the integer {n} has no exact double; send it as a double"
+            ))
+        }
+    }
+    fn exact_f32(n: i64) -> Result<f32, String> {
+        let f = n as f32;
+        if f as i128 == i128::from(n) {
+            Ok(f)
+        } else {
+            Err(format!(
+                "the integer {n} has no exact float32; send it as a number with a fraction"
+            ))
+        }
+    }
+    fn each<T, U>(l: Vec<T>, f: impl Fn(T) -> Result<U, String>) -> Result<Vec<U>, String> {
+        l.into_iter()
+            .enumerate()
+            .map(|(i, x)| f(x).map_err(|m| format!("element {i}: {m}")))
+            .collect()
+    }
+    match (v, ty) {
+        (v, ty) if v.is_null() || v.value_type() == Some(ty) => Ok(v),
+        (Value::Int64(n), ValueType::Double) => exact_f64(n).map(Value::Double),
+        (Value::Int64List(l), ValueType::DoubleList) => each(l, exact_f64).map(Value::DoubleList),
+        (Value::Int64List(l), ValueType::FloatList) => each(l, exact_f32).map(Value::FloatList),
+        (Value::DoubleList(l), ValueType::FloatList) => each(l, f64_to_f32).map(Value::FloatList),
+        (v, ty) => Err(format!("expected {ty}, got {}", v.type_name())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coercion_never_changes_a_number() {
+        assert_eq!(
+            coerce(Value::Int64(3), ValueType::Double),
+            Ok(Value::Double(3.0))
+        );
+        let e = coerce(Value::Int64(9_007_199_254_740_993), ValueType::Double).unwrap_err();
+        assert!(e.contains("no exact double"), "{e}");
+        assert!(coerce(Value::Int64(i64::MAX), ValueType::Double).is_err());
+        assert_eq!(
+            coerce(Value::Int64List(vec![1, -2]), ValueType::FloatList),
+            Ok(Value::FloatList(vec![1.0, -2.0]))
+        );
+        let e = coerce(Value::Int64List(vec![1, 16_777_217]), ValueType::FloatList).unwrap_err();
+        assert!(
+            e.contains("element 1") && e.contains("no exact float32"),
+            "{e}"
+        );
+        let e = coerce(Value::DoubleList(vec![1e300]), ValueType::FloatList).unwrap_err();
+        assert!(e.contains("out of range for float32"), "{e}");
+        assert_eq!(
+            coerce(
+                Value::DoubleList(vec![f64::INFINITY, 0.5]),
+                ValueType::FloatList
+            ),
+            Ok(Value::FloatList(vec![f32::INFINITY, 0.5]))
+        );
+        assert_eq!(coerce(Value::Null, ValueType::Bytes), Ok(Value::Null));
+        let e = coerce(Value::Double(1.0), ValueType::Int64).unwrap_err();
+        assert_eq!(e, "expected int64, got double");
+    }
 
     #[test]
     fn type_names_round_trip() {

@@ -14,6 +14,7 @@ use quiver_core::event::{checked, Event, EventSink};
 use quiver_core::registry::{Selection, ViewSource};
 use quiver_core::store::{Lookup, StoredRow, WriteOutcome, WriteRow};
 use quiver_core::time::{duration_micros, Micros};
+use quiver_core::value::coerce;
 use quiver_core::{Clock, Error, ErrorKind, OnlineStore, Registry, Result, Value, ValueType};
 
 use crate::metrics::Metrics;
@@ -621,9 +622,8 @@ impl FeatureServer {
                     ))
                 })?;
                 let f = &view.features[fi];
-                let value = coerce(value, f.value_type).map_err(|got| {
-                    at(format!("feature {name:?} is {}, got {got}", f.value_type))
-                })?;
+                let value = coerce(value, f.value_type)
+                    .map_err(|m| at(format!("feature {name:?}: {m}")))?;
                 if let (Some(dim), Some(len)) = (f.dimension, value.list_len()) {
                     if len != dim as usize {
                         return Err(at(format!(
@@ -641,26 +641,6 @@ impl FeatureServer {
             });
         }
         self.timed_store("write", self.store.write(&out)).await
-    }
-}
-
-/// Accepts `v` as a value of type `ty`: exact type, null, or an int64 where
-/// a double is declared (JSON and many clients do not distinguish them).
-/// Returns the offending type name otherwise.
-pub fn coerce(v: Value, ty: ValueType) -> std::result::Result<Value, &'static str> {
-    match (v, ty) {
-        (Value::Int64(n), ValueType::Double) => Ok(Value::Double(n as f64)),
-        (Value::Int64List(l), ValueType::DoubleList) => {
-            Ok(Value::DoubleList(l.into_iter().map(|n| n as f64).collect()))
-        }
-        (Value::DoubleList(l), ValueType::FloatList) => {
-            Ok(Value::FloatList(l.into_iter().map(|n| n as f32).collect()))
-        }
-        (Value::Int64List(l), ValueType::FloatList) => {
-            Ok(Value::FloatList(l.into_iter().map(|n| n as f32).collect()))
-        }
-        (v, ty) if v.is_null() || v.value_type() == Some(ty) => Ok(v),
-        (v, _) => Err(v.type_name()),
     }
 }
 

@@ -88,6 +88,18 @@ source = { sql = "SELECT user_id, event_timestamp, x, label FROM ties" }
 features = [{ name = "x", dtype = "double" }, { name = "label", dtype = "string" }]
 
 [[feature_views]]
+name = "bad_list"
+entities = ["user"]
+source = { sql = "SELECT 'u1' AS user_id, TIMESTAMP '2026-11-01T00:00:00Z' AS event_timestamp, make_array(1, NULL) AS xs" }
+features = [{ name = "xs", dtype = "int64_list" }]
+
+[[feature_views]]
+name = "far_future"
+entities = ["user"]
+source = { sql = '''SELECT 'u1' AS user_id, arrow_cast(253402300800000000, 'Timestamp(Microsecond, Some("UTC"))') AS event_timestamp, 1.0 AS y''' }
+features = [{ name = "y", dtype = "double" }]
+
+[[feature_views]]
 name = "shop_tier"
 entities = ["shop"]
 features = [{ name = "tier", dtype = "string" }]
@@ -533,6 +545,29 @@ async fn nan_stays_nan_offline_and_online() {
     st.server.shutdown().await;
 }
 
+/// Of the same kind as findings 1 and 2: what `batch run` commits can be
+/// served and written back exactly, so a list with a null element (read
+/// elsewhere as a zero) and a time outside the supported range fail the
+/// run, before anything is committed.
+#[tokio::test]
+async fn batch_run_commits_only_values_that_come_back_exactly() {
+    let st = stack().await;
+    for (view, needle) in [
+        ("bad_list", "has a null element (index 1)"),
+        ("far_future", "outside the supported range"),
+    ] {
+        let e = st
+            .offline
+            .run(&[view.into()], common::now())
+            .await
+            .unwrap_err();
+        assert!(e.message().contains(needle), "{view}: {e}");
+        assert!(e.message().contains(view), "{view}: {e}");
+        assert_eq!(st.offline.committed(view).await.unwrap(), None);
+    }
+    st.server.shutdown().await;
+}
+
 /// Finding 4: entity tables sent as Arrow are typed by the registry (any
 /// string type, integer ids of another width) and their string times are
 /// read with the one RFC 3339 parser, offsets included.
@@ -762,6 +797,33 @@ async fn messages_name_what_is_wrong() {
         let msg = body["error"]["message"].as_str().unwrap();
         assert!(msg.contains(needle), "{needle}: {msg}");
     }
+    // An int64 sent for a double feature is taken only when exact.
+    let write_score = |score: i64| pb::WriteFeaturesRequest {
+        feature_view: "user_nottl".into(),
+        rows: vec![pb::FeatureRow {
+            entity_key: [("user_id".to_owned(), pb_s("u1"))].into(),
+            event_timestamp: Some(micros_to_ts(T0)),
+            features: [(
+                "score".to_owned(),
+                pb::Value {
+                    kind: Some(pb::value::Kind::Int64Val(score)),
+                },
+            )]
+            .into(),
+        }],
+    };
+    let mut client = s.client().await;
+    client.write_features(write_score(3)).await.unwrap();
+    let e = client
+        .write_features(write_score(9_007_199_254_740_993))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("the integer 9007199254740993 has no exact double"),
+        "{e:?}"
+    );
     // Ids of int64 entities may come as decimal strings; string ids stay text.
     let (status, body) = post(
         s,
