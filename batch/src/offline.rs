@@ -181,17 +181,24 @@ impl Offline {
         Ok(ctx)
     }
 
-    /// Defines the registry's `[[tables]]` that `query` mentions (their
-    /// schema comes from their files, so a table must have one).
-    pub async fn register_tables(&self, ctx: &SessionContext, query: &str) -> Result<()> {
+    /// The registry's `[[tables]]` that `query` mentions.
+    pub fn tables_in(&self, query: &str) -> Vec<&quiver_core::registry::Table> {
         let words: std::collections::HashSet<String> = query
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .map(str::to_ascii_lowercase)
             .collect();
-        for t in self.registry.tables() {
-            if !words.contains(&t.name.to_ascii_lowercase())
-                || ctx.table_exist(&t.name).unwrap_or(false)
-            {
+        self.registry
+            .tables()
+            .iter()
+            .filter(|t| words.contains(&t.name.to_ascii_lowercase()))
+            .collect()
+    }
+
+    /// Defines the registry's `[[tables]]` that `query` mentions (their
+    /// schema comes from their files, so a table must have one).
+    pub async fn register_tables(&self, ctx: &SessionContext, query: &str) -> Result<()> {
+        for t in self.tables_in(query) {
+            if ctx.table_exist(&t.name).unwrap_or(false) {
                 continue;
             }
             let path: Path = child(&self.root, &[&t.path]);

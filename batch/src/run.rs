@@ -4,8 +4,9 @@
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
+use arrow::compute::can_cast_types;
 use arrow::datatypes::{DataType, TimestampMicrosecondType};
-use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::dataframe::{DataFrame, DataFrameWriteOptions};
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{
     cast, ident, ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
@@ -18,6 +19,17 @@ use quiver_core::time::{check_range, format_rfc3339, Micros};
 use quiver_core::{Error, Result, ValueType};
 
 use crate::offline::{df_error, feature_table_columns, CommittedRun, Offline};
+
+/// What planning the SQL views found, see [`Offline::plan_all`].
+#[derive(Debug, Default)]
+pub struct PlanReport {
+    /// Views whose SQL planned.
+    pub planned: Vec<String>,
+    /// Views not planned, with the declared tables they read.
+    pub skipped: Vec<(String, String)>,
+    /// One error per view that does not plan.
+    pub problems: Vec<Error>,
+}
 
 /// What one view's run produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,15 +128,13 @@ pub fn view_query(view: &FeatureView) -> Result<&str> {
 }
 
 impl Offline {
-    /// Runs one SQL view's query and commits its result as the view's
-    /// feature table. `now` names the run.
-    pub async fn run_view(
-        &self,
-        ctx: &SessionContext,
-        view: &FeatureView,
-        now: Micros,
-    ) -> Result<RunReport> {
-        let started = Instant::now();
+    /// Plans one SQL view's query without running it: the SQL parses and
+    /// plans against the archive's schema (`events`, from the registry) and
+    /// the declared tables' schemas (from their files' metadata); it
+    /// returns the join keys, `event_timestamp` and every feature, each of a
+    /// type that casts to the declared one. The plan casts, checks (see
+    /// [`Checked`]) and drops rows without keys or time.
+    pub async fn plan_view(&self, ctx: &SessionContext, view: &FeatureView) -> Result<DataFrame> {
         let query = view_query(view)?;
         let at = |what: &str| format!("feature view {:?}: {what}", view.name);
         self.register_tables(ctx, query).await?;
@@ -149,6 +159,19 @@ impl Offline {
                 got.join(", ")
             )));
         }
+        for (n, t) in &cols {
+            let from = df
+                .schema()
+                .field_with_unqualified_name(n)
+                .map_err(|e| df_error(&at("SQL"), e))?
+                .data_type();
+            if !can_cast_types(from, &arrow_type(*t)) {
+                return Err(Error::invalid(format!(
+                    "{}: column {n:?} is {from}, which does not convert to {t} (its declared type)",
+                    at("SQL")
+                )));
+            }
+        }
         // Cast to the declared types, and check what every later reader
         // relies on; rows without keys or time cannot be joined or
         // materialized, so they are left out.
@@ -164,6 +187,20 @@ impl Offline {
                 .filter(ident(*n).is_not_null())
                 .map_err(|e| df_error(&at("filter"), e))?;
         }
+        Ok(df)
+    }
+
+    /// Runs one SQL view's query and commits its result as the view's
+    /// feature table. `now` names the run.
+    pub async fn run_view(
+        &self,
+        ctx: &SessionContext,
+        view: &FeatureView,
+        now: Micros,
+    ) -> Result<RunReport> {
+        let started = Instant::now();
+        let at = |what: &str| format!("feature view {:?}: {what}", view.name);
+        let df = self.plan_view(ctx, view).await?;
         let run = format!("run-{now:020}");
         let url = self.dir_url(&self.run_dir(&view.name, &run));
         let written = df
@@ -194,6 +231,40 @@ impl Offline {
             rows,
             elapsed: started.elapsed(),
         })
+    }
+
+    /// Plans every SQL view (see [`Offline::plan_view`]) without running
+    /// any, for `quiver registry validate`. Problems are reported per view.
+    /// `with_tables`: whether declared tables can be read here (their
+    /// schemas live in their files); if not, views that read them are
+    /// skipped rather than reported.
+    pub async fn plan_all(&self, with_tables: bool) -> Result<PlanReport> {
+        let ctx = self.session().await?;
+        let mut report = PlanReport::default();
+        for view in self.registry().views() {
+            let ViewSource::Sql { query } = &view.source else {
+                continue;
+            };
+            let tables: Vec<&str> = self
+                .tables_in(query)
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect();
+            if !with_tables && !tables.is_empty() {
+                report.skipped.push((view.name.clone(), tables.join(", ")));
+                continue;
+            }
+            match self.plan_view(&ctx, view).await {
+                Ok(df) => match df.create_physical_plan().await {
+                    Ok(_) => report.planned.push(view.name.clone()),
+                    Err(e) => report
+                        .problems
+                        .push(df_error(&format!("feature view {:?}: SQL", view.name), e)),
+                },
+                Err(e) => report.problems.push(e),
+            }
+        }
+        Ok(report)
     }
 
     /// Runs the SQL views named in `views` (every SQL view when empty), one

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use quiver_core::event::EventSink;
 use quiver_core::store::{EmbeddedStore, RedisClusterStore, RedisConfig, RedisStore};
@@ -104,10 +104,20 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum RegistryCommand {
-    /// Check a registry file or directory and report every problem.
+    /// Check a registry file or directory and report every problem,
+    /// including SQL feature views that do not plan (DataFusion, against
+    /// the archive's schema and the declared tables' schemas, no data read).
     Validate {
         /// Registry `.toml` file or directory.
         path: PathBuf,
+        /// Offline store whose declared tables' schemas SQL views are
+        /// planned against (directory or s3://bucket/prefix; S3 options from
+        /// --config). Without it, views reading declared tables are skipped.
+        #[arg(long)]
+        archive: Option<String>,
+        /// Configuration file (TOML), for the offline store's options. [env: QUIVER_CONFIG]
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -116,8 +126,13 @@ fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Registry {
-            command: RegistryCommand::Validate { path },
-        } => validate(&path),
+            command:
+                RegistryCommand::Validate {
+                    path,
+                    archive,
+                    config,
+                },
+        } => runtime().and_then(|rt| rt.block_on(validate(&path, archive, config))),
         Command::Serve { overrides } => runtime().and_then(|rt| rt.block_on(serve_cmd(overrides))),
         Command::Ingest { overrides } => {
             runtime().and_then(|rt| rt.block_on(pipeline::ingest_cmd(overrides)))
@@ -178,8 +193,49 @@ fn init_tracing() {
         .init();
 }
 
-fn validate(path: &std::path::Path) -> Result<()> {
-    let reg = Registry::load(path).map_err(|e| anyhow::anyhow!("registry is invalid:\n{e}"))?;
+async fn validate(
+    path: &std::path::Path,
+    archive: Option<String>,
+    config: Option<PathBuf>,
+) -> Result<()> {
+    let reg =
+        Arc::new(Registry::load(path).map_err(|e| anyhow::anyhow!("registry is invalid:\n{e}"))?);
+    // SQL views are planned against the registry's archive schema and, with
+    // an offline store, its declared tables; without one, against an empty
+    // archive directory.
+    let empty = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let (offline, with_tables) = match &archive {
+        Some(location) => {
+            let overrides = Overrides {
+                config,
+                archive: Some(location.clone()),
+                ..Default::default()
+            };
+            let cfg = Config::load(&overrides, &|k| std::env::var(k).ok())?;
+            (batch::offline(&cfg, reg.clone())?, true)
+        }
+        None => {
+            let dir = empty
+                .path()
+                .to_str()
+                .context("temporary directory is not UTF-8")?;
+            let off = quiver_batch::Offline::open(reg.clone(), dir, &[])
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            (off, false)
+        }
+    };
+    let report = offline
+        .plan_all(with_tables)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !report.problems.is_empty() {
+        let lines: Vec<String> = report
+            .problems
+            .iter()
+            .map(|e| format!("{}: {e}", path.display()))
+            .collect();
+        bail!("registry is invalid:\n{}", lines.join("\n"));
+    }
     println!(
         "{}: ok ({} entities, {} event types, {} feature views, {} feature services)",
         path.display(),
@@ -188,6 +244,14 @@ fn validate(path: &std::path::Path) -> Result<()> {
         reg.views().len(),
         reg.services().len()
     );
+    if !report.planned.is_empty() {
+        println!("SQL views planned: {}", report.planned.join(", "));
+    }
+    for (view, tables) in &report.skipped {
+        println!(
+            "SQL view {view} not planned: it reads declared tables ({tables}) whose schemas are in the offline store; pass --archive to check it"
+        );
+    }
     Ok(())
 }
 

@@ -32,6 +32,124 @@ fn validates_the_sample_registry() {
         stdout.contains("ok (2 entities, 4 event types, 9 feature views, 4 feature services)"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("SQL views planned: user_daily, product_daily"),
+        "{stdout}"
+    );
+}
+
+/// SQL feature views are planned (no data read): a misspelt column, a
+/// missing feature column and a type that cannot become the declared one
+/// are reported by view; views over declared tables are planned against
+/// their files' schemas when the offline store is given.
+#[test]
+fn validate_plans_sql_views() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sql.toml");
+    let registry = r#"
+[[entities]]
+name = "user"
+join_key = "user_id"
+
+[[event_types]]
+name = "buy"
+entities = ["user"]
+attributes = [{ name = "amount", dtype = "double" }]
+
+[[tables]]
+name = "profiles"
+path = "tables/profiles"
+
+[[feature_views]]
+name = "typo"
+entities = ["user"]
+source = { sql = "SELECT user_id, event_time AS event_timestamp, amountt AS x FROM events" }
+features = [{ name = "x", dtype = "double" }]
+
+[[feature_views]]
+name = "missing"
+entities = ["user"]
+source = { sql = "SELECT user_id, event_time AS event_timestamp FROM events" }
+features = [{ name = "x", dtype = "double" }]
+
+[[feature_views]]
+name = "wrong_type"
+entities = ["user"]
+source = { sql = "SELECT user_id, event_time AS event_timestamp, make_array(amount) AS x FROM events" }
+features = [{ name = "x", dtype = "double" }]
+
+[[feature_views]]
+name = "from_table"
+entities = ["user"]
+source = { sql = "SELECT user_id, updated AS event_timestamp, age FROM profiles" }
+features = [{ name = "age", dtype = "int64" }]
+"#;
+    std::fs::write(&file, registry).unwrap();
+    let out = validate(&file);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "sql.toml: feature view \"typo\": SQL: Schema error: No field named amountt",
+        "sql.toml: feature view \"missing\": SQL: the query returns no column x",
+        "sql.toml: feature view \"wrong_type\": SQL: column \"x\" is List(Float64), which does not convert to double",
+    ] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+
+    // Only the view over a declared table: skipped without the offline
+    // store, planned against its file with it.
+    let good: String = registry
+        .split("[[feature_views]]")
+        .enumerate()
+        .filter(|(i, _)| *i == 0 || *i == 4)
+        .map(|(_, s)| s)
+        .collect::<Vec<_>>()
+        .join("[[feature_views]]");
+    std::fs::write(&file, &good).unwrap();
+    let out = validate(&file);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("SQL view from_table not planned: it reads declared tables (profiles)"),
+        "{stdout}"
+    );
+    std::fs::create_dir_all(dir.path().join("offline/tables/profiles")).unwrap();
+    std::fs::write(
+        dir.path().join("profiles.csv"),
+        "user_id,updated,age\nu1,2026-01-01T00:00:00Z,30\n",
+    )
+    .unwrap();
+    // A Parquet file of the table, written by the batch layer's own writer.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let table = rt
+        .block_on(quiver_batch::entities::read_file(
+            &quiver_core::Registry::from_toml("x.toml", "").unwrap(),
+            &dir.path().join("profiles.csv"),
+        ))
+        .unwrap();
+    quiver_batch::retrieve::write_parquet_file(
+        &table,
+        &dir.path().join("offline/tables/profiles/p.parquet"),
+    )
+    .unwrap();
+    let out = quiver()
+        .args(["registry", "validate"])
+        .arg(&file)
+        .args(["--archive", "offline"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("SQL views planned: from_table"), "{stdout}");
 }
 
 #[test]
