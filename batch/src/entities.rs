@@ -551,6 +551,110 @@ value_type = "int64"
         }
     }
 
+    /// One entity table in every form a client sends it: each comes back
+    /// with the same string ids (digits, leading zeros, commas, quotes and
+    /// all), the same int64 ids and the instants its RFC 3339 texts name.
+    mod forms {
+        use proptest::prelude::*;
+        use quiver_core::time::{format_rfc3339, MAX_MICROS, MIN_MICROS};
+
+        use super::*;
+
+        /// `m` written as the wall-clock time at a UTC offset of `minutes`.
+        fn with_offset(m: i64, minutes: i32) -> String {
+            if minutes == 0 {
+                return format_rfc3339(m);
+            }
+            let local = format_rfc3339(m + i64::from(minutes) * 60_000_000);
+            let a = minutes.abs();
+            let sign = if minutes < 0 { '-' } else { '+' };
+            format!(
+                "{}{sign}{:02}:{:02}",
+                local.trim_end_matches('Z'),
+                a / 60,
+                a % 60
+            )
+        }
+
+        fn rows() -> impl Strategy<Value = Vec<(String, i64, i64, i32)>> {
+            let id = prop_oneof![
+                "[0-9]{1,5}",
+                "0[0-9]{1,4}",
+                "[a-z ,\"']{1,6}",
+                any::<String>()
+                    .prop_filter("non-empty", |s| !s.is_empty() && !s.contains(['\r', '\n'])),
+            ];
+            let day = 86_400_000_000;
+            proptest::collection::vec(
+                (
+                    id,
+                    any::<i64>(),
+                    (MIN_MICROS + day)..(MAX_MICROS - day),
+                    -1439..=1439i32,
+                ),
+                1..8,
+            )
+        }
+
+        fn check(t: &RecordBatch, want: &[(String, i64, i64, i32)]) -> Result<(), TestCaseError> {
+            let (t, times) =
+                typed(&registry(), t.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let ids: Vec<&str> = t
+                .column_by_name("account_id")
+                .unwrap()
+                .as_string::<i32>()
+                .iter()
+                .flatten()
+                .collect();
+            let shops = t
+                .column_by_name("shop_id")
+                .unwrap()
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .values()
+                .to_vec();
+            prop_assert_eq!(ids, want.iter().map(|r| r.0.as_str()).collect::<Vec<_>>());
+            prop_assert_eq!(shops, want.iter().map(|r| r.1).collect::<Vec<_>>());
+            prop_assert_eq!(
+                times.values().to_vec(),
+                want.iter().map(|r| r.2).collect::<Vec<_>>()
+            );
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+            #[test]
+            fn every_form_reads_the_same_table(rows in rows()) {
+                let table = RecordBatch::try_from_iter(vec![
+                    ("account_id", Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.clone()))) as ArrayRef),
+                    ("shop_id", Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1)))),
+                    ("event_timestamp", Arc::new(StringArray::from_iter_values(rows.iter().map(|r| with_offset(r.2, r.3))))),
+                ]).unwrap();
+                // Arrow IPC (gRPC entities_arrow, the Python client).
+                let ipc = crate::retrieve::to_ipc(&table).unwrap();
+                check(&from_ipc(&ipc).unwrap(), &rows)?;
+                // Protobuf columns.
+                let values: Vec<(String, Vec<Value>)> = vec![
+                    ("account_id".into(), rows.iter().map(|r| Value::String(r.0.clone())).collect()),
+                    ("shop_id".into(), rows.iter().map(|r| Value::Int64(r.1)).collect()),
+                    ("event_timestamp".into(), rows.iter().map(|r| Value::Timestamp(r.2)).collect()),
+                ];
+                check(&from_values(values).unwrap(), &rows)?;
+                // Parquet and CSV files (`quiver batch retrieve`).
+                let dir = tempfile::tempdir().unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let parquet = dir.path().join("e.parquet");
+                crate::retrieve::write_parquet_file(&table, &parquet).unwrap();
+                check(&rt.block_on(read_file(&registry(), &parquet)).unwrap(), &rows)?;
+                let csv = dir.path().join("e.csv");
+                let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(std::fs::File::create(&csv).unwrap());
+                w.write(&table).unwrap();
+                drop(w);
+                check(&rt.block_on(read_file(&registry(), &csv)).unwrap(), &rows)?;
+            }
+        }
+    }
+
     #[test]
     fn labels_pass_through() {
         let (t, _) = typed(
