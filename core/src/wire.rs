@@ -242,6 +242,15 @@ attributes = [{ name = "amount", dtype = "double" }, { name = "note", dtype = "s
         let loose = br#"{"event_id":"e1","event_type":"purchase","event_time":"2025-11-24T16:00:00.000001Z","entities":{"user_id":"u1"},"attributes":{"amount":9}}"#;
         let e = decode_event(&reg, loose).unwrap();
         assert_eq!(e.attributes, vec![("amount".into(), Value::Double(9.0))]);
+        // A JSON payload from any producer: the offset names the instant
+        // (the tile the event counts in), NaN is spelled as in the REST API.
+        let offset = br#"{"event_id":"e1","event_type":"purchase","event_time":"2025-11-24T21:30:00.000001+05:30","entities":{"user_id":"u1"},"attributes":{"amount":"NaN"}}"#;
+        let e = decode_event(&reg, offset).unwrap();
+        assert_eq!(
+            e.event_time,
+            crate::time::parse_rfc3339("2025-11-24T16:00:00.000001Z").unwrap()
+        );
+        assert!(matches!(e.attributes[0].1, Value::Double(d) if d.is_nan()));
         for (bad, needle) in [
             (&b"\x08\x01garbage"[..], "not a quiver.v1.Event"),
             (br#"{"event_id":"e1"}"#, "event_type is required"),

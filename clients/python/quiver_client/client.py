@@ -25,8 +25,15 @@ class QuiverError(Exception):
         self.message = message
 
 
+def _set_timestamp(ts: Any, v: _dt.datetime) -> None:
+    """Sets a google.protobuf.Timestamp to the instant `v` names: aware datetimes are converted to
+    UTC, naive ones are taken as UTC (as protobuf, Arrow and pandas do; never as local time)."""
+    ts.FromDatetime(v.astimezone(_dt.timezone.utc) if v.tzinfo else v.replace(tzinfo=_dt.timezone.utc))
+
+
 def to_value(v: Any) -> "pb.Value":
-    """A Python value as a quiver.v1.Value (lists take the type of their first element)."""
+    """A Python value as a quiver.v1.Value. Naive datetimes are UTC; a list of numbers with any
+    float is a double list (ints and floats alike), of ints only an int64 list."""
     out = pb.Value()
     if v is None:
         out.null_val = pb.NULL
@@ -41,15 +48,17 @@ def to_value(v: Any) -> "pb.Value":
     elif isinstance(v, (bytes, bytearray)):
         out.bytes_val = bytes(v)
     elif isinstance(v, _dt.datetime):
-        out.timestamp_val.FromDatetime(v.astimezone(_dt.timezone.utc) if v.tzinfo else v)
+        _set_timestamp(out.timestamp_val, v)
     elif isinstance(v, (list, tuple)):
         first = v[0] if v else 0.0
+        if any(x is None for x in v):
+            raise TypeError(f"null element at index {[x is None for x in v].index(True)}: lists cannot hold None")
         if isinstance(first, bool):
             out.bool_list_val.val.extend(v)
+        elif isinstance(first, (int, float)) and any(isinstance(x, float) for x in v):
+            out.double_list_val.val.extend(float(x) for x in v)
         elif isinstance(first, int):
             out.int64_list_val.val.extend(v)
-        elif isinstance(first, float):
-            out.double_list_val.val.extend(v)
         elif isinstance(first, str):
             out.string_list_val.val.extend(v)
         elif isinstance(first, (bytes, bytearray)):
@@ -169,6 +178,8 @@ class QuiverClient:
     def write_features(self, feature_view: str, rows: Sequence[Mapping[str, Any]]) -> Dict[str, int]:
         """Writes rows {"entity_key": {...}, "event_timestamp": datetime, "features": {...}}.
 
+        Datetimes with a time zone are the instants they name; naive datetimes are UTC.
+
         Feature values may be pb.Value (e.g. float32_list(...) for embeddings) or plain Python values.
         """
         req = pb.WriteFeaturesRequest(feature_view=feature_view)
@@ -176,7 +187,7 @@ class QuiverClient:
             row = req.rows.add()
             for k, v in r["entity_key"].items():
                 row.entity_key[k].CopyFrom(to_value(v))
-            row.event_timestamp.FromDatetime(r["event_timestamp"].astimezone(_dt.timezone.utc))
+            _set_timestamp(row.event_timestamp, r["event_timestamp"])
             for k, v in r.get("features", {}).items():
                 row.features[k].CopyFrom(v if isinstance(v, pb.Value) else to_value(v))
         resp = self._call(self._stub.WriteFeatures, req)
@@ -194,7 +205,7 @@ class QuiverClient:
             ev.event_id = e["event_id"]
             ev.event_type = e["event_type"]
             if e.get("event_time") is not None:
-                ev.event_time.FromDatetime(e["event_time"].astimezone(_dt.timezone.utc))
+                _set_timestamp(ev.event_time, e["event_time"])
             for k, v in e.get("entities", {}).items():
                 ev.entities[k].CopyFrom(to_value(v))
             for k, v in e.get("attributes", {}).items():

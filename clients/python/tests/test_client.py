@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import signal
 import time
 import urllib.error
@@ -90,6 +91,40 @@ def test_write_then_read_typed_values(client):
         [{"entity_key": {"user_id": "py_user"}, "event_timestamp": now - dt.timedelta(hours=1), "features": {"sessions_7d": 1}}],
     )
     assert stale == {"written": 0, "stale": 1}
+
+
+def test_times_are_instants_and_values_come_back_exactly(client):
+    """An aware datetime is the instant it names; a naive one is UTC (never local time); NaN and
+    infinities come back as themselves."""
+    base = dt.datetime.now(dt.timezone.utc).replace(microsecond=123456)
+    ist = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    # The same instant three ways, then one microsecond later: the later row wins.
+    for when in (base.astimezone(ist), base.replace(tzinfo=None), base):
+        client.write_features(
+            "user_activity",
+            [{"entity_key": {"user_id": "py_tz"}, "event_timestamp": when, "features": {"last_login": when}}],
+        )
+    later = base + dt.timedelta(microseconds=1)
+    assert client.write_features(
+        "user_activity",
+        [{"entity_key": {"user_id": "py_tz"}, "event_timestamp": later.astimezone(ist),
+          "features": {"last_login": base.astimezone(ist), "total_spend_30d": float("nan"),
+                       "avg_order_value_30d": float("-inf")}}],
+    ) == {"written": 1, "stale": 0}
+    cols = client.get_online_features(
+        {"user_id": ["py_tz"]},
+        features=["user_activity:last_login", "user_activity:total_spend_30d", "user_activity:avg_order_value_30d"],
+        with_status=True,
+    )
+    value, status, event_time = cols["last_login"][0]
+    assert (value, status, event_time) == (base, "PRESENT", later)
+    assert math.isnan(cols["total_spend_30d"][0][0])
+    assert cols["avg_order_value_30d"][0][0] == float("-inf")
+    # A list of ints and floats is a double list; a None element is refused before sending.
+    from quiver_client.client import to_value
+    assert list(to_value([1, 2.5]).double_list_val.val) == [1.0, 2.5]
+    with pytest.raises(TypeError, match="null element at index 1"):
+        to_value(["a", None])
 
 
 def test_errors_carry_status_and_message(client):
