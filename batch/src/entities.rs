@@ -29,15 +29,12 @@ use arrow::datatypes::{
 };
 use datafusion::prelude::SessionContext;
 use quiver_core::columnar::{arrow_type, timestamp_type};
-use quiver_core::json::parse_int64;
 use quiver_core::registry::TIMESTAMP_COLUMN;
 use quiver_core::time::{check_range, parse_rfc3339, Micros};
+use quiver_core::value::{exact_i64, parse_int64, INT64_RANGE};
 use quiver_core::{Error, Registry, Result, Value, ValueType};
 
 use crate::offline::{df_error, session_config};
-
-/// Largest magnitude up to which a float holds every integer exactly.
-const EXACT_F64_INT: f64 = 9_007_199_254_740_992.0;
 
 /// The entity table with join keys in their entities' types and
 /// `event_timestamp` as UTC microseconds (see the module docs), and that
@@ -207,12 +204,8 @@ fn key_column(name: &str, entity: &str, a: &ArrayRef, ty: ValueType) -> Result<A
                 .iter()
                 .enumerate()
                 .map(|(i, v)| {
-                    v.map(|v| {
-                        i64::try_from(v).map_err(|_| {
-                            at(i, format!("{v} is {}", quiver_core::json::INT64_RANGE))
-                        })
-                    })
-                    .transpose()
+                    v.map(|v| i64::try_from(v).map_err(|_| at(i, format!("{v} is {INT64_RANGE}"))))
+                        .transpose()
                 })
                 .collect::<Result<_>>()?;
             Ok(Arc::new(out))
@@ -231,14 +224,12 @@ fn key_column(name: &str, entity: &str, a: &ArrayRef, ty: ValueType) -> Result<A
                 .enumerate()
                 .map(|(i, v)| {
                     v.map(|f| {
-                        if f.fract() == 0.0 && f.abs() <= EXACT_F64_INT {
-                            Ok(f as i64)
-                        } else {
-                            Err(at(
+                        exact_i64(f).ok_or_else(|| {
+                            at(
                                 i,
-                                format!("{f} is not an integer that a {dt} holds exactly"),
-                            ))
-                        }
+                                format!("{f:?} is not an integer that a {dt} holds exactly"),
+                            )
+                        })
                     })
                     .transpose()
                 })

@@ -13,6 +13,7 @@ use serde_json::{json, Value as Json_};
 
 use crate::error::quote;
 use crate::time::{format_rfc3339, parse_rfc3339};
+use crate::value::{exact_f32, exact_f64, f64_to_f32, parse_int64, INT64_RANGE};
 use crate::value::{Value, ValueType};
 
 /// How a JSON value is spelled in messages ("a string", "null", ...).
@@ -27,39 +28,27 @@ pub fn json_kind(v: &Json_) -> &'static str {
     }
 }
 
-/// Largest magnitude up to which every integer is exactly a double (2^53):
-/// integral JSON numbers written with a fraction or exponent (`3.0`, `1e3`)
-/// are taken as int64 only inside it, where no digit can have been lost.
-const EXACT_F64_INT: f64 = 9_007_199_254_740_992.0;
-
-/// Reads a JSON int64: a number without fraction (`42`), an integral number
-/// up to 2^53 written with one (`42.0`, `4.2e1`), or a decimal string
+/// Reads a JSON int64: an integer literal (`42`), or a decimal string
 /// (`"42"`, as protobuf's JSON mapping writes int64 so that JavaScript
-/// clients keep every digit).
+/// clients keep every digit). A number with a fraction or an exponent is
+/// refused: JSON parsers read it as a double, which may already have
+/// changed its digits.
 fn int64_from_json(v: &Json_) -> Result<i64, String> {
     match v {
-        Json_::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                return Ok(i);
-            }
-            let f = n.as_f64().unwrap_or(f64::NAN);
-            if n.is_u64() || f.abs() >= 9_223_372_036_854_775_808.0 {
-                Err(format!("{n} is {INT64_RANGE}"))
-            } else if f.fract() != 0.0 {
-                Err(format!("{n} is not an integer"))
-            } else if f.abs() > EXACT_F64_INT {
-                Err(format!(
-                    "{n} is beyond 2^53 and written with a fraction or exponent, so its digits are not exact; write the integer without them"
-                ))
+        Json_::Number(n) => n.as_i64().ok_or_else(|| {
+            if n.is_u64() {
+                format!("{n} is {INT64_RANGE}")
             } else {
-                Ok(f as i64)
+                format!(
+                    "{n} is not an int64: write an integer from -9223372036854775808 to 9223372036854775807 without a fraction or exponent"
+                )
             }
-        }
+        }),
         Json_::String(s) => {
             let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
             if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(format!(
-                    "expected int64 (a number, or one as a decimal string), got the string {}",
+                    "expected int64 (an integer, or one as a decimal string), got the string {}",
                     quote(s)
                 ));
             }
@@ -67,22 +56,6 @@ fn int64_from_json(v: &Json_) -> Result<i64, String> {
         }
         other => Err(format!("expected int64, got {}", json_kind(other))),
     }
-}
-
-/// The range of int64, as written in error messages.
-pub const INT64_RANGE: &str =
-    "out of range for int64 (-9223372036854775808 to 9223372036854775807)";
-
-/// Parses a decimal int64 (`42`, `-7`, `+7`, `007`); errors tell an
-/// out-of-range integer from text that is not an integer.
-pub fn parse_int64(s: &str) -> Result<i64, String> {
-    use std::num::IntErrorKind;
-    s.parse::<i64>().map_err(|e| match e.kind() {
-        IntErrorKind::PosOverflow | IntErrorKind::NegOverflow => {
-            format!("{} is {INT64_RANGE}", quote(s))
-        }
-        _ => format!("{} is not an integer", quote(s)),
-    })
 }
 
 /// The strings that stand for the doubles JSON cannot write, as in
@@ -97,11 +70,15 @@ fn special_f64(s: &str) -> Option<f64> {
 }
 
 /// Reads a JSON double: a number, or `"NaN"`, `"Infinity"`, `"-Infinity"`.
+/// An integer literal must be one the double holds exactly; a number with
+/// a fraction or exponent is a decimal and reads as the nearest double.
 fn f64_from_json(v: &Json_, ty: &str) -> Result<f64, String> {
     match v {
-        Json_::Number(n) => n
-            .as_f64()
-            .ok_or_else(|| format!("{n} is not a {ty}")),
+        Json_::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => exact_f64(i128::from(i)),
+            (None, Some(u)) => exact_f64(i128::from(u)),
+            _ => n.as_f64().ok_or_else(|| format!("{n} is not a {ty}")),
+        },
         Json_::String(s) => special_f64(s).ok_or_else(|| {
             format!(
                 "expected {ty} (a number, or \"NaN\", \"Infinity\", \"-Infinity\"), got the string {}",
@@ -116,7 +93,14 @@ fn f64_from_json(v: &Json_, ty: &str) -> Result<f64, String> {
 /// nearest float32; finite numbers beyond float32's range are refused
 /// rather than turned into infinities.
 fn f32_from_json(v: &Json_) -> Result<f32, String> {
-    crate::value::f64_to_f32(f64_from_json(v, "float32")?)
+    if let Json_::Number(n) = v {
+        match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => return exact_f32(i128::from(i)),
+            (None, Some(u)) => return exact_f32(i128::from(u)),
+            _ => {}
+        }
+    }
+    f64_to_f32(f64_from_json(v, "float32")?)
 }
 
 /// Reads base64 bytes: the standard or the URL-safe alphabet, padded or
@@ -260,7 +244,7 @@ mod tests {
         );
         assert!(value_from_json(&json!(1.5), ValueType::Int64)
             .unwrap_err()
-            .contains("not an integer"));
+            .contains("is not an int64"));
         assert!(value_from_json(&json!("x"), ValueType::Bool).is_err());
         assert_eq!(
             value_from_json(&json!([0.5, 1]), ValueType::FloatList).unwrap(),
@@ -320,7 +304,10 @@ mod tests {
             serde_json::from_str("-9223372036854775809").unwrap(),
             ValueType::Int64,
         );
-        assert!(e.contains("out of range for int64"), "{e}");
+        assert!(
+            e.contains("is not an int64: write an integer from -9223372036854775808"),
+            "{e}"
+        );
         let e = msg(json!("9223372036854775808"), ValueType::Int64);
         assert!(e.contains("out of range for int64"), "{e}");
         let e = msg(
@@ -343,12 +330,33 @@ mod tests {
         let e = msg(json!("abc"), ValueType::Int64);
         assert!(
             e.contains(
-                "expected int64 (a number, or one as a decimal string), got the string \"abc\""
+                "expected int64 (an integer, or one as a decimal string), got the string \"abc\""
             ),
             "{e}"
         );
-        let e = msg(json!(1e17), ValueType::Int64);
-        assert!(e.contains("not exact"), "{e}");
+        // A fraction or exponent: the literal was read as a double.
+        for literal in ["42.0", "4.2e1", "9007199254740993.0", "1.0000000000000001"] {
+            let e = msg(serde_json::from_str(literal).unwrap(), ValueType::Int64);
+            assert!(
+                e.contains("without a fraction or exponent"),
+                "{literal}: {e}"
+            );
+        }
+        // An integer literal a double cannot hold is not rounded.
+        let e = msg(json!(9_007_199_254_740_993i64), ValueType::Double);
+        assert!(
+            e.contains("the integer 9007199254740993 has no exact double"),
+            "{e}"
+        );
+        let e = msg(json!([1, 16_777_217]), ValueType::FloatList);
+        assert!(
+            e.contains("element 1: the integer 16777217 has no exact float32"),
+            "{e}"
+        );
+        let e = msg(json!(u64::MAX), ValueType::Double);
+        assert!(e.contains("no exact double"), "{e}");
+        let e = msg(json!([1e308]), ValueType::FloatList);
+        assert!(e.contains("1e308 is out of range for float32"), "{e}");
         let e = msg(json!("x".repeat(5000)), ValueType::Timestamp);
         assert!(e.len() < 400, "{e}");
     }
@@ -358,7 +366,7 @@ mod tests {
         let int = |v| value_from_json(&v, ValueType::Int64).unwrap();
         assert_eq!(int(json!("-42")), Value::Int64(-42));
         assert_eq!(int(json!("9223372036854775807")), Value::Int64(i64::MAX));
-        assert_eq!(int(json!(42.0)), Value::Int64(42));
+        assert_eq!(int(json!("+007")), Value::Int64(7));
         assert_eq!(
             value_from_json(&json!("_-8"), ValueType::Bytes).unwrap(),
             Value::Bytes(vec![0xff, 0xef])

@@ -119,17 +119,28 @@ pub fn format_rfc3339(m: Micros) -> String {
 /// between date and time; any number of fractional digits (digits past the
 /// sixth are dropped, i.e. rounded toward the past, as for protobuf
 /// nanoseconds); `Z`, `z` or a numeric offset `+hh:mm`/`-hh:mm` (`-00:00`
-/// included), which is converted to UTC; a leap second (`:60`) reads as the
-/// first instant of the next minute. The result must lie in
+/// included; ASCII only), which is converted to UTC; a leap second (`:60`,
+/// with any fraction) reads as the first instant of the next minute, so it
+/// never sorts after a later time. The result must lie in
 /// [`check_range`]'s range. Errors say what was wrong and show a valid form.
 pub fn parse_rfc3339(s: &str) -> Result<Micros, String> {
-    let t = DateTime::parse_from_rfc3339(s).map_err(|e| {
-        format!(
-            "{} is not an RFC 3339 timestamp ({e}); write e.g. 2026-11-29T10:00:00Z or 2026-11-29T15:30:00.5+05:30",
+    const EXAMPLE: &str = "write e.g. 2026-11-29T10:00:00Z or 2026-11-29T15:30:00.5+05:30";
+    if !s.is_ascii() {
+        // chrono also takes U+2212 (minus sign) in offsets; RFC 3339 does not.
+        return Err(format!(
+            "{} is not an RFC 3339 timestamp (it has a non-ASCII character); {EXAMPLE}",
             quote(s)
-        )
-    })?;
-    check_range(t.timestamp_micros())
+        ));
+    }
+    let t = DateTime::parse_from_rfc3339(s)
+        .map_err(|e| format!("{} is not an RFC 3339 timestamp ({e}); {EXAMPLE}", quote(s)))?;
+    // chrono keeps a leap second as nanoseconds past 1e9 within second 59.
+    let micros = if t.timestamp_subsec_nanos() >= 1_000_000_000 {
+        (t.timestamp() + 1) * 1_000_000
+    } else {
+        t.timestamp_micros()
+    };
+    check_range(micros)
         .map_err(|_| format!("{} is outside the supported range {RANGE_TEXT}", quote(s)))
 }
 
@@ -179,8 +190,14 @@ mod tests {
             z("2026-11-29T10:00:00.123456789Z"),
             "2026-11-29T10:00:00.123456Z"
         );
-        // A leap second is the first instant of the next minute.
+        // A leap second is the first instant of the next minute, whatever
+        // its fraction: 23:59:60.9 must not sort after 00:00:00.5.
         assert_eq!(z("2016-12-31T23:59:60Z"), "2017-01-01T00:00:00.000000Z");
+        assert_eq!(z("2016-12-31T23:59:60.9Z"), "2017-01-01T00:00:00.000000Z");
+        assert_eq!(
+            z("2017-01-01T05:29:60.999999+05:30"),
+            "2017-01-01T00:00:00.000000Z"
+        );
         // An offset crossing a day and year boundary.
         assert_eq!(
             z("2027-01-01T01:00:00+02:00"),
@@ -197,6 +214,7 @@ mod tests {
             ("2026-13-01T00:00:00Z", "not an RFC 3339 timestamp"),
             ("0001-01-01T00:00:00+00:01", "outside the supported range"),
             ("9999-12-31T23:59:60Z", "outside the supported range"),
+            ("2026-11-29T10:00:00\u{2212}05:30", "non-ASCII"),
         ] {
             let e = parse_rfc3339(bad).unwrap_err();
             assert!(e.contains(needle), "{bad}: {e}");

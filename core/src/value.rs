@@ -4,6 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::quote;
 use crate::time::Micros;
 
 /// The declared type of a feature or a join key.
@@ -176,13 +177,65 @@ impl Value {
     }
 }
 
+// Numbers change only their type, never their value: the one set of
+// conversions for every path (JSON, protobuf, entity tables).
+
+/// The range of int64, as written in error messages.
+pub const INT64_RANGE: &str =
+    "out of range for int64 (-9223372036854775808 to 9223372036854775807)";
+
+/// Parses a decimal int64 (`42`, `-7`, `+7`, `007`: ASCII digits with an
+/// optional sign); errors tell an out-of-range integer from text that is
+/// not an integer.
+pub fn parse_int64(s: &str) -> Result<i64, String> {
+    use std::num::IntErrorKind;
+    s.parse::<i64>().map_err(|e| match e.kind() {
+        IntErrorKind::PosOverflow | IntErrorKind::NegOverflow => {
+            format!("{} is {INT64_RANGE}", quote(s))
+        }
+        _ => format!("{} is not an integer", quote(s)),
+    })
+}
+
+/// An integer as a double, only if the double holds it exactly (every
+/// integer up to 2^53 in magnitude, and some beyond).
+pub fn exact_f64(n: i128) -> Result<f64, String> {
+    let d = n as f64;
+    if d as i128 == n {
+        Ok(d)
+    } else {
+        Err(format!(
+            "the integer {n} has no exact double; send it as a double"
+        ))
+    }
+}
+
+/// An integer as a float32, only if the float32 holds it exactly (every
+/// integer up to 2^24 in magnitude, and some beyond).
+pub fn exact_f32(n: i128) -> Result<f32, String> {
+    let f = n as f32;
+    if f as i128 == n {
+        Ok(f)
+    } else {
+        Err(format!(
+            "the integer {n} has no exact float32; send it as a number with a fraction"
+        ))
+    }
+}
+
+/// A float as an int64, only if it is an integer that no rounding can have
+/// touched: magnitude below 2^53, where doubles hold every integer.
+pub fn exact_i64(f: f64) -> Option<i64> {
+    (f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0).then_some(f as i64)
+}
+
 /// A double as the nearest float32; a finite double beyond float32's range
 /// is refused rather than turned into an infinity (NaN and infinities stay).
 pub fn f64_to_f32(d: f64) -> Result<f32, String> {
     let f = d as f32;
     if d.is_finite() && !f.is_finite() {
         return Err(format!(
-            "{d} is out of range for float32 (largest magnitude {})",
+            "{d:?} is out of range for float32 (largest magnitude {:?})",
             f32::MAX
         ));
     }
@@ -193,48 +246,48 @@ pub fn f64_to_f32(d: f64) -> Result<f32, String> {
 /// numbers of another type only where nothing changes but the type.
 ///
 /// - int64 to double (and int64 lists to double lists): only integers a
-///   double holds exactly (all up to 2^53 in magnitude), since JSON and
-///   many clients do not tell 3 from 3.0;
+///   double holds exactly ([`exact_f64`]), since JSON and many clients do
+///   not tell 3 from 3.0;
 /// - int64 lists to float lists: only integers a float32 holds exactly;
 /// - double lists to float lists (embeddings sent as doubles): rounded to
-///   the nearest float32, but a finite number beyond float32's range is
-///   refused rather than turned into an infinity.
+///   the nearest float32 ([`f64_to_f32`]);
+/// - an empty list of any element type to an empty list of `ty` (a client
+///   cannot tell the element type of `[]`).
 ///
 /// Errors say which value cannot be taken and why.
 pub fn coerce(v: Value, ty: ValueType) -> Result<Value, String> {
-    fn exact_f64(n: i64) -> Result<f64, String> {
-        let d = n as f64;
-        if d as i128 == i128::from(n) {
-            Ok(d)
-        } else {
-            Err(format!(
-                "the integer {n} has no exact double; send it as a double"
-            ))
-        }
-    }
-    fn exact_f32(n: i64) -> Result<f32, String> {
-        let f = n as f32;
-        if f as i128 == i128::from(n) {
-            Ok(f)
-        } else {
-            Err(format!(
-                "the integer {n} has no exact float32; send it as a number with a fraction"
-            ))
-        }
-    }
     fn each<T, U>(l: Vec<T>, f: impl Fn(T) -> Result<U, String>) -> Result<Vec<U>, String> {
         l.into_iter()
             .enumerate()
             .map(|(i, x)| f(x).map_err(|m| format!("element {i}: {m}")))
             .collect()
     }
+    let int = |n: i64| i128::from(n);
     match (v, ty) {
         (v, ty) if v.is_null() || v.value_type() == Some(ty) => Ok(v),
-        (Value::Int64(n), ValueType::Double) => exact_f64(n).map(Value::Double),
-        (Value::Int64List(l), ValueType::DoubleList) => each(l, exact_f64).map(Value::DoubleList),
-        (Value::Int64List(l), ValueType::FloatList) => each(l, exact_f32).map(Value::FloatList),
+        (v, ty) if ty.is_list() && v.list_len() == Some(0) => Ok(empty_list(ty)),
+        (Value::Int64(n), ValueType::Double) => exact_f64(int(n)).map(Value::Double),
+        (Value::Int64List(l), ValueType::DoubleList) => {
+            each(l, |n| exact_f64(int(n))).map(Value::DoubleList)
+        }
+        (Value::Int64List(l), ValueType::FloatList) => {
+            each(l, |n| exact_f32(int(n))).map(Value::FloatList)
+        }
         (Value::DoubleList(l), ValueType::FloatList) => each(l, f64_to_f32).map(Value::FloatList),
         (v, ty) => Err(format!("expected {ty}, got {}", v.type_name())),
+    }
+}
+
+/// The empty list of list type `ty` (`Null` for scalar types).
+fn empty_list(ty: ValueType) -> Value {
+    match ty {
+        ValueType::Int64List => Value::Int64List(Vec::new()),
+        ValueType::DoubleList => Value::DoubleList(Vec::new()),
+        ValueType::StringList => Value::StringList(Vec::new()),
+        ValueType::BoolList => Value::BoolList(Vec::new()),
+        ValueType::BytesList => Value::BytesList(Vec::new()),
+        ValueType::FloatList => Value::FloatList(Vec::new()),
+        _ => Value::Null,
     }
 }
 
@@ -270,6 +323,13 @@ mod tests {
             Ok(Value::FloatList(vec![f32::INFINITY, 0.5]))
         );
         assert_eq!(coerce(Value::Null, ValueType::Bytes), Ok(Value::Null));
+        assert_eq!(
+            coerce(Value::DoubleList(vec![]), ValueType::StringList),
+            Ok(Value::StringList(vec![]))
+        );
+        assert_eq!(exact_i64(3.0), Some(3));
+        assert_eq!(exact_i64(9_007_199_254_740_992.0), None);
+        assert_eq!(exact_i64(1.5), None);
         let e = coerce(Value::Double(1.0), ValueType::Int64).unwrap_err();
         assert_eq!(e, "expected int64, got double");
     }
