@@ -167,7 +167,10 @@ impl Offline {
 
         let events = ListingTableUrl::parse(self.dir_url(&child(&self.root, &[EVENTS_DIR])))
             .map_err(|e| df_error("events table", e))?;
-        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+        // The format carries its own reader options: the session's (no
+        // statistics-based pruning, see `session_config`), not the defaults.
+        let format = ParquetFormat::default().with_options(ctx.copied_table_options().parquet);
+        let options = ListingOptions::new(Arc::new(format))
             .with_file_extension(".parquet")
             .with_table_partition_cols(vec![("date".to_owned(), DataType::Utf8)]);
         let table = ListingTable::try_new(
