@@ -107,6 +107,20 @@ impl Event {
         let obj = json
             .as_object()
             .ok_or_else(|| Error::invalid("an event must be a JSON object"))?;
+        const FIELDS: [&str; 5] = [
+            "event_id",
+            "event_type",
+            "event_time",
+            "entities",
+            "attributes",
+        ];
+        if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+            return Err(Error::invalid(format!(
+                "unknown field {} in an event; its fields are {}",
+                crate::error::quote(k),
+                FIELDS.join(", ")
+            )));
+        }
         let str_field = |name: &str| -> Result<String> {
             match obj.get(name) {
                 Some(Json::String(s)) => Ok(s.clone()),

@@ -16,6 +16,78 @@ use crate::time::{format_rfc3339, parse_rfc3339};
 use crate::value::{exact_f32, exact_f64, f64_to_f32, parse_int64, INT64_RANGE};
 use crate::value::{Value, ValueType};
 
+/// Parses JSON text into a value, refusing an object with a key twice: a
+/// JSON parser keeps one of them silently (serde_json the last), so
+/// `{"user_id": "a", "user_id": "b"}` would write to `b` without a word.
+/// RFC 8259 leaves duplicate names to the implementation; quiver says no.
+pub fn parse_strict(text: &[u8]) -> Result<Json_, String> {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let Strict(v) = serde::Deserialize::deserialize(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(v)
+}
+
+/// A JSON value deserialized with duplicate object keys refused.
+struct Strict(Json_);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+        d.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Strict;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Strict, E> {
+        Ok(Strict(Json_::Null))
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Strict, E> {
+        Ok(Strict(Json_::Bool(b)))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Strict, E> {
+        Ok(Strict(Json_::from(n)))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Strict, E> {
+        Ok(Strict(Json_::from(n)))
+    }
+    fn visit_f64<E>(self, n: f64) -> Result<Strict, E> {
+        Ok(Strict(Json_::from(n)))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Strict, E> {
+        Ok(Strict(Json_::String(s.to_owned())))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Strict, E> {
+        Ok(Strict(Json_::String(s)))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Strict(Json_::Array(out)))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let Strict(v) = map.next_value()?;
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key {} appears twice in one object",
+                    quote(&key)
+                )));
+            }
+            out.insert(key, v);
+        }
+        Ok(Strict(Json_::Object(out)))
+    }
+}
+
 /// How a JSON value is spelled in messages ("a string", "null", ...).
 pub fn json_kind(v: &Json_) -> &'static str {
     match v {
@@ -374,6 +446,28 @@ mod tests {
         assert_eq!(
             value_from_json(&json!("AQI"), ValueType::Bytes).unwrap(),
             Value::Bytes(vec![1, 2])
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        assert_eq!(
+            parse_strict(br#"{"a": [1, {"b": 2.5}], "c": null}"#).unwrap(),
+            json!({"a": [1, {"b": 2.5}], "c": null})
+        );
+        for text in [
+            &br#"{"a": 1, "a": 2}"#[..],
+            br#"{"rows": [{"entity_key": {"user_id": "x", "user_id": "y"}}]}"#,
+        ] {
+            let e = parse_strict(text).unwrap_err();
+            assert!(e.contains("appears twice in one object"), "{e}");
+        }
+        assert!(parse_strict(b"{} x").is_err());
+        assert!(parse_strict(b"{").is_err());
+        // Floats parse exactly (the same parser as everywhere else).
+        assert_eq!(
+            parse_strict(b"-7.905429746524368e-59").unwrap(),
+            json!(-7.905429746524368e-59)
         );
     }
 

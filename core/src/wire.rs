@@ -142,7 +142,7 @@ pub fn encode_event(e: &Event) -> Vec<u8> {
 pub fn decode_event(reg: &crate::Registry, payload: &[u8]) -> Result<Event> {
     let first = payload.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'{') {
-        let json: serde_json::Value = serde_json::from_slice(payload)
+        let json = crate::json::parse_strict(payload)
             .map_err(|e| Error::invalid(format!("invalid JSON event: {e}")))?;
         return Event::from_json(reg, &json);
     }

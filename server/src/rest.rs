@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::FromRequest;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -16,7 +18,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use quiver_core::event::Event;
-use quiver_core::json::{json_kind, value_from_json, value_to_json};
+use quiver_core::json::{json_kind, parse_strict, value_from_json, value_to_json};
 use quiver_core::time::{format_rfc3339, parse_rfc3339};
 use quiver_core::value::parse_int64;
 use quiver_core::{Error, ErrorKind, Registry, Value, ValueType};
@@ -49,16 +51,48 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn json_rejection(r: JsonRejection) -> ApiError {
-    let kind = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ErrorKind::ResourceExhausted
-    } else {
-        ErrorKind::InvalidArgument
-    };
-    ApiError(Error::new(
-        kind,
-        format!("invalid JSON body: {}", r.body_text()),
-    ))
+/// A JSON request body: `application/json`, within the body limit, parsed
+/// with duplicate keys refused ([`quiver_core::json::parse_strict`]), then
+/// read as `T` (whose unknown fields are refused by `T` itself).
+pub struct StrictJson<T>(pub T);
+
+#[axum::async_trait]
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for StrictJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| {
+                let m = m.trim();
+                m.eq_ignore_ascii_case("application/json")
+                    || (m.starts_with("application/") && m.ends_with("+json"))
+            });
+        if !json {
+            return Err(ApiError(Error::invalid(
+                "invalid JSON body: send it with content-type: application/json",
+            )));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            let kind = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ErrorKind::ResourceExhausted
+            } else {
+                ErrorKind::InvalidArgument
+            };
+            ApiError(Error::new(
+                kind,
+                format!("invalid JSON body: {}", r.body_text()),
+            ))
+        })?;
+        let invalid = |e: String| ApiError(Error::invalid(format!("invalid JSON body: {e}")));
+        let value = parse_strict(&bytes).map_err(invalid)?;
+        serde_json::from_value(value)
+            .map(StrictJson)
+            .map_err(|e| invalid(e.to_string()))
+    }
 }
 
 fn query_rejection(r: QueryRejection) -> ApiError {
@@ -201,9 +235,8 @@ struct OnlineBody {
 
 async fn post_online_features(
     State(svc): State<Arc<FeatureServer>>,
-    body: Result<Json<OnlineBody>, JsonRejection>,
+    StrictJson(body): StrictJson<OnlineBody>,
 ) -> ApiResult {
-    let Json(body) = body.map_err(json_rejection)?;
     let neither = Err(Error::invalid(
         "set either \"feature_service\" or \"features\" (a list of \"view:feature\" references)",
     ));
@@ -266,9 +299,8 @@ struct WriteRowBody {
 
 async fn post_write_features(
     State(svc): State<Arc<FeatureServer>>,
-    body: Result<Json<WriteBody>, JsonRejection>,
+    StrictJson(body): StrictJson<WriteBody>,
 ) -> ApiResult {
-    let Json(body) = body.map_err(json_rejection)?;
     let reg = svc.registry();
     let view = reg.view(reg.require_view(&body.feature_view)?);
     let mut rows = Vec::with_capacity(body.rows.len());
@@ -317,9 +349,8 @@ struct EventsBody {
 /// accepted/rejected counts even when some events are rejected.
 async fn post_events(
     State(svc): State<Arc<FeatureServer>>,
-    body: Result<Json<EventsBody>, JsonRejection>,
+    StrictJson(body): StrictJson<EventsBody>,
 ) -> ApiResult {
-    let Json(body) = body.map_err(json_rejection)?;
     let reg = svc.registry();
     let events = body
         .events

@@ -165,7 +165,7 @@ async fn bad_input_gets_json_errors(server: &TestServer) {
             "/api/v1/features/write",
             r#"{"feature_view": "user_profile", "rows": [{"entity_key": {"user_id": "u"}, "event_timestamp": "2026-01-01T00:00:00Z", "features": {"age": "old"}}]}"#,
             400,
-            "features.age: expected int64 (a number, or one as a decimal string), got the string \"old\"",
+            "features.age: expected int64 (an integer, or one as a decimal string), got the string \"old\"",
         ),
         (
             "/api/v1/features/write",

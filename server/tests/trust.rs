@@ -88,6 +88,12 @@ source = { sql = "SELECT user_id, event_timestamp, x, label FROM ties" }
 features = [{ name = "x", dtype = "double" }, { name = "label", dtype = "string" }]
 
 [[feature_views]]
+name = "big_spenders"
+entities = ["user"]
+source = { sql = "SELECT user_id, event_time AS event_timestamp, amount FROM events WHERE amount > 100" }
+features = [{ name = "amount", dtype = "double" }]
+
+[[feature_views]]
 name = "bad_list"
 entities = ["user"]
 source = { sql = "SELECT 'u1' AS user_id, TIMESTAMP '2026-11-01T00:00:00Z' AS event_timestamp, make_array(1, NULL) AS xs" }
@@ -514,6 +520,47 @@ async fn nan_stays_nan_offline_and_online() {
     let (_, body) = get(s, "/api/v1/features/user/u_a?features=user_ratio:ratio").await;
     assert_eq!(body["features"]["user_ratio__ratio"]["value"], json!(2.5));
 
+    // The same over the raw-event archive: a file whose amounts are
+    // [NaN, 50] has max = 50 in its statistics, yet its NaN row matches
+    // `amount > 100` and must not be skipped with the row group.
+    let reg = st.offline.registry().clone();
+    let schema = quiver_core::columnar::archive_schema(&reg);
+    let n = 2;
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| -> ArrayRef {
+            match f.name().as_str() {
+                "event_id" => Arc::new(StringArray::from(vec!["e1", "e2"])),
+                "event_type" => Arc::new(StringArray::from(vec!["visit"; n])),
+                "event_time" => {
+                    Arc::new(TimestampMicrosecondArray::from(vec![T0; n]).with_timezone("UTC"))
+                }
+                "user_id" => Arc::new(StringArray::from(vec!["u_nan", "u_50"])),
+                "amount" => Arc::new(Float64Array::from(vec![f64::NAN, 50.0])),
+                "_source" => Arc::new(StringArray::from(vec!["events:0"; n])),
+                "_offset" => Arc::new(quiver_batch::arrow::array::Int64Array::from(vec![0, 1])),
+                _ => quiver_batch::arrow::array::new_null_array(f.data_type(), n),
+            }
+        })
+        .collect();
+    let events = RecordBatch::try_new(schema, columns).unwrap();
+    put_table(
+        &st.offline,
+        "events/date=2026-11-01/events-0-0-1.parquet",
+        &events,
+    )
+    .await;
+    st.offline
+        .run(&["big_spenders".into()], common::now())
+        .await
+        .unwrap();
+    let mut req = entity_rows(&["u_nan", "u_50"], &["2026-11-02T00:00:00Z"; 2]);
+    req.kind = features(&["big_spenders:amount"]);
+    let amount = f64s(&historical(s, req).await, "amount");
+    assert!(amount[0].is_some_and(f64::is_nan), "{amount:?}");
+    assert_eq!(amount[1], None);
+
     // An entity file's labels pass through: [NaN, 1, 1] is not [1, 1, 1].
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("entities.parquet");
@@ -787,6 +834,49 @@ async fn messages_name_what_is_wrong() {
             json!({"score": "nan"}),
             "\"NaN\", \"Infinity\", \"-Infinity\"",
         ),
+    ] {
+        let (status, body) = write(
+            s,
+            json!([{"entity_key": {"user_id": "u1"}, "event_timestamp": "2026-11-29T10:00:00Z", "features": features}]),
+        )
+        .await;
+        assert_eq!(status, 400, "{needle}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{needle}: {msg}");
+    }
+    // A key twice in one object is refused, not settled silently.
+    let resp = reqwest::Client::new()
+        .post(s.url("/api/v1/features/write"))
+        .header("content-type", "application/json")
+        .body(r#"{"feature_view": "user_nottl", "rows": [{"entity_key": {"user_id": "x", "user_id": "y"}, "event_timestamp": "2026-11-29T10:00:00Z"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Json = resp.json().await.unwrap();
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("the key \"user_id\" appears twice"), "{msg}");
+    // An event with a field events do not have is rejected, with the reason.
+    let (status, out) = post(
+        s,
+        "/api/v1/events",
+        json!({"events": [{"event_id": "e9", "event_type": "visit", "event_time": "2026-11-29T10:00:00Z",
+                           "entities": {"user_id": "u1"}, "attributes": {"amount": 1.0}, "bogus": 1}]}),
+    )
+    .await;
+    assert_eq!((status, &out["accepted"]), (200, &json!(0)), "{out}");
+    let reason = out["rejected"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("unknown field \"bogus\" in an event"),
+        "{reason}"
+    );
+    // JSON numbers: an integer a double cannot hold, a fraction for int64.
+    for (features, needle) in [
+        (
+            json!({"score": 9_007_199_254_740_993i64}),
+            "has no exact double",
+        ),
+        (json!({"v": 3.0}), "without a fraction or exponent"),
     ] {
         let (status, body) = write(
             s,
