@@ -137,6 +137,7 @@ impl quiver_proto::FeatureService for GrpcService {
             Ok(pb::WriteFeaturesResponse {
                 written: out.written,
                 stale: out.stale,
+                expired: out.expired,
             })
         })
         .await

@@ -335,7 +335,10 @@ async fn post_write_features(
         });
     }
     let out = svc.write_features(&body.feature_view, rows).await?;
-    Ok(Json(json!({"written": out.written, "stale": out.stale})).into_response())
+    Ok(
+        Json(json!({"written": out.written, "stale": out.stale, "expired": out.expired}))
+            .into_response(),
+    )
 }
 
 #[derive(Debug, Deserialize)]

@@ -556,10 +556,26 @@ impl FeatureServer {
     ) -> Result<WriteOutcome> {
         let reg = &*self.registry;
         let view = reg.view(reg.require_view(view_name)?);
-        if let ViewSource::Aggregations { .. } = view.source {
-            return Err(Error::invalid(format!(
-                "feature view {view_name:?} aggregates events; push events (PushEvents, POST /api/v1/events) instead of writing its features"
-            )));
+        // Views quiver computes keep one history for training and serving;
+        // a write from outside would reach only the online store.
+        match &view.source {
+            ViewSource::Batch => {}
+            ViewSource::Aggregations { .. } => {
+                return Err(Error::invalid(format!(
+                    "feature view {view_name:?} aggregates events; push events (PushEvents, POST /api/v1/events) instead of writing its features"
+                )))
+            }
+            ViewSource::Events { event_types, .. } => {
+                return Err(Error::invalid(format!(
+                    "feature view {view_name:?} is computed from {} events; push events (PushEvents, POST /api/v1/events) instead of writing its features, so that training sets (built from the event archive) see the same values",
+                    event_types.join(", ")
+                )))
+            }
+            ViewSource::Sql { .. } => {
+                return Err(Error::invalid(format!(
+                    "feature view {view_name:?} is computed by SQL in the batch layer; run `quiver batch run` and `quiver materialize` instead of writing its features, so that training sets (built from its feature table) see the same values"
+                )))
+            }
         }
         if rows.is_empty() {
             return Err(Error::invalid("no rows to write"));
@@ -568,6 +584,8 @@ impl FeatureServer {
             return Err(too_many("rows", rows.len(), self.limits.max_write_rows));
         }
         let grace = duration_micros(self.expiry_grace);
+        let now = self.clock.now_micros();
+        let mut expired = 0;
         let mut out = Vec::with_capacity(rows.len());
         for (i, row) in rows.into_iter().enumerate() {
             let at = |m: String| Error::invalid(format!("row {i}: {m}"));
@@ -633,14 +651,22 @@ impl FeatureServer {
                 }
                 features[fi].1 = value;
             }
+            let expire_at = view.online_expiry(event_ts, grace);
+            if expire_at.is_some_and(|e| e <= now) {
+                // Stored, it would read as missing at once.
+                expired += 1;
+                continue;
+            }
             out.push(WriteRow {
                 key,
                 event_ts,
-                expire_at: view.online_expiry(event_ts, grace),
+                expire_at,
                 features,
             });
         }
-        self.timed_store("write", self.store.write(&out)).await
+        let mut outcome = self.timed_store("write", self.store.write(&out)).await?;
+        outcome.expired = expired;
+        Ok(outcome)
     }
 }
 

@@ -361,7 +361,7 @@ async fn bad_requests_get_clear_statuses(server: &TestServer) {
                 }],
             },
             Code::InvalidArgument,
-            "feature \"sessions_7d\" is int64, got string",
+            "feature \"sessions_7d\": expected int64, got string",
         ),
         (
             pb::WriteFeaturesRequest {

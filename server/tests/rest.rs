@@ -39,7 +39,7 @@ async fn write_sample(server: &TestServer) {
     });
     let (status, out) = post(server, "/api/v1/features/write", &body.to_string()).await;
     assert_eq!(status, 200, "{out}");
-    assert_eq!(out, json!({"written": 1, "stale": 0}));
+    assert_eq!(out, json!({"written": 1, "stale": 0, "expired": 0}));
     let body = json!({
         "feature_view": "user_embedding",
         "rows": [{"entity_key": {"user_id": "user_123"}, "event_timestamp": ts(-2),

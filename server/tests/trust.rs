@@ -88,6 +88,23 @@ source = { sql = "SELECT user_id, event_timestamp, x, label FROM ties" }
 features = [{ name = "x", dtype = "double" }, { name = "label", dtype = "string" }]
 
 [[feature_views]]
+name = "user_tie_online"
+entities = ["user"]
+features = [{ name = "x", dtype = "double" }, { name = "label", dtype = "string" }]
+
+[[feature_views]]
+name = "user_recent"
+entities = ["user"]
+ttl = "1h"
+features = [{ name = "n", dtype = "int64" }]
+
+[[feature_views]]
+name = "user_last_visit"
+entities = ["user"]
+source = { events = ["visit"] }
+features = [{ name = "amount", dtype = "double" }]
+
+[[feature_views]]
 name = "big_spenders"
 entities = ["user"]
 source = { sql = "SELECT user_id, event_time AS event_timestamp, amount FROM events WHERE amount > 100" }
@@ -256,14 +273,20 @@ async fn times_with_utc_offsets_are_the_instants_they_name() {
                 "features": {"v": 1, "seen_at": "2026-06-01T12:00:00.5+02:00"}}]),
     )
     .await;
-    assert_eq!((status, out), (200, json!({"written": 1, "stale": 0})));
+    assert_eq!(
+        (status, out),
+        (200, json!({"written": 1, "stale": 0, "expired": 0}))
+    );
     let (status, out) = write(
         s,
         json!([{"entity_key": {"user_id": "u_tz"}, "event_timestamp": "2026-11-29T11:00:00Z",
                 "features": {"v": 2, "seen_at": "2026-06-01T12:00:00.5+02:00"}}]),
     )
     .await;
-    assert_eq!((status, out), (200, json!({"written": 1, "stale": 0})));
+    assert_eq!(
+        (status, out),
+        (200, json!({"written": 1, "stale": 0, "expired": 0}))
+    );
     let (_, body) = get(
         s,
         "/api/v1/features/user/u_tz?features=user_nottl:v,user_nottl:seen_at",
@@ -777,22 +800,22 @@ async fn ties_resolve_the_same_online_and_offline() {
             let (status, out) = post(
                 s,
                 "/api/v1/features/write",
-                json!({"feature_view": "user_tie", "rows": row}),
+                json!({"feature_view": "user_tie_online", "rows": row}),
             )
             .await;
             assert_eq!(status, 200, "{out}");
         }
         let (_, body) = get(
             s,
-            &format!("/api/v1/features/user/{user}?features=user_tie:*"),
+            &format!("/api/v1/features/user/{user}?features=user_tie_online:*"),
         )
         .await;
         assert_eq!(
-            body["features"]["user_tie__label"]["value"],
+            body["features"]["user_tie_online__label"]["value"],
             json!(offline_label),
             "{user}"
         );
-        let x = &body["features"]["user_tie__x"]["value"];
+        let x = &body["features"]["user_tie_online__x"]["value"];
         if offline_x.is_nan() {
             assert_eq!(x, &json!("NaN"));
         } else {
@@ -844,6 +867,38 @@ async fn messages_name_what_is_wrong() {
         let msg = body["error"]["message"].as_str().unwrap();
         assert!(msg.contains(needle), "{needle}: {msg}");
     }
+    // Views quiver computes are not written from outside: training sets
+    // would not see the values serving does.
+    for (view, needle) in [
+        (
+            "user_ratio",
+            "computed by SQL in the batch layer; run `quiver batch run` and `quiver materialize`",
+        ),
+        ("user_last_visit", "computed from visit events; push events"),
+    ] {
+        let (status, body) = post(
+            s,
+            "/api/v1/features/write",
+            json!({"feature_view": view, "rows": [{"entity_key": {"user_id": "u1"}, "event_timestamp": "2026-11-29T10:00:00Z", "features": {}}]}),
+        )
+        .await;
+        assert_eq!(status, 400, "{view}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{view}: {msg}");
+    }
+    // A row that would be expired on arrival is counted as such, not as
+    // written (a read would not find it).
+    let old = quiver_core::time::format_rfc3339(common::now() - 3 * 86_400_000_000);
+    let (status, body) = post(
+        s,
+        "/api/v1/features/write",
+        json!({"feature_view": "user_recent", "rows": [{"entity_key": {"user_id": "u1"}, "event_timestamp": old, "features": {"n": 1}}]}),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"written": 0, "stale": 0, "expired": 1}))
+    );
     // A key twice in one object is refused, not settled silently.
     let resp = reqwest::Client::new()
         .post(s.url("/api/v1/features/write"))

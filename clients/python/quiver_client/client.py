@@ -191,7 +191,7 @@ class QuiverClient:
             for k, v in r.get("features", {}).items():
                 row.features[k].CopyFrom(v if isinstance(v, pb.Value) else to_value(v))
         resp = self._call(self._stub.WriteFeatures, req)
-        return {"written": resp.written, "stale": resp.stale}
+        return {"written": resp.written, "stale": resp.stale, "expired": resp.expired}
 
     def push_events(self, events: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
         """Pushes events {"event_id", "event_type", "event_time": datetime, "entities": {...}, "attributes": {...}}.

@@ -59,7 +59,7 @@ def test_write_then_read_typed_values(client):
             }
         ],
     )
-    assert out == {"written": 1, "stale": 0}
+    assert out == {"written": 1, "stale": 0, "expired": 0}
     emb = [i / 16 for i in range(16)]
     client.write_features(
         "user_embedding",
@@ -90,7 +90,7 @@ def test_write_then_read_typed_values(client):
         "user_activity",
         [{"entity_key": {"user_id": "py_user"}, "event_timestamp": now - dt.timedelta(hours=1), "features": {"sessions_7d": 1}}],
     )
-    assert stale == {"written": 0, "stale": 1}
+    assert stale == {"written": 0, "stale": 1, "expired": 0}
 
 
 def test_times_are_instants_and_values_come_back_exactly(client):
@@ -110,7 +110,7 @@ def test_times_are_instants_and_values_come_back_exactly(client):
         [{"entity_key": {"user_id": "py_tz"}, "event_timestamp": later.astimezone(ist),
           "features": {"last_login": base.astimezone(ist), "total_spend_30d": float("nan"),
                        "avg_order_value_30d": float("-inf")}}],
-    ) == {"written": 1, "stale": 0}
+    ) == {"written": 1, "stale": 0, "expired": 0}
     cols = client.get_online_features(
         {"user_id": ["py_tz"]},
         features=["user_activity:last_login", "user_activity:total_spend_30d", "user_activity:avg_order_value_30d"],

@@ -124,8 +124,12 @@ pub struct WriteRow {
 pub struct WriteOutcome {
     /// Rows stored.
     pub written: u64,
-    /// Rows skipped because a newer row was already stored.
+    /// Rows skipped because a newer row was already stored (or one with
+    /// the same event time that wins the tie, see [`replaces`]).
     pub stale: u64,
+    /// Rows not written because they would have expired already (counted
+    /// by callers that know the clock, such as `WriteFeatures`).
+    pub expired: u64,
 }
 
 /// A key-value store of feature rows. See the module docs for the contract.

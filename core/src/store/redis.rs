@@ -314,6 +314,7 @@ pub(super) fn outcome(results: &[i64]) -> WriteOutcome {
     WriteOutcome {
         written,
         stale: results.len() as u64 - written,
+        expired: 0,
     }
 }
 
