@@ -86,23 +86,24 @@ pub fn value_to_pb(v: Value) -> pb::Value {
 
 /// Domain event of a wire event (not yet validated against the registry).
 pub fn event_from_pb(e: pb::Event) -> Result<Event> {
+    let about = |field: &str, e: Error| Error::new(e.kind(), format!("{field}: {}", e.message()));
     let event_time = ts_to_micros(
         e.event_time
             .as_ref()
             .ok_or_else(|| Error::invalid("event_time is required"))?,
-    )?;
-    let mut entities = e
-        .entities
-        .into_iter()
-        .map(|(k, v)| Ok((k, value_from_pb(v)?)))
-        .collect::<Result<Vec<_>>>()?;
-    entities.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut attributes = e
-        .attributes
-        .into_iter()
-        .map(|(k, v)| Ok((k, value_from_pb(v)?)))
-        .collect::<Result<Vec<_>>>()?;
-    attributes.sort_by(|a, b| a.0.cmp(&b.0));
+    )
+    .map_err(|e| about("event_time", e))?;
+    let typed = |m: std::collections::BTreeMap<String, pb::Value>| {
+        m.into_iter()
+            .map(|(k, v)| {
+                let v = value_from_pb(v).map_err(|e| about(&k, e))?;
+                Ok((k, v))
+            })
+            .collect::<Result<Vec<_>>>()
+    };
+    // Protobuf maps arrive as BTreeMaps: entities and attributes in name order.
+    let entities = typed(e.entities)?;
+    let attributes = typed(e.attributes)?;
     Ok(Event {
         event_id: e.event_id,
         event_type: e.event_type,

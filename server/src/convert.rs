@@ -38,13 +38,13 @@ fn entity_columns_from_pb(
     let mut entities = cols
         .into_iter()
         .map(|(k, col)| {
-            Ok((
-                k,
-                col.val
-                    .into_iter()
-                    .map(value_from_pb)
-                    .collect::<Result<Vec<_>>>()?,
-            ))
+            let values = col
+                .val
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| value_from_pb(v).map_err(|e| field_error(&format!("{k}[{i}]"), e)))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((k, values))
         })
         .collect::<Result<Vec<_>>>()?;
     entities.sort_by(|a, b| a.0.cmp(&b.0));
@@ -120,7 +120,10 @@ pub fn write_rows_from_pb(rows: Vec<pb::FeatureRow>) -> Result<Vec<FeatureRowIn>
             let at = |e: Error| Error::invalid(format!("row {i}: {}", e.message()));
             let convert = |m: std::collections::HashMap<String, pb::Value>| {
                 m.into_iter()
-                    .map(|(k, v)| Ok((k, value_from_pb(v)?)))
+                    .map(|(k, v)| {
+                        let v = value_from_pb(v).map_err(|e| field_error(&k, e))?;
+                        Ok((k, v))
+                    })
                     .collect::<Result<Vec<_>>>()
             };
             Ok(FeatureRowIn {
@@ -130,11 +133,16 @@ pub fn write_rows_from_pb(rows: Vec<pb::FeatureRow>) -> Result<Vec<FeatureRowIn>
                     .as_ref()
                     .map(ts_to_micros)
                     .transpose()
-                    .map_err(at)?,
+                    .map_err(|e| at(field_error("event_timestamp", e)))?,
                 features: convert(r.features).map_err(at)?,
             })
         })
         .collect()
+}
+
+/// `e` about the value of `field`, saying so.
+fn field_error(field: &str, e: Error) -> Error {
+    Error::new(e.kind(), format!("{field}: {}", e.message()))
 }
 
 /// Wire value type of a domain value type.

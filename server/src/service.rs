@@ -590,15 +590,16 @@ impl FeatureServer {
         for (i, row) in rows.into_iter().enumerate() {
             let at = |m: String| Error::invalid(format!("row {i}: {m}"));
             if row.entity_key.len() != view.join_keys.len() {
+                let has: Vec<&str> = row.entity_key.iter().map(|(k, _)| k.as_str()).collect();
                 return Err(at(format!(
                     "feature view {:?} is keyed by {}; the row has {}",
                     view.name,
                     view.join_keys.join(", "),
-                    row.entity_key
-                        .iter()
-                        .map(|(k, _)| k.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    if has.is_empty() {
+                        "no entity key".to_owned()
+                    } else {
+                        has.join(", ")
+                    }
                 )));
             }
             let mut pairs = Vec::with_capacity(view.join_keys.len());
