@@ -29,7 +29,7 @@ use arrow::datatypes::DataType;
 use arrow::row::{RowConverter, Rows, SortField};
 // hashbrown with foldhash: several times faster than SipHash on row bytes.
 use datafusion::common::HashMap;
-use quiver_core::codec::tie_digest;
+use quiver_core::codec::{digest_order, tie_digest};
 use quiver_core::columnar::{arrow_type, value_at};
 use quiver_core::par::par_map;
 use quiver_core::time::Micros;
@@ -216,8 +216,7 @@ pub fn asof_join(
     }
 
     // Feature columns in the byte order of their names: the tie digest's.
-    let mut digest_order: Vec<usize> = (0..n_features).collect();
-    digest_order.sort_by(|&a, &b| rows.features[a].0.cmp(&rows.features[b].0));
+    let digest_order = digest_order(&rows.features, |f| f.0.as_str());
     let null_source = rows.batches.len();
     let mut picks: Vec<(usize, usize)> = Vec::with_capacity(n);
     for i in 0..n {

@@ -29,7 +29,7 @@ use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
 use datafusion::prelude::SessionContext;
-use quiver_core::codec::tie_digest;
+use quiver_core::codec::{digest_order, tie_digest};
 use quiver_core::columnar::{arrow_type, timestamp_type, value_at};
 use quiver_core::registry::{EventField, FeatureView, Selection, ViewSource, TIMESTAMP_COLUMN};
 use quiver_core::time::{duration_micros, Micros};
@@ -166,8 +166,10 @@ impl ScalarUDFImpl for TieDigest {
 
 /// The tie digest of a view's feature row, see [`TieDigest`].
 fn tie_digest_expr(view: &FeatureView) -> Expr {
-    let mut features: Vec<_> = view.features.iter().collect();
-    features.sort_by(|a, b| a.name.cmp(&b.name));
+    let features: Vec<_> = digest_order(&view.features, |f| f.name.as_str())
+        .into_iter()
+        .map(|i| &view.features[i])
+        .collect();
     ScalarUDF::new_from_impl(TieDigest {
         types: features.iter().map(|f| f.value_type).collect(),
         signature: Signature::variadic_any(Volatility::Immutable),

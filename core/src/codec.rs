@@ -89,10 +89,19 @@ pub fn encode_value(v: &Value) -> Vec<u8> {
     out
 }
 
+/// The positions of `items` in the byte order of their names (`name`): the
+/// order of features in a [`tie_digest`].
+pub fn digest_order<T>(items: &[T], name: impl Fn(&T) -> &str) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| name(&items[a]).cmp(name(&items[b])));
+    order
+}
+
 /// The tie-break digest of a feature row: SHA-1 over the stored encoding
 /// ([`encode_value`]) of each feature's value, the features taken in the
-/// byte order of their names (`values` must come in that order), a value
-/// the row lacks counting as null. Of two rows with the same event time the
+/// byte order of their names (`values` must come in that order, see
+/// [`digest_order`]), a value the row lacks counting as null. Of two rows,
+/// both digests cover the union of their feature names. Of two rows with the same event time the
 /// one with the greater digest wins (see [`crate::store::replaces`]); the
 /// Redis write script computes the same digest with `redis.sha1hex`, so
 /// every backend, ingest, materialization and the point-in-time join agree.

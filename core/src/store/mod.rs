@@ -115,7 +115,7 @@ pub struct WriteRow {
     pub event_ts: Micros,
     /// When the row expires (epoch micros), `None` for never.
     pub expire_at: Option<Micros>,
-    /// Feature name and value pairs.
+    /// Feature name and value pairs, each name once.
     pub features: Vec<(String, Value)>,
 }
 
@@ -154,16 +154,18 @@ pub trait OnlineStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<()>;
 }
 
-/// The names of `features` in byte order: the order of a tie digest.
-pub fn digest_order(features: &[(String, Value)]) -> Vec<&str> {
-    let mut names: Vec<&str> = features.iter().map(|(n, _)| n.as_str()).collect();
+/// The feature names of two rows, each once, in byte order: what the tie
+/// digests of the two rows cover.
+fn digest_names<'a>(a: &'a [(String, Value)], b: &'a [(String, Value)]) -> Vec<&'a str> {
+    let mut names: Vec<&str> = a.iter().chain(b).map(|(n, _)| n.as_str()).collect();
     names.sort_unstable();
+    names.dedup();
     names
 }
 
-/// The tie digest of `row` over the feature `names` (see [`digest_order`]);
+/// The tie digest of `row` over the feature `names` (in byte order);
 /// names the row lacks count as null.
-pub fn row_digest(names: &[&str], row: &[(String, Value)]) -> [u8; 20] {
+fn row_digest(names: &[&str], row: &[(String, Value)]) -> [u8; 20] {
     crate::codec::tie_digest(
         names
             .iter()
@@ -177,10 +179,11 @@ pub fn row_digest(names: &[&str], row: &[(String, Value)]) -> [u8; 20] {
 /// point-in-time join, so that training and serving pick the same row.
 ///
 /// A later event time wins. At the same event time the row with the
-/// greater [`tie_digest`](crate::codec::tie_digest) over the new row's
-/// features wins, and an equal digest (the same values) replaces: the rule
-/// is a total order on rows, so the result does not depend on which row
-/// arrives first.
+/// greater [`tie_digest`](crate::codec::tie_digest) wins, both digests
+/// taken over the union of the two rows' feature names (a feature a row
+/// lacks counts as null), and an equal digest (the same values) replaces.
+/// So the result does not depend on which row arrives first. Feature names
+/// within a row are unique (see [`WriteRow`]).
 pub fn replaces(
     new_ts: Micros,
     new: &[(String, Value)],
@@ -191,7 +194,7 @@ pub fn replaces(
         std::cmp::Ordering::Greater => true,
         std::cmp::Ordering::Less => false,
         std::cmp::Ordering::Equal => {
-            let names = digest_order(new);
+            let names = digest_names(new, cur);
             row_digest(&names, new) >= row_digest(&names, cur)
         }
     }
@@ -208,5 +211,45 @@ pub(crate) async fn with_deadline<T>(
         Err(_) => Err(crate::Error::unavailable(format!(
             "{what} did not answer within {deadline:?}; check that it is running and reachable"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::testing::value_of;
+    use crate::value::ValueType;
+
+    fn row() -> impl Strategy<Value = Vec<(String, Value)>> {
+        // A few feature names, each present or not, with any values.
+        proptest::collection::btree_map(
+            prop::sample::select(vec!["a", "b", "emb", "z"]),
+            prop::sample::select(vec![
+                ValueType::Int64,
+                ValueType::Double,
+                ValueType::FloatList,
+            ])
+            .prop_flat_map(value_of),
+            0..4,
+        )
+        .prop_map(|m| m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    }
+
+    proptest! {
+        /// Of two rows with the same event time, one replaces the other
+        /// whichever is stored; both replace each other only when they hold
+        /// the same values (then either is right).
+        #[test]
+        fn ties_have_one_answer_whatever_the_order(a in row(), b in row()) {
+            let (ab, ba) = (replaces(5, &a, 5, &b), replaces(5, &b, 5, &a));
+            prop_assert!(ab || ba);
+            if ab && ba {
+                let names = digest_names(&a, &b);
+                prop_assert_eq!(row_digest(&names, &a), row_digest(&names, &b));
+            }
+            prop_assert!(replaces(6, &a, 5, &b) && !replaces(4, &a, 5, &b));
+        }
     }
 }

@@ -12,7 +12,6 @@ use super::{with_deadline, Lookup, OnlineStore, StoredRow, TileWrite, WriteOutco
 use crate::aggregate::{event_time_field, offset_field};
 use crate::codec::{decode_value, encode_value};
 use crate::error::{Error, Result};
-use crate::value::Value;
 
 /// Hash field holding the row's event time (decimal epoch micros). Feature
 /// names cannot start with `_`, so it never collides with a feature.
@@ -21,8 +20,8 @@ const TS_FIELD: &str = "_ts";
 /// Lua helpers of both scripts. `cmp_int` compares two decimal integers
 /// (as Rust writes them: no leading zeros) exactly: Lua numbers are
 /// doubles, which cannot tell event times 1 µs apart after the year 2255.
-/// `hex_less` compares two hex digests byte by byte (Lua's `<` on strings
-/// follows the server's collation locale).
+/// `byte_less` (and `hex_less`, for digests) compares strings byte by byte:
+/// Lua's `<` on strings follows the server's collation locale.
 macro_rules! lua_helpers {
     () => {
         r#"
@@ -45,13 +44,14 @@ local function cmp_int(a, b)
   if na then c = -c end
   return c
 end
-local function hex_less(a, b)
-  for i = 1, #a do
+local function byte_less(a, b)
+  for i = 1, math.min(#a, #b) do
     local x, y = string.byte(a, i), string.byte(b, i)
     if x ~= y then return x < y end
   end
-  return false
+  return #a < #b
 end
+local hex_less = byte_less
 "#
     };
 }
@@ -59,10 +59,11 @@ end
 /// Event-time last-write-wins with the tie-break of
 /// [`crate::store::replaces`], atomic on the server. KEYS[1]: row key.
 /// ARGV[1]: event time (micros). ARGV[2]: expire-at in epoch milliseconds,
-/// 0 for none. ARGV[3..]: field, value pairs, fields in byte order (the
-/// order of [`crate::codec::tie_digest`]; a field the stored row lacks
-/// counts as null, encoded `\x01\x00`). Returns 1 when written, 0 when the
-/// stored row is newer or wins the tie.
+/// 0 for none. ARGV[3..]: field, value pairs (each field once). On a tie
+/// both rows' digests ([`crate::codec::tie_digest`]) cover the union of
+/// their fields in byte order, a missing field counting as null (encoded
+/// `\x01\x00`). Returns 1 when written, 0 when the stored row is newer or
+/// wins the tie.
 const WRITE_SCRIPT: &str = concat!(
     lua_helpers!(),
     r#"
@@ -71,12 +72,28 @@ if cur then
   local c = cmp_int(cur, ARGV[1])
   if c > 0 then return 0 end
   if c == 0 then
-    local new, old = {}, {}
+    local null = string.char(1, 0)
+    local new, names = {}, {}
     for i = 3, #ARGV, 2 do
-      new[#new + 1] = ARGV[i + 1]
-      old[#old + 1] = redis.call('HGET', KEYS[1], ARGV[i]) or string.char(1, 0)
+      new[ARGV[i]] = ARGV[i + 1]
+      names[#names + 1] = ARGV[i]
     end
-    if hex_less(redis.sha1hex(table.concat(new)), redis.sha1hex(table.concat(old))) then
+    local old = {}
+    local stored = redis.call('HGETALL', KEYS[1])
+    for i = 1, #stored, 2 do
+      local f = stored[i]
+      if f ~= '_ts' then
+        old[f] = stored[i + 1]
+        if not new[f] then names[#names + 1] = f end
+      end
+    end
+    table.sort(names, byte_less)
+    local a, b = {}, {}
+    for i, f in ipairs(names) do
+      a[i] = new[f] or null
+      b[i] = old[f] or null
+    end
+    if hex_less(redis.sha1hex(table.concat(a)), redis.sha1hex(table.concat(b))) then
       return 0
     end
   end
@@ -293,10 +310,7 @@ pub(super) fn write_pipeline<'a>(
         .arg(&r.key)
         .arg(r.event_ts)
         .arg(r.expire_at.map_or(0, |m| m.div_euclid(1000).max(1)));
-        // In byte order of names: the order of the tie digest.
-        let mut fields: Vec<&(String, Value)> = r.features.iter().collect();
-        fields.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (name, v) in fields {
+        for (name, v) in &r.features {
             cmd.arg(name).arg(encode_value(v));
         }
     }
