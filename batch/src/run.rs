@@ -3,9 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, AsArray};
-use arrow::compute::can_cast_types;
-use arrow::datatypes::{DataType, TimestampMicrosecondType};
+use arrow::array::{Array, ArrayRef, AsArray};
+use arrow::compute::{can_cast_types, cast as cast_array};
+use arrow::datatypes::{DataType, Float32Type, Float64Type, TimestampMicrosecondType};
+use arrow::row::{RowConverter, SortField};
+use arrow::util::display::array_value_to_string;
 use datafusion::dataframe::{DataFrame, DataFrameWriteOptions};
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{
@@ -45,10 +47,22 @@ pub struct RunReport {
 }
 
 /// Checks a feature-table column as the run writes it, so that every
-/// value committed can be served and written back as sent: times within
-/// the supported range ([`quiver_core::time::check_range`]), lists without
-/// null elements. The column passes through unchanged; a violation fails
-/// the run before anything is committed.
+/// value committed is the value the SQL computed and can be served and
+/// written back as it is:
+/// - a conversion to the declared type must not change a value: `1.7` is
+///   not the int64 `1`, the text `"007"` is not the int64 `7`, and an
+///   integer a double (or float32) cannot hold is not rounded. Numbers that
+///   are not integers may round to the nearest double or float32 (the
+///   declared precision), but not overflow to an infinity; times may lose
+///   digits past the microsecond;
+/// - times lie within the supported range
+///   ([`quiver_core::time::check_range`]);
+/// - lists hold no null elements.
+///
+/// Arguments: the column in the declared type, then (when it had another
+/// type) the column as the SQL returned it. The result is the first
+/// argument, unchanged; a violation fails the run before anything is
+/// committed.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Checked {
     view: String,
@@ -78,6 +92,10 @@ impl ScalarUDFImpl for Checked {
                 self.view, self.column
             ))
         };
+        if let Some(original) = args.args.get(1) {
+            let original = original.to_array(args.number_rows)?;
+            unchanged(&original, &a, self.ty).map_err(fail)?;
+        }
         if self.ty == ValueType::Timestamp {
             for t in a
                 .as_primitive::<TimestampMicrosecondType>()
@@ -102,18 +120,100 @@ impl ScalarUDFImpl for Checked {
     }
 }
 
-/// `expr` (a column of type `ty`) through [`Checked`] where `ty` needs it.
-fn checked(view: &str, column: &str, ty: ValueType, expr: Expr) -> Expr {
-    if ty != ValueType::Timestamp && !ty.is_list() {
-        return expr;
+/// Whether converting `original` to `converted` (type `ty`) kept every
+/// value, by the rules of [`Checked`]; otherwise the first value it
+/// changed.
+fn unchanged(
+    original: &ArrayRef,
+    converted: &ArrayRef,
+    ty: ValueType,
+) -> std::result::Result<(), String> {
+    let integers = |t: &DataType| match t {
+        DataType::List(f) | DataType::LargeList(f) => f.data_type().is_integer(),
+        t => t.is_integer(),
+    };
+    let from = original.data_type();
+    let rounds = matches!(
+        ty,
+        ValueType::Double | ValueType::DoubleList | ValueType::FloatList
+    );
+    if ty == ValueType::Timestamp || (rounds && !integers(from)) {
+        if ty == ValueType::FloatList {
+            // Rounding to float32 may not overflow to an infinity.
+            let (before, after) = (
+                original.as_list::<i32>().values(),
+                converted.as_list::<i32>().values(),
+            );
+            if let (Ok(before), true) = (
+                cast_array(before, &DataType::Float64),
+                after.data_type() == &DataType::Float32,
+            ) {
+                let before = before.as_primitive::<Float64Type>();
+                let after = after.as_primitive::<Float32Type>();
+                if let Some(i) = (0..after.len()).find(|&i| {
+                    after.is_valid(i) && after.value(i).is_infinite() && before.value(i).is_finite()
+                }) {
+                    return Err(format!(
+                        "the list element {:?} is out of range for float32 (its declared type); it would become an infinity",
+                        before.value(i)
+                    ));
+                }
+            }
+        }
+        return Ok(());
+    }
+    // Back to the original type: a conversion that kept every value comes
+    // back as it was.
+    let Ok(back) = cast_array(converted, from) else {
+        return Ok(());
+    };
+    let converter =
+        RowConverter::new(vec![SortField::new(from.clone())]).map_err(|e| e.to_string())?;
+    let (a, b) = (
+        converter
+            .convert_columns(std::slice::from_ref(original))
+            .map_err(|e| e.to_string())?,
+        converter
+            .convert_columns(&[back])
+            .map_err(|e| e.to_string())?,
+    );
+    match (0..a.num_rows()).find(|&i| a.row(i) != b.row(i)) {
+        None => Ok(()),
+        Some(i) => {
+            let shown =
+                |arr: &ArrayRef| array_value_to_string(arr, i).unwrap_or_else(|_| "?".into());
+            Err(format!(
+                "converting {from} to {ty} (its declared type) would change the value {} into {}; convert it in the SQL the way you mean it, or declare the type it has",
+                shown(original),
+                if converted.is_null(i) { "null".to_owned() } else { shown(converted) }
+            ))
+        }
+    }
+}
+
+/// Column `name` (of type `from` in the query's result) in the declared
+/// type `ty`, through [`Checked`] where a conversion or the type needs it.
+fn checked(view: &str, name: &str, from: &DataType, ty: ValueType) -> Expr {
+    let target = arrow_type(ty);
+    let converts = from != &target;
+    if !converts && ty != ValueType::Timestamp && !ty.is_list() {
+        return ident(name);
+    }
+    let mut args = vec![if converts {
+        cast(ident(name), target)
+    } else {
+        ident(name)
+    }];
+    if converts {
+        args.push(ident(name));
     }
     ScalarUDF::new_from_impl(Checked {
         view: view.to_owned(),
-        column: column.to_owned(),
+        column: name.to_owned(),
         ty,
-        signature: Signature::any(1, Volatility::Immutable),
+        signature: Signature::any(args.len(), Volatility::Immutable),
     })
-    .call(vec![expr])
+    .call(args)
 }
 
 /// The query of a SQL view, or an error naming the view's actual source.
@@ -159,34 +259,34 @@ impl Offline {
                 got.join(", ")
             )));
         }
+        let mut exprs = Vec::with_capacity(cols.len());
         for (n, t) in &cols {
             let from = df
                 .schema()
                 .field_with_unqualified_name(n)
                 .map_err(|e| df_error(&at("SQL"), e))?
-                .data_type();
-            if !can_cast_types(from, &arrow_type(*t)) {
+                .data_type()
+                .clone();
+            if !can_cast_types(&from, &arrow_type(*t)) {
                 return Err(Error::invalid(format!(
                     "{}: column {n:?} is {from}, which does not convert to {t} (its declared type)",
                     at("SQL")
                 )));
             }
+            exprs.push(checked(&view.name, n, &from, *t).alias(*n));
         }
-        // Cast to the declared types, and check what every later reader
-        // relies on; rows without keys or time cannot be joined or
-        // materialized, so they are left out.
-        let exprs: Vec<Expr> = cols
-            .iter()
-            .map(|(n, t)| checked(&view.name, n, *t, cast(ident(*n), arrow_type(*t))).alias(*n))
-            .collect();
-        let mut df = df
-            .select(exprs)
-            .map_err(|e| df_error(&at("casting the query's columns"), e))?;
+        // Rows without keys or time cannot be joined or materialized, so
+        // they are left out (before any check of their values).
+        let mut df = df;
         for (n, _) in &cols[..view.join_keys.len() + 1] {
             df = df
                 .filter(ident(*n).is_not_null())
                 .map_err(|e| df_error(&at("filter"), e))?;
         }
+        // Every column in its declared type, checked (see `Checked`).
+        let df = df
+            .select(exprs)
+            .map_err(|e| df_error(&at("casting the query's columns"), e))?;
         Ok(df)
     }
 

@@ -111,6 +111,42 @@ source = { sql = "SELECT user_id, event_time AS event_timestamp, amount FROM eve
 features = [{ name = "amount", dtype = "double" }]
 
 [[feature_views]]
+name = "fraction_to_int"
+entities = ["user"]
+source = { sql = "SELECT 'u1' AS user_id, TIMESTAMP '2026-11-01T00:00:00Z' AS event_timestamp, 1.7 AS n" }
+features = [{ name = "n", dtype = "int64" }]
+
+[[feature_views]]
+name = "text_to_int_key"
+entities = ["shop"]
+source = { sql = "SELECT '007' AS shop_id, TIMESTAMP '2026-11-01T00:00:00Z' AS event_timestamp, 'gold' AS tier" }
+features = [{ name = "tier", dtype = "string" }]
+
+[[feature_views]]
+name = "inexact_double"
+entities = ["user"]
+source = { sql = "SELECT 'u1' AS user_id, TIMESTAMP '2026-11-01T00:00:00Z' AS event_timestamp, 9007199254740993 AS d" }
+features = [{ name = "d", dtype = "double" }]
+
+[[feature_views]]
+name = "float32_overflow"
+entities = ["user"]
+source = { sql = "SELECT 'u1' AS user_id, TIMESTAMP '2026-11-01T00:00:00Z' AS event_timestamp, make_array(1.0, 1e300) AS e" }
+features = [{ name = "e", dtype = "float_list" }]
+
+[[feature_views]]
+name = "exact_casts"
+entities = ["shop"]
+source = { sql = "SELECT CAST(7 AS INT) AS shop_id, CAST('2026-11-01T00:00:00Z' AS TIMESTAMP) AS event_timestamp, 2.0 AS n, 7 AS d, make_array(0.1, 2.5) AS e, '7' AS t, NULL AS late" }
+features = [
+  { name = "n", dtype = "int64" },
+  { name = "d", dtype = "double" },
+  { name = "e", dtype = "float_list" },
+  { name = "t", dtype = "int64" },
+  { name = "late", dtype = "timestamp" },
+]
+
+[[feature_views]]
 name = "bad_list"
 entities = ["user"]
 source = { sql = "SELECT 'u1' AS user_id, TIMESTAMP '2026-11-01T00:00:00Z' AS event_timestamp, make_array(1, NULL) AS xs" }
@@ -630,6 +666,19 @@ async fn batch_run_commits_only_values_that_come_back_exactly() {
     for (view, needle) in [
         ("bad_list", "has a null element (index 1)"),
         ("far_future", "outside the supported range"),
+        (
+            "fraction_to_int",
+            "converting Float64 to int64 (its declared type) would change the value 1.7 into 1",
+        ),
+        (
+            "text_to_int_key",
+            "converting Utf8 to int64 (its declared type) would change the value 007 into 7",
+        ),
+        (
+            "inexact_double",
+            "converting Int64 to double (its declared type) would change the value 9007199254740993",
+        ),
+        ("float32_overflow", "1e300 is out of range for float32"),
     ] {
         let e = st
             .offline
@@ -640,6 +689,15 @@ async fn batch_run_commits_only_values_that_come_back_exactly() {
         assert!(e.message().contains(view), "{view}: {e}");
         assert_eq!(st.offline.committed(view).await.unwrap(), None);
     }
+    // Conversions that keep every value are fine: Int32 ids, 2.0 as an
+    // int64, 7 as a double, 0.1 rounded to float32, "7" as an int64, text
+    // times, nulls.
+    let r = st
+        .offline
+        .run(&["exact_casts".into()], common::now())
+        .await
+        .unwrap();
+    assert_eq!(r[0].rows, 1);
     st.server.shutdown().await;
 }
 
