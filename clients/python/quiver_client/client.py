@@ -49,8 +49,12 @@ def to_value(v: Any) -> "pb.Value":
         out.bytes_val = bytes(v)
     elif isinstance(v, _dt.datetime):
         _set_timestamp(out.timestamp_val, v)
+    elif isinstance(v, (list, tuple)) and not v:
+        # An empty list of any type (the server takes it for the declared list type); a field
+        # left empty would not be set at all and arrive as null.
+        out.double_list_val.SetInParent()
     elif isinstance(v, (list, tuple)):
-        first = v[0] if v else 0.0
+        first = v[0]
         if any(x is None for x in v):
             raise TypeError(f"null element at index {[x is None for x in v].index(True)}: lists cannot hold None")
         if isinstance(first, bool):
@@ -147,7 +151,9 @@ class QuiverClient:
     ) -> Dict[str, List[Any]]:
         """Latest values as columns: {name: [value per entity row]}.
 
-        With with_status=True each value is a (value, status name, event datetime or None) tuple.
+        With with_status=True each value is a (value, status name, event datetime or None) tuple; the
+        event time is None for join-key columns and for values that were not found (any instant,
+        1970-01-01T00:00:00Z included, is a real event time).
         """
         _check_selection(features, feature_service)
         req = pb.GetOnlineFeaturesRequest(full_feature_names=full_feature_names)
@@ -156,13 +162,15 @@ class QuiverClient:
             req.entities[key].val.extend(to_value(i) for i in ids)
         resp = self._call(self._stub.GetOnlineFeatures, req)
         names = list(resp.metadata.feature_names.val)
+        keys = len(req.entities)  # join-key columns come first
+        not_found = pb.FieldStatus.Value("NOT_FOUND")
         out: Dict[str, List[Any]] = {}
-        for name, vec in zip(names, resp.results):
+        for col, (name, vec) in enumerate(zip(names, resp.results)):
             values = [from_value(v) for v in vec.values]
             if with_status:
                 stamps = [
-                    ts.ToDatetime(tzinfo=_dt.timezone.utc) if (ts.seconds or ts.nanos) else None
-                    for ts in vec.event_timestamps
+                    None if col < keys or status == not_found else ts.ToDatetime(tzinfo=_dt.timezone.utc)
+                    for ts, status in zip(vec.event_timestamps, vec.statuses)
                 ]
                 out[name] = list(zip(values, [STATUS_NAMES[s] for s in vec.statuses], stamps))
             else:

@@ -120,6 +120,18 @@ def test_times_are_instants_and_values_come_back_exactly(client):
     assert (value, status, event_time) == (base, "PRESENT", later)
     assert math.isnan(cols["total_spend_30d"][0][0])
     assert cols["avg_order_value_30d"][0][0] == float("-inf")
+    # Join-key columns have no event time; found values have theirs (decided by the status, so
+    # that an event at 1970-01-01T00:00:00Z would still be a time).
+    assert cols["last_login"][0][2] is not None
+    keyed = client.get_online_features({"user_id": ["py_tz"]}, features=["user_activity:last_login"], with_status=True)
+    assert keyed["user_id"][0] == ("py_tz", "PRESENT", None)
+    # An empty list is an empty list (of the declared type), not null.
+    client.write_features(
+        "user_activity",
+        [{"entity_key": {"user_id": "py_empty"}, "event_timestamp": base, "features": {"favorite_categories": []}}],
+    )
+    cols = client.get_online_features({"user_id": ["py_empty"]}, features=["user_activity:favorite_categories"])
+    assert cols["favorite_categories"] == [[]]
     # A list of ints and floats is a double list; a None element is refused before sending.
     from quiver_client.client import to_value
     assert list(to_value([1, 2.5]).double_list_val.val) == [1.0, 2.5]
