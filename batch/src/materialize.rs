@@ -243,6 +243,18 @@ fn to_rows(
             .map(|(i, f)| {
                 value_at(b.column(nk + 1 + i).as_ref(), f.value_type, r)
                     .map(|v| (f.name.clone(), v))
+                    .map_err(|e| {
+                        Error::new(
+                            e.kind(),
+                            format!(
+                                "feature view {:?}, feature {:?}, entity {}: {}",
+                                view.name,
+                                f.name,
+                                entity_key(&pairs).unwrap_or_default(),
+                                e.message()
+                            ),
+                        )
+                    })
             })
             .collect::<Result<_>>()?;
         rows.push(WriteRow {

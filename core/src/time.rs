@@ -113,6 +113,15 @@ pub fn format_rfc3339(m: Micros) -> String {
     }
 }
 
+/// The UTC calendar date (`YYYY-MM-DD`) of an instant, as the archive's
+/// `date` partitions name it.
+pub fn utc_date(m: Micros) -> String {
+    match DateTime::<Utc>::from_timestamp_micros(m) {
+        Some(t) => t.format("%Y-%m-%d").to_string(),
+        None => format_rfc3339(m),
+    }
+}
+
 /// Parses an RFC 3339 timestamp into epoch microseconds (UTC).
 ///
 /// Accepts every RFC 3339 `date-time` (section 5.6): `T`, `t` or a space
@@ -267,6 +276,18 @@ mod tests {
             );
             prop_assert_eq!(parse_rfc3339(&text), Ok(m), "{}", text);
         }
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_date(0), "1970-01-01");
+        assert_eq!(utc_date(-1), "1969-12-31");
+        // 2026-11-25T10:00:00Z
+        assert_eq!(utc_date(1_795_600_800_000_000), "2026-11-25");
+        // 2024-02-29T23:59:59Z
+        assert_eq!(utc_date(1_709_251_199_000_000), "2024-02-29");
+        assert_eq!(utc_date(MIN_MICROS), "0001-01-01");
+        assert_eq!(utc_date(MAX_MICROS), "9999-12-31");
     }
 
     #[test]

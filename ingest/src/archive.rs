@@ -36,7 +36,6 @@ use quiver_core::columnar::{archive_columns, value_array, ArchiveColumnSource};
 use quiver_core::event::Event;
 pub use quiver_core::storage::open_store;
 use quiver_core::storage::{EVENTS_DIR, INTERNAL_DIR};
-use quiver_core::time::Micros;
 use quiver_core::{Error, Registry, Result, Value};
 use serde::{Deserialize, Serialize};
 
@@ -100,21 +99,6 @@ pub fn events_to_batch(
     arrays.push(Arc::new(offsets.finish()));
     RecordBatch::try_new(schema.clone(), arrays)
         .map_err(|e| Error::internal(format!("building the archive batch: {e}")))
-}
-
-/// The UTC date (`YYYY-MM-DD`) of an instant.
-pub fn utc_date(ts: Micros) -> String {
-    // Howard Hinnant's civil_from_days.
-    let z = ts.div_euclid(86_400_000_000) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
 }
 
 /// A partition's archive state, stored as JSON.
@@ -356,7 +340,7 @@ impl Archiver {
         let mut by_date: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
         for r in &b.records {
             by_date
-                .entry(utc_date(r.event.event_time))
+                .entry(quiver_core::time::utc_date(r.event.event_time))
                 .or_default()
                 .push(r);
         }
@@ -426,19 +410,4 @@ pub fn write_parquet(batch: &RecordBatch) -> Result<Vec<u8>> {
     w.close()
         .map_err(|e| Error::internal(format!("parquet close: {e}")))?;
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc_date(0), "1970-01-01");
-        assert_eq!(utc_date(-1), "1969-12-31");
-        // 2026-11-25T10:00:00Z
-        assert_eq!(utc_date(1_795_600_800_000_000), "2026-11-25");
-        // 2024-02-29T23:59:59Z
-        assert_eq!(utc_date(1_709_251_199_000_000), "2024-02-29");
-    }
 }
