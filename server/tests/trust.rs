@@ -768,7 +768,7 @@ fn tied_rows() -> RecordBatch {
         vec![
             Arc::new(StringArray::from(vec!["u_t"; 4])),
             Arc::new(TimestampMicrosecondArray::from(vec![T0; 4]).with_timezone("UTC")),
-            Arc::new(Float64Array::from(vec![1.0, 7.0, 3.0, f64::NAN])),
+            Arc::new(Float64Array::from(vec![1.0, 7.0, 3.0, 5.0])),
             Arc::new(StringArray::from(vec!["a", "b", "c", "d"])),
         ],
     )
@@ -828,6 +828,10 @@ async fn ties_resolve_the_same_online_and_offline() {
         })
         .unwrap();
     assert_eq!(Value::String(offline_label.clone()), winner[1].1);
+    // The data is chosen so that the rule's row is neither the greatest
+    // value (7.0, "b": the old offline rule) nor, in two of the three write
+    // orders below, the last written (the old online rule).
+    assert_eq!(offline_label, "d");
 
     // Materialization writes that row.
     let opts = MaterializeOptions {
