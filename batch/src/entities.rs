@@ -389,7 +389,21 @@ fn read_csv(reg: &Registry, path: &std::path::Path, shown: &str) -> Result<Recor
         .with_header(true)
         .infer_schema(open()?, None)
         .map_err(|e| bad(&e))?;
-    let schema = Arc::new(schema);
+    // Keys and times are text whatever they look like (an id like a date,
+    // a time with nanoseconds beyond 2262): nothing to infer.
+    let schema = Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| {
+                if f.name() == TIMESTAMP_COLUMN || reg.entity_by_join_key(f.name()).is_some() {
+                    Field::new(f.name(), DataType::Utf8, true)
+                } else {
+                    (**f).clone()
+                }
+            })
+            .collect::<Vec<_>>(),
+    ));
     let inferred = read(
         ReaderBuilder::new(schema.clone()).with_header(true),
         &schema,
@@ -717,7 +731,8 @@ value_type = "int64"
             &path,
             "account_id,event_timestamp,zip,label,score\n\
              ,2026-11-02T00:00:00Z,02139,1,0.5\n\
-             a,2026-11-02T00:00:00Z,10001,0,\n",
+             a,2026-11-02T00:00:00Z,10001,0,\n\
+             2024-02-30,2300-01-01T00:00:00.123456789Z,10002,1,1.5\n",
         )
         .unwrap();
         let t = read_file(&registry(), &path).await.unwrap();
@@ -729,13 +744,23 @@ value_type = "int64"
                 .map(|v| v.map(str::to_owned))
                 .collect::<Vec<_>>()
         };
+        // Keys and times are never inferred: an id that looks like a
+        // date, a time with nanoseconds beyond 2262.
         assert_eq!(
             text("account_id"),
-            vec![Some(String::new()), Some("a".into())]
+            vec![
+                Some(String::new()),
+                Some("a".into()),
+                Some("2024-02-30".into())
+            ]
         );
         assert_eq!(
             text("zip"),
-            vec![Some("02139".into()), Some("10001".into())]
+            vec![
+                Some("02139".into()),
+                Some("10001".into()),
+                Some("10002".into())
+            ]
         );
         let label = t.column_by_name("label").unwrap();
         assert!(label.data_type().is_integer(), "{}", label.data_type());
@@ -743,7 +768,7 @@ value_type = "int64"
         assert_eq!(score.data_type(), &DataType::Float64);
         assert!(score.is_null(1));
         let (_, times) = typed(&registry(), t).unwrap();
-        assert_eq!(times.len(), 2);
+        assert_eq!(times.value(2), 10_413_792_000_123_456);
     }
 
     #[test]

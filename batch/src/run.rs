@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::compute::{can_cast_types, cast as cast_array};
-use arrow::datatypes::{DataType, Float32Type, Float64Type, TimestampMicrosecondType};
+use arrow::datatypes::{
+    DataType, Float32Type, Float64Type, TimeUnit, TimestampMicrosecondType, TimestampNanosecondType,
+};
 use arrow::row::{RowConverter, SortField};
 use arrow::util::display::array_value_to_string;
 use datafusion::dataframe::{DataFrame, DataFrameWriteOptions};
@@ -85,7 +87,7 @@ impl ScalarUDFImpl for Checked {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::error::Result<ColumnarValue> {
-        let a = args.args[0].to_array(args.number_rows)?;
+        let mut a = args.args[0].to_array(args.number_rows)?;
         let fail = |m: String| {
             DataFusionError::Execution(format!(
                 "feature view {:?}, column {:?}: {m}",
@@ -95,6 +97,16 @@ impl ScalarUDFImpl for Checked {
         if let Some(original) = args.args.get(1) {
             let original = original.to_array(args.number_rows)?;
             unchanged(&original, &a, self.ty).map_err(fail)?;
+            if let DataType::Timestamp(TimeUnit::Nanosecond, _) = original.data_type() {
+                // Nanoseconds to microseconds toward the past, as every other
+                // path drops digits (the cast rounds toward zero before 1970).
+                a = std::sync::Arc::new(
+                    original
+                        .as_primitive::<TimestampNanosecondType>()
+                        .unary::<_, TimestampMicrosecondType>(|ns| ns.div_euclid(1_000))
+                        .with_timezone("UTC"),
+                );
+            }
         }
         if self.ty == ValueType::Timestamp {
             for t in a
@@ -120,6 +132,98 @@ impl ScalarUDFImpl for Checked {
     }
 }
 
+/// Whether values of type `t` are integers (also in lists, dictionaries
+/// and decimals without fractional digits).
+fn integral(t: &DataType) -> bool {
+    match t {
+        DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
+            integral(f.data_type())
+        }
+        DataType::Dictionary(_, v) => integral(v),
+        DataType::Decimal32(_, s)
+        | DataType::Decimal64(_, s)
+        | DataType::Decimal128(_, s)
+        | DataType::Decimal256(_, s) => *s <= 0,
+        t => t.is_integer(),
+    }
+}
+
+/// Whether a query column of type `from` may become the declared type `ty`
+/// at all: lists stay lists, and a time comes from a timestamp, a date or
+/// text (a number does not say its unit). `None` if so, else why not.
+fn convertible(from: &DataType, ty: ValueType) -> Option<String> {
+    let is_list = matches!(
+        from,
+        DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..)
+    );
+    match (from, ty) {
+        (DataType::Null, _) => None,
+        (_, ty) if ty.is_list() && !is_list => Some(format!(
+            "{ty} is a list; return one (e.g. make_array(...))"
+        )),
+        (_, ty) if !ty.is_list() && is_list => Some(format!("{ty} is not a list")),
+        (
+            DataType::Timestamp(..)
+            | DataType::Date32
+            | DataType::Date64
+            | DataType::Utf8
+            | DataType::LargeUtf8
+            | DataType::Utf8View,
+            ValueType::Timestamp,
+        ) => None,
+        (_, ValueType::Timestamp) => Some(
+            "a time comes from a timestamp, a date or RFC 3339 text; a number does not say its unit (use to_timestamp_seconds, to_timestamp_millis or to_timestamp_micros)"
+                .to_owned(),
+        ),
+        _ => None,
+    }
+}
+
+/// `a` with every -0.0 (also inside lists) made +0.0: a conversion to an
+/// integer may lose the sign of zero, which is not a value.
+fn positive_zero(a: &ArrayRef) -> ArrayRef {
+    use arrow::array::{FixedSizeListArray, LargeListArray, ListArray};
+    use std::sync::Arc;
+    match a.data_type() {
+        DataType::Float64 => Arc::new(
+            a.as_primitive::<Float64Type>()
+                .unary::<_, Float64Type>(|x| x + 0.0),
+        ),
+        DataType::Float32 => Arc::new(
+            a.as_primitive::<Float32Type>()
+                .unary::<_, Float32Type>(|x| x + 0.0),
+        ),
+        DataType::List(f) => {
+            let l = a.as_list::<i32>();
+            Arc::new(ListArray::new(
+                f.clone(),
+                l.offsets().clone(),
+                positive_zero(l.values()),
+                l.nulls().cloned(),
+            ))
+        }
+        DataType::LargeList(f) => {
+            let l = a.as_list::<i64>();
+            Arc::new(LargeListArray::new(
+                f.clone(),
+                l.offsets().clone(),
+                positive_zero(l.values()),
+                l.nulls().cloned(),
+            ))
+        }
+        DataType::FixedSizeList(f, n) => {
+            let l = a.as_fixed_size_list();
+            Arc::new(FixedSizeListArray::new(
+                f.clone(),
+                *n,
+                positive_zero(l.values()),
+                l.nulls().cloned(),
+            ))
+        }
+        _ => a.clone(),
+    }
+}
+
 /// Whether converting `original` to `converted` (type `ty`) kept every
 /// value, by the rules of [`Checked`]; otherwise the first value it
 /// changed.
@@ -128,29 +232,29 @@ fn unchanged(
     converted: &ArrayRef,
     ty: ValueType,
 ) -> std::result::Result<(), String> {
-    let integers = |t: &DataType| match t {
-        DataType::List(f) | DataType::LargeList(f) => f.data_type().is_integer(),
-        t => t.is_integer(),
-    };
     let from = original.data_type();
+    if from == &DataType::Null || ty == ValueType::Timestamp {
+        return Ok(());
+    }
     let rounds = matches!(
         ty,
         ValueType::Double | ValueType::DoubleList | ValueType::FloatList
     );
-    if ty == ValueType::Timestamp || (rounds && !integers(from)) {
+    if rounds && !integral(from) {
         if ty == ValueType::FloatList {
             // Rounding to float32 may not overflow to an infinity.
-            let (before, after) = (
-                original.as_list::<i32>().values(),
-                converted.as_list::<i32>().values(),
-            );
-            if let (Ok(before), true) = (
-                cast_array(before, &DataType::Float64),
-                after.data_type() == &DataType::Float32,
-            ) {
-                let before = before.as_primitive::<Float64Type>();
-                let after = after.as_primitive::<Float32Type>();
-                if let Some(i) = (0..after.len()).find(|&i| {
+            let list_f64 = DataType::List(std::sync::Arc::new(arrow::datatypes::Field::new(
+                "item",
+                DataType::Float64,
+                true,
+            )));
+            let before = cast_array(original, &list_f64).map_err(|e| e.to_string())?;
+            if let (Some(before), Some(after)) =
+                (before.as_list_opt::<i32>(), converted.as_list_opt::<i32>())
+            {
+                let before = before.values().as_primitive::<Float64Type>();
+                let after = after.values().as_primitive::<Float32Type>();
+                if let Some(i) = (0..after.len().min(before.len())).find(|&i| {
                     after.is_valid(i) && after.value(i).is_infinite() && before.value(i).is_finite()
                 }) {
                     return Err(format!(
@@ -164,17 +268,19 @@ fn unchanged(
     }
     // Back to the original type: a conversion that kept every value comes
     // back as it was.
-    let Ok(back) = cast_array(converted, from) else {
-        return Ok(());
-    };
+    let back = cast_array(converted, from).map_err(|_| {
+        format!(
+            "converting {from} to {ty} (its declared type) cannot be checked to keep every value; convert it in the SQL"
+        )
+    })?;
     let converter =
         RowConverter::new(vec![SortField::new(from.clone())]).map_err(|e| e.to_string())?;
     let (a, b) = (
         converter
-            .convert_columns(std::slice::from_ref(original))
+            .convert_columns(&[positive_zero(original)])
             .map_err(|e| e.to_string())?,
         converter
-            .convert_columns(&[back])
+            .convert_columns(&[positive_zero(&back)])
             .map_err(|e| e.to_string())?,
     );
     match (0..a.num_rows()).find(|&i| a.row(i) != b.row(i)) {
@@ -267,6 +373,12 @@ impl Offline {
                 .map_err(|e| df_error(&at("SQL"), e))?
                 .data_type()
                 .clone();
+            if let Some(why) = convertible(&from, *t) {
+                return Err(Error::invalid(format!(
+                    "{}: column {n:?} is {from}, which does not convert to {t} (its declared type): {why}",
+                    at("SQL")
+                )));
+            }
             if !can_cast_types(&from, &arrow_type(*t)) {
                 return Err(Error::invalid(format!(
                     "{}: column {n:?} is {from}, which does not convert to {t} (its declared type)",

@@ -89,7 +89,8 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for StrictJs
         })?;
         let invalid = |e: String| ApiError(Error::invalid(format!("invalid JSON body: {e}")));
         let value = parse_strict(&bytes).map_err(invalid)?;
-        serde_json::from_value(value)
+        // The error names where in the body the problem is (rows[0].features).
+        serde_path_to_error::deserialize(value)
             .map(StrictJson)
             .map_err(|e| invalid(e.to_string()))
     }

@@ -137,14 +137,41 @@ features = [{ name = "e", dtype = "float_list" }]
 [[feature_views]]
 name = "exact_casts"
 entities = ["shop"]
-source = { sql = "SELECT CAST(7 AS INT) AS shop_id, CAST('2026-11-01T00:00:00Z' AS TIMESTAMP) AS event_timestamp, 2.0 AS n, 7 AS d, make_array(0.1, 2.5) AS e, '7' AS t, NULL AS late" }
+source = { sql = """
+SELECT CAST(7 AS INT) AS shop_id, CAST('2026-11-01T00:00:00Z' AS TIMESTAMP) AS event_timestamp,
+  2.0 AS n, 7 AS d, make_array(0.1, 2.5) AS e, '7' AS t, NULL AS late, round(-0.3) AS z,
+  arrow_cast(make_array(1.0, 2.0), 'LargeList(Float64)') AS big,
+  arrow_cast(make_array(1.5, 2.5), 'FixedSizeList(2, Float64)') AS fixed, NULL AS nothing
+""" }
 features = [
   { name = "n", dtype = "int64" },
   { name = "d", dtype = "double" },
   { name = "e", dtype = "float_list" },
   { name = "t", dtype = "int64" },
   { name = "late", dtype = "timestamp" },
+  { name = "z", dtype = "int64" },
+  { name = "big", dtype = "float_list" },
+  { name = "fixed", dtype = "float_list" },
+  { name = "nothing", dtype = "float_list" },
 ]
+
+[[feature_views]]
+name = "scalar_to_list"
+entities = ["user"]
+source = { sql = "SELECT 'u1' AS user_id, TIMESTAMP '2026-11-01T00:00:00Z' AS event_timestamp, 'x' AS tags" }
+features = [{ name = "tags", dtype = "string_list" }]
+
+[[feature_views]]
+name = "number_time"
+entities = ["user"]
+source = { sql = "SELECT 'u1' AS user_id, 1700000000 AS event_timestamp, 1.0 AS y" }
+features = [{ name = "y", dtype = "double" }]
+
+[[feature_views]]
+name = "ns_time"
+entities = ["user"]
+source = { sql = '''SELECT 'u1' AS user_id, arrow_cast(-1, 'Timestamp(Nanosecond, Some("UTC"))') AS event_timestamp, 1.0 AS y''' }
+features = [{ name = "y", dtype = "double" }]
 
 [[feature_views]]
 name = "bad_list"
@@ -679,6 +706,8 @@ async fn batch_run_commits_only_values_that_come_back_exactly() {
             "converting Int64 to double (its declared type) would change the value 9007199254740993",
         ),
         ("float32_overflow", "1e300 is out of range for float32"),
+        ("scalar_to_list", "string_list is a list; return one"),
+        ("number_time", "a number does not say its unit"),
     ] {
         let e = st
             .offline
@@ -698,6 +727,18 @@ async fn batch_run_commits_only_values_that_come_back_exactly() {
         .await
         .unwrap();
     assert_eq!(r[0].rows, 1);
+    // Nanoseconds become microseconds toward the past, before 1970 too:
+    // -1 ns is -1 us, so a row at -1 us sees the value.
+    st.offline
+        .run(&["ns_time".into()], common::now())
+        .await
+        .unwrap();
+    let mut req = entity_rows(&["u1"], &["1969-12-31T23:59:59.999999Z"]);
+    req.kind = features(&["ns_time:y"]);
+    assert_eq!(
+        f64s(&historical(&st.server, req).await, "y"),
+        vec![Some(1.0)]
+    );
     st.server.shutdown().await;
 }
 
@@ -966,6 +1007,15 @@ async fn messages_name_what_is_wrong() {
         (status, body),
         (200, json!({"written": 0, "stale": 0, "expired": 1}))
     );
+    // A body of the wrong shape says where.
+    let (status, body) = write(
+        s,
+        json!([{"entity_key": {"user_id": "u1"}, "event_timestamp": 5}]),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("rows[0].event_timestamp"), "{msg}");
     // A key twice in one object is refused, not settled silently.
     let resp = reqwest::Client::new()
         .post(s.url("/api/v1/features/write"))
