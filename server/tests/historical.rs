@@ -11,26 +11,24 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::offline::{column, doubles, historical, pb_i, pb_s, pb_t, put_table, refs};
 use common::{now, redis_store, Backend, TestServer};
 use quiver_batch::arrow::array::{
     ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
-use quiver_batch::arrow::compute::concat_batches;
 use quiver_batch::arrow::datatypes::{DataType, Field, Schema};
-use quiver_batch::entities::from_ipc as entity_table_from_ipc;
 use quiver_batch::materialize::MaterializeOptions;
 use quiver_batch::retrieve::to_ipc;
 use quiver_batch::Offline;
 use quiver_core::columnar::{timestamp_type, value_at};
 use quiver_core::event::EventSink;
-use quiver_core::wire::{micros_to_ts, value_from_pb};
+use quiver_core::wire::value_from_pb;
 use quiver_core::{OnlineStore, Registry, Value};
 use quiver_ingest::archive::{open_store, ArchiveConfig, Archiver};
 use quiver_ingest::{
     Applier, Generator, GeneratorConfig, IngestConfig, Ingestor, KafkaConfig, KafkaEventSink,
 };
 use quiver_proto::v1 as pb;
-use quiver_proto::v1::get_historical_features_request::Kind as HSel;
 use quiver_proto::v1::get_online_features_request::Kind as Sel;
 use quiver_server::Limits;
 use quiver_testkit::{RedisServer, S3Server};
@@ -41,49 +39,6 @@ const MINUTE: i64 = 60_000_000;
 const HOUR: i64 = 60 * MINUTE;
 const DAY: i64 = 24 * HOUR;
 
-fn pb_s(v: &str) -> pb::Value {
-    pb::Value {
-        kind: Some(pb::value::Kind::StringVal(v.into())),
-    }
-}
-
-fn pb_i(v: i64) -> pb::Value {
-    pb::Value {
-        kind: Some(pb::value::Kind::Int64Val(v)),
-    }
-}
-
-fn pb_t(v: i64) -> pb::Value {
-    pb::Value {
-        kind: Some(pb::value::Kind::TimestampVal(micros_to_ts(v))),
-    }
-}
-
-fn column(vals: Vec<pb::Value>) -> pb::RepeatedValue {
-    pb::RepeatedValue { val: vals }
-}
-
-fn refs(features: &[&str]) -> Option<HSel> {
-    Some(HSel::Features(pb::FeatureList {
-        val: features.iter().map(|f| f.to_string()).collect(),
-    }))
-}
-
-/// Calls GetHistoricalFeatures and concatenates the streamed batches.
-async fn historical(
-    server: &TestServer,
-    req: pb::GetHistoricalFeaturesRequest,
-) -> Result<RecordBatch, tonic::Status> {
-    let mut client = server.client().await;
-    let mut stream = client.get_historical_features(req).await?.into_inner();
-    let mut batches = Vec::new();
-    while let Some(m) = stream.message().await? {
-        batches.push(entity_table_from_ipc(&m.arrow_ipc).unwrap());
-    }
-    let schema = batches[0].schema();
-    Ok(concat_batches(&schema, &batches).unwrap())
-}
-
 /// A column of a result as typed values.
 fn values(batch: &RecordBatch, name: &str, ty: quiver_core::ValueType) -> Vec<Value> {
     let col = batch
@@ -92,12 +47,6 @@ fn values(batch: &RecordBatch, name: &str, ty: quiver_core::ValueType) -> Vec<Va
     (0..col.len())
         .map(|i| value_at(col.as_ref(), ty, i).unwrap())
         .collect()
-}
-
-fn doubles(batch: &RecordBatch, name: &str) -> Vec<Option<f64>> {
-    let a = batch.column_by_name(name).unwrap();
-    let a = a.as_any().downcast_ref::<Float64Array>().unwrap();
-    a.iter().collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -485,17 +434,6 @@ fn limits(rows: &[(i64, i64, i64)]) -> RecordBatch {
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
     ];
     RecordBatch::try_new(schema, cols).unwrap()
-}
-
-/// Writes a Parquet file into the offline store (local or S3).
-async fn put_table(offline: &Offline, path: &str, batch: &RecordBatch) {
-    use object_store::ObjectStoreExt;
-    let mut buf = Vec::new();
-    let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, batch.schema(), None).unwrap();
-    w.write(batch).unwrap();
-    w.close().unwrap();
-    let p = quiver_core::storage::child(offline.root(), &path.split('/').collect::<Vec<_>>());
-    offline.store().put(&p, buf.into()).await.unwrap();
 }
 
 struct Pit {

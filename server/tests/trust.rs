@@ -9,14 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use common::offline::{doubles as f64s, historical, pb_s, put_table, refs as features};
 use common::{redis_store, Backend, TestServer};
 use quiver_batch::arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, Int32Array, LargeStringArray, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
-use quiver_batch::arrow::compute::concat_batches;
 use quiver_batch::arrow::datatypes::{DataType, Field, Float64Type, Schema};
-use quiver_batch::entities::from_ipc;
 use quiver_batch::materialize::MaterializeOptions;
 use quiver_batch::retrieve::to_ipc;
 use quiver_batch::Offline;
@@ -27,7 +26,6 @@ use quiver_core::wire::{micros_to_ts, value_from_pb};
 use quiver_core::{OnlineStore, Registry, Result as CoreResult, Value};
 use quiver_proto::prost_types::Timestamp;
 use quiver_proto::v1 as pb;
-use quiver_proto::v1::get_historical_features_request::Kind as HSel;
 use quiver_proto::v1::get_online_features_request::Kind as Sel;
 use quiver_server::Limits;
 use quiver_testkit::RedisServer;
@@ -263,43 +261,6 @@ async fn write(s: &TestServer, rows: Json) -> (u16, Json) {
         json!({"feature_view": "user_nottl", "rows": rows}),
     )
     .await
-}
-
-/// Writes a Parquet file into the offline store.
-async fn put_table(offline: &Offline, path: &str, batch: &RecordBatch) {
-    use object_store::ObjectStoreExt;
-    let mut buf = Vec::new();
-    let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, batch.schema(), None).unwrap();
-    w.write(batch).unwrap();
-    w.close().unwrap();
-    let p = quiver_core::storage::child(offline.root(), &path.split('/').collect::<Vec<_>>());
-    offline.store().put(&p, buf.into()).await.unwrap();
-}
-
-fn pb_s(v: &str) -> pb::Value {
-    pb::Value {
-        kind: Some(pb::value::Kind::StringVal(v.into())),
-    }
-}
-
-fn features(refs: &[&str]) -> Option<HSel> {
-    Some(HSel::Features(pb::FeatureList {
-        val: refs.iter().map(|f| f.to_string()).collect(),
-    }))
-}
-
-async fn historical(s: &TestServer, req: pb::GetHistoricalFeaturesRequest) -> RecordBatch {
-    let mut client = s.client().await;
-    let mut stream = client
-        .get_historical_features(req)
-        .await
-        .unwrap()
-        .into_inner();
-    let mut batches = Vec::new();
-    while let Some(m) = stream.message().await.unwrap() {
-        batches.push(from_ipc(&m.arrow_ipc).unwrap());
-    }
-    concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 
 async fn online(s: &TestServer, refs: &[&str], users: &[&str]) -> pb::GetOnlineFeaturesResponse {
@@ -553,15 +514,6 @@ fn entity_rows(users: &[&str], times: &[&str]) -> pb::GetHistoricalFeaturesReque
     }
 }
 
-fn f64s(batch: &RecordBatch, name: &str) -> Vec<Option<f64>> {
-    batch
-        .column_by_name(name)
-        .unwrap()
-        .as_primitive::<Float64Type>()
-        .iter()
-        .collect()
-}
-
 /// Finding 2: a NaN feature value stays NaN through `batch run`, historical
 /// retrieval, materialization and serving, whatever the Parquet statistics
 /// of its file say (they leave NaN out).
@@ -579,7 +531,7 @@ async fn nan_stays_nan_offline_and_online() {
         .unwrap();
     let mut req = entity_rows(&["u_nan", "u_a", "u_b"], &["2026-11-02T00:00:00Z"; 3]);
     req.kind = features(&["user_ratio:ratio", "user_big_ratio:big"]);
-    let out = historical(s, req).await;
+    let out = historical(s, req).await.unwrap();
     let ratio = f64s(&out, "ratio");
     assert!(ratio[0].unwrap().is_nan(), "{ratio:?}");
     assert_eq!(&ratio[1..], &[Some(2.5), Some(2.5)]);
@@ -648,7 +600,7 @@ async fn nan_stays_nan_offline_and_online() {
         .unwrap();
     let mut req = entity_rows(&["u_nan", "u_50"], &["2026-11-02T00:00:00Z"; 2]);
     req.kind = features(&["big_spenders:amount"]);
-    let amount = f64s(&historical(s, req).await, "amount");
+    let amount = f64s(&historical(s, req).await.unwrap(), "amount");
     assert!(amount[0].is_some_and(f64::is_nan), "{amount:?}");
     assert_eq!(amount[1], None);
 
@@ -736,7 +688,7 @@ async fn batch_run_commits_only_values_that_come_back_exactly() {
     let mut req = entity_rows(&["u1"], &["1969-12-31T23:59:59.999999Z"]);
     req.kind = features(&["ns_time:y"]);
     assert_eq!(
-        f64s(&historical(&st.server, req).await, "y"),
+        f64s(&historical(&st.server, req).await.unwrap(), "y"),
         vec![Some(1.0)]
     );
     st.server.shutdown().await;
@@ -779,7 +731,8 @@ async fn arrow_entity_tables_are_typed_by_the_registry() {
             ..Default::default()
         },
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(f64s(&out, "ratio"), vec![None, Some(2.5), Some(2.5)]);
     assert_eq!(
         out.column_by_name("user_id").unwrap().data_type(),
@@ -833,7 +786,7 @@ async fn ties_resolve_the_same_online_and_offline() {
         .unwrap();
     let mut req = entity_rows(&["u_t"], &["2026-11-02T00:00:00Z"]);
     req.kind = features(&["user_tie:x", "user_tie:label"]);
-    let out = historical(s, req).await;
+    let out = historical(s, req).await.unwrap();
     let offline_label = out
         .column_by_name("label")
         .unwrap()

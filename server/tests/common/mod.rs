@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod offline;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
