@@ -100,11 +100,12 @@ pub fn digest_order<T>(items: &[T], name: impl Fn(&T) -> &str) -> Vec<usize> {
 /// The tie-break digest of a feature row: SHA-1 over the stored encoding
 /// ([`encode_value`]) of each feature's value, the features taken in the
 /// byte order of their names (`values` must come in that order, see
-/// [`digest_order`]), a value the row lacks counting as null. Of two rows,
-/// both digests cover the union of their feature names. Of two rows with the same event time the
-/// one with the greater digest wins (see [`crate::store::replaces`]); the
-/// Redis write script computes the same digest with `redis.sha1hex`, so
-/// every backend, ingest, materialization and the point-in-time join agree.
+/// [`digest_order`]), a value the row lacks counting as null. Of two rows
+/// with the same event time, the one with the greater digest (both taken
+/// over the union of their feature names) wins, see
+/// [`crate::store::replaces`]; the Redis write script computes the same
+/// digest with `redis.sha1hex`, so every backend, ingest, materialization
+/// and the point-in-time join agree.
 pub fn tie_digest<'a>(values: impl IntoIterator<Item = Option<&'a Value>>) -> [u8; 20] {
     use sha1::{Digest, Sha1};
     let mut h = Sha1::new();
