@@ -44,6 +44,11 @@ pub fn typed(
     entities: RecordBatch,
 ) -> Result<(RecordBatch, TimestampMicrosecondArray)> {
     let schema = entities.schema();
+    if let Some(name) = duplicate(schema.fields().iter().map(|f| f.name().as_str())) {
+        return Err(Error::invalid(format!(
+            "the entity table has the column {name:?} twice"
+        )));
+    }
     if schema.column_with_name(TIMESTAMP_COLUMN).is_none() {
         return Err(Error::invalid(format!(
             "the entity table has no {TIMESTAMP_COLUMN:?} column (the time each row's features must be as of); columns: {}",
@@ -71,6 +76,12 @@ pub fn typed(
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
         .map_err(|e| Error::internal(format!("entity table: {e}")))?;
     Ok((batch, times.expect("checked above")))
+}
+
+/// A name that occurs more than once.
+fn duplicate<'a>(names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let mut seen = std::collections::HashSet::new();
+    names.into_iter().find(|n| !seen.insert(*n))
 }
 
 /// `event_timestamp` as UTC microseconds, every row set and in range.
@@ -320,7 +331,11 @@ pub async fn read_file(reg: &Registry, path: &std::path::Path) -> Result<RecordB
         return Err(Error::invalid(format!("{shown}: no such file")));
     }
     let name = shown.as_str();
-    let batch = match path.extension().and_then(|e| e.to_str()) {
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let batch = match extension.as_deref() {
         Some("parquet") => {
             let df = ctx
                 .read_parquet(name, ParquetReadOptions::default())
@@ -389,14 +404,23 @@ fn read_csv(reg: &Registry, path: &std::path::Path, shown: &str) -> Result<Recor
         .with_header(true)
         .infer_schema(open()?, None)
         .map_err(|e| bad(&e))?;
-    // Keys and times are text whatever they look like (an id like a date,
-    // a time with nanoseconds beyond 2262): nothing to infer.
+    if let Some(name) = duplicate(schema.fields().iter().map(|f| f.name().as_str())) {
+        return Err(bad(&format!("the column {name:?} appears twice")));
+    }
+    // Keys and times are text whatever they look like (an id like a date, a
+    // time with nanoseconds beyond 2262): nothing to infer. Labels may be
+    // integers, floats or booleans; anything else the reader would guess
+    // (dates, times without their offsets) stays the text written.
+    let label_type =
+        |t: &DataType| matches!(t, DataType::Int64 | DataType::Float64 | DataType::Boolean);
     let schema = Arc::new(Schema::new(
         schema
             .fields()
             .iter()
             .map(|f| {
-                if f.name() == TIMESTAMP_COLUMN || reg.entity_by_join_key(f.name()).is_some() {
+                let key =
+                    f.name() == TIMESTAMP_COLUMN || reg.entity_by_join_key(f.name()).is_some();
+                if key || !label_type(f.data_type()) {
                     Field::new(f.name(), DataType::Utf8, true)
                 } else {
                     (**f).clone()
@@ -427,17 +451,46 @@ fn read_csv(reg: &Registry, path: &std::path::Path, shown: &str) -> Result<Recor
     let mut columns = Vec::with_capacity(text.num_columns());
     for (i, f) in schema.fields().iter().enumerate() {
         let written = text.column(i).as_string::<i32>();
-        let keep_text = f.name() == TIMESTAMP_COLUMN
-            || reg.entity_by_join_key(f.name()).is_some()
-            || (f.data_type().is_integer() && {
-                let ints = cast(inferred.column(i), &DataType::Int64).map_err(|e| bad(&e))?;
-                let ints = ints.as_primitive::<arrow::datatypes::Int64Type>();
+        let key = f.name() == TIMESTAMP_COLUMN || reg.entity_by_join_key(f.name()).is_some();
+        // Inference may not change what was written: an integer's own
+        // spelling (02139 is not 2139), a float's range (1e400 is not inf).
+        let changed = match f.data_type() {
+            DataType::Int64 => {
+                let ints = inferred
+                    .column(i)
+                    .as_primitive::<arrow::datatypes::Int64Type>();
                 (0..ints.len())
                     .any(|r| ints.is_valid(r) && ints.value(r).to_string() != written.value(r))
-            });
-        if keep_text {
+            }
+            DataType::Float64 => {
+                let floats = inferred
+                    .column(i)
+                    .as_primitive::<arrow::datatypes::Float64Type>();
+                (0..floats.len()).any(|r| {
+                    let spelled = written
+                        .value(r)
+                        .trim()
+                        .trim_start_matches(['+', '-'])
+                        .to_ascii_lowercase();
+                    floats.is_valid(r)
+                        && floats.value(r).is_infinite()
+                        && spelled != "inf"
+                        && spelled != "infinity"
+                })
+            }
+            _ => false,
+        };
+        if key {
             fields.push(Field::new(f.name(), DataType::Utf8, true));
             columns.push(text.column(i).clone());
+        } else if changed {
+            // The text, with empty fields null like every label's.
+            let labels: arrow::array::StringArray = written
+                .iter()
+                .map(|v| v.filter(|v| !v.is_empty()))
+                .collect();
+            fields.push(Field::new(f.name(), DataType::Utf8, true));
+            columns.push(Arc::new(labels) as ArrayRef);
         } else {
             fields.push((**f).clone());
             columns.push(inferred.column(i).clone());
@@ -729,10 +782,10 @@ value_type = "int64"
         let path = dir.path().join("e.csv");
         std::fs::write(
             &path,
-            "account_id,event_timestamp,zip,label,score\n\
-             ,2026-11-02T00:00:00Z,02139,1,0.5\n\
-             a,2026-11-02T00:00:00Z,10001,0,\n\
-             2024-02-30,2300-01-01T00:00:00.123456789Z,10002,1,1.5\n",
+            "account_id,event_timestamp,zip,label,score,seen,big\n\
+             ,2026-11-02T00:00:00Z,02139,1,0.5,2026-11-29T15:30:00+05:30,1e400\n\
+             a,2026-11-02T00:00:00Z,10001,0,,2026-11-29T10:00:00,\n\
+             2024-02-30,2300-01-01T00:00:00.123456789Z,10002,1,1.5,2024-02-30,2.5\n",
         )
         .unwrap();
         let t = read_file(&registry(), &path).await.unwrap();
@@ -762,6 +815,21 @@ value_type = "int64"
                 Some("10002".into())
             ]
         );
+        // Labels the reader would turn into times (losing the offset) or
+        // into an infinity stay the text written; empty label fields are
+        // null.
+        assert_eq!(
+            text("seen"),
+            vec![
+                Some("2026-11-29T15:30:00+05:30".into()),
+                Some("2026-11-29T10:00:00".into()),
+                Some("2024-02-30".into())
+            ]
+        );
+        assert_eq!(
+            text("big"),
+            vec![Some("1e400".into()), None, Some("2.5".into())]
+        );
         let label = t.column_by_name("label").unwrap();
         assert!(label.data_type().is_integer(), "{}", label.data_type());
         let score = t.column_by_name("score").unwrap();
@@ -769,6 +837,18 @@ value_type = "int64"
         assert!(score.is_null(1));
         let (_, times) = typed(&registry(), t).unwrap();
         assert_eq!(times.value(2), 10_413_792_000_123_456);
+        // A column twice is an error, not a silent pick.
+        std::fs::write(
+            &path,
+            "account_id,account_id,event_timestamp\nu0,u1,2026-11-02T00:00:00Z\n",
+        )
+        .unwrap();
+        let e = read_file(&registry(), &path).await.unwrap_err();
+        assert!(
+            e.message()
+                .contains("the column \"account_id\" appears twice"),
+            "{e}"
+        );
     }
 
     #[test]

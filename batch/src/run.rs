@@ -3,8 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, ArrayRef, AsArray};
-use arrow::compute::{can_cast_types, cast as cast_array};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, TimestampMicrosecondArray};
+use arrow::compute::{can_cast_types, cast as cast_array, cast_with_options, CastOptions};
 use arrow::datatypes::{
     DataType, Float32Type, Float64Type, TimeUnit, TimestampMicrosecondType, TimestampNanosecondType,
 };
@@ -13,13 +15,12 @@ use arrow::util::display::array_value_to_string;
 use datafusion::dataframe::{DataFrame, DataFrameWriteOptions};
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{
-    cast, ident, ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
-    Volatility,
+    ident, ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
 use datafusion::prelude::SessionContext;
 use quiver_core::columnar::arrow_type;
 use quiver_core::registry::{FeatureView, ViewSource, TIMESTAMP_COLUMN};
-use quiver_core::time::{check_range, format_rfc3339, Micros};
+use quiver_core::time::{check_range, format_rfc3339, parse_rfc3339, Micros};
 use quiver_core::{Error, Result, ValueType};
 
 use crate::offline::{df_error, feature_table_columns, CommittedRun, Offline};
@@ -48,28 +49,30 @@ pub struct RunReport {
     pub elapsed: Duration,
 }
 
-/// Checks a feature-table column as the run writes it, so that every
-/// value committed is the value the SQL computed and can be served and
-/// written back as it is:
-/// - a conversion to the declared type must not change a value: `1.7` is
-///   not the int64 `1`, the text `"007"` is not the int64 `7`, and an
-///   integer a double (or float32) cannot hold is not rounded. Numbers that
-///   are not integers may round to the nearest double or float32 (the
-///   declared precision), but not overflow to an infinity; times may lose
-///   digits past the microsecond;
+/// Converts a feature-table column to its declared type as the run writes
+/// it, and checks that every value committed is the value the SQL computed
+/// and can be served and written back as it is:
+/// - the conversion must not change a value: `1.7` is not the int64 `1`,
+///   the text `"007"` is not the int64 `7`, and an integer a double (or
+///   float32) cannot hold is not rounded. Numbers that are not integers may
+///   round to the nearest double or float32 (the declared precision), but
+///   not overflow to an infinity; times lose digits past the microsecond
+///   toward the past, and text times are read by quiver's one RFC 3339
+///   parser ([`quiver_core::time::parse_rfc3339`]);
 /// - times lie within the supported range
 ///   ([`quiver_core::time::check_range`]);
-/// - lists hold no null elements.
+/// - lists hold no null elements, and have the declared dimension.
 ///
-/// Arguments: the column in the declared type, then (when it had another
-/// type) the column as the SQL returned it. The result is the first
-/// argument, unchanged; a violation fails the run before anything is
-/// committed.
+/// The argument is the column as the SQL returned it; the result is the
+/// column in the declared type. A violation (or a value the conversion
+/// cannot take) fails the run before anything is committed, naming the
+/// view, the column and the value.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Checked {
     view: String,
     column: String,
     ty: ValueType,
+    dimension: Option<u32>,
     signature: Signature,
 }
 
@@ -80,34 +83,22 @@ impl ScalarUDFImpl for Checked {
     fn signature(&self) -> &Signature {
         &self.signature
     }
-    fn return_type(&self, args: &[DataType]) -> datafusion::error::Result<DataType> {
-        Ok(args[0].clone())
+    fn return_type(&self, _: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(arrow_type(self.ty))
     }
     fn invoke_with_args(
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::error::Result<ColumnarValue> {
-        let mut a = args.args[0].to_array(args.number_rows)?;
+        let original = args.args[0].to_array(args.number_rows)?;
         let fail = |m: String| {
             DataFusionError::Execution(format!(
                 "feature view {:?}, column {:?}: {m}",
                 self.view, self.column
             ))
         };
-        if let Some(original) = args.args.get(1) {
-            let original = original.to_array(args.number_rows)?;
-            unchanged(&original, &a, self.ty).map_err(fail)?;
-            if let DataType::Timestamp(TimeUnit::Nanosecond, _) = original.data_type() {
-                // Nanoseconds to microseconds toward the past, as every other
-                // path drops digits (the cast rounds toward zero before 1970).
-                a = std::sync::Arc::new(
-                    original
-                        .as_primitive::<TimestampNanosecondType>()
-                        .unary::<_, TimestampMicrosecondType>(|ns| ns.div_euclid(1_000))
-                        .with_timezone("UTC"),
-                );
-            }
-        }
+        let a = convert(&original, self.ty).map_err(fail)?;
+        unchanged(&original, &a, self.ty).map_err(fail)?;
         if self.ty == ValueType::Timestamp {
             for t in a
                 .as_primitive::<TimestampMicrosecondType>()
@@ -127,8 +118,54 @@ impl ScalarUDFImpl for Checked {
                     )));
                 }
             }
+            if let Some(dim) = self.dimension {
+                if let Some(l) = lists.iter().flatten().find(|l| l.len() != dim as usize) {
+                    return Err(fail(format!(
+                        "a value has {} elements; the feature's dimension is {dim}",
+                        l.len()
+                    )));
+                }
+            }
         }
         Ok(ColumnarValue::Array(a))
+    }
+}
+
+/// `original` in the declared type `ty`: Arrow's cast, refusing values it
+/// cannot take (instead of making them null), except that nanoseconds
+/// become microseconds toward the past and text becomes a time through
+/// quiver's RFC 3339 parser.
+fn convert(original: &ArrayRef, ty: ValueType) -> std::result::Result<ArrayRef, String> {
+    let target = arrow_type(ty);
+    match (original.data_type(), ty) {
+        (from, _) if from == &target => Ok(original.clone()),
+        (DataType::Timestamp(TimeUnit::Nanosecond, _), ValueType::Timestamp) => Ok(Arc::new(
+            original
+                .as_primitive::<TimestampNanosecondType>()
+                .unary::<_, TimestampMicrosecondType>(|ns| ns.div_euclid(1_000))
+                .with_timezone("UTC"),
+        )),
+        (DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View, ValueType::Timestamp) => {
+            let text = cast_array(original, &DataType::Utf8).map_err(|e| e.to_string())?;
+            let times: TimestampMicrosecondArray = text
+                .as_string::<i32>()
+                .iter()
+                .map(|t| t.map(parse_rfc3339).transpose())
+                .collect::<std::result::Result<_, String>>()?;
+            Ok(Arc::new(times.with_timezone("UTC")))
+        }
+        _ => {
+            let options = CastOptions {
+                safe: false,
+                ..CastOptions::default()
+            };
+            cast_with_options(original, &target, &options).map_err(|e| {
+                format!(
+                    "converting {} to {ty} (its declared type): {e}",
+                    original.data_type()
+                )
+            })
+        }
     }
 }
 
@@ -151,13 +188,20 @@ fn integral(t: &DataType) -> bool {
 /// Whether a query column of type `from` may become the declared type `ty`
 /// at all: lists stay lists, and a time comes from a timestamp, a date or
 /// text (a number does not say its unit). `None` if so, else why not.
-fn convertible(from: &DataType, ty: ValueType) -> Option<String> {
+fn convertible(from: &DataType, ty: ValueType, key: bool) -> Option<String> {
     let is_list = matches!(
         from,
         DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..)
     );
+    let float =
+        |t: &DataType| matches!(t, DataType::Float16 | DataType::Float32 | DataType::Float64);
     match (from, ty) {
         (DataType::Null, _) => None,
+        (DataType::Dictionary(_, v), ty) => convertible(v, ty, key),
+        (from, ValueType::String) if key && float(from) => Some(
+            "a string id from a float (NaN, -0, 1e300 as text) is not an id; convert it in the SQL"
+                .to_owned(),
+        ),
         (_, ty) if ty.is_list() && !is_list => Some(format!(
             "{ty} is a list; return one (e.g. make_array(...))"
         )),
@@ -224,6 +268,69 @@ fn positive_zero(a: &ArrayRef) -> ArrayRef {
     }
 }
 
+/// Whether a conversion to floats (`converted`: doubles, or lists of
+/// doubles or float32) kept finite numbers finite: rounding to the declared
+/// precision is fine, an overflow to an infinity is not.
+fn not_overflowed(original: &ArrayRef, converted: &ArrayRef) -> std::result::Result<(), String> {
+    // Element arrays of both sides (the lists' values, or the columns).
+    let (before, after): (ArrayRef, ArrayRef) = match converted.as_list_opt::<i32>() {
+        Some(after) => {
+            let element = match original.data_type() {
+                DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
+                    f.data_type().clone()
+                }
+                _ => return Ok(()),
+            };
+            let as_list = DataType::List(Arc::new(arrow::datatypes::Field::new(
+                "item", element, true,
+            )));
+            let before = cast_array(original, &as_list).map_err(|e| e.to_string())?;
+            let before = before.as_list::<i32>().values().clone();
+            (before, after.values().clone())
+        }
+        None => (original.clone(), converted.clone()),
+    };
+    let after = cast_array(&after, &DataType::Float64).map_err(|e| e.to_string())?;
+    let after = after.as_primitive::<Float64Type>();
+    let text = matches!(
+        before.data_type(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    );
+    let before_text = if text {
+        Some(cast_array(&before, &DataType::Utf8).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let before_num = if text {
+        None
+    } else {
+        Some(cast_array(&before, &DataType::Float64).map_err(|e| e.to_string())?)
+    };
+    for i in 0..after.len().min(before.len()) {
+        if after.is_null(i) || after.value(i).is_finite() || after.value(i).is_nan() {
+            continue;
+        }
+        let (was_infinite, shown) = match (&before_text, &before_num) {
+            (Some(t), _) => {
+                let t = t.as_string::<i32>().value(i);
+                let spelled = t.trim().trim_start_matches(['+', '-']).to_ascii_lowercase();
+                (spelled == "inf" || spelled == "infinity", t.to_owned())
+            }
+            (_, Some(n)) => {
+                let n = n.as_primitive::<Float64Type>().value(i);
+                (n.is_infinite(), format!("{n:?}"))
+            }
+            _ => continue,
+        };
+        if !was_infinite {
+            return Err(format!(
+                "{shown} is out of range for the declared type; it would become an infinity"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether converting `original` to `converted` (type `ty`) kept every
 /// value, by the rules of [`Checked`]; otherwise the first value it
 /// changed.
@@ -233,7 +340,7 @@ fn unchanged(
     ty: ValueType,
 ) -> std::result::Result<(), String> {
     let from = original.data_type();
-    if from == &DataType::Null || ty == ValueType::Timestamp {
+    if from == converted.data_type() || from == &DataType::Null || ty == ValueType::Timestamp {
         return Ok(());
     }
     let rounds = matches!(
@@ -241,30 +348,7 @@ fn unchanged(
         ValueType::Double | ValueType::DoubleList | ValueType::FloatList
     );
     if rounds && !integral(from) {
-        if ty == ValueType::FloatList {
-            // Rounding to float32 may not overflow to an infinity.
-            let list_f64 = DataType::List(std::sync::Arc::new(arrow::datatypes::Field::new(
-                "item",
-                DataType::Float64,
-                true,
-            )));
-            let before = cast_array(original, &list_f64).map_err(|e| e.to_string())?;
-            if let (Some(before), Some(after)) =
-                (before.as_list_opt::<i32>(), converted.as_list_opt::<i32>())
-            {
-                let before = before.values().as_primitive::<Float64Type>();
-                let after = after.values().as_primitive::<Float32Type>();
-                if let Some(i) = (0..after.len().min(before.len())).find(|&i| {
-                    after.is_valid(i) && after.value(i).is_infinite() && before.value(i).is_finite()
-                }) {
-                    return Err(format!(
-                        "the list element {:?} is out of range for float32 (its declared type); it would become an infinity",
-                        before.value(i)
-                    ));
-                }
-            }
-        }
-        return Ok(());
+        return not_overflowed(original, converted);
     }
     // Back to the original type: a conversion that kept every value comes
     // back as it was.
@@ -298,28 +382,21 @@ fn unchanged(
 }
 
 /// Column `name` (of type `from` in the query's result) in the declared
-/// type `ty`, through [`Checked`] where a conversion or the type needs it.
-fn checked(view: &str, name: &str, from: &DataType, ty: ValueType) -> Expr {
-    let target = arrow_type(ty);
-    let converts = from != &target;
-    if !converts && ty != ValueType::Timestamp && !ty.is_list() {
+/// type `ty` (with the feature's `dimension`, if any), through [`Checked`]
+/// where a conversion or the type needs it.
+fn checked(view: &str, name: &str, from: &DataType, ty: ValueType, dimension: Option<u32>) -> Expr {
+    let plain = from == &arrow_type(ty) && ty != ValueType::Timestamp && !ty.is_list();
+    if plain {
         return ident(name);
-    }
-    let mut args = vec![if converts {
-        cast(ident(name), target)
-    } else {
-        ident(name)
-    }];
-    if converts {
-        args.push(ident(name));
     }
     ScalarUDF::new_from_impl(Checked {
         view: view.to_owned(),
         column: name.to_owned(),
         ty,
-        signature: Signature::any(args.len(), Volatility::Immutable),
+        dimension,
+        signature: Signature::any(1, Volatility::Immutable),
     })
-    .call(args)
+    .call(vec![ident(name)])
 }
 
 /// The query of a SQL view, or an error naming the view's actual source.
@@ -373,7 +450,8 @@ impl Offline {
                 .map_err(|e| df_error(&at("SQL"), e))?
                 .data_type()
                 .clone();
-            if let Some(why) = convertible(&from, *t) {
+            let key = cols[..view.join_keys.len()].iter().any(|(k, _)| k == n);
+            if let Some(why) = convertible(&from, *t, key) {
                 return Err(Error::invalid(format!(
                     "{}: column {n:?} is {from}, which does not convert to {t} (its declared type): {why}",
                     at("SQL")
@@ -385,7 +463,12 @@ impl Offline {
                     at("SQL")
                 )));
             }
-            exprs.push(checked(&view.name, n, &from, *t).alias(*n));
+            let dimension = view
+                .features
+                .iter()
+                .find(|f| f.name == *n)
+                .and_then(|f| f.dimension);
+            exprs.push(checked(&view.name, n, &from, *t, dimension).alias(*n));
         }
         // Rows without keys or time cannot be joined or materialized, so
         // they are left out (before any check of their values).

@@ -13,78 +13,74 @@ use serde_json::{json, Value as Json_};
 
 use crate::error::quote;
 use crate::time::{format_rfc3339, parse_rfc3339};
-use crate::value::{exact_f32, exact_f64, f64_to_f32, parse_int64, INT64_RANGE};
+use crate::value::{f64_to_f32, parse_int64};
 use crate::value::{Value, ValueType};
 
 /// Parses JSON text into a value, refusing an object with a key twice: a
 /// JSON parser keeps one of them silently (serde_json the last), so
 /// `{"user_id": "a", "user_id": "b"}` would write to `b` without a word.
 /// RFC 8259 leaves duplicate names to the implementation; quiver says no.
+/// Numbers keep the text sent (serde_json's `arbitrary_precision`).
 pub fn parse_strict(text: &[u8]) -> Result<Json_, String> {
+    // A first pass only looks at keys; the second builds the value.
     let mut de = serde_json::Deserializer::from_slice(text);
-    let Strict(v) = serde::Deserialize::deserialize(&mut de).map_err(|e| e.to_string())?;
-    de.end().map_err(|e| e.to_string())?;
-    Ok(v)
+    serde::Deserialize::deserialize(&mut de)
+        .map(|UniqueKeys| ())
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(text).map_err(|e| e.to_string())
 }
 
-/// A JSON value deserialized with duplicate object keys refused.
-struct Strict(Json_);
+/// Walks a JSON document, failing on an object with a key twice.
+struct UniqueKeys;
 
-impl<'de> serde::Deserialize<'de> for Strict {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
-        d.deserialize_any(StrictVisitor)
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<UniqueKeys, D::Error> {
+        d.deserialize_any(UniqueKeysVisitor)
     }
 }
 
-struct StrictVisitor;
+struct UniqueKeysVisitor;
 
-impl<'de> serde::de::Visitor<'de> for StrictVisitor {
-    type Value = Strict;
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = UniqueKeys;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a JSON value")
     }
-    fn visit_unit<E>(self) -> Result<Strict, E> {
-        Ok(Strict(Json_::Null))
+    fn visit_unit<E>(self) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
     }
-    fn visit_bool<E>(self, b: bool) -> Result<Strict, E> {
-        Ok(Strict(Json_::Bool(b)))
+    fn visit_bool<E>(self, _: bool) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
     }
-    fn visit_i64<E>(self, n: i64) -> Result<Strict, E> {
-        Ok(Strict(Json_::from(n)))
+    fn visit_i64<E>(self, _: i64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
     }
-    fn visit_u64<E>(self, n: u64) -> Result<Strict, E> {
-        Ok(Strict(Json_::from(n)))
+    fn visit_u64<E>(self, _: u64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
     }
-    fn visit_f64<E>(self, n: f64) -> Result<Strict, E> {
-        Ok(Strict(Json_::from(n)))
+    fn visit_f64<E>(self, _: f64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
     }
-    fn visit_str<E>(self, s: &str) -> Result<Strict, E> {
-        Ok(Strict(Json_::String(s.to_owned())))
+    fn visit_str<E>(self, _: &str) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
     }
-    fn visit_string<E>(self, s: String) -> Result<Strict, E> {
-        Ok(Strict(Json_::String(s)))
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueKeys, A::Error> {
+        while seq.next_element::<UniqueKeys>()?.is_some() {}
+        Ok(UniqueKeys)
     }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
-        let mut out = Vec::new();
-        while let Some(Strict(v)) = seq.next_element()? {
-            out.push(v);
-        }
-        Ok(Strict(Json_::Array(out)))
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
-        let mut out = serde_json::Map::new();
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+        let mut seen = std::collections::HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
-            let Strict(v) = map.next_value()?;
-            if out.contains_key(&key) {
+            map.next_value::<UniqueKeys>()?;
+            if !seen.insert(key.clone()) {
                 return Err(serde::de::Error::custom(format!(
                     "the key {} appears twice in one object",
                     quote(&key)
                 )));
             }
-            out.insert(key, v);
         }
-        Ok(Strict(Json_::Object(out)))
+        Ok(UniqueKeys)
     }
 }
 
@@ -100,22 +96,26 @@ pub fn json_kind(v: &Json_) -> &'static str {
     }
 }
 
-/// Reads a JSON int64: an integer literal (`42`), or a decimal string
+/// The literal text of a JSON number, and whether it is an integer literal
+/// (no fraction, no exponent).
+fn literal(n: &serde_json::Number) -> (&str, bool) {
+    let t = n.as_str();
+    (t, !t.contains(['.', 'e', 'E']))
+}
+
+/// Reads a JSON int64: an integer literal (`42`, `-0`), or a decimal string
 /// (`"42"`, as protobuf's JSON mapping writes int64 so that JavaScript
 /// clients keep every digit). A number with a fraction or an exponent is
-/// refused: JSON parsers read it as a double, which may already have
-/// changed its digits.
+/// refused: it is a decimal, and `3.0` as an id or a count is more likely a
+/// float that lost track of its type than an integer.
 fn int64_from_json(v: &Json_) -> Result<i64, String> {
     match v {
-        Json_::Number(n) => n.as_i64().ok_or_else(|| {
-            if n.is_u64() {
-                format!("{n} is {INT64_RANGE}")
-            } else {
-                format!(
-                    "{n} is not an int64: write an integer from -9223372036854775808 to 9223372036854775807 without a fraction or exponent"
-                )
-            }
-        }),
+        Json_::Number(n) => match literal(n) {
+            (t, true) => parse_int64(t),
+            (t, false) => Err(format!(
+                "{t} is not an int64: write an integer from -9223372036854775808 to 9223372036854775807 without a fraction or exponent"
+            )),
+        },
         Json_::String(s) => {
             let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
             if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -142,15 +142,22 @@ fn special_f64(s: &str) -> Option<f64> {
 }
 
 /// Reads a JSON double: a number, or `"NaN"`, `"Infinity"`, `"-Infinity"`.
-/// An integer literal must be one the double holds exactly; a number with
-/// a fraction or exponent is a decimal and reads as the nearest double.
+/// An integer literal must be one the double holds exactly; a decimal
+/// (with a fraction or exponent) reads as the nearest double, but one
+/// beyond the double range is refused rather than read as an infinity.
 fn f64_from_json(v: &Json_, ty: &str) -> Result<f64, String> {
     match v {
-        Json_::Number(n) => match (n.as_i64(), n.as_u64()) {
-            (Some(i), _) => exact_f64(i128::from(i)),
-            (None, Some(u)) => exact_f64(i128::from(u)),
-            _ => n.as_f64().ok_or_else(|| format!("{n} is not a {ty}")),
-        },
+        Json_::Number(n) => {
+            let (t, integer) = literal(n);
+            let d: f64 = t.parse().map_err(|_| format!("{t} is not a {ty}"))?;
+            if integer && format!("{d:.0}") != t {
+                Err(format!("the integer {t} has no exact double; send it as a double"))
+            } else if !d.is_finite() {
+                Err(format!("{t} is out of range for a double"))
+            } else {
+                Ok(d)
+            }
+        }
         Json_::String(s) => special_f64(s).ok_or_else(|| {
             format!(
                 "expected {ty} (a number, or \"NaN\", \"Infinity\", \"-Infinity\"), got the string {}",
@@ -161,15 +168,20 @@ fn f64_from_json(v: &Json_, ty: &str) -> Result<f64, String> {
     }
 }
 
-/// Reads a JSON float32: a double (see [`f64_from_json`]) rounded to the
-/// nearest float32; finite numbers beyond float32's range are refused
-/// rather than turned into infinities.
+/// Reads a JSON float32: an integer literal the float32 holds exactly, or a
+/// double (see [`f64_from_json`]) rounded to the nearest float32; finite
+/// numbers beyond float32's range are refused rather than turned into
+/// infinities.
 fn f32_from_json(v: &Json_) -> Result<f32, String> {
     if let Json_::Number(n) = v {
-        match (n.as_i64(), n.as_u64()) {
-            (Some(i), _) => return exact_f32(i128::from(i)),
-            (None, Some(u)) => return exact_f32(i128::from(u)),
-            _ => {}
+        if let (t, true) = literal(n) {
+            let f: f32 = t.parse().map_err(|_| format!("{t} is not a float32"))?;
+            if format!("{f:.0}") != t {
+                return Err(format!(
+                    "the integer {t} has no exact float32; send it as a number with a fraction"
+                ));
+            }
+            return Ok(f);
         }
     }
     f64_to_f32(f64_from_json(v, "float32")?)
@@ -377,9 +389,30 @@ mod tests {
             ValueType::Int64,
         );
         assert!(
-            e.contains("is not an int64: write an integer from -9223372036854775808"),
+            e.contains("\"-9223372036854775809\" is out of range for int64"),
             "{e}"
         );
+        // Literals are read as written: -0 is the integer 0, a literal
+        // beyond u64 is checked exactly, a decimal beyond the double range
+        // is refused.
+        let int = |t: &str| value_from_json(&serde_json::from_str(t).unwrap(), ValueType::Int64);
+        assert_eq!(int("-0"), Ok(Value::Int64(0)));
+        let e = int("100000000000000000000000000000").unwrap_err();
+        assert!(e.contains("out of range for int64"), "{e}");
+        let dbl = |t: &str| value_from_json(&serde_json::from_str(t).unwrap(), ValueType::Double);
+        let e = dbl("18446744073709551617").unwrap_err();
+        assert!(
+            e.contains("the integer 18446744073709551617 has no exact double"),
+            "{e}"
+        );
+        assert_eq!(dbl("1e30"), Ok(Value::Double(1e30)));
+        assert_eq!(
+            dbl("36893488147419103232"),
+            Ok(Value::Double(2f64.powi(65)))
+        );
+        let e = dbl("1e400").unwrap_err();
+        assert!(e.contains("is out of range for a double"), "{e}");
+        assert_eq!(dbl("1e-400"), Ok(Value::Double(0.0)));
         let e = msg(json!("9223372036854775808"), ValueType::Int64);
         assert!(e.contains("out of range for int64"), "{e}");
         let e = msg(

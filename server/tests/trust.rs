@@ -139,7 +139,8 @@ source = { sql = """
 SELECT CAST(7 AS INT) AS shop_id, CAST('2026-11-01T00:00:00Z' AS TIMESTAMP) AS event_timestamp,
   2.0 AS n, 7 AS d, make_array(0.1, 2.5) AS e, '7' AS t, NULL AS late, round(-0.3) AS z,
   arrow_cast(make_array(1.0, 2.0), 'LargeList(Float64)') AS big,
-  arrow_cast(make_array(1.5, 2.5), 'FixedSizeList(2, Float64)') AS fixed, NULL AS nothing
+  arrow_cast(make_array(1.5, 2.5), 'FixedSizeList(2, Float64)') AS fixed, NULL AS nothing,
+  arrow_cast(1, 'Timestamp(Nanosecond, Some("UTC"))') AS ns_text, '2016-12-31T23:59:60.5Z' AS leap
 """ }
 features = [
   { name = "n", dtype = "int64" },
@@ -151,7 +152,33 @@ features = [
   { name = "big", dtype = "float_list" },
   { name = "fixed", dtype = "float_list" },
   { name = "nothing", dtype = "float_list" },
+  { name = "ns_text", dtype = "string" },
+  { name = "leap", dtype = "timestamp" },
 ]
+
+[[feature_views]]
+name = "wrong_dimension"
+entities = ["user"]
+source = { sql = "SELECT 'u1' AS user_id, TIMESTAMP '2026-11-01T00:00:00Z' AS event_timestamp, make_array(1.0, 2.0) AS e" }
+features = [{ name = "e", dtype = "float_list", dimension = 3 }]
+
+[[feature_views]]
+name = "text_overflow"
+entities = ["user"]
+source = { sql = "SELECT 'u1' AS user_id, TIMESTAMP '2026-11-01T00:00:00Z' AS event_timestamp, '1e400' AS d" }
+features = [{ name = "d", dtype = "double" }]
+
+[[feature_views]]
+name = "float_id"
+entities = ["user"]
+source = { sql = "SELECT 1.5 AS user_id, TIMESTAMP '2026-11-01T00:00:00Z' AS event_timestamp, 1.0 AS y" }
+features = [{ name = "y", dtype = "double" }]
+
+[[feature_views]]
+name = "u64_overflow"
+entities = ["user"]
+source = { sql = "SELECT 'u1' AS user_id, TIMESTAMP '2026-11-01T00:00:00Z' AS event_timestamp, arrow_cast(18446744073709551615, 'UInt64') AS n" }
+features = [{ name = "n", dtype = "int64" }]
 
 [[feature_views]]
 name = "scalar_to_list"
@@ -657,9 +684,13 @@ async fn batch_run_commits_only_values_that_come_back_exactly() {
             "inexact_double",
             "converting Int64 to double (its declared type) would change the value 9007199254740993",
         ),
-        ("float32_overflow", "1e300 is out of range for float32"),
+        ("float32_overflow", "1e300 is out of range for the declared type"),
         ("scalar_to_list", "string_list is a list; return one"),
         ("number_time", "a number does not say its unit"),
+        ("wrong_dimension", "a value has 2 elements; the feature's dimension is 3"),
+        ("text_overflow", "1e400 is out of range for the declared type"),
+        ("float_id", "a string id from a float"),
+        ("u64_overflow", "column \"n\": converting UInt64 to int64 (its declared type)"),
     ] {
         let e = st
             .offline
@@ -679,6 +710,22 @@ async fn batch_run_commits_only_values_that_come_back_exactly() {
         .await
         .unwrap();
     assert_eq!(r[0].rows, 1);
+    // Text times in SQL output go through the same parser as everywhere:
+    // a leap second with a fraction is the next minute's first instant.
+    let reg = st.offline.registry().clone();
+    let view = reg.view(reg.view_index("exact_casts").unwrap());
+    let ctx = st.offline.session().await.unwrap();
+    let table = st.offline.feature_table(&ctx, view).await.unwrap().unwrap();
+    let rows = table.collect().await.unwrap();
+    let leap = rows[0].column_by_name("leap").unwrap();
+    let leap = leap
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()
+        .unwrap();
+    assert_eq!(
+        leap.value(0),
+        parse_rfc3339("2017-01-01T00:00:00Z").unwrap()
+    );
     // Nanoseconds become microseconds toward the past, before 1970 too:
     // -1 ns is -1 us, so a row at -1 us sees the value.
     st.offline
