@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use quiver_core::event::EventTimeBounds;
 use serde::{Deserialize, Deserializer};
 
 /// Which online store serves features.
@@ -86,6 +87,15 @@ pub struct IngestSettings {
     /// Longest wait for a batch to fill.
     #[serde(deserialize_with = "duration")]
     pub batch_wait: Duration,
+    /// Largest accepted lead of an event time over the clock (PushEvents:
+    /// the server's; ingest: the message's Kafka timestamp, capped at the
+    /// ingest process's clock).
+    #[serde(deserialize_with = "duration")]
+    pub max_future_skew: Duration,
+    /// Largest accepted age of an event time; empty (the default) accepts
+    /// any past time.
+    #[serde(deserialize_with = "optional_duration")]
+    pub max_event_age: Option<Duration>,
 }
 
 /// `[archive]`
@@ -121,6 +131,8 @@ impl Default for IngestSettings {
         IngestSettings {
             batch_max: 50_000,
             batch_wait: Duration::from_millis(250),
+            max_future_skew: EventTimeBounds::default().max_future_skew,
+            max_event_age: EventTimeBounds::default().max_age,
         }
     }
 }
@@ -256,6 +268,15 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
             "invalid duration {s:?} ({e}); write e.g. \"250ms\", \"5s\", \"1d\""
         ))
     })
+}
+
+/// A duration, or an empty string for none.
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    duration(serde::de::value::StringDeserializer::<D::Error>::new(s)).map(Some)
 }
 
 /// Flags that override file and environment (all optional).
@@ -477,6 +498,13 @@ impl Config {
         if self.ingest.batch_max == 0 {
             bail!("ingest.batch_max must be at least 1");
         }
+        // Rows keep this much more tile history (see quiver_ingest::apply).
+        if self.ingest.max_future_skew > Duration::from_secs(7 * 86_400) {
+            bail!("ingest.max_future_skew must be at most 7d (aggregation rows keep this much extra history)");
+        }
+        if self.ingest.max_event_age.is_some_and(|d| d.is_zero()) {
+            bail!("ingest.max_event_age must be greater than zero, or empty for no bound");
+        }
         let a = &self.archive;
         if a.roll_bytes < 1024 {
             bail!("archive.roll_bytes must be at least 1024");
@@ -505,6 +533,14 @@ impl Config {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+        }
+    }
+
+    /// The accepted event times, for PushEvents and ingest alike.
+    pub fn event_time_bounds(&self) -> EventTimeBounds {
+        EventTimeBounds {
+            max_future_skew: self.ingest.max_future_skew,
+            max_age: self.ingest.max_event_age,
         }
     }
 
@@ -644,5 +680,43 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("redis_url"), "{e}");
+    }
+
+    #[test]
+    fn event_time_bounds_come_from_the_ingest_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("q.toml");
+        let flags = Overrides {
+            config: Some(file.clone()),
+            ..Overrides::default()
+        };
+        let load = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            Config::load(&flags, &env_of(&[]))
+        };
+        let d = load("").unwrap().event_time_bounds();
+        assert_eq!(d, EventTimeBounds::default());
+        assert_eq!(d.max_future_skew, Duration::from_secs(3600));
+        let b = load("[ingest]\nmax_future_skew = \"5m\"\nmax_event_age = \"30d\"\n")
+            .unwrap()
+            .event_time_bounds();
+        assert_eq!(b.max_future_skew, Duration::from_secs(300));
+        assert_eq!(b.max_age, Some(Duration::from_secs(30 * 86_400)));
+        let none = load("[ingest]\nmax_event_age = \"\"\n").unwrap();
+        assert_eq!(none.event_time_bounds().max_age, None);
+        for (text, needle) in [
+            (
+                "[ingest]\nmax_future_skew = \"8d\"\n",
+                "ingest.max_future_skew",
+            ),
+            ("[ingest]\nmax_event_age = \"0s\"\n", "ingest.max_event_age"),
+            (
+                "[ingest]\nmax_event_age = \"old\"\n",
+                "invalid duration \"old\"",
+            ),
+        ] {
+            let e = format!("{:#}", load(text).unwrap_err());
+            assert!(e.contains(needle), "{text}: {e}");
+        }
     }
 }

@@ -367,7 +367,9 @@ async fn serve(
         Arc::new(Metrics::new()),
     );
     if let Some(sink) = sink {
-        service = service.with_event_sink(sink);
+        service = service
+            .with_event_sink(sink)
+            .with_event_time_bounds(cfg.event_time_bounds());
     }
     match offline {
         Some(off) => service = service.with_offline(off),

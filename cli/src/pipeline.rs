@@ -98,6 +98,7 @@ fn ingestor(
             batch_max: cfg.ingest.batch_max,
             batch_wait: cfg.ingest.batch_wait,
             dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
+            event_time_bounds: cfg.event_time_bounds(),
             ..IngestConfig::default()
         },
         registry.clone(),
@@ -118,6 +119,9 @@ fn progress_logger() -> impl FnMut(&IngestStats) {
             tracing::info!(
                 events = s.events,
                 dead_letters = s.dead_letters,
+                out_of_range = s.out_of_range,
+                too_late = s.online.events_too_late,
+                replayed = s.online.tiles_replayed,
                 events_per_s = (s.events as f64 / secs).round(),
                 tiles = s.online.tiles_written,
                 rows = s.online.rows_written,

@@ -13,7 +13,7 @@ use crate::codec::entity_key;
 use crate::error::{Error, Result};
 use crate::json::{value_from_json, value_to_json};
 use crate::registry::{EventType, Registry};
-use crate::time::{format_rfc3339, parse_rfc3339, Micros};
+use crate::time::{duration_micros, format_rfc3339, parse_rfc3339, Micros};
 use crate::value::{Value, ValueType};
 
 /// Where pushed events go: the event log that `quiver ingest` consumes
@@ -24,6 +24,90 @@ pub trait EventSink: Send + Sync + 'static {
     /// returns one result per event, in order. An `Err` of the whole call
     /// means nothing can be appended (log unreachable).
     async fn publish(&self, events: &[Event]) -> Result<Vec<Result<()>>>;
+}
+
+/// The event times quiver accepts, relative to a reference clock (the
+/// server's for `PushEvents`, the ingest process's for events read from
+/// Kafka): at most `max_future_skew` ahead of it and, when `max_age` is
+/// set, at most `max_age` behind it. Events outside are refused by
+/// `PushEvents` and dead-lettered by `quiver ingest`, with the reason.
+///
+/// The defaults follow Kafka's own bounds on message timestamps (KIP-937:
+/// `log.message.timestamp.after.max.ms` = 1 hour,
+/// `log.message.timestamp.before.max.ms` = unbounded): a producer's clock
+/// may run an hour fast, and any history may be replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventTimeBounds {
+    /// Largest accepted lead of an event time over the reference clock.
+    pub max_future_skew: std::time::Duration,
+    /// Largest accepted age of an event time behind the reference clock;
+    /// `None` accepts any past time in the supported range.
+    pub max_age: Option<std::time::Duration>,
+}
+
+impl Default for EventTimeBounds {
+    fn default() -> Self {
+        EventTimeBounds {
+            max_future_skew: std::time::Duration::from_secs(3600),
+            max_age: None,
+        }
+    }
+}
+
+impl EventTimeBounds {
+    /// `max_future_skew` in microseconds.
+    pub fn max_future_skew_micros(&self) -> Micros {
+        duration_micros(self.max_future_skew)
+    }
+
+    /// Checks `event_time` against the reference time `now` (both epoch
+    /// micros); the error says by how much and which setting refuses it.
+    pub fn check(&self, event_time: Micros, now: Micros) -> std::result::Result<(), String> {
+        let ahead = i128::from(event_time) - i128::from(now);
+        if ahead > i128::from(self.max_future_skew_micros()) {
+            return Err(format!(
+                "event_time {} is {} ahead of the clock ({}); events more than {} in the future are refused (ingest.max_future_skew)",
+                format_rfc3339(event_time),
+                span(ahead),
+                format_rfc3339(now),
+                humantime::format_duration(self.max_future_skew)
+            ));
+        }
+        if let Some(max_age) = self.max_age {
+            if -ahead > i128::from(duration_micros(max_age)) {
+                return Err(format!(
+                    "event_time {} is {} older than the clock ({}); events older than {} are refused (ingest.max_event_age)",
+                    format_rfc3339(event_time),
+                    span(-ahead),
+                    format_rfc3339(now),
+                    humantime::format_duration(max_age)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A positive span of micros in days, hours, minutes and seconds
+/// ("2d 3h 0m 5s" without the zero parts: "2d 3h 5s"), or "less than a
+/// second".
+fn span(micros: i128) -> String {
+    let secs = micros / 1_000_000;
+    if secs <= 0 {
+        return "less than a second".to_owned();
+    }
+    let parts = [
+        (secs / 86_400, "d"),
+        (secs % 86_400 / 3600, "h"),
+        (secs % 3600 / 60, "m"),
+        (secs % 60, "s"),
+    ];
+    parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Longest accepted event id, in bytes.
@@ -283,4 +367,50 @@ pub fn checked(reg: &Registry, mut ev: Event) -> Result<Event> {
 /// `j` read as `ty` (see [`crate::json`]); errors name the field.
 fn typed(j: &Json, ty: ValueType, field: &str) -> Result<Value> {
     value_from_json(j, ty).map_err(|m| Error::invalid(format!("{field} takes {ty} values: {m}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const NOW: Micros = 1_764_500_000_000_000;
+    const HOUR: Micros = 3_600_000_000;
+
+    #[test]
+    fn bounds_take_the_edges_and_refuse_past_them() {
+        let b = EventTimeBounds {
+            max_future_skew: Duration::from_secs(3600),
+            max_age: Some(Duration::from_secs(7 * 86_400)),
+        };
+        assert!(b.check(NOW + HOUR, NOW).is_ok());
+        assert!(b.check(NOW - 7 * 24 * HOUR, NOW).is_ok());
+        let ahead = b.check(NOW + HOUR + 1, NOW).unwrap_err();
+        assert!(ahead.contains("ingest.max_future_skew"), "{ahead}");
+        assert!(ahead.contains("is 1h ahead of the clock"), "{ahead}");
+        let old = b.check(NOW - 8 * 24 * HOUR, NOW).unwrap_err();
+        assert!(old.contains("is 8d older than the clock"), "{old}");
+        assert_eq!(
+            span(((2 * 86_400 + 3 * 3600 + 5) * 1_000_000 + 7) as i128),
+            "2d 3h 5s"
+        );
+        assert_eq!(span(999_999), "less than a second");
+        assert!(old.contains("ingest.max_event_age"), "{old}");
+        // The whole supported range, both ways, without overflow.
+        let far = EventTimeBounds {
+            max_future_skew: Duration::MAX,
+            max_age: Some(Duration::MAX),
+        };
+        for (t, now) in [
+            (crate::time::MAX_MICROS, crate::time::MIN_MICROS),
+            (crate::time::MIN_MICROS, crate::time::MAX_MICROS),
+        ] {
+            assert!(far.check(t, now).is_ok());
+            assert!(b.check(t, now).is_err());
+        }
+        // No age bound by default.
+        assert!(EventTimeBounds::default()
+            .check(crate::time::MIN_MICROS, NOW)
+            .is_ok());
+    }
 }

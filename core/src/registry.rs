@@ -671,6 +671,18 @@ fn join_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
     }
 }
 
+/// Shortest tile of an aggregation view (micros): one second.
+pub const MIN_TILE: Micros = 1_000_000;
+
+/// Longest aggregation window (micros): 3650 days. With event times in
+/// `0001..=9999` (see [`crate::time::check_range`]), every tile and expiry
+/// computation stays far inside `i64`.
+pub const MAX_WINDOW: Micros = 3650 * 86_400 * 1_000_000;
+
+/// Most tiles in one window: each is a field of the entity's online row
+/// (per source partition), so this bounds rows and their updates.
+pub const MAX_TILES_PER_WINDOW: i64 = 10_000;
+
 /// A duration such as `1h` or `7d`, in micros; positive.
 fn parse_window(s: &str) -> std::result::Result<Micros, String> {
     match humantime::parse_duration(s.trim()) {
@@ -841,6 +853,13 @@ fn build_aggregations(
     problems: &mut Vec<String>,
 ) -> (Micros, Vec<Aggregation>) {
     let tile = match parse_window(v.tile.as_deref().unwrap_or("1h")) {
+        Ok(t) if t < MIN_TILE => {
+            problems.push(format!(
+                "{at}: tile {:?} is shorter than one second, the shortest supported",
+                v.tile.as_deref().unwrap_or_default()
+            ));
+            MIN_TILE
+        }
         Ok(t) => t,
         Err(m) => {
             problems.push(format!("{at}: tile: {m}"));
@@ -888,6 +907,19 @@ fn build_aggregations(
                 tile
             }
         };
+        if window > MAX_WINDOW {
+            problems.push(format!(
+                "{aat}: window {:?} is longer than 3650 days, the longest supported",
+                a.window
+            ));
+        } else if window / tile > MAX_TILES_PER_WINDOW {
+            problems.push(format!(
+                "{aat}: window {:?} spans {} tiles of {:?}; at most {MAX_TILES_PER_WINDOW} are supported (every tile is a field of the entity's online row): pick a longer `tile`",
+                a.window,
+                window / tile,
+                v.tile.as_deref().unwrap_or("1h")
+            ));
+        }
         if window % tile != 0 {
             problems.push(format!(
                 "{aat}: window {:?} is not a whole number of tiles ({:?}); pick a window that is a multiple of `tile`",
@@ -1617,6 +1649,34 @@ features = [{ name = "devices", dtype = "int64", from = "device" }, { name = "x"
             "feature \"x\": event type \"login\" has no attribute \"x\"",
         ] {
             assert!(m.contains(needle), "missing {needle:?} in:\n{m}");
+        }
+    }
+
+    #[test]
+    fn tiles_and_windows_are_bounded() {
+        let view = |tile: &str, window: &str| {
+            STREAM.to_owned()
+                + &format!(
+                    r#"
+[[feature_views]]
+name = "bounded"
+entities = ["user"]
+tile = "{tile}"
+aggregations = [{{ name = "n", function = "count", events = ["purchase"], window = "{window}" }}]
+"#
+                )
+        };
+        let err = |tile: &str, window: &str| {
+            Registry::from_toml("s.toml", &view(tile, window))
+                .unwrap_err()
+                .message()
+                .to_owned()
+        };
+        assert!(err("500ms", "1s").contains("tile \"500ms\" is shorter than one second"));
+        assert!(err("1d", "3651d").contains("longer than 3650 days"));
+        assert!(err("1s", "7d").contains("spans 604800 tiles"));
+        for (tile, window) in [("1s", "10000s"), ("1d", "3650d"), ("1h", "365d")] {
+            Registry::from_toml("s.toml", &view(tile, window)).unwrap();
         }
     }
 }

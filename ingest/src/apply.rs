@@ -25,7 +25,7 @@ use quiver_core::aggregate::{
     event_time_field, offset_field, parse_tile_field, tile_field, tile_of, AggState,
 };
 use quiver_core::codec::{entity_key, row_key};
-use quiver_core::event::Event;
+use quiver_core::event::{Event, EventTimeBounds};
 use quiver_core::par::par_map;
 use quiver_core::registry::{EventField, ViewSource};
 use quiver_core::store::{replaces, Lookup, TileWrite, WriteRow};
@@ -91,6 +91,9 @@ pub struct Applier {
     registry: Arc<Registry>,
     store: Arc<dyn OnlineStore>,
     expiry_grace: Micros,
+    /// Accepted lead of event times over the clock (micros); see
+    /// [`Applier::with_max_future_skew`].
+    max_future_skew: Micros,
     routes: HashMap<String, Routes>,
     /// This process's view of the tile rows it wrote, per (row key, source).
     cache: Mutex<HashMap<(String, Arc<str>), CachedRow>>,
@@ -200,10 +203,20 @@ impl Applier {
             registry,
             store,
             expiry_grace: duration_micros(expiry_grace),
+            max_future_skew: EventTimeBounds::default().max_future_skew_micros(),
             routes,
             cache: Mutex::new(HashMap::new()),
             cache_rows: DEFAULT_CACHE_ROWS,
         }
+    }
+
+    /// The largest lead of an event time over the clock that events may
+    /// have (the consumer's `ingest.max_future_skew`, set by
+    /// [`crate::Ingestor::new`]): tile rows keep that much more history so
+    /// that such an event never drops tiles a read at the clock counts.
+    pub fn with_max_future_skew(mut self, skew: std::time::Duration) -> Applier {
+        self.max_future_skew = duration_micros(skew);
+        self
     }
 
     /// Applies records (several sources, each in offset order).
@@ -445,12 +458,19 @@ impl Applier {
             .max()
             .unwrap_or(last.event.event_time);
         let max_tile = tile_of(max_ts, tile);
+        // Tiles of the longest window (at most MAX_TILES_PER_WINDOW).
         let retention = aggregations
             .iter()
             .map(|a| a.window / tile)
             .max()
             .unwrap_or(1);
-        let first_kept = max_tile - retention + 1;
+        // A row keeps the longest window behind its newest event, plus the
+        // tiles of the accepted future skew: an event up to that far ahead
+        // of the clock must not drop tiles that reads at the clock (and
+        // offline retrieval as of it) still count.
+        let lead = self.max_future_skew.saturating_add(tile - 1) / tile;
+        let keep = retention.saturating_add(lead);
+        let first_kept = max_tile.saturating_sub(keep).saturating_add(1);
 
         // States by (aggregation, tile); field names are built once per state.
         let mut states: Vec<((usize, i64), AggState)> = Vec::new();
@@ -488,12 +508,24 @@ impl Applier {
         // window; older ones were deleted by earlier updates (or expired).
         let mut delete = Vec::new();
         if let Some(prev) = prev_ts {
-            let prev_first = tile_of(prev, tile) - retention + 1;
-            let lo = prev_first.max(first_kept - retention);
-            for t in lo..first_kept {
-                for a in aggregations.iter().filter(|a| a.state == a.name) {
-                    delete.push(tile_field(&a.state, t, g.source));
+            let prev_first = tile_of(prev, tile).saturating_sub(keep).saturating_add(1);
+            let lo = prev_first.max(first_kept.saturating_sub(keep));
+            let n_states = aggregations.iter().filter(|a| a.state == a.name).count();
+            let span = usize::try_from(first_kept.saturating_sub(lo)).unwrap_or(usize::MAX);
+            if span.saturating_mul(n_states) <= row.states.len() {
+                for t in lo..first_kept {
+                    for a in aggregations.iter().filter(|a| a.state == a.name) {
+                        delete.push(tile_field(&a.state, t, g.source));
+                    }
                 }
+            } else {
+                // A jump of many tiles: the row's own fields are fewer.
+                delete.extend(
+                    row.states
+                        .keys()
+                        .filter(|f| parse_tile_field(f).is_some_and(|(_, t, _)| t < first_kept))
+                        .cloned(),
+                );
             }
         }
         let new_ts = fresh
@@ -515,7 +547,8 @@ impl Applier {
                 .map(|(f, s)| (f.clone(), s.encode()))
                 .collect(),
             delete,
-            expire_at: (max_tile + retention) * tile,
+            // The row leaves every window when its newest tile does.
+            expire_at: max_tile.saturating_add(retention).saturating_mul(tile),
         };
         Ok(Some((write, states)))
     }

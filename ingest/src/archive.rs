@@ -276,6 +276,13 @@ impl Archiver {
         Ok(self.buffers.get_mut(&k).expect("inserted above"))
     }
 
+    /// Reads a partition's archive state (and finishes a roll a crash left
+    /// half done) unless already open; afterwards [`Archiver::add`] and
+    /// [`Archiver::skip`] for it do no I/O and cannot fail.
+    pub async fn open(&mut self, topic: &str, partition: i32) -> Result<()> {
+        self.buffer(topic, partition).await.map(|_| ())
+    }
+
     /// Adds a record; records at or below the archived offset (replays)
     /// are dropped. Returns whether it was buffered.
     pub async fn add(&mut self, topic: &str, partition: i32, r: Record) -> Result<bool> {

@@ -2,26 +2,33 @@
 //! messages into online features and archived Parquet.
 //!
 //! Per batch (cut at `batch_max` messages or `batch_wait` after its first):
-//! 1. decode and validate each message; undecodable ones go to the
-//!    dead-letter topic with the reason in headers (awaited, so they are
-//!    durable there before their offset can be committed);
+//! 1. decode and validate each message (its event time too, see
+//!    [`IngestConfig::event_time_bounds`]); the ones that fail go to the
+//!    dead-letter topic with the reason in headers, once per batch (awaited,
+//!    so they are durable there before their offset can be committed);
 //! 2. apply the events to the online store (see [`crate::apply`]);
 //! 3. hand them to the archiver, which rolls Parquet files by size or age;
 //! 4. commit, per partition, the offset after the last archived one.
 //!
-//! A failed step is retried with backoff (the batch is kept); nothing is
-//! committed past data that is not durable. Replays after a crash are
-//! harmless: tiles skip offsets they hold, latest values are last-write-wins
-//! by event time, the archiver drops offsets it has archived.
+//! A step that fails because a backend is unavailable is retried with
+//! backoff (the batch is kept) while the partitions are paused and the
+//! consumer keeps polling, so it keeps its group membership through an
+//! outage of any length; any other failure stops ingest with the error.
+//! Nothing is committed past data that is not durable. Replays after a
+//! crash are harmless: tiles skip offsets they hold, latest values are
+//! last-write-wins by event time, the archiver drops offsets it has
+//! archived.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use quiver_core::event::EventTimeBounds;
 use quiver_core::par::par_map;
+use quiver_core::time::{Clock, Micros, SystemClock};
 use quiver_core::wire::decode_event;
-use quiver_core::{Error, Registry, Result};
+use quiver_core::{Error, ErrorKind, Registry, Result};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -35,6 +42,9 @@ use crate::archive::{Archiver, FlushStats};
 use crate::producer::kafka_error;
 use crate::KafkaConfig;
 
+/// Start of a dead letter's reason when the event time was out of bounds.
+const OUT_OF_RANGE: &str = "event time out of range: ";
+
 /// Batching and retry settings of the ingest loop.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
@@ -46,6 +56,11 @@ pub struct IngestConfig {
     pub dead_letter_topic: String,
     /// Longest pause between retries of a failing batch.
     pub max_backoff: Duration,
+    /// Accepted event times; events outside are dead-lettered with the
+    /// reason. The reference clock is the message's Kafka timestamp, capped
+    /// at this process's clock (the wall clock when the message has none):
+    /// fixed per message, so a replay decides as the first delivery did.
+    pub event_time_bounds: EventTimeBounds,
 }
 
 impl Default for IngestConfig {
@@ -55,6 +70,7 @@ impl Default for IngestConfig {
             batch_wait: Duration::from_millis(250),
             dead_letter_topic: "quiver-events-dlq".into(),
             max_backoff: Duration::from_secs(10),
+            event_time_bounds: EventTimeBounds::default(),
         }
     }
 }
@@ -66,10 +82,18 @@ pub struct IngestStats {
     pub messages: u64,
     /// Events applied to the online store.
     pub events: u64,
-    /// Messages sent to the dead-letter topic.
+    /// Messages sent to the dead-letter topic (all reasons).
     pub dead_letters: u64,
+    /// Of the dead letters, events whose time was outside
+    /// [`IngestConfig::event_time_bounds`].
+    pub out_of_range: u64,
     /// Batches processed.
     pub batches: u64,
+    /// Partitions taken from this process by rebalances.
+    pub partitions_revoked: u64,
+    /// Failed attempts of a batch that were retried (store, object storage
+    /// or Kafka unavailable).
+    pub retries: u64,
     /// Online-store effect.
     pub online: ApplyStats,
     /// Archive files and events written.
@@ -113,6 +137,8 @@ struct Msg {
     offset: i64,
     payload: Option<Vec<u8>>,
     key: Option<Vec<u8>>,
+    /// The message's Kafka timestamp (create or log-append time), micros.
+    timestamp: Option<Micros>,
 }
 
 /// The ingest process: consumer, dead-letter producer, online applier and
@@ -127,7 +153,35 @@ pub struct Ingestor {
     kafka_timeout: Duration,
     revoked: Arc<Mutex<Vec<(String, i32)>>>,
     committed: HashMap<(String, i32), i64>,
+    /// Messages received while a failing batch was backing off (polling
+    /// keeps the group membership); they start the next batch.
+    carry: Vec<Msg>,
     stats: IngestStats,
+}
+
+/// A batch decoded once: its events, and its dead letters with the
+/// reasons (sent once, however often the rest is retried).
+struct Prepared {
+    records: Vec<Record>,
+    /// Index in the batch of each record's message.
+    origin: Vec<usize>,
+    /// Index in the batch and reason of each dead letter.
+    dead: Vec<(usize, String)>,
+    dead_sent: bool,
+    /// Events decoded (records move to the archiver once applied).
+    events: u64,
+    /// The online-store effect, once applied.
+    applied: Option<ApplyStats>,
+}
+
+/// Whether retrying may help: the store, object storage or Kafka was
+/// unreachable or timed out. Anything else (a corrupt stored state, a write
+/// the store rejects, a bug) would fail the same way again.
+fn retryable(e: &Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Unavailable | ErrorKind::DeadlineExceeded
+    )
 }
 
 impl std::fmt::Debug for Ingestor {
@@ -148,6 +202,7 @@ impl Ingestor {
         applier: Applier,
         archiver: Option<Archiver>,
     ) -> Result<Ingestor> {
+        let applier = applier.with_max_future_skew(cfg.event_time_bounds.max_future_skew);
         let revoked = Arc::new(Mutex::new(Vec::new()));
         let consumer: StreamConsumer<IngestContext> = kafka
             .client_config()
@@ -182,6 +237,7 @@ impl Ingestor {
             kafka_timeout: kafka.timeout,
             revoked,
             committed: HashMap::new(),
+            carry: Vec::new(),
             stats: IngestStats::default(),
         })
     }
@@ -202,8 +258,8 @@ impl Ingestor {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let mut batch: Vec<Msg> = Vec::new();
-            {
+            let mut batch: Vec<Msg> = std::mem::take(&mut self.carry);
+            if batch.is_empty() {
                 let mut stream = self.consumer.stream();
                 tokio::select! {
                     _ = &mut shutdown => break,
@@ -249,7 +305,7 @@ impl Ingestor {
                 self.flush_idle().await;
                 continue;
             }
-            self.with_retry(&batch, &mut shutdown).await?;
+            self.with_retry(batch, &mut shutdown).await?;
             on_batch(&self.stats);
         }
         self.drop_revoked();
@@ -282,6 +338,7 @@ impl Ingestor {
             .map(|mut r| std::mem::take(&mut *r))
             .unwrap_or_default();
         if !revoked.is_empty() {
+            self.stats.partitions_revoked += revoked.len() as u64;
             if let Some(a) = self.archiver.as_mut() {
                 a.forget(&revoked);
             }
@@ -294,71 +351,177 @@ impl Ingestor {
         revoked
     }
 
-    /// Processes a batch, retrying with backoff until it succeeds or
-    /// shutdown is asked for (then the error is returned, nothing committed).
+    /// Processes a batch. A retryable failure (see [`retryable`]) is
+    /// retried with backoff while the assigned partitions are paused and the
+    /// consumer keeps polling, so it stays in the group however long the
+    /// outage lasts; dead letters are sent once. Partitions revoked
+    /// meanwhile are dropped from the batch (their new owner replays them).
+    /// Any other failure stops ingest with the error, as does shutdown
+    /// while retrying; nothing past the failing batch is committed.
     async fn with_retry(
         &mut self,
-        batch: &[Msg],
+        mut batch: Vec<Msg>,
         shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Result<()> {
+        let mut prep = self.prepare(&batch);
         let mut backoff = Duration::from_millis(100);
+        let mut paused = false;
         loop {
-            match self.process(batch).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "ingest batch failed; retrying");
+            let e = match self.process(&batch, &mut prep).await {
+                Ok(()) => break,
+                Err(e) if !retryable(&e) => {
+                    return Err(Error::new(
+                        e.kind(),
+                        format!(
+                            "ingest stopped: {} (retrying cannot help; nothing past the last committed offset is lost: fix the cause and restart)",
+                            e.message()
+                        ),
+                    ))
+                }
+                Err(e) => e,
+            };
+            self.stats.retries += 1;
+            tracing::warn!(error = %e, retry_in = ?backoff, "ingest batch failed; retrying (partitions paused)");
+            if !paused {
+                if let Ok(tpl) = self.consumer.assignment() {
+                    if let Err(err) = self.consumer.pause(&tpl) {
+                        tracing::warn!(error = %err, "pausing partitions failed");
+                    }
+                }
+                paused = true;
+            }
+            {
+                let mut stream = self.consumer.stream();
+                let wait = tokio::time::sleep(backoff);
+                tokio::pin!(wait);
+                loop {
                     tokio::select! {
                         _ = shutdown.as_mut() => return Err(e),
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = &mut wait => break,
+                        // Polling serves heartbeats, rebalances and
+                        // max.poll.interval.ms; a message that still
+                        // arrives waits for the next batch.
+                        m = stream.next() => if let Some(m) = m {
+                            push_msg(&mut self.carry, m);
+                        },
                     }
-                    backoff = (backoff * 2).min(self.cfg.max_backoff);
+                }
+            }
+            backoff = (backoff * 2).min(self.cfg.max_backoff);
+            let revoked = self.drop_revoked();
+            if !revoked.is_empty() {
+                let gone = |m: &Msg| {
+                    revoked
+                        .iter()
+                        .any(|(t, p)| t.as_str() == &*m.topic && *p == m.partition)
+                };
+                batch.retain(|m| !gone(m));
+                self.carry.retain(|m| !gone(m));
+                let sent = prep.dead_sent;
+                prep = self.prepare(&batch);
+                prep.dead_sent = sent;
+                if batch.is_empty() {
+                    break;
                 }
             }
         }
+        if paused {
+            match self.consumer.assignment() {
+                Ok(tpl) => self
+                    .consumer
+                    .resume(&tpl)
+                    .map_err(|e| kafka_error("resuming partitions", e))?,
+                Err(e) => return Err(kafka_error("reading the assignment", e)),
+            }
+        }
+        Ok(())
     }
 
-    async fn process(&mut self, batch: &[Msg]) -> Result<()> {
-        let started = std::time::Instant::now();
-        let mut records = Vec::with_capacity(batch.len());
-        let mut origin: Vec<&Msg> = Vec::with_capacity(batch.len());
-        let mut dead = Vec::new();
+    /// Decodes and checks a batch (see [`IngestConfig::event_time_bounds`]).
+    fn prepare(&self, batch: &[Msg]) -> Prepared {
         let mut sources: HashMap<(Arc<str>, i32), Arc<str>> = HashMap::new();
         let registry = &self.registry;
-        let decoded = par_map(
-            batch.iter().collect(),
-            crate::PAR_MIN_ITEMS,
-            |m: &Msg| match &m.payload {
-                None => Err(Error::invalid("empty message (no payload)")),
-                Some(p) => decode_event(registry, p),
-            },
-        );
-        for (m, decoded) in batch.iter().zip(decoded) {
+        let bounds = self.cfg.event_time_bounds;
+        let wall = SystemClock.now_micros();
+        let decoded = par_map(batch.iter().collect(), crate::PAR_MIN_ITEMS, |m: &Msg| {
+            let ev = match &m.payload {
+                None => return Err(Error::invalid("empty message (no payload)")),
+                Some(p) => decode_event(registry, p)?,
+            };
+            let reference = m.timestamp.map_or(wall, |t| t.min(wall));
+            bounds
+                .check(ev.event_time, reference)
+                .map_err(|m| Error::invalid(format!("{OUT_OF_RANGE}{m}")))?;
+            Ok(ev)
+        });
+        let mut prep = Prepared {
+            records: Vec::with_capacity(batch.len()),
+            origin: Vec::with_capacity(batch.len()),
+            dead: Vec::new(),
+            dead_sent: false,
+            events: 0,
+            applied: None,
+        };
+        for (i, (m, decoded)) in batch.iter().zip(decoded).enumerate() {
             let source = sources
                 .entry((m.topic.clone(), m.partition))
                 .or_insert_with(|| Arc::from(format!("{}:{}", m.topic, m.partition)))
                 .clone();
             match decoded {
                 Ok(event) => {
-                    records.push(Record {
+                    prep.records.push(Record {
                         source,
                         offset: m.offset,
                         event,
                     });
-                    origin.push(m);
+                    prep.origin.push(i);
                 }
-                Err(e) => dead.push((m, e.message().to_owned())),
+                Err(e) => prep.dead.push((i, e.message().to_owned())),
             }
         }
-        let decoded_at = started.elapsed();
-        self.dead_letter(&dead).await?;
-        let online = self.applier.apply(&records).await?;
+        prep.events = prep.records.len() as u64;
+        prep
+    }
+
+    async fn process(&mut self, batch: &[Msg], prep: &mut Prepared) -> Result<()> {
+        let started = std::time::Instant::now();
+        if !prep.dead_sent {
+            let dead: Vec<(&Msg, &str)> = prep
+                .dead
+                .iter()
+                .map(|(i, why)| (&batch[*i], why.as_str()))
+                .collect();
+            self.dead_letter(&dead).await?;
+            prep.dead_sent = true;
+        }
+        let sent_at = started.elapsed();
+        let online = match prep.applied {
+            Some(s) => s,
+            None => {
+                let s = self.applier.apply(&prep.records).await?;
+                prep.applied = Some(s);
+                s
+            }
+        };
         let applied_at = started.elapsed();
-        let n_events = records.len() as u64;
         if let Some(a) = self.archiver.as_mut() {
-            for (m, r) in origin.iter().zip(records) {
+            // Reading each partition's archive state is what can fail;
+            // once all are open, records move to the buffers infallibly
+            // (a retry finds them there: adds are idempotent per offset).
+            let mut opened: Vec<(&str, i32)> = Vec::new();
+            for m in batch {
+                if !opened.contains(&(&*m.topic, m.partition)) {
+                    a.open(&m.topic, m.partition).await?;
+                    opened.push((&*m.topic, m.partition));
+                }
+            }
+            let records = std::mem::take(&mut prep.records);
+            for (i, r) in prep.origin.iter().zip(records) {
+                let m = &batch[*i];
                 a.add(&m.topic, m.partition, r).await?;
             }
-            for (m, _) in &dead {
+            for (i, _) in &prep.dead {
+                let m = &batch[*i];
                 a.skip(&m.topic, m.partition, m.offset).await?;
             }
             let s = a.flush(false).await?;
@@ -380,29 +543,34 @@ impl Ingestor {
         }
         tracing::debug!(
             messages = batch.len(),
-            decode_ms = decoded_at.as_millis() as u64,
-            online_ms = (applied_at - decoded_at).as_millis() as u64,
+            dead_letter_ms = sent_at.as_millis() as u64,
+            online_ms = (applied_at - sent_at).as_millis() as u64,
             archive_ms = (started.elapsed() - applied_at).as_millis() as u64,
             tiles = online.tiles_written,
             rows = online.rows_written,
             "batch"
         );
         self.stats.messages += batch.len() as u64;
-        self.stats.events += n_events;
-        self.stats.dead_letters += dead.len() as u64;
+        self.stats.events += prep.events;
+        self.stats.dead_letters += prep.dead.len() as u64;
+        self.stats.out_of_range += prep
+            .dead
+            .iter()
+            .filter(|(_, why)| why.starts_with(OUT_OF_RANGE))
+            .count() as u64;
         self.stats.batches += u64::from(!batch.is_empty());
         self.stats.online += online;
         self.commit(CommitMode::Async)
     }
 
-    async fn dead_letter(&self, dead: &[(&Msg, String)]) -> Result<()> {
+    async fn dead_letter(&self, dead: &[(&Msg, &str)]) -> Result<()> {
         let sends = dead.iter().map(|(m, reason)| {
             let partition = m.partition.to_string();
             let offset = m.offset.to_string();
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "quiver.error",
-                    value: Some(reason.as_str()),
+                    value: Some(*reason),
                 })
                 .insert(Header {
                     key: "quiver.source.topic",
@@ -479,6 +647,10 @@ fn push_msg(
             offset: m.offset(),
             payload: m.payload().map(<[u8]>::to_vec),
             key: m.key().map(<[u8]>::to_vec),
+            timestamp: m
+                .timestamp()
+                .to_millis()
+                .and_then(|ms| ms.checked_mul(1000)),
         }),
         Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
     }

@@ -14,11 +14,13 @@ use arrow_array::{Array, Int64Array, StringArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use quiver_core::aggregate::{finish_row, tile_of, window_first_tile, AggState};
 use quiver_core::codec::{entity_key, row_key};
-use quiver_core::event::{Event, EventSink};
+use quiver_core::event::{Event, EventSink, EventTimeBounds};
 use quiver_core::registry::ViewSource;
-use quiver_core::store::{EmbeddedStore, Lookup, RedisConfig, RedisStore};
+use quiver_core::store::{
+    EmbeddedStore, Lookup, RedisConfig, RedisStore, StoredRow, TileWrite, WriteOutcome, WriteRow,
+};
 use quiver_core::time::{system_time_to_micros, Micros};
-use quiver_core::{OnlineStore, Registry, SystemClock, Value};
+use quiver_core::{ErrorKind, OnlineStore, Registry, SystemClock, Value};
 use quiver_ingest::archive::{open_store, ArchiveConfig, Archiver};
 use quiver_ingest::{
     Applier, Generator, GeneratorConfig, IngestConfig, IngestStats, Ingestor, KafkaConfig,
@@ -39,6 +41,12 @@ fn registry() -> Arc<Registry> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../registry/features.toml");
     Arc::new(Registry::load(&path).unwrap())
 }
+
+/// Event times the test ingestors accept: an hour ahead, 30 days back.
+const BOUNDS: EventTimeBounds = EventTimeBounds {
+    max_future_skew: Duration::from_secs(3600),
+    max_age: Some(Duration::from_secs(30 * 86_400)),
+};
 
 fn now() -> Micros {
     system_time_to_micros(std::time::SystemTime::now())
@@ -309,6 +317,7 @@ fn ingestor_rolling(
             batch_wait: Duration::from_millis(50),
             dead_letter_topic: DLQ.into(),
             max_backoff: Duration::from_millis(500),
+            event_time_bounds: BOUNDS,
         },
         reg,
         applier,
@@ -397,9 +406,26 @@ async fn events_reach_the_online_store_the_archive_and_the_dead_letter_topic() {
         "attributes": {"device": "web", "country": "NL"},
     })
     .to_string();
+    // Event times out of bounds are dead-lettered with the reason; one
+    // within the accepted future skew is ingested.
+    let login_at = |id: &str, t: Micros| {
+        serde_json::json!({
+            "event_id": id, "event_type": "login",
+            "event_time": quiver_core::time::format_rfc3339(t),
+            "entities": {"user_id": format!("user_{id}")},
+            "attributes": {"device": "web", "country": "NL"},
+        })
+        .to_string()
+    };
+    let soon = login_at("soon", now() + 30 * 60_000_000);
+    let future = login_at("future", now() + 2 * 24 * HOUR);
+    let old = login_at("old", now() - 31 * 24 * HOUR);
     let raw = raw_producer(&brokers);
     for (key, payload) in [
         ("k1", json_event.as_str()),
+        ("k4", soon.as_str()),
+        ("k5", future.as_str()),
+        ("k6", old.as_str()),
         ("k2", "\u{1}\u{2}garbage"),
         (
             "k3",
@@ -416,12 +442,13 @@ async fn events_reach_the_online_store_the_archive_and_the_dead_letter_topic() {
 
     let dir = tempfile::tempdir().unwrap();
     let ing = ingestor(&brokers, store.clone(), dir.path(), 700, 16 * 1024);
-    let stats = run_until_caught_up(ing, Some(3_003)).await;
-    assert_eq!(stats.messages, 3_003);
-    assert_eq!(stats.events, 3_001);
-    assert_eq!(stats.dead_letters, 2);
+    let stats = run_until_caught_up(ing, Some(3_006)).await;
+    assert_eq!(stats.messages, 3_006);
+    assert_eq!(stats.events, 3_002);
+    assert_eq!(stats.dead_letters, 4);
+    assert_eq!(stats.out_of_range, 2);
     assert!(stats.archived.files > 3, "rolled by size: {stats:?}");
-    assert_eq!(stats.archived.events, 3_001);
+    assert_eq!(stats.archived.events, 3_002);
 
     check_aggregates(&*store, &reg, &evs, now()).await;
     // Latest values: the newest login per user.
@@ -449,10 +476,10 @@ async fn events_reach_the_online_store_the_archive_and_the_dead_letter_topic() {
         assert_eq!(row.values[0].as_ref(), e.attribute("device"));
         assert_eq!(row.values[1], Some(Value::Timestamp(e.event_time)));
     }
-    assert_archive_exact(dir.path(), &evs, &["json-1"]);
+    assert_archive_exact(dir.path(), &evs, &["json-1", "soon"]);
 
     let dl = dead_letters(&brokers).await;
-    assert_eq!(dl.len(), 2, "{dl:?}");
+    assert_eq!(dl.len(), 4, "{dl:?}");
     let reasons: Vec<&str> = dl.iter().map(|(_, h)| h["quiver.error"].as_str()).collect();
     assert!(
         reasons.iter().any(|r| r.contains("not a quiver.v1.Event")),
@@ -462,6 +489,20 @@ async fn events_reach_the_online_store_the_archive_and_the_dead_letter_topic() {
         reasons
             .iter()
             .any(|r| r.contains("unknown event_type \"teleport\"")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("event time out of range: ")
+                && r.contains("ahead of the clock")
+                && r.contains("ingest.max_future_skew")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("older than the clock") && r.contains("ingest.max_event_age")),
         "{reasons:?}"
     );
     for (_, h) in &dl {
@@ -660,6 +701,161 @@ async fn two_ingest_processes_share_the_topic_through_a_rebalance() {
     let (sa, sb) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
     eprintln!("A: {sa:?}\nB: {sb:?}");
     assert!(sb.events > 0, "B never got a partition");
+    check_aggregates(&*store, &reg, &evs, now()).await;
+    assert_archive_exact(dir.path(), &evs, &[]);
+}
+
+/// An online store that fails every call with `fault` while it is set.
+struct FaultyStore {
+    inner: Arc<dyn OnlineStore>,
+    fault: Mutex<Option<ErrorKind>>,
+}
+
+impl FaultyStore {
+    fn check(&self) -> quiver_core::Result<()> {
+        match *self.fault.lock().unwrap() {
+            Some(kind) => Err(quiver_core::Error::new(kind, "injected store fault")),
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl OnlineStore for FaultyStore {
+    fn backend(&self) -> &'static str {
+        "faulty"
+    }
+    async fn read(&self, l: &[Lookup<'_>]) -> quiver_core::Result<Vec<Option<StoredRow>>> {
+        self.check()?;
+        self.inner.read(l).await
+    }
+    async fn write(&self, rows: &[WriteRow]) -> quiver_core::Result<WriteOutcome> {
+        self.check()?;
+        self.inner.write(rows).await
+    }
+    async fn write_tiles(&self, w: &[TileWrite]) -> quiver_core::Result<Vec<bool>> {
+        self.check()?;
+        self.inner.write_tiles(w).await
+    }
+    async fn ping(&self) -> quiver_core::Result<()> {
+        self.check()?;
+        self.inner.ping().await
+    }
+}
+
+/// An ingestor whose consumer must poll at least every 6 s
+/// (`max.poll.interval.ms`) to stay in the group.
+fn strict_ingestor(brokers: &str, store: Arc<dyn OnlineStore>, archive_dir: &Path) -> Ingestor {
+    let reg = registry();
+    let (obj, root) = open_store(archive_dir.to_str().unwrap(), &[]).unwrap();
+    let archiver = Archiver::new(
+        obj,
+        root,
+        reg.clone(),
+        ArchiveConfig {
+            roll_bytes: 64 * 1024,
+            roll_interval: Duration::from_secs(3600),
+        },
+    );
+    let mut kafka = kafka(brokers, "ingest");
+    kafka.extra = vec![
+        // The shortest session the broker allows (group.min.session.timeout.ms).
+        ("session.timeout.ms".into(), "6000".into()),
+        ("heartbeat.interval.ms".into(), "500".into()),
+        ("max.poll.interval.ms".into(), "6000".into()),
+    ];
+    Ingestor::new(
+        &kafka,
+        IngestConfig {
+            batch_max: 500,
+            batch_wait: Duration::from_millis(50),
+            dead_letter_topic: DLQ.into(),
+            max_backoff: Duration::from_millis(400),
+            event_time_bounds: BOUNDS,
+        },
+        reg.clone(),
+        Applier::new(reg, store, Duration::from_secs(86_400)),
+        Some(archiver),
+    )
+    .unwrap()
+}
+
+/// A store outage longer than `max.poll.interval.ms`: the batch is retried
+/// with the partitions paused while the consumer keeps polling, so it keeps
+/// its partitions (no rebalance, no zombie); the dead letter of the batch is
+/// sent once however many retries; afterwards everything is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_is_retried_without_losing_the_partitions() {
+    let (_cluster, brokers) = mock_kafka(2);
+    let db = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultyStore {
+        inner: embedded_store(db.path()),
+        fault: Mutex::new(Some(ErrorKind::Unavailable)),
+    });
+    let reg = registry();
+    let evs = produce_events(&brokers, 1_500, now() - 2 * HOUR).await;
+    raw_producer(&brokers)
+        .send(
+            FutureRecord::to(TOPIC).key("k").payload("garbage"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ing = strict_ingestor(&brokers, store.clone(), dir.path());
+    let heal = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            *store.fault.lock().unwrap() = None;
+        })
+    };
+    let stats = run_until_caught_up(ing, Some(1_501)).await;
+    heal.await.unwrap();
+    assert!(stats.retries >= 10, "{stats:?}");
+    assert_eq!(stats.partitions_revoked, 0, "{stats:?}");
+    assert_eq!(
+        (stats.messages, stats.dead_letters),
+        (1_501, 1),
+        "{stats:?}"
+    );
+    check_aggregates(&*store, &reg, &evs, now()).await;
+    assert_archive_exact(dir.path(), &evs, &[]);
+    assert_eq!(dead_letters(&brokers).await.len(), 1, "sent once");
+}
+
+/// A failure that retrying cannot fix stops ingest with the error instead
+/// of looping; nothing is committed, so a healthy restart loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_store_failure_stops_ingest_and_loses_nothing() {
+    let (_cluster, brokers) = mock_kafka(2);
+    let db = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultyStore {
+        inner: embedded_store(db.path()),
+        fault: Mutex::new(Some(ErrorKind::Internal)),
+    });
+    let reg = registry();
+    let evs = produce_events(&brokers, 1_000, now() - 2 * HOUR).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ing = strict_ingestor(&brokers, store.clone(), dir.path());
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        ing.run(futures::future::pending(), |_| {}),
+    )
+    .await
+    .expect("ingest stops by itself")
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal);
+    assert!(
+        err.message()
+            .starts_with("ingest stopped: injected store fault")
+            && err.message().contains("retrying cannot help"),
+        "{err}"
+    );
+    *store.fault.lock().unwrap() = None;
+    let ing = strict_ingestor(&brokers, store.clone(), dir.path());
+    let stats = run_until_caught_up(ing, Some(1_000)).await;
+    assert_eq!(stats.messages, 1_000);
     check_aggregates(&*store, &reg, &evs, now()).await;
     assert_archive_exact(dir.path(), &evs, &[]);
 }

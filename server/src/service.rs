@@ -10,7 +10,7 @@ use quiver_batch::arrow::array::RecordBatch;
 use quiver_batch::{entities, retrieve, Offline};
 use quiver_core::aggregate::finish_row;
 use quiver_core::codec::{entity_key, row_key};
-use quiver_core::event::{checked, Event, EventSink};
+use quiver_core::event::{checked, Event, EventSink, EventTimeBounds};
 use quiver_core::registry::{Selection, ViewSource};
 use quiver_core::store::{Lookup, StoredRow, WriteOutcome, WriteRow};
 use quiver_core::time::{duration_micros, Micros};
@@ -146,6 +146,7 @@ pub struct FeatureServer {
     expiry_grace: Duration,
     metrics: Arc<Metrics>,
     events: Option<Arc<dyn EventSink>>,
+    event_time_bounds: EventTimeBounds,
     offline: Option<Arc<Offline>>,
 }
 
@@ -186,6 +187,7 @@ impl FeatureServer {
             expiry_grace,
             metrics,
             events: None,
+            event_time_bounds: EventTimeBounds::default(),
             offline: None,
         }
     }
@@ -194,6 +196,14 @@ impl FeatureServer {
     /// `PushEvents` answers UNAVAILABLE.
     pub fn with_event_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
         self.events = Some(sink);
+        self
+    }
+
+    /// Sets the event times `PushEvents` accepts (against this server's
+    /// clock); the default is [`EventTimeBounds::default`]. Give it the same
+    /// bounds as `quiver ingest`, which dead-letters events outside them.
+    pub fn with_event_time_bounds(mut self, bounds: EventTimeBounds) -> Self {
+        self.event_time_bounds = bounds;
         self
     }
 
@@ -237,8 +247,9 @@ impl FeatureServer {
         Ok(retrieve::chunks(&out))
     }
 
-    /// Checks events ([`checked`]) and appends the valid ones to the event
-    /// log. Each input is an event or the reason it could not be parsed.
+    /// Checks events ([`checked`], and their times against the server's
+    /// clock with [`EventTimeBounds`]) and appends the valid ones to the
+    /// event log. Each input is an event or the reason it could not be parsed.
     pub async fn push_events(&self, events: Vec<(String, Result<Event>)>) -> Result<PushOutcome> {
         let sink = self.events.as_ref().ok_or_else(|| {
             Error::unavailable(
@@ -254,8 +265,18 @@ impl FeatureServer {
         let mut out = PushOutcome::default();
         let mut valid = Vec::with_capacity(events.len());
         let mut positions = Vec::with_capacity(events.len());
+        let now = self.clock.now_micros();
+        let in_bounds = |e: Event| -> Result<Event> {
+            self.event_time_bounds
+                .check(e.event_time, now)
+                .map_err(Error::invalid)?;
+            Ok(e)
+        };
         for (i, (id, ev)) in events.into_iter().enumerate() {
-            match ev.and_then(|e| checked(&self.registry, e)) {
+            match ev
+                .and_then(|e| checked(&self.registry, e))
+                .and_then(in_bounds)
+            {
                 Ok(e) => {
                     valid.push(e);
                     positions.push(i);

@@ -158,8 +158,10 @@ async fn pushed_events_become_streaming_features() {
     wrong_type.attributes.insert("category".into(), d(1.0));
     let mut no_time = page_view("bad3", "user_p", "product_0", t);
     no_time.event_time = None;
+    // Past the accepted future skew (1h by default) of the server's clock.
+    let ahead = page_view("bad4", "user_p", "product_0", now() + 2 * 86_400_000_000);
     events.insert(1, unknown);
-    events.extend([no_key, wrong_type, no_time]);
+    events.extend([no_key, wrong_type, no_time, ahead]);
     let resp = c
         .push_events(pb::PushEventsRequest { events })
         .await
@@ -171,7 +173,7 @@ async fn pushed_events_become_streaming_features() {
         .iter()
         .map(|r| (r.index, r.event_id.as_str(), r.reason.as_str()))
         .collect();
-    assert_eq!(rejected.len(), 4, "{rejected:?}");
+    assert_eq!(rejected.len(), 5, "{rejected:?}");
     assert_eq!(rejected[0].0, 1);
     assert!(
         rejected[0].2.contains("unknown event_type \"teleport\""),
@@ -189,6 +191,11 @@ async fn pushed_events_become_streaming_features() {
     );
     assert!(
         rejected[3].2.contains("event_time is required"),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected[4].2.contains("ahead of the clock")
+            && rejected[4].2.contains("ingest.max_future_skew"),
         "{rejected:?}"
     );
 
@@ -241,6 +248,8 @@ async fn pushed_events_become_streaming_features() {
          "entities": {"user_id": "user_p"}, "attributes": {"device": "ios", "country": "NL"}},
         {"event_id": "l3", "event_type": "login", "event_time": quiver_core::time::format_rfc3339(t),
          "entities": {"user_id": "user_p"}, "attributes": {"device": 7, "country": "NL"}},
+        {"event_id": "l4", "event_type": "login", "event_time": "9999-12-31T23:59:59Z",
+         "entities": {"user_id": "user_p"}, "attributes": {"device": "ios", "country": "NL"}},
     ]});
     let http = reqwest::Client::new();
     let resp = http
@@ -265,6 +274,13 @@ async fn pushed_events_become_streaming_features() {
             .as_str()
             .unwrap()
             .contains("device takes string"),
+        "{out}"
+    );
+    assert!(
+        out["rejected"][2]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ingest.max_future_skew"),
         "{out}"
     );
     let bad = http

@@ -52,6 +52,9 @@ local function byte_less(a, b)
   return #a < #b
 end
 local hex_less = byte_less
+-- Lua's C stack takes at most 8000 values (LUAI_MAXCSTACK): one command
+-- gets at most this many arguments from unpack (even, so pairs stay whole).
+local UNPACK_MAX = 1000
 "#
     };
 }
@@ -115,7 +118,9 @@ return 1
 /// fields, number of fields to set, then field, value pairs. Returns one
 /// integer per key: 1 when applied, 0 when the row already had the offset.
 /// Many rows per call amortise the script call (one per row would cost
-/// Redis more than the work itself).
+/// Redis more than the work itself). Fields are set and deleted in
+/// commands of at most `UNPACK_MAX` arguments, so a row update of any size
+/// stays within Lua's stack (one `unpack` of all fields failed past ~4000).
 const TILE_SCRIPT: &str = concat!(
     lua_helpers!(),
     r#"
@@ -130,7 +135,9 @@ for k = 1, #KEYS do
   if cur and cmp_int(cur, ARGV[a + 1]) >= 0 then
     out[k] = 0
   else
-    for i = a + 6, a + 5 + nd do redis.call('HDEL', key, ARGV[i]) end
+    for i = a + 6, a + 5 + nd, UNPACK_MAX do
+      redis.call('HDEL', key, unpack(ARGV, i, math.min(i + UNPACK_MAX - 1, a + 5 + nd)))
+    end
     local args = {ARGV[a], ARGV[a + 1]}
     local t = redis.call('HGET', key, ARGV[a + 2])
     if (not t) or cmp_int(t, ARGV[a + 3]) < 0 then
@@ -138,7 +145,9 @@ for k = 1, #KEYS do
       args[#args + 1] = ARGV[a + 3]
     end
     for i = fields, fields + 2 * nf - 1 do args[#args + 1] = ARGV[i] end
-    redis.call('HSET', key, unpack(args))
+    for i = 1, #args, UNPACK_MAX do
+      redis.call('HSET', key, unpack(args, i, math.min(i + UNPACK_MAX - 1, #args)))
+    end
     local exp = tonumber(ARGV[a + 4])
     if redis.call('PTTL', key) < 0 then
       redis.call('PEXPIREAT', key, exp)
@@ -401,9 +410,28 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// Redis's error as quiver's: UNAVAILABLE (retrying may help: the server
+/// is unreachable, loading, failing over, out of memory, busy with a
+/// script) or INTERNAL (retrying the same command cannot help: a script
+/// error, a wrong type, a command rejected as malformed). The ingest loop
+/// retries the first kind and stops on the second.
 pub(super) fn redis_error(e: RedisError) -> Error {
+    use redis::ErrorKind as K;
     if is_connection_error(&e) {
-        Error::unavailable(format!("redis is unreachable: {e}"))
+        return Error::unavailable(format!("redis is unreachable: {e}"));
+    }
+    let permanent = match e.kind() {
+        K::ResponseError
+        | K::TypeError
+        | K::ExecAbortError
+        | K::CrossSlot
+        | K::ClientError
+        | K::InvalidClientConfig => true,
+        K::ExtensionError => e.code() == Some("WRONGTYPE"),
+        _ => false,
+    };
+    if permanent {
+        Error::internal(format!("redis rejected the operation: {e}"))
     } else {
         Error::unavailable(format!("redis refused the operation: {e}"))
     }

@@ -1,0 +1,251 @@
+//! The applier against the embedded store, without Kafka: tile retention
+//! with events dated ahead of the clock, and time arithmetic at the ends of
+//! the supported range.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quiver_core::aggregate::finish_row;
+use quiver_core::codec::{entity_key, row_key};
+use quiver_core::event::Event;
+use quiver_core::registry::ViewSource;
+use quiver_core::store::{EmbeddedStore, Lookup, RedisConfig, RedisStore};
+use quiver_core::time::{ManualClock, Micros, MAX_MICROS, MIN_MICROS};
+use quiver_core::{OnlineStore, Registry, Value};
+use quiver_ingest::{Applier, Record};
+use quiver_testkit::RedisServer;
+
+const HOUR: Micros = 3_600_000_000;
+const MINUTE: Micros = 60_000_000;
+
+const REGISTRY: &str = r#"
+[[entities]]
+name = "user"
+join_key = "user_id"
+
+[[event_types]]
+name = "click"
+entities = ["user"]
+
+[[feature_views]]
+name = "clicks"
+entities = ["user"]
+tile = "1h"
+aggregations = [{ name = "clicks_1h", function = "count", events = ["click"], window = "1h" }]
+
+[[event_types]]
+name = "tick"
+entities = ["user"]
+
+[[feature_views]]
+name = "ticks"
+entities = ["user"]
+tile = "1s"
+aggregations = [{ name = "ticks_10000s", function = "count", events = ["tick"], window = "10000s" }]
+
+[[feature_views]]
+name = "decade"
+entities = ["user"]
+tile = "1d"
+aggregations = [{ name = "clicks_3650d", function = "count", events = ["click"], window = "3650d" }]
+"#;
+
+fn click(id: &str, at: Micros) -> Event {
+    event("click", id, at)
+}
+
+fn event(event_type: &str, id: &str, at: Micros) -> Event {
+    Event {
+        event_id: id.into(),
+        event_type: event_type.into(),
+        entities: vec![("user_id".into(), Value::String("u".into()))],
+        event_time: at,
+        attributes: vec![],
+    }
+}
+
+fn records(events: &[Event], first_offset: i64) -> Vec<Record> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Record {
+            source: Arc::from("events:0"),
+            offset: first_offset + i as i64,
+            event: e.clone(),
+        })
+        .collect()
+}
+
+async fn count_at(store: &dyn OnlineStore, reg: &Registry, view: &str, at: Micros) -> Value {
+    let v = reg.view(reg.view_index(view).unwrap());
+    let ViewSource::Aggregations { tile, aggregations } = &v.source else {
+        unreachable!()
+    };
+    let k = row_key(
+        &entity_key(&[("user_id", &Value::String("u".into()))]).unwrap(),
+        view,
+    );
+    let raw = store
+        .read(&[Lookup::tiles(&k, &[])])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .map(|r| r.raw)
+        .unwrap_or_default();
+    finish_row(aggregations, *tile, at, &[0], &raw)
+        .unwrap()
+        .map_or(Value::Null, |r| r.1[0].clone())
+}
+
+fn open(dir: &std::path::Path, now: Micros) -> Arc<dyn OnlineStore> {
+    Arc::new(
+        EmbeddedStore::open(&dir.join("online.redb"), Arc::new(ManualClock::new(now))).unwrap(),
+    )
+}
+
+/// An event up to `max_future_skew` ahead of the clock must not drop the
+/// tiles a read at the clock counts (offline retrieval as of the clock
+/// counts them too): one event 20 minutes old, one 45 minutes ahead (the
+/// next hour tile), in one batch and in two.
+#[tokio::test]
+async fn an_event_ahead_of_the_clock_keeps_the_tiles_reads_at_the_clock_count() {
+    let reg = Arc::new(Registry::from_toml("r.toml", REGISTRY).unwrap());
+    let now = 1_000_000 * HOUR + 30 * MINUTE;
+    let evs = [
+        click("past", now - 20 * MINUTE),
+        click("ahead", now + 45 * MINUTE),
+    ];
+    for split in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), now);
+        let applier = Applier::new(reg.clone(), store.clone(), Duration::ZERO)
+            .with_max_future_skew(Duration::from_secs(3600));
+        let recs = records(&evs, 0);
+        let stats = if split {
+            let mut s = applier.apply(&recs[..1]).await.unwrap();
+            s += applier.apply(&recs[1..]).await.unwrap();
+            s
+        } else {
+            applier.apply(&recs).await.unwrap()
+        };
+        assert_eq!(stats.events_too_late, 0, "split={split}");
+        assert_eq!(
+            count_at(&*store, &reg, "clicks", now).await,
+            Value::Int64(1),
+            "split={split}"
+        );
+        assert_eq!(
+            count_at(&*store, &reg, "clicks", now + HOUR).await,
+            Value::Int64(1)
+        );
+        // An event older than the window behind the newest event, plus
+        // the skew, is counted by no read at or after the clock: dropped.
+        let late = records(&[click("late", now - 2 * HOUR)], 2);
+        let s = applier.apply(&late).await.unwrap();
+        assert_eq!(s.events_too_late, 1, "split={split}");
+    }
+}
+
+/// Events at the first and last supported instants with a 3650-day window:
+/// tile and expiry arithmetic stays in range (no overflow panic in debug
+/// builds), and the rows read back.
+#[tokio::test]
+async fn times_at_the_ends_of_the_range_do_not_overflow() {
+    let reg = Arc::new(Registry::from_toml("r.toml", REGISTRY).unwrap());
+    for (at, skew) in [
+        (MAX_MICROS, Duration::from_secs(7 * 86_400)),
+        (MIN_MICROS, Duration::from_secs(7 * 86_400)),
+        (MAX_MICROS, Duration::MAX),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), at);
+        let applier =
+            Applier::new(reg.clone(), store.clone(), Duration::ZERO).with_max_future_skew(skew);
+        let s = applier
+            .apply(&records(&[click("a", at), click("b", at)], 0))
+            .await
+            .unwrap();
+        assert_eq!(s.tiles_written, 2);
+        assert_eq!(count_at(&*store, &reg, "decade", at).await, Value::Int64(2));
+        // A jump from one end of the range to the other deletes the old
+        // tiles without walking every tile in between.
+        let other = if at == MAX_MICROS {
+            MIN_MICROS
+        } else {
+            MAX_MICROS
+        };
+        let s = applier
+            .apply(&records(&[click("c", other)], 2))
+            .await
+            .unwrap();
+        if other == MAX_MICROS {
+            assert_eq!(s.events_too_late, 0);
+            assert_eq!(
+                count_at(&*store, &reg, "decade", other).await,
+                Value::Int64(1)
+            );
+        } else if skew == Duration::MAX {
+            // Any history may be needed by a read: nothing is too late.
+            assert_eq!(s.events_too_late, 0);
+        } else {
+            // Older than every window behind the newest event: one per view.
+            assert_eq!(s.events_too_late, 2);
+        }
+    }
+}
+
+/// One tile-row update with more fields than one Lua `unpack` takes (5,000
+/// one-second tiles: 10,000 arguments), then one that deletes them all:
+/// both apply on Redis (the script sets and deletes fields in chunks).
+#[tokio::test]
+async fn a_row_update_of_thousands_of_tiles_applies_on_redis() {
+    let reg = Arc::new(Registry::from_toml("r.toml", REGISTRY).unwrap());
+    let redis = RedisServer::start();
+    let store: Arc<dyn OnlineStore> = Arc::new(
+        RedisStore::new(&RedisConfig {
+            url: redis.url(),
+            pool_size: 2,
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap(),
+    );
+    let start = 1_800_000_000_000_000;
+    let ticks: Vec<Event> = (0..5_000)
+        .map(|i| event("tick", &format!("t{i}"), start + i * 1_000_000))
+        .collect();
+    let applier = Applier::new(reg.clone(), store.clone(), Duration::ZERO)
+        .with_max_future_skew(Duration::ZERO);
+    let s = applier.apply(&records(&ticks, 0)).await.unwrap();
+    assert_eq!((s.tiles_written, s.events_too_late), (1, 0));
+    let last = start + 4_999 * 1_000_000;
+    assert_eq!(
+        count_at(&*store, &reg, "ticks", last).await,
+        Value::Int64(5_000)
+    );
+    // 20,000 s later every earlier tile has left the window: deleted.
+    let later = last + 20_000 * 1_000_000;
+    let s = applier
+        .apply(&records(&[event("tick", "late", later)], 5_000))
+        .await
+        .unwrap();
+    assert_eq!(s.tiles_written, 1);
+    let k = row_key(
+        &entity_key(&[("user_id", &Value::String("u".into()))]).unwrap(),
+        "ticks",
+    );
+    let raw = store
+        .read(&[Lookup::tiles(&k, &[])])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap()
+        .raw;
+    let tiles = raw.iter().filter(|(f, _)| !f.starts_with('_')).count();
+    assert_eq!(tiles, 1, "old tiles deleted");
+    assert_eq!(
+        count_at(&*store, &reg, "ticks", later).await,
+        Value::Int64(1)
+    );
+}
