@@ -295,21 +295,60 @@ impl Offline {
             if !name.starts_with("run-") || keep.iter().flatten().any(|k| *k == name) {
                 continue;
             }
-            let files: Vec<_> = self
-                .store
-                .list(Some(&dir))
-                .map_ok(|m| m.location)
-                .try_collect()
-                .await
-                .map_err(|e| storage("listing", e))?;
-            for f in files {
-                self.store
-                    .delete(&f)
-                    .await
-                    .map_err(|e| storage("deleting an old run", e))?;
-            }
+            self.delete_dir(&dir).await?;
         }
         Ok(())
+    }
+
+    /// Deletes every object under `dir`.
+    async fn delete_dir(&self, dir: &Path) -> Result<()> {
+        let files: Vec<_> = self
+            .store
+            .list(Some(dir))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| storage("listing", e))?;
+        for f in files {
+            self.store
+                .delete(&f)
+                .await
+                .map_err(|e| storage("deleting a run", e))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes what a failed run of `view` wrote (it was never committed,
+    /// so no reader can see it). Best effort: a failure is logged, and the
+    /// next successful run's commit removes the rest.
+    pub(crate) async fn discard_run(&self, view: &str, run: &str) {
+        if let Err(e) = self.delete_dir(&self.run_dir(view, run)).await {
+            tracing::warn!(view, run, error = %e, "could not delete a failed run");
+        }
+    }
+
+    /// Names of the run directories of `view` that hold objects in the
+    /// offline store (`run-...`): the committed one, the one it replaced,
+    /// and any in progress. (An emptied directory on local disk does not
+    /// count: object stores have no directories.)
+    pub async fn run_dirs(&self, view: &str) -> Result<Vec<String>> {
+        let dir = self.view_dir(view);
+        let files: Vec<Path> = self
+            .store
+            .list(Some(&dir))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| storage("listing", e))?;
+        let mut out: Vec<String> = files
+            .iter()
+            .filter_map(|p| p.prefix_match(&dir)?.next())
+            .map(|part| part.as_ref().to_owned())
+            .filter(|n| n.starts_with("run-"))
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 
     /// The committed feature table of a SQL view as a DataFusion table:

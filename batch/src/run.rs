@@ -498,10 +498,16 @@ impl Offline {
         let df = self.plan_view(ctx, view).await?;
         let run = format!("run-{now:020}");
         let url = self.dir_url(&self.run_dir(&view.name, &run));
-        let written = df
+        let written = match df
             .write_parquet(&url, DataFrameWriteOptions::new(), None)
             .await
-            .map_err(|e| df_error(&at("writing the feature table"), e))?;
+        {
+            Ok(w) => w,
+            Err(e) => {
+                self.discard_run(&view.name, &run).await;
+                return Err(df_error(&at("writing the feature table"), e));
+            }
+        };
         let rows = written
             .first()
             .and_then(|b| {
@@ -511,15 +517,27 @@ impl Offline {
                     .map(|a| a.value(0))
             })
             .unwrap_or(0);
-        self.commit(
-            &view.name,
-            CommittedRun {
-                run: run.clone(),
-                rows,
-                committed_at: format_rfc3339(now),
-            },
-        )
-        .await?;
+        if let Err(e) = self
+            .commit(
+                &view.name,
+                CommittedRun {
+                    run: run.clone(),
+                    rows,
+                    committed_at: format_rfc3339(now),
+                },
+            )
+            .await
+        {
+            // Only when the pointer was not written is the run unreferenced.
+            if self
+                .committed(&view.name)
+                .await
+                .is_ok_and(|c| c.is_none_or(|c| c.run != run))
+            {
+                self.discard_run(&view.name, &run).await;
+            }
+            return Err(e);
+        }
         Ok(RunReport {
             view: view.name.clone(),
             run,

@@ -270,6 +270,44 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
+/// Checks `kafka.brokers` as librdkafka reads `bootstrap.servers`: a
+/// comma-separated list of `[protocol://]host[:port]` (IPv6 hosts in
+/// brackets), so that a typo fails at start instead of as endless
+/// connection retries.
+fn check_brokers(list: &str) -> Result<()> {
+    for entry in list.split(',') {
+        let e = entry.trim();
+        let bad = |why: &str| -> Result<()> {
+            bail!("kafka.brokers {list:?}: {why}; write host:port[,host:port...], e.g. \"kafka-1:9092,kafka-2:9092\"")
+        };
+        if e.is_empty() {
+            return bad("an entry is empty");
+        }
+        let rest = e.split_once("://").map_or(e, |(_, r)| r);
+        let (host, port, v6) = if let Some(v6) = rest.strip_prefix('[') {
+            match v6.split_once(']') {
+                Some((h, tail)) => (h, tail.strip_prefix(':'), true),
+                None => return bad(&format!("{e:?} has an unclosed '['")),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p), false),
+                None => (rest, None, false),
+            }
+        };
+        let bad_char = |c: char| c.is_whitespace() || "/[]".contains(c) || (c == ':' && !v6);
+        if host.is_empty() || host.contains(bad_char) {
+            return bad(&format!("{e:?} has no valid host"));
+        }
+        if let Some(p) = port {
+            if p.parse::<u16>().map_or(true, |p| p == 0) {
+                return bad(&format!("{e:?} has an invalid port {p:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A duration, or an empty string for none.
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
@@ -491,6 +529,9 @@ impl Config {
         let k = &self.kafka;
         if k.topic.is_empty() || k.dead_letter_topic.is_empty() || k.group_id.is_empty() {
             bail!("kafka.topic, kafka.dead_letter_topic and kafka.group_id must not be empty");
+        }
+        if !k.brokers.is_empty() {
+            check_brokers(&k.brokers)?;
         }
         if k.topic == k.dead_letter_topic {
             bail!("kafka.dead_letter_topic must differ from kafka.topic");
@@ -717,6 +758,38 @@ mod tests {
         ] {
             let e = format!("{:#}", load(text).unwrap_err());
             assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn malformed_broker_lists_are_refused_at_start() {
+        let load = |brokers: &str| {
+            Config::load(
+                &Overrides::default(),
+                &env_of(&[("QUIVER_KAFKA_BROKERS", brokers)]),
+            )
+        };
+        for ok in [
+            "localhost:9092",
+            "kafka-1:9092, kafka-2:9092",
+            "kafka",
+            "SASL_SSL://broker.example.com:9093",
+            "[::1]:9092",
+        ] {
+            load(ok).unwrap();
+        }
+        for (bad, needle) in [
+            (":::,,", "has no valid host"),
+            ("a:9092,,b:9092", "an entry is empty"),
+            ("kafka:99999", "invalid port \"99999\""),
+            ("kafka:", "invalid port \"\""),
+            ("[::1:9092", "unclosed"),
+        ] {
+            let e = format!("{:#}", load(bad).unwrap_err());
+            assert!(
+                e.contains("kafka.brokers") && e.contains(needle),
+                "{bad}: {e}"
+            );
         }
     }
 }

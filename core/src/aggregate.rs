@@ -107,10 +107,14 @@ pub enum AggState {
     Distinct(Hll),
 }
 
+/// The number `sum`, `mean`, `min` and `max` fold in: NaN and ±infinity
+/// are skipped like null (one bad reading would otherwise make a week's
+/// sum and mean NaN), the same online and offline (both fold through
+/// [`AggState::update`]). `last_n` keeps such values as given.
 fn numeric(v: &Value) -> Option<f64> {
     match v {
         Value::Int64(n) => Some(*n as f64),
-        Value::Double(d) => Some(*d),
+        Value::Double(d) if d.is_finite() => Some(*d),
         _ => None,
     }
 }
@@ -802,6 +806,31 @@ mod tests {
         m.update(1, "a", Some(&Value::Null));
         m.update(1, "a", None);
         assert_eq!(m.finish(), Value::Null);
+        // Non-finite values are skipped like null by the numeric folds.
+        for f in [
+            AggFunction::Sum,
+            AggFunction::Mean,
+            AggFunction::Min,
+            AggFunction::Max,
+        ] {
+            let mut s = AggState::new(f);
+            for (i, x) in [2.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 4.0]
+                .into_iter()
+                .enumerate()
+            {
+                s.update(i as i64, "e", Some(&Value::Double(x)));
+            }
+            let want = match f {
+                AggFunction::Sum => 6.0,
+                AggFunction::Mean => 3.0,
+                AggFunction::Min => 2.0,
+                _ => 4.0,
+            };
+            assert_eq!(s.finish(), Value::Double(want), "{f:?}");
+        }
+        let mut last = AggState::new(AggFunction::LastN(1));
+        last.update(1, "e", Some(&Value::Double(f64::NAN)));
+        assert!(matches!(last.finish(), Value::DoubleList(v) if v[0].is_nan()));
         assert!(AggState::new(AggFunction::Sum)
             .merge(&AggState::new(AggFunction::Count))
             .is_err());

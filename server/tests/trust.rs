@@ -50,6 +50,16 @@ path = "tables/ratios"
 name = "ties"
 path = "tables/ties"
 
+[[tables]]
+name = "halves"
+path = "tables/halves"
+
+[[feature_views]]
+name = "half_bad"
+entities = ["user"]
+source = { sql = "SELECT user_id, event_timestamp, ratio AS n FROM halves" }
+features = [{ name = "n", dtype = "int64" }]
+
 [[event_types]]
 name = "visit"
 entities = ["user"]
@@ -700,6 +710,8 @@ async fn batch_run_commits_only_values_that_come_back_exactly() {
         assert!(e.message().contains(needle), "{view}: {e}");
         assert!(e.message().contains(view), "{view}: {e}");
         assert_eq!(st.offline.committed(view).await.unwrap(), None);
+        // What the failed run wrote is gone.
+        assert_eq!(st.offline.run_dirs(view).await.unwrap(), Vec::<String>::new());
     }
     // Conversions that keep every value are fine: Int32 ids, 2.0 as an
     // int64, 7 as a double, 0.1 rounded to float32, "7" as an int64, text
@@ -1109,4 +1121,48 @@ async fn messages_name_what_is_wrong() {
         "{body}"
     );
     st.server.shutdown().await;
+}
+
+/// A run that fails after part of its output is written (one input file
+/// converts, the other has 1.7 for an int64 feature at its end) leaves no
+/// run directory behind.
+#[tokio::test]
+async fn a_failed_batch_run_leaves_nothing_behind() {
+    let st = stack().await;
+    let table = |n: usize, last: f64| {
+        let mut v = vec![1.0; n];
+        v[n - 1] = last;
+        RecordBatch::try_new(
+            ratios().schema(),
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    (0..n).map(|i| format!("u{i}")),
+                )),
+                Arc::new(TimestampMicrosecondArray::from(vec![T0; n]).with_timezone("UTC")),
+                Arc::new(Float64Array::from(v)),
+            ],
+        )
+        .unwrap()
+    };
+    put_table(&st.offline, "tables/halves/part-0.parquet", &table(10, 1.0)).await;
+    put_table(
+        &st.offline,
+        "tables/halves/part-1.parquet",
+        &table(300_000, 1.7),
+    )
+    .await;
+    let e = st
+        .offline
+        .run(&["half_bad".into()], common::now())
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("would change the value 1.7 into 1"),
+        "{e}"
+    );
+    assert_eq!(st.offline.committed("half_bad").await.unwrap(), None);
+    assert_eq!(
+        st.offline.run_dirs("half_bad").await.unwrap(),
+        Vec::<String>::new()
+    );
 }
