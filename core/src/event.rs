@@ -391,7 +391,7 @@ mod tests {
         let old = b.check(NOW - 8 * 24 * HOUR, NOW).unwrap_err();
         assert!(old.contains("is 8d older than the clock"), "{old}");
         assert_eq!(
-            span(((2 * 86_400 + 3 * 3600 + 5) * 1_000_000 + 7) as i128),
+            span((2 * 86_400 + 3 * 3600 + 5) * 1_000_000_i128 + 7),
             "2d 3h 5s"
         );
         assert_eq!(span(999_999), "less than a second");
