@@ -176,6 +176,11 @@ pub async fn aggregations_asof(
         e.source = rank[e.source as usize];
     }
     evs.sort_unstable_by_key(|e| (e.key, e.tile, e.source, e.offset));
+    // An offset archived twice (two processes that both rolled it, which
+    // the archive's fencing prevents) counts once, as online, where tiles
+    // hold each offset once: its copies are the same event, so they sort
+    // next to each other.
+    evs.dedup_by_key(|e| (e.key, e.source, e.offset));
     let starts = run_starts(index.len(), evs.iter().map(|e| e.key));
 
     // Where each wanted aggregation's attribute sits in the batches.

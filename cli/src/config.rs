@@ -286,7 +286,11 @@ fn check_brokers(list: &str) -> Result<()> {
         let rest = e.split_once("://").map_or(e, |(_, r)| r);
         let (host, port, v6) = if let Some(v6) = rest.strip_prefix('[') {
             match v6.split_once(']') {
-                Some((h, tail)) => (h, tail.strip_prefix(':'), true),
+                Some((h, "")) => (h, None, true),
+                Some((h, tail)) => match tail.strip_prefix(':') {
+                    Some(p) => (h, Some(p), true),
+                    None => return bad(&format!("{e:?} has text after ']' that is not :port")),
+                },
                 None => return bad(&format!("{e:?} has an unclosed '['")),
             }
         } else {
@@ -784,6 +788,7 @@ mod tests {
             ("kafka:99999", "invalid port \"99999\""),
             ("kafka:", "invalid port \"\""),
             ("[::1:9092", "unclosed"),
+            ("[::1]x", "not :port"),
         ] {
             let e = format!("{:#}", load(bad).unwrap_err());
             assert!(

@@ -27,9 +27,10 @@ pub trait EventSink: Send + Sync + 'static {
 }
 
 /// The event times quiver accepts, relative to a reference clock (the
-/// server's for `PushEvents`, the ingest process's for events read from
-/// Kafka): at most `max_future_skew` ahead of it and, when `max_age` is
-/// set, at most `max_age` behind it. Events outside are refused by
+/// server's for `PushEvents`; for events read from Kafka, the message's
+/// Kafka timestamp capped at the ingest process's clock): at most
+/// `max_future_skew` ahead of it and, when `max_age` is set, at most
+/// `max_age` behind it. Events outside are refused by
 /// `PushEvents` and dead-lettered by `quiver ingest`, with the reason.
 ///
 /// The defaults follow Kafka's own bounds on message timestamps (KIP-937:

@@ -680,7 +680,8 @@ pub const MIN_TILE: Micros = 1_000_000;
 pub const MAX_WINDOW: Micros = 3650 * 86_400 * 1_000_000;
 
 /// Most tiles in one window: each is a field of the entity's online row
-/// (per source partition), so this bounds rows and their updates.
+/// (per source partition), so this (with the tiles kept for events ahead
+/// of the clock, bounded by `quiver ingest`) bounds rows and their updates.
 pub const MAX_TILES_PER_WINDOW: i64 = 10_000;
 
 /// A duration such as `1h` or `7d`, in micros; positive.

@@ -509,7 +509,7 @@ impl Applier {
         let mut delete = Vec::new();
         if let Some(prev) = prev_ts {
             let prev_first = tile_of(prev, tile).saturating_sub(keep).saturating_add(1);
-            let lo = prev_first.max(first_kept.saturating_sub(keep));
+            let lo = prev_first;
             let n_states = aggregations.iter().filter(|a| a.state == a.name).count();
             let span = usize::try_from(first_kept.saturating_sub(lo)).unwrap_or(usize::MAX);
             if span.saturating_mul(n_states) <= row.states.len() {

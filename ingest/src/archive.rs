@@ -11,13 +11,25 @@
 //! Events are buffered per partition and written when the buffer reaches
 //! `roll_bytes` or `roll_interval`. A roll writes its files under
 //! `{root}/_quiver/staging/`, then records them in the partition's state
-//! object (`{root}/_quiver/archive/{topic}-{partition}.json`, replaced
-//! atomically), then renames them into place and marks the state done. A
+//! (see below), then renames them into place and marks the state done. A
 //! crash at any point is repaired by the next roll of that partition: a
 //! recorded roll is finished (roll forward), an unrecorded one is redone
 //! from Kafka. The state's `archived_through` offset is what the consumer
 //! may commit: an offset is committed only once its event is in a visible
 //! file (or in the dead-letter topic).
+//!
+//! # One owner per partition (fencing)
+//! A partition's state is a sequence of generations,
+//! `{root}/_quiver/archive/{topic}-{partition}/{generation:020}.json`; the
+//! newest is the state. Each write creates the next generation with a
+//! create-if-absent put (`PutMode::Create`: a hard link on local disk,
+//! `If-None-Match: *` on S3), so of two processes that both think they own
+//! the partition (an evicted "zombie" and the new owner) only one can move
+//! the state on from a generation; the other gets
+//! [`quiver_core::ErrorKind::FailedPrecondition`] and ingest stops instead
+//! of archiving offsets a second time. Older generations are deleted; a
+//! state written by an earlier version (`{topic}-{partition}.json`) is read
+//! as generation 0.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -122,6 +134,8 @@ struct PendingRoll {
 /// One partition's buffer.
 #[derive(Debug)]
 struct Buffer {
+    /// Generation of the state this process last read or wrote.
+    generation: u64,
     /// Offsets at or below this are archived (from the state object).
     archived_through: i64,
     /// Highest offset handed to the buffer (events or dead letters).
@@ -194,7 +208,8 @@ impl Archiver {
         }
     }
 
-    fn state_path(&self, topic: &str, partition: i32) -> Path {
+    /// The state object of earlier versions (one object, replaced).
+    fn legacy_state_path(&self, topic: &str, partition: i32) -> Path {
         self.root
             .clone()
             .join(INTERNAL_DIR)
@@ -202,33 +217,120 @@ impl Archiver {
             .join(format!("{topic}-{partition}.json").as_str())
     }
 
-    async fn read_state(&self, topic: &str, partition: i32) -> Result<PartitionState> {
-        match self.store.get(&self.state_path(topic, partition)).await {
+    fn state_dir(&self, topic: &str, partition: i32) -> Path {
+        self.root
+            .clone()
+            .join(INTERNAL_DIR)
+            .join("archive")
+            .join(format!("{topic}-{partition}").as_str())
+    }
+
+    fn generation_path(&self, topic: &str, partition: i32, generation: u64) -> Path {
+        self.state_dir(topic, partition)
+            .join(format!("{generation:020}.json").as_str())
+    }
+
+    /// The state's generations present, oldest first.
+    async fn generations(&self, topic: &str, partition: i32) -> Result<Vec<u64>> {
+        use futures::TryStreamExt;
+        let dir = self.state_dir(topic, partition);
+        let metas: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(|e| storage_error("listing state", e))?;
+        let mut out: Vec<u64> = metas
+            .iter()
+            .filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok())
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    async fn get_json(&self, path: &Path) -> Result<Option<PartitionState>> {
+        match self.store.get(path).await {
             Ok(r) => {
                 let bytes = r
                     .bytes()
                     .await
                     .map_err(|e| storage_error("reading state", e))?;
-                serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::internal(format!(
-                        "corrupt archive state for {topic}-{partition}: {e}"
-                    ))
-                })
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| Error::internal(format!("corrupt archive state {path}: {e}")))
             }
-            Err(object_store::Error::NotFound { .. }) => Ok(PartitionState {
-                archived_through: -1,
-                pending: None,
-            }),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(storage_error("reading state", e)),
         }
     }
 
-    async fn write_state(&self, topic: &str, partition: i32, s: &PartitionState) -> Result<()> {
+    /// The partition's newest state and its generation.
+    async fn read_state(&self, topic: &str, partition: i32) -> Result<(PartitionState, u64)> {
+        let fresh = PartitionState {
+            archived_through: -1,
+            pending: None,
+        };
+        if let Some(&g) = self.generations(topic, partition).await?.last() {
+            let s = self
+                .get_json(&self.generation_path(topic, partition, g))
+                .await?
+                .ok_or_else(|| {
+                    Error::precondition(format!(
+                        "archive state of {topic}-{partition}: generation {g} vanished while read; another ingest process is archiving this partition"
+                    ))
+                })?;
+            return Ok((s, g));
+        }
+        let legacy = self
+            .get_json(&self.legacy_state_path(topic, partition))
+            .await?;
+        Ok((legacy.unwrap_or(fresh), 0))
+    }
+
+    /// Writes `s` as the generation after `*generation`, only if no other
+    /// process has written it first (see the module docs); then deletes
+    /// generations older than the previous one (best effort).
+    async fn write_state(
+        &self,
+        topic: &str,
+        partition: i32,
+        s: &PartitionState,
+        generation: &mut u64,
+    ) -> Result<()> {
         let body = serde_json::to_vec(s).map_err(|e| Error::internal(e.to_string()))?;
-        self.store
-            .put(&self.state_path(topic, partition), PutPayload::from(body))
+        let next = *generation + 1;
+        let path = self.generation_path(topic, partition, next);
+        let opts = object_store::PutOptions::from(object_store::PutMode::Create);
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(body), opts)
             .await
-            .map_err(|e| storage_error("writing state", e))?;
+        {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                return Err(Error::precondition(format!(
+                    "archive state of {topic}-{partition}: generation {next} was written by another ingest process, so this one no longer owns the partition; stopping so that no offset is archived twice (restart it to rejoin the consumer group)"
+                )))
+            }
+            Err(e) => return Err(storage_error("writing state", e)),
+        }
+        *generation = next;
+        if next >= 2 {
+            for old in self.generations(topic, partition).await? {
+                if old + 1 < next {
+                    let _ = self
+                        .store
+                        .delete(&self.generation_path(topic, partition, old))
+                        .await;
+                }
+            }
+        }
+        if next == 1 {
+            let _ = self
+                .store
+                .delete(&self.legacy_state_path(topic, partition))
+                .await;
+        }
         Ok(())
     }
 
@@ -238,6 +340,7 @@ impl Archiver {
         topic: &str,
         partition: i32,
         s: &mut PartitionState,
+        generation: &mut u64,
     ) -> Result<()> {
         let Some(p) = s.pending.take() else {
             return Ok(());
@@ -253,18 +356,20 @@ impl Archiver {
             }
         }
         s.archived_through = s.archived_through.max(p.through);
-        self.write_state(topic, partition, s).await
+        self.write_state(topic, partition, s, generation).await
     }
 
     /// Loads (and repairs) a partition's state when first seen.
     async fn buffer(&mut self, topic: &str, partition: i32) -> Result<&mut Buffer> {
         let k = (topic.to_owned(), partition);
         if !self.buffers.contains_key(&k) {
-            let mut s = self.read_state(topic, partition).await?;
-            self.finish_pending(topic, partition, &mut s).await?;
+            let (mut s, mut generation) = self.read_state(topic, partition).await?;
+            self.finish_pending(topic, partition, &mut s, &mut generation)
+                .await?;
             self.buffers.insert(
                 k.clone(),
                 Buffer {
+                    generation,
                     archived_through: s.archived_through,
                     through: s.archived_through,
                     records: Vec::new(),
@@ -382,9 +487,22 @@ impl Archiver {
             archived_through: b.archived_through,
             pending: Some(PendingRoll { through, files }),
         };
+        let mut generation = b.generation;
         // The roll is decided once recorded; finishing it is idempotent.
-        self.write_state(topic, partition, &state).await?;
-        self.finish_pending(topic, partition, &mut state).await?;
+        let recorded = self
+            .write_state(topic, partition, &state, &mut generation)
+            .await;
+        let finished = match recorded {
+            Ok(()) => {
+                self.finish_pending(topic, partition, &mut state, &mut generation)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Some(b) = self.buffers.get_mut(&k) {
+            b.generation = generation;
+        }
+        finished?;
         if let Some(b) = self.buffers.get_mut(&k) {
             b.archived_through = through;
             b.records.clear();

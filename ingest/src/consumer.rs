@@ -26,6 +26,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use quiver_core::event::EventTimeBounds;
 use quiver_core::par::par_map;
+use quiver_core::registry::ViewSource;
 use quiver_core::time::{Clock, Micros, SystemClock};
 use quiver_core::wire::decode_event;
 use quiver_core::{Error, ErrorKind, Registry, Result};
@@ -58,8 +59,11 @@ pub struct IngestConfig {
     pub max_backoff: Duration,
     /// Accepted event times; events outside are dead-lettered with the
     /// reason. The reference clock is the message's Kafka timestamp, capped
-    /// at this process's clock (the wall clock when the message has none):
-    /// fixed per message, so a replay decides as the first delivery did.
+    /// at this process's clock (the wall clock when the message has none).
+    /// For a message stamped when it was produced (PushEvents and
+    /// `quiver generate` leave the stamping to Kafka) that is fixed, so a
+    /// replay decides as the first delivery did; a producer that stamps
+    /// messages with their event time makes `max_age` check nothing.
     pub event_time_bounds: EventTimeBounds,
 }
 
@@ -109,9 +113,15 @@ pub struct IngestContext {
 impl ClientContext for IngestContext {}
 
 impl ConsumerContext for IngestContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
+                // A pause (while a batch backs off) outlives rebalances in
+                // librdkafka: lift it, or the partition would stay stalled
+                // if it came back to this process.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!(error = %e, "resuming revoked partitions failed");
+                }
                 let parts: Vec<(String, i32)> = tpl
                     .elements()
                     .iter()
@@ -174,6 +184,105 @@ struct Prepared {
     applied: Option<ApplyStats>,
 }
 
+impl Prepared {
+    /// Keeps what belongs to the batch messages whose `keep` is true,
+    /// re-indexed as the batch will be after the same filter; decisions
+    /// (dead letters, sent or not) stay as made.
+    fn retain(&mut self, keep: &[bool]) {
+        let mut new_index = Vec::with_capacity(keep.len());
+        let mut n = 0;
+        for &k in keep {
+            new_index.push(n);
+            n += usize::from(k);
+        }
+        let moved = self.records.len() != self.origin.len();
+        let mut records = std::mem::take(&mut self.records).into_iter();
+        let mut kept_records = Vec::new();
+        let mut kept_origin = Vec::new();
+        for &i in &self.origin {
+            let r = if moved { None } else { records.next() };
+            if keep[i] {
+                kept_origin.push(new_index[i]);
+                kept_records.extend(r);
+            }
+        }
+        self.events = kept_origin.len() as u64;
+        self.origin = kept_origin;
+        self.records = kept_records;
+        self.dead = std::mem::take(&mut self.dead)
+            .into_iter()
+            .filter(|(i, _)| keep[*i])
+            .map(|(i, why)| (new_index[i], why))
+            .collect();
+    }
+}
+
+/// Most tiles an entity's aggregation row keeps per state: the longest
+/// window's (at most [`quiver_core::registry::MAX_TILES_PER_WINDOW`]) plus
+/// those of the accepted future skew (see [`crate::apply`]).
+pub const MAX_ROW_TILES: i64 = 2 * quiver_core::registry::MAX_TILES_PER_WINDOW;
+
+/// Refuses a future skew that would make rows of an aggregation view keep
+/// more than [`MAX_ROW_TILES`] tiles (short tiles, long skew).
+fn check_row_tiles(registry: &Registry, skew: Duration) -> Result<()> {
+    let skew_micros = quiver_core::time::duration_micros(skew);
+    for v in registry.views() {
+        let ViewSource::Aggregations { tile, aggregations } = &v.source else {
+            continue;
+        };
+        let retention = aggregations
+            .iter()
+            .map(|a| a.window / tile)
+            .max()
+            .unwrap_or(1);
+        let lead = skew_micros.saturating_add(tile - 1) / tile;
+        let keep = retention.saturating_add(lead);
+        if keep > MAX_ROW_TILES {
+            return Err(Error::invalid(format!(
+                "feature view {:?}: with its tile of {} and ingest.max_future_skew of {}, an entity's row would keep {keep} tiles per aggregation (the longest window's {retention} plus {lead} for events ahead of the clock); at most {MAX_ROW_TILES} are supported: lower ingest.max_future_skew or lengthen the tile",
+                v.name,
+                humantime::format_duration(std::time::Duration::from_micros(*tile as u64)),
+                humantime::format_duration(skew),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `m` is of one of the partitions `parts`.
+fn of(parts: &[(String, i32)], m: &Msg) -> bool {
+    parts
+        .iter()
+        .any(|(t, p)| t.as_str() == &*m.topic && *p == m.partition)
+}
+
+/// Takes the partitions revoked since the last call.
+fn take_revoked(revoked: &Mutex<Vec<(String, i32)>>) -> Vec<(String, i32)> {
+    revoked
+        .lock()
+        .map(|mut r| std::mem::take(&mut *r))
+        .unwrap_or_default()
+}
+
+/// Appends a consumed message to `to`. The rebalance callback runs inside
+/// the poll that returned it, so partitions revoked by then lose their
+/// earlier messages from `to` (and are added to `gone`, for the caller's
+/// other buffers), and the message itself belongs to the current
+/// assignment, even when its partition came straight back.
+fn push_current(
+    revoked: &Mutex<Vec<(String, i32)>>,
+    gone: &mut Vec<(String, i32)>,
+    to: &mut Vec<Msg>,
+    m: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
+) {
+    let now_gone = take_revoked(revoked);
+    if !now_gone.is_empty() {
+        to.retain(|x| !of(&now_gone, x));
+        gone.extend(now_gone);
+    }
+    push_msg(to, m);
+}
+
 /// Whether retrying may help: the store, object storage or Kafka was
 /// unreachable or timed out. Anything else (a corrupt stored state, a write
 /// the store rejects, a bug) would fail the same way again.
@@ -181,6 +290,17 @@ fn retryable(e: &Error) -> bool {
     matches!(
         e.kind(),
         ErrorKind::Unavailable | ErrorKind::DeadlineExceeded
+    )
+}
+
+/// The error ingest stops with when retrying cannot help.
+fn stopped(e: Error) -> Error {
+    Error::new(
+        e.kind(),
+        format!(
+            "ingest stopped: {} (retrying cannot help; nothing past the last committed offset is lost: fix the cause and restart)",
+            e.message()
+        ),
     )
 }
 
@@ -202,6 +322,7 @@ impl Ingestor {
         applier: Applier,
         archiver: Option<Archiver>,
     ) -> Result<Ingestor> {
+        check_row_tiles(&registry, cfg.event_time_bounds.max_future_skew)?;
         let applier = applier.with_max_future_skew(cfg.event_time_bounds.max_future_skew);
         let revoked = Arc::new(Mutex::new(Vec::new()));
         let consumer: StreamConsumer<IngestContext> = kafka
@@ -259,6 +380,7 @@ impl Ingestor {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             let mut batch: Vec<Msg> = std::mem::take(&mut self.carry);
+            let mut gone: Vec<(String, i32)> = Vec::new();
             if batch.is_empty() {
                 let mut stream = self.consumer.stream();
                 tokio::select! {
@@ -267,7 +389,7 @@ impl Ingestor {
                     m = stream.next() => {
                         if let Some(m) = m {
                             let collecting = std::time::Instant::now();
-                            push_msg(&mut batch, m);
+                            push_current(&self.revoked, &mut gone, &mut batch, m);
                             // One timer per batch, not one per message.
                             let deadline = tokio::time::sleep_until(Instant::now() + self.cfg.batch_wait);
                             tokio::pin!(deadline);
@@ -275,7 +397,7 @@ impl Ingestor {
                                 tokio::select! {
                                     biased;
                                     m = stream.next() => match m {
-                                        Some(m) => push_msg(&mut batch, m),
+                                        Some(m) => push_current(&self.revoked, &mut gone, &mut batch, m),
                                         None => break,
                                     },
                                     _ = &mut deadline => break,
@@ -290,19 +412,16 @@ impl Ingestor {
                     }
                 }
             }
-            let revoked = self.drop_revoked();
-            if !revoked.is_empty() {
-                // Their next owner (maybe us again) resumes from the committed
-                // offset; handling them here would race with it.
-                batch.retain(|m| {
-                    !revoked
-                        .iter()
-                        .any(|(t, p)| t.as_str() == &*m.topic && *p == m.partition)
-                });
-            }
+            // Revoked after the last message: all their messages here are
+            // from before; their next owner (maybe us again) resumes from
+            // the committed offset, handling them here would race with it.
+            let late = take_revoked(&self.revoked);
+            batch.retain(|m| !of(&late, m));
+            gone.extend(late);
+            self.forget(&gone);
             if batch.is_empty() {
                 // Idle: roll archive files that are due by age, and commit.
-                self.flush_idle().await;
+                self.flush_idle().await?;
                 continue;
             }
             self.with_retry(batch, &mut shutdown).await?;
@@ -317,38 +436,50 @@ impl Ingestor {
         Ok(self.stats)
     }
 
-    async fn flush_idle(&mut self) {
+    /// Rolls archive files that are due by age, and commits. A roll that
+    /// failed for a retryable reason is tried again on the next tick or
+    /// batch; any other failure (e.g. the partition's archive state was
+    /// taken over by another process) stops ingest.
+    async fn flush_idle(&mut self) -> Result<()> {
         if let Some(a) = self.archiver.as_mut() {
             match a.flush(false).await {
                 Ok(s) => {
                     self.stats.archived += s;
                 }
-                // Retried on the next tick or batch.
-                Err(e) => tracing::warn!(error = %e, "archive roll failed"),
+                Err(e) if retryable(&e) => {
+                    self.stats.retries += 1;
+                    tracing::warn!(error = %e, "archive roll failed; retrying");
+                }
+                Err(e) => return Err(stopped(e)),
             }
         }
         let _ = self.commit(CommitMode::Async);
+        Ok(())
     }
 
     /// Forgets state of partitions revoked since the last call; returns them.
     fn drop_revoked(&mut self) -> Vec<(String, i32)> {
-        let revoked: Vec<(String, i32)> = self
-            .revoked
-            .lock()
-            .map(|mut r| std::mem::take(&mut *r))
-            .unwrap_or_default();
-        if !revoked.is_empty() {
-            self.stats.partitions_revoked += revoked.len() as u64;
-            if let Some(a) = self.archiver.as_mut() {
-                a.forget(&revoked);
-            }
-            let sources: Vec<String> = revoked.iter().map(|(t, p)| format!("{t}:{p}")).collect();
-            self.applier.forget_sources(&sources);
-            for p in &revoked {
-                self.committed.remove(p);
-            }
-        }
+        let revoked = take_revoked(&self.revoked);
+        self.forget(&revoked);
         revoked
+    }
+
+    /// Forgets the archive buffers, cached tile rows and pending commits of
+    /// revoked partitions (their next owner replays from the committed
+    /// offset).
+    fn forget(&mut self, revoked: &[(String, i32)]) {
+        if revoked.is_empty() {
+            return;
+        }
+        self.stats.partitions_revoked += revoked.len() as u64;
+        if let Some(a) = self.archiver.as_mut() {
+            a.forget(revoked);
+        }
+        let sources: Vec<String> = revoked.iter().map(|(t, p)| format!("{t}:{p}")).collect();
+        self.applier.forget_sources(&sources);
+        for p in revoked {
+            self.committed.remove(p);
+        }
     }
 
     /// Processes a batch. A retryable failure (see [`retryable`]) is
@@ -369,27 +500,19 @@ impl Ingestor {
         loop {
             let e = match self.process(&batch, &mut prep).await {
                 Ok(()) => break,
-                Err(e) if !retryable(&e) => {
-                    return Err(Error::new(
-                        e.kind(),
-                        format!(
-                            "ingest stopped: {} (retrying cannot help; nothing past the last committed offset is lost: fix the cause and restart)",
-                            e.message()
-                        ),
-                    ))
-                }
+                Err(e) if !retryable(&e) => return Err(stopped(e)),
                 Err(e) => e,
             };
             self.stats.retries += 1;
             tracing::warn!(error = %e, retry_in = ?backoff, "ingest batch failed; retrying (partitions paused)");
-            if !paused {
-                if let Ok(tpl) = self.consumer.assignment() {
-                    if let Err(err) = self.consumer.pause(&tpl) {
-                        tracing::warn!(error = %err, "pausing partitions failed");
-                    }
+            // Every round: partitions assigned since the last one too.
+            if let Ok(tpl) = self.consumer.assignment() {
+                if let Err(err) = self.consumer.pause(&tpl) {
+                    tracing::warn!(error = %err, "pausing partitions failed");
                 }
-                paused = true;
             }
+            paused = true;
+            let mut gone: Vec<(String, i32)> = Vec::new();
             {
                 let mut stream = self.consumer.stream();
                 let wait = tokio::time::sleep(backoff);
@@ -402,24 +525,23 @@ impl Ingestor {
                         // max.poll.interval.ms; a message that still
                         // arrives waits for the next batch.
                         m = stream.next() => if let Some(m) = m {
-                            push_msg(&mut self.carry, m);
+                            push_current(&self.revoked, &mut gone, &mut self.carry, m);
                         },
                     }
                 }
             }
             backoff = (backoff * 2).min(self.cfg.max_backoff);
-            let revoked = self.drop_revoked();
-            if !revoked.is_empty() {
-                let gone = |m: &Msg| {
-                    revoked
-                        .iter()
-                        .any(|(t, p)| t.as_str() == &*m.topic && *p == m.partition)
-                };
-                batch.retain(|m| !gone(m));
-                self.carry.retain(|m| !gone(m));
-                let sent = prep.dead_sent;
-                prep = self.prepare(&batch);
-                prep.dead_sent = sent;
+            let late = take_revoked(&self.revoked);
+            self.carry.retain(|m| !of(&late, m));
+            gone.extend(late);
+            if !gone.is_empty() {
+                // The batch's messages of revoked partitions all predate
+                // the revocation (new ones went to `carry`).
+                let keep: Vec<bool> = batch.iter().map(|m| !of(&gone, m)).collect();
+                prep.retain(&keep);
+                let mut k = keep.iter();
+                batch.retain(|_| *k.next().unwrap_or(&true));
+                self.forget(&gone);
                 if batch.is_empty() {
                     break;
                 }
@@ -427,11 +549,12 @@ impl Ingestor {
         }
         if paused {
             match self.consumer.assignment() {
-                Ok(tpl) => self
-                    .consumer
-                    .resume(&tpl)
-                    .map_err(|e| kafka_error("resuming partitions", e))?,
-                Err(e) => return Err(kafka_error("reading the assignment", e)),
+                Ok(tpl) => {
+                    if let Err(e) = self.consumer.resume(&tpl) {
+                        tracing::warn!(error = %e, "resuming partitions failed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the assignment failed"),
             }
         }
         Ok(())
@@ -647,9 +770,11 @@ fn push_msg(
             offset: m.offset(),
             payload: m.payload().map(<[u8]>::to_vec),
             key: m.key().map(<[u8]>::to_vec),
+            // A timestamp at or before 1970 is a producer's placeholder.
             timestamp: m
                 .timestamp()
                 .to_millis()
+                .filter(|ms| *ms > 0)
                 .and_then(|ms| ms.checked_mul(1000)),
         }),
         Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),

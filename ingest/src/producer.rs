@@ -37,7 +37,28 @@ impl std::fmt::Debug for KafkaEventSink {
 
 /// Maps a Kafka error to ours: anything that stops appending is UNAVAILABLE.
 pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
-    Error::unavailable(format!("{what}: {e}"))
+    use rdkafka::types::RDKafkaErrorCode as C;
+    // What the broker or client refuses for this message or this client
+    // every time; everything else (brokers down, timeouts, leader
+    // elections) may pass.
+    let permanent = matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::MessageBatchTooLarge
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidTopic
+                | C::InvalidRecord
+        )
+    );
+    if permanent {
+        Error::internal(format!("{what}: {e}"))
+    } else {
+        Error::unavailable(format!("{what}: {e}"))
+    }
 }
 
 impl KafkaEventSink {

@@ -249,3 +249,39 @@ async fn a_row_update_of_thousands_of_tiles_applies_on_redis() {
         Value::Int64(1)
     );
 }
+
+/// Rows keep the longest window's tiles plus the future skew's: `quiver
+/// ingest` refuses a skew that would make them hold more than
+/// `MAX_ROW_TILES` (1 s tiles, 10,000 s window: 1 h is fine, 3 h is not).
+#[tokio::test]
+async fn a_future_skew_too_long_for_short_tiles_is_refused_at_start() {
+    use quiver_core::event::EventTimeBounds;
+    use quiver_ingest::{IngestConfig, Ingestor, KafkaConfig};
+    let reg = Arc::new(Registry::from_toml("r.toml", REGISTRY).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let ingestor = |hours: u64| {
+        let cfg = IngestConfig {
+            event_time_bounds: EventTimeBounds {
+                max_future_skew: Duration::from_secs(hours * 3600),
+                max_age: None,
+            },
+            ..IngestConfig::default()
+        };
+        let store = open(dir.path(), 0);
+        Ingestor::new(
+            &KafkaConfig::new("127.0.0.1:1"),
+            cfg,
+            reg.clone(),
+            Applier::new(reg.clone(), store, Duration::ZERO),
+            None,
+        )
+    };
+    ingestor(1).unwrap();
+    let e = ingestor(3).unwrap_err();
+    assert!(
+        e.message().contains("feature view \"ticks\"")
+            && e.message().contains("would keep 20800 tiles")
+            && e.message().contains("lower ingest.max_future_skew"),
+        "{e}"
+    );
+}

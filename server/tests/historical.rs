@@ -160,6 +160,19 @@ async fn online_aggregates_equal_offline_ones_at_every_as_of_time() {
     )
     .unwrap();
     ingest_all(ingestor, n as u64).await;
+    // A second copy of one archive file, as an evicted ingest process's
+    // overlapping roll would leave (the archive's fencing prevents that;
+    // offline reads de-duplicate on (source, offset) all the same).
+    let dates: Vec<_> = std::fs::read_dir(dir.path().join("events"))
+        .unwrap()
+        .map(|d| d.unwrap().path())
+        .collect();
+    let biggest = dates
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap().map(|f| f.unwrap().path()))
+        .max_by_key(|f| std::fs::metadata(f).unwrap().len())
+        .unwrap();
+    std::fs::copy(&biggest, biggest.with_file_name("zombie-copy.parquet")).unwrap();
 
     let offline = Arc::new(Offline::open(reg.clone(), &location, &[]).unwrap());
     let ingest_store = store.clone();

@@ -412,8 +412,9 @@ impl std::fmt::Debug for RedisStore {
 
 /// Redis's error as quiver's: UNAVAILABLE (retrying may help: the server
 /// is unreachable, loading, failing over, out of memory, busy with a
-/// script) or INTERNAL (retrying the same command cannot help: a script
-/// error, a wrong type, a command rejected as malformed). The ingest loop
+/// script, out of client slots) or INTERNAL (retrying the same command
+/// cannot help: a script error, a wrong type, a command rejected as
+/// malformed, wrong credentials or ACL permissions). The ingest loop
 /// retries the first kind and stops on the second.
 pub(super) fn redis_error(e: RedisError) -> Error {
     use redis::ErrorKind as K;
@@ -421,13 +422,19 @@ pub(super) fn redis_error(e: RedisError) -> Error {
         return Error::unavailable(format!("redis is unreachable: {e}"));
     }
     let permanent = match e.kind() {
-        K::ResponseError
-        | K::TypeError
+        // A Lua runtime error fails the same way every time; other `ERR`
+        // replies may be transient ("max number of clients reached").
+        K::ResponseError => {
+            let text = e.to_string();
+            text.contains("user_script") || text.contains("Error running script")
+        }
+        K::TypeError
         | K::ExecAbortError
         | K::CrossSlot
         | K::ClientError
-        | K::InvalidClientConfig => true,
-        K::ExtensionError => e.code() == Some("WRONGTYPE"),
+        | K::InvalidClientConfig
+        | K::AuthenticationFailed => true,
+        K::ExtensionError => matches!(e.code(), Some("WRONGTYPE" | "WRONGPASS" | "NOPERM")),
         _ => false,
     };
     if permanent {
