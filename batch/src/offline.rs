@@ -11,9 +11,18 @@
 //! read only that run's files, so they see the previous run or the new one,
 //! never a half-written mix. The run before the current one is kept for
 //! readers that resolved the pointer just before a commit; older runs are
-//! deleted.
+//! deleted once none of their files was written in the last
+//! [`RUN_GRACE`], so a concurrent run of the same view (a timer and a
+//! user's command, two cron runs) never loses the files it is writing, and
+//! a reader of a run superseded twice within that time keeps its files.
 
 use std::sync::Arc;
+
+/// How long after its last file was written a run that is neither the
+/// committed one nor the one before it is kept: long enough for a
+/// concurrent run of the same view to finish writing and commit, and for
+/// readers of a run superseded twice in quick succession to finish.
+pub const RUN_GRACE: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -275,7 +284,8 @@ impl Offline {
     }
 
     /// Makes `run` the committed run of `view`, then deletes runs older
-    /// than the one it replaces.
+    /// than the one it replaces whose files are all older than
+    /// [`RUN_GRACE`] (see the module docs).
     pub(crate) async fn commit(&self, view: &str, run: CommittedRun) -> Result<()> {
         let previous = self.committed(view).await?;
         self.write_json(
@@ -295,7 +305,23 @@ impl Offline {
             if !name.starts_with("run-") || keep.iter().flatten().any(|k| *k == name) {
                 continue;
             }
-            self.delete_dir(&dir).await?;
+            let metas: Vec<object_store::ObjectMeta> = self
+                .store
+                .list(Some(&dir))
+                .try_collect()
+                .await
+                .map_err(|e| storage("listing", e))?;
+            let cutoff = chrono::Utc::now() - RUN_GRACE;
+            if metas.iter().any(|m| m.last_modified > cutoff) {
+                // Being written by a concurrent run, or recently read.
+                continue;
+            }
+            for m in metas {
+                self.store
+                    .delete(&m.location)
+                    .await
+                    .map_err(|e| storage("deleting an old run", e))?;
+            }
         }
         Ok(())
     }

@@ -1166,3 +1166,66 @@ async fn a_failed_batch_run_leaves_nothing_behind() {
         Vec::<String>::new()
     );
 }
+
+/// Issue 10, finding 4: a commit deletes only runs that are neither the
+/// committed one nor the one before it *and* whose files are all older
+/// than the grace period: a concurrent run's files (being written) and a
+/// reader's run superseded twice in quick succession survive; an abandoned
+/// old run goes.
+#[tokio::test]
+async fn a_commit_keeps_what_concurrent_runs_and_readers_use() {
+    let st = stack().await;
+    let view = "exact_casts";
+    st.offline.run(&[view.into()], common::now()).await.unwrap();
+    let first = st.offline.committed(view).await.unwrap().unwrap().run;
+    // A reader resolves the committed table now and reads it later.
+    let ctx = st.offline.session().await.unwrap();
+    let v = st
+        .offline
+        .registry()
+        .view(st.offline.registry().view_index(view).unwrap())
+        .clone();
+    let reader = st.offline.feature_table(&ctx, &v).await.unwrap().unwrap();
+    // Another run of the view is writing its files; an abandoned run's
+    // files are two hours old.
+    let dir = st._dir.path().join("features").join(view);
+    let in_flight = dir.join("run-00000000000000000001");
+    std::fs::create_dir_all(&in_flight).unwrap();
+    std::fs::write(in_flight.join("part-0.parquet"), b"being written").unwrap();
+    let abandoned = dir.join("run-00000000000000000002");
+    std::fs::create_dir_all(&abandoned).unwrap();
+    let old = abandoned.join("part-0.parquet");
+    std::fs::write(&old, b"left by a crash").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))
+        .unwrap();
+    // Two more commits: `first` is neither current nor previous now.
+    for i in 1..=2 {
+        st.offline
+            .run(&[view.into()], common::now() + i)
+            .await
+            .unwrap();
+    }
+    let runs = st.offline.run_dirs(view).await.unwrap();
+    assert!(runs.contains(&first), "{runs:?}");
+    assert!(
+        runs.contains(&"run-00000000000000000001".to_owned()),
+        "{runs:?}"
+    );
+    assert!(
+        !runs.contains(&"run-00000000000000000002".to_owned()),
+        "{runs:?}"
+    );
+    assert_eq!(runs.len(), 4, "{runs:?}");
+    let rows: usize = reader
+        .collect()
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.num_rows())
+        .sum();
+    assert_eq!(rows, 1, "the reader's run is intact");
+}
