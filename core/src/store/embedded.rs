@@ -2,7 +2,8 @@
 //! (see [`crate::codec::RowBlob`]). Used by the default single-process mode.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -16,9 +17,24 @@ use crate::time::Clock;
 const ROWS: TableDefinition<&str, &[u8]> = TableDefinition::new("rows_v1");
 const TILES: TableDefinition<&str, &[u8]> = TableDefinition::new("tiles_v1");
 
+/// Opens the database file (again).
+type Opener = Box<dyn Fn() -> std::result::Result<Database, redb::DatabaseError> + Send + Sync>;
+
 /// Online store in a local file, see the module docs of [`crate::store`].
+///
+/// # Faults
+/// After an I/O error (a full disk, say) redb refuses every later
+/// operation ("Previous I/O error occurred") until the database is opened
+/// again. The store notices such errors, reports itself broken through
+/// [`OnlineStore::ping`] (so `/ready`, gRPC health and `quiver_ready` turn
+/// not-ready and ingest retries), and reopens the file on the next use
+/// once the in-flight operations have let go of it: the store heals itself
+/// when the fault is gone (space freed), with everything committed before
+/// it intact.
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    db: RwLock<Option<Arc<Database>>>,
+    open: Opener,
+    broken: AtomicBool,
     clock: Arc<dyn Clock>,
 }
 
@@ -32,6 +48,20 @@ fn db_error(e: impl std::fmt::Display) -> Error {
     Error::unavailable(format!("embedded online store: {e}"))
 }
 
+/// Whether an error means redb must be reopened (an I/O error, or the
+/// "previous I/O error" it reports for every operation after one).
+fn is_io_fault(e: &Error) -> bool {
+    e.message().contains("I/O error")
+}
+
+/// Creates the tables if missing.
+fn init(db: &Database) -> Result<()> {
+    let tx = db.begin_write().map_err(db_error)?;
+    tx.open_table(ROWS).map_err(db_error)?;
+    tx.open_table(TILES).map_err(db_error)?;
+    tx.commit().map_err(db_error)
+}
+
 impl EmbeddedStore {
     /// Opens or creates the store file at `path` (parent directories too).
     /// Fails if another process has it open.
@@ -40,28 +70,99 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::invalid(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let db = Database::create(path).map_err(|e| {
+        let owned = path.to_path_buf();
+        EmbeddedStore::open_with(Box::new(move || Database::create(&owned)), clock).map_err(|e| {
+            let hint = if e.message().contains("already open") {
+                " (is another quiver process using it?)"
+            } else if e.message().contains("ermission denied") || e.message().contains("Read-only")
+            {
+                " (the directory or file is not writable by this process)"
+            } else {
+                ""
+            };
             Error::invalid(format!(
-                "cannot open embedded online store {}: {e} (is another quiver process using it?)",
-                path.display()
+                "cannot open embedded online store {}: {}{hint}",
+                path.display(),
+                e.message()
             ))
-        })?;
-        let tx = db.begin_write().map_err(db_error)?;
-        tx.open_table(ROWS).map_err(db_error)?;
-        tx.open_table(TILES).map_err(db_error)?;
-        tx.commit().map_err(db_error)?;
+        })
+    }
+
+    /// A store over the database `open` returns, called again to reopen it
+    /// after an I/O fault (for custom redb storage backends, and tests that
+    /// inject faults).
+    pub fn open_with(open: Opener, clock: Arc<dyn Clock>) -> Result<EmbeddedStore> {
+        let db = open().map_err(db_error)?;
+        init(&db)?;
         Ok(EmbeddedStore {
-            db: Arc::new(db),
+            db: RwLock::new(Some(Arc::new(db))),
+            open,
+            broken: AtomicBool::new(false),
             clock,
         })
+    }
+
+    /// The open database, reopened first if an I/O fault broke it.
+    fn db(&self) -> Result<Arc<Database>> {
+        if !self.broken.load(Ordering::Acquire) {
+            if let Some(db) = self.db.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                return Ok(db.clone());
+            }
+        }
+        self.reopen()
+    }
+
+    fn reopen(&self) -> Result<Arc<Database>> {
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        if !self.broken.load(Ordering::Acquire) {
+            if let Some(db) = slot.as_ref() {
+                return Ok(db.clone());
+            }
+        }
+        if let Some(old) = slot.take() {
+            // redb holds a lock on the file: the old handle must be gone
+            // before the file can be opened again.
+            if let Err(still_used) = Arc::try_unwrap(old) {
+                *slot = Some(still_used);
+                return Err(Error::unavailable(
+                    "embedded online store: recovering from an I/O error; operations in flight still hold the file, retrying on the next use",
+                ));
+            }
+        }
+        let db = (self.open)().map_err(|e| {
+            Error::unavailable(format!(
+                "embedded online store: cannot reopen after an I/O error (is the disk full?): {e}"
+            ))
+        })?;
+        init(&db).map_err(|e| {
+            Error::unavailable(format!(
+                "embedded online store: reopened after an I/O error, but cannot write yet (is the disk full?): {}",
+                e.message()
+            ))
+        })?;
+        let db = Arc::new(db);
+        *slot = Some(db.clone());
+        self.broken.store(false, Ordering::Release);
+        tracing::info!("embedded online store reopened after an I/O error");
+        Ok(db)
+    }
+
+    /// Marks the store broken when `r` is an I/O fault (see the type docs).
+    fn watch<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if is_io_fault(e) && !self.broken.swap(true, Ordering::AcqRel) {
+                tracing::error!(error = %e, "embedded online store hit an I/O error; not ready until it can be reopened");
+            }
+        }
+        r
     }
 
     /// Deletes expired rows; returns how many. The default mode runs it
     /// periodically so the file does not grow without bound.
     pub async fn sweep_expired(&self) -> Result<u64> {
-        let db = self.db.clone();
+        let db = self.db()?;
         let now = self.clock.now_micros();
-        tokio::task::spawn_blocking(move || -> Result<u64> {
+        let r = tokio::task::spawn_blocking(move || -> Result<u64> {
             let tx = db.begin_write().map_err(db_error)?;
             let removed = {
                 let mut table = tx.open_table(ROWS).map_err(db_error)?;
@@ -85,7 +186,8 @@ impl EmbeddedStore {
             Ok(removed)
         })
         .await
-        .map_err(|e| Error::internal(format!("sweep task failed: {e}")))?
+        .map_err(|e| Error::internal(format!("sweep task failed: {e}")))?;
+        self.watch(r)
     }
 }
 
@@ -99,64 +201,88 @@ impl OnlineStore for EmbeddedStore {
         // Reads are MVCC snapshots that never wait for writers; a few page
         // lookups are cheaper inline than a hop to the blocking pool.
         let now = self.clock.now_micros();
-        let tx = self.db.begin_read().map_err(db_error)?;
-        let table = tx.open_table(ROWS).map_err(db_error)?;
-        let tiles = tx.open_table(TILES).map_err(db_error)?;
-        lookups
-            .iter()
-            .map(|l| {
-                if l.raw {
-                    let Some(guard) = tiles.get(l.key).map_err(db_error)? else {
-                        return Ok(None);
-                    };
-                    let t = decode_tiles(guard.value())?;
-                    if t.expire_at > 0 && t.expire_at <= now {
-                        return Ok(None);
-                    }
-                    let raw: Vec<(String, Vec<u8>)> = if l.features.is_empty() {
-                        t.fields
-                    } else {
-                        t.fields
-                            .into_iter()
-                            .filter(|(n, _)| l.features.contains(&n.as_str()))
-                            .collect()
-                    };
-                    return Ok((!raw.is_empty()).then(|| StoredRow {
-                        raw,
-                        ..StoredRow::default()
-                    }));
-                }
-                let Some(guard) = table.get(l.key).map_err(db_error)? else {
-                    return Ok(None);
-                };
-                let row = decode_row(guard.value())?;
-                if row.expire_at.is_some_and(|e| e <= now) {
-                    return Ok(None);
-                }
-                let values = l
-                    .features
-                    .iter()
-                    .map(|f| {
-                        row.features
-                            .iter()
-                            .find(|(n, _)| n == f)
-                            .map(|(_, v)| v.clone())
-                    })
-                    .collect();
-                Ok(Some(StoredRow {
-                    event_ts: row.event_ts,
-                    values,
-                    raw: Vec::new(),
-                }))
-            })
-            .collect()
+        let db = self.db()?;
+        self.watch(read_rows(&db, lookups, now))
     }
 
     async fn write(&self, rows: &[WriteRow]) -> Result<WriteOutcome> {
+        let r = self.write_rows(rows).await;
+        self.watch(r)
+    }
+
+    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<Vec<bool>> {
+        let r = self.write_tile_rows(writes).await;
+        self.watch(r)
+    }
+
+    /// Ready unless an I/O fault broke the store: then this reopens the
+    /// file (with a durable write) and fails until that works.
+    async fn ping(&self) -> Result<()> {
+        let db = self.db()?;
+        self.watch(db.begin_read().map(drop).map_err(db_error))
+    }
+}
+
+fn read_rows(db: &Database, lookups: &[Lookup<'_>], now: i64) -> Result<Vec<Option<StoredRow>>> {
+    let tx = db.begin_read().map_err(db_error)?;
+    let table = tx.open_table(ROWS).map_err(db_error)?;
+    let tiles = tx.open_table(TILES).map_err(db_error)?;
+    lookups
+        .iter()
+        .map(|l| {
+            if l.raw {
+                let Some(guard) = tiles.get(l.key).map_err(db_error)? else {
+                    return Ok(None);
+                };
+                let t = decode_tiles(guard.value())?;
+                if t.expire_at > 0 && t.expire_at <= now {
+                    return Ok(None);
+                }
+                let raw: Vec<(String, Vec<u8>)> = if l.features.is_empty() {
+                    t.fields
+                } else {
+                    t.fields
+                        .into_iter()
+                        .filter(|(n, _)| l.features.contains(&n.as_str()))
+                        .collect()
+                };
+                return Ok((!raw.is_empty()).then(|| StoredRow {
+                    raw,
+                    ..StoredRow::default()
+                }));
+            }
+            let Some(guard) = table.get(l.key).map_err(db_error)? else {
+                return Ok(None);
+            };
+            let row = decode_row(guard.value())?;
+            if row.expire_at.is_some_and(|e| e <= now) {
+                return Ok(None);
+            }
+            let values = l
+                .features
+                .iter()
+                .map(|f| {
+                    row.features
+                        .iter()
+                        .find(|(n, _)| n == f)
+                        .map(|(_, v)| v.clone())
+                })
+                .collect();
+            Ok(Some(StoredRow {
+                event_ts: row.event_ts,
+                values,
+                raw: Vec::new(),
+            }))
+        })
+        .collect()
+}
+
+impl EmbeddedStore {
+    async fn write_rows(&self, rows: &[WriteRow]) -> Result<WriteOutcome> {
         if rows.is_empty() {
             return Ok(WriteOutcome::default());
         }
-        let db = self.db.clone();
+        let db = self.db()?;
         let rows = rows.to_vec();
         let now = self.clock.now_micros();
         tokio::task::spawn_blocking(move || -> Result<WriteOutcome> {
@@ -195,11 +321,11 @@ impl OnlineStore for EmbeddedStore {
         .map_err(|e| Error::internal(format!("write task failed: {e}")))?
     }
 
-    async fn write_tiles(&self, writes: &[TileWrite]) -> Result<Vec<bool>> {
+    async fn write_tile_rows(&self, writes: &[TileWrite]) -> Result<Vec<bool>> {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        let db = self.db.clone();
+        let db = self.db()?;
         let now = self.clock.now_micros();
         let writes = writes.to_vec();
         tokio::task::spawn_blocking(move || -> Result<Vec<bool>> {
@@ -230,10 +356,6 @@ impl OnlineStore for EmbeddedStore {
         })
         .await
         .map_err(|e| Error::internal(format!("write task failed: {e}")))?
-    }
-
-    async fn ping(&self) -> Result<()> {
-        self.db.begin_read().map(drop).map_err(db_error)
     }
 }
 
