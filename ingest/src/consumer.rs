@@ -325,8 +325,22 @@ impl Ingestor {
         check_row_tiles(&registry, cfg.event_time_bounds.max_future_skew)?;
         let applier = applier.with_max_future_skew(cfg.event_time_bounds.max_future_skew);
         let revoked = Arc::new(Mutex::new(Vec::new()));
-        let consumer: StreamConsumer<IngestContext> = kafka
-            .client_config()
+        let mut client = kafka.client_config();
+        // A member that dies without leaving (kill -9, a lost node) holds
+        // its partitions until the group coordinator gives up on it:
+        // librdkafka's default is 45 s. 10 s (heartbeats every 3 s, Kafka's
+        // 1:3 ratio) bounds the stall; `kafka.properties` overrides both,
+        // and `group.instance.id` (static membership) there lets a
+        // restarted process take its partitions back without a rebalance.
+        for (key, value) in [
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "3000"),
+        ] {
+            if !kafka.extra.iter().any(|(k, _)| k == key) {
+                client.set(key, value);
+            }
+        }
+        let consumer: StreamConsumer<IngestContext> = client
             .set("group.id", &kafka.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
