@@ -77,6 +77,9 @@ impl std::ops::AddAssign for ApplyStats {
     }
 }
 
+/// Tile outcomes per source (`topic:partition`).
+pub type SourceStats = std::collections::BTreeMap<Arc<str>, ApplyStats>;
+
 /// The views an event type feeds.
 #[derive(Debug, Default, Clone)]
 struct Routes {
@@ -221,16 +224,26 @@ impl Applier {
 
     /// Applies records (several sources, each in offset order).
     pub async fn apply(&self, records: &[Record]) -> Result<ApplyStats> {
+        Ok(self.apply_by_source(records).await?.0)
+    }
+
+    /// [`Applier::apply`], with the tile outcomes (rows written and
+    /// replayed, events too late) also per source; latest-value rows are
+    /// counted in the total only (a row's winner may come from any source).
+    pub async fn apply_by_source(&self, records: &[Record]) -> Result<(ApplyStats, SourceStats)> {
         let started = std::time::Instant::now();
         let mut stats = self.apply_latest(records).await?;
         let latest = started.elapsed();
-        stats += self.apply_tiles(records).await?;
+        let by_source = self.apply_tiles(records).await?;
+        for s in by_source.values() {
+            stats += *s;
+        }
         tracing::debug!(
             latest_ms = latest.as_millis() as u64,
             tiles_ms = (started.elapsed() - latest).as_millis() as u64,
             "applied"
         );
-        Ok(stats)
+        Ok((stats, by_source))
     }
 
     fn view_key(&self, view: usize, ev: &Event) -> Result<String> {
@@ -304,7 +317,7 @@ impl Applier {
         Ok(stats)
     }
 
-    async fn apply_tiles(&self, records: &[Record]) -> Result<ApplyStats> {
+    async fn apply_tiles(&self, records: &[Record]) -> Result<SourceStats> {
         let mut groups: Vec<TileGroup> = Vec::new();
         let mut index: HashMap<(String, &str), usize> = HashMap::new();
         for r in records {
@@ -329,11 +342,13 @@ impl Applier {
                 groups[gi].records.push(r);
             }
         }
-        let mut stats = ApplyStats::default();
+        let mut stats = SourceStats::new();
         for wave in groups.chunks(CHUNK * PARALLEL_CALLS) {
             let outs = try_join_all(wave.chunks(CHUNK).map(|c| self.apply_tile_chunk(c))).await?;
             for o in outs {
-                stats += o;
+                for (source, s) in o {
+                    *stats.entry(source).or_default() += s;
+                }
             }
         }
         Ok(stats)
@@ -346,7 +361,7 @@ impl Applier {
             .map_or(&[], |(_, a)| a.as_slice())
     }
 
-    async fn apply_tile_chunk(&self, groups: &[TileGroup<'_>]) -> Result<ApplyStats> {
+    async fn apply_tile_chunk(&self, groups: &[TileGroup<'_>]) -> Result<SourceStats> {
         // Rows this process has not seen (since start or since it lost the
         // partition) are read whole, once; afterwards it owns its source's
         // fields of the row and keeps them in memory.
@@ -380,32 +395,34 @@ impl Applier {
                 (g, row, stats, m)
             },
         );
-        let mut stats = ApplyStats::default();
+        let mut stats = SourceStats::new();
         let mut writes = Vec::with_capacity(groups.len());
         let mut kept = Vec::with_capacity(groups.len());
         for (g, row, s, m) in merged {
-            stats += s;
+            let of = stats.entry(g.source.clone()).or_default();
+            *of += s;
             match m? {
                 Some((w, states)) => {
                     writes.push(w);
                     kept.push((g, row, states));
                 }
                 None => {
-                    stats.tiles_replayed += 1;
+                    of.tiles_replayed += 1;
                     self.remember(g, row);
                 }
             }
         }
         let applied = self.store.write_tiles(&writes).await?;
         for ((w, (g, mut row, states)), ok) in writes.iter().zip(kept).zip(applied) {
+            let of = stats.entry(g.source.clone()).or_default();
             if ok {
-                stats.tiles_written += 1;
+                of.tiles_written += 1;
                 row.apply(w, states);
                 self.remember(g, row);
             } else {
                 // Another writer holds a newer offset of this source (a
                 // rebalance in flight): forget the row, read it next time.
-                stats.tiles_replayed += 1;
+                of.tiles_replayed += 1;
             }
         }
         Ok(stats)

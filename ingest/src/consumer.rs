@@ -19,7 +19,7 @@
 //! last-write-wins by event time, the archiver drops offsets it has
 //! archived.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
-use crate::apply::{Applier, ApplyStats, Record};
+use crate::apply::{Applier, ApplyStats, Record, SourceStats};
 use crate::archive::{Archiver, FlushStats};
 use crate::producer::kafka_error;
 use crate::KafkaConfig;
@@ -80,7 +80,7 @@ impl Default for IngestConfig {
 }
 
 /// Running totals of an ingest process.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IngestStats {
     /// Messages consumed (including replays and dead letters).
     pub messages: u64,
@@ -102,6 +102,29 @@ pub struct IngestStats {
     pub online: ApplyStats,
     /// Archive files and events written.
     pub archived: FlushStats,
+    /// Outcome counters per partition (`topic:partition`).
+    pub partitions: BTreeMap<Arc<str>, PartitionStats>,
+}
+
+/// What happened to one partition's messages since the process started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartitionStats {
+    /// Messages consumed.
+    pub messages: u64,
+    /// Events decoded and applied.
+    pub events: u64,
+    /// Messages dead-lettered (all reasons).
+    pub dead_letters: u64,
+    /// Of those, events whose time was out of bounds.
+    pub out_of_range: u64,
+    /// Events older than every window behind their row's newest event.
+    pub too_late: u64,
+    /// Tile rows updated.
+    pub tiles_written: u64,
+    /// Tile rows skipped as replays (they held these offsets).
+    pub tiles_replayed: u64,
+    /// Failed attempts of batches holding this partition's messages.
+    pub retries: u64,
 }
 
 /// Rebalance hook: remembers revoked partitions so the loop can drop their
@@ -167,6 +190,7 @@ pub struct Ingestor {
     /// keeps the group membership); they start the next batch.
     carry: Vec<Msg>,
     stats: IngestStats,
+    logged: std::time::Instant,
 }
 
 /// A batch decoded once: its events, and its dead letters with the
@@ -180,8 +204,8 @@ struct Prepared {
     dead_sent: bool,
     /// Events decoded (records move to the archiver once applied).
     events: u64,
-    /// The online-store effect, once applied.
-    applied: Option<ApplyStats>,
+    /// The online-store effect (total and per source), once applied.
+    applied: Option<(ApplyStats, SourceStats)>,
 }
 
 impl Prepared {
@@ -374,12 +398,13 @@ impl Ingestor {
             committed: HashMap::new(),
             carry: Vec::new(),
             stats: IngestStats::default(),
+            logged: std::time::Instant::now(),
         })
     }
 
     /// Totals so far.
     pub fn stats(&self) -> IngestStats {
-        self.stats
+        self.stats.clone()
     }
 
     /// Consumes until `shutdown` resolves, then archives what is buffered,
@@ -440,6 +465,7 @@ impl Ingestor {
             }
             self.with_retry(batch, &mut shutdown).await?;
             on_batch(&self.stats);
+            self.log_partitions(false);
         }
         self.drop_revoked();
         if let Some(a) = self.archiver.as_mut() {
@@ -447,6 +473,7 @@ impl Ingestor {
             self.stats.archived += s;
         }
         self.commit(CommitMode::Sync)?;
+        self.log_partitions(true);
         Ok(self.stats)
     }
 
@@ -518,6 +545,14 @@ impl Ingestor {
                 Err(e) => e,
             };
             self.stats.retries += 1;
+            let mut seen: Vec<(&str, i32)> = Vec::new();
+            for m in &batch {
+                if !seen.contains(&(&*m.topic, m.partition)) {
+                    seen.push((&*m.topic, m.partition));
+                    let source: Arc<str> = Arc::from(format!("{}:{}", m.topic, m.partition));
+                    self.stats.partitions.entry(source).or_default().retries += 1;
+                }
+            }
             tracing::warn!(error = %e, retry_in = ?backoff, "ingest batch failed; retrying (partitions paused)");
             // Every round: partitions assigned since the last one too.
             if let Ok(tpl) = self.consumer.assignment() {
@@ -620,7 +655,7 @@ impl Ingestor {
         prep
     }
 
-    async fn process(&mut self, batch: &[Msg], prep: &mut Prepared) -> Result<()> {
+    async fn process<'b>(&mut self, batch: &'b [Msg], prep: &mut Prepared) -> Result<()> {
         let started = std::time::Instant::now();
         if !prep.dead_sent {
             let dead: Vec<(&Msg, &str)> = prep
@@ -632,11 +667,11 @@ impl Ingestor {
             prep.dead_sent = true;
         }
         let sent_at = started.elapsed();
-        let online = match prep.applied {
-            Some(s) => s,
+        let (online, by_source) = match &prep.applied {
+            Some(s) => s.clone(),
             None => {
-                let s = self.applier.apply(&prep.records).await?;
-                prep.applied = Some(s);
+                let s = self.applier.apply_by_source(&prep.records).await?;
+                prep.applied = Some(s.clone());
                 s
             }
         };
@@ -697,7 +732,69 @@ impl Ingestor {
             .count() as u64;
         self.stats.batches += u64::from(!batch.is_empty());
         self.stats.online += online;
+        // Per partition: messages, events, dead letters, out of range
+        // (a batch holds few partitions: a short list beats a map).
+        let mut counts: Vec<((&str, i32), [u64; 4])> = Vec::new();
+        let mut count = |m: &'b Msg, k: usize| {
+            let id = (&*m.topic, m.partition);
+            match counts.iter_mut().find(|(p, _)| *p == id) {
+                Some((_, c)) => c[k] += 1,
+                None => {
+                    let mut c = [0; 4];
+                    c[k] = 1;
+                    counts.push((id, c));
+                }
+            }
+        };
+        for m in batch {
+            count(m, 0);
+        }
+        for i in &prep.origin {
+            count(&batch[*i], 1);
+        }
+        for (i, why) in &prep.dead {
+            count(&batch[*i], 2);
+            if why.starts_with(OUT_OF_RANGE) {
+                count(&batch[*i], 3);
+            }
+        }
+        for ((topic, partition), c) in counts {
+            let source: Arc<str> = Arc::from(format!("{topic}:{partition}"));
+            let p = self.stats.partitions.entry(source).or_default();
+            p.messages += c[0];
+            p.events += c[1];
+            p.dead_letters += c[2];
+            p.out_of_range += c[3];
+        }
+        for (source, s) in by_source {
+            let p = self.stats.partitions.entry(source).or_default();
+            p.too_late += s.events_too_late;
+            p.tiles_written += s.tiles_written;
+            p.tiles_replayed += s.tiles_replayed;
+        }
         self.commit(CommitMode::Async)
+    }
+
+    /// Logs each partition's counters (at most every 10 s unless `now`).
+    fn log_partitions(&mut self, now: bool) {
+        if !now && self.logged.elapsed() < Duration::from_secs(10) {
+            return;
+        }
+        self.logged = std::time::Instant::now();
+        for (source, p) in &self.stats.partitions {
+            tracing::info!(
+                partition = %source,
+                messages = p.messages,
+                events = p.events,
+                dead_letters = p.dead_letters,
+                out_of_range = p.out_of_range,
+                too_late = p.too_late,
+                tiles_written = p.tiles_written,
+                tiles_replayed = p.tiles_replayed,
+                retries = p.retries,
+                "partition totals"
+            );
+        }
     }
 
     async fn dead_letter(&self, dead: &[(&Msg, &str)]) -> Result<()> {

@@ -25,7 +25,7 @@ pub mod producer;
 
 pub use apply::{Applier, ApplyStats, Record};
 pub use archive::{ArchiveConfig, Archiver};
-pub use consumer::{IngestConfig, IngestStats, Ingestor};
+pub use consumer::{IngestConfig, IngestStats, Ingestor, PartitionStats};
 pub use generate::{Generator, GeneratorConfig};
 pub use producer::KafkaEventSink;
 

@@ -447,6 +447,17 @@ async fn events_reach_the_online_store_the_archive_and_the_dead_letter_topic() {
     assert_eq!(stats.events, 3_002);
     assert_eq!(stats.dead_letters, 4);
     assert_eq!(stats.out_of_range, 2);
+    // The same outcomes per partition, adding up to the totals.
+    let parts = &stats.partitions;
+    assert_eq!(parts.len(), 3, "{parts:?}");
+    let sum = |f: fn(&quiver_ingest::PartitionStats) -> u64| parts.values().map(f).sum::<u64>();
+    assert_eq!(sum(|p| p.messages), 3_006);
+    assert_eq!(sum(|p| p.events), 3_002);
+    assert_eq!(sum(|p| p.dead_letters), 4);
+    assert_eq!(sum(|p| p.out_of_range), 2);
+    assert_eq!(sum(|p| p.tiles_written), stats.online.tiles_written);
+    assert_eq!(sum(|p| p.too_late), stats.online.events_too_late);
+    assert!(parts.keys().all(|k| k.starts_with(&format!("{TOPIC}:"))));
     assert!(stats.archived.files > 3, "rolled by size: {stats:?}");
     assert_eq!(stats.archived.events, 3_002);
 
@@ -813,6 +824,8 @@ async fn a_store_outage_is_retried_without_losing_the_partitions() {
     let stats = run_until_caught_up(ing, Some(1_501)).await;
     heal.await.unwrap();
     assert!(stats.retries >= 10, "{stats:?}");
+    let retried: u64 = stats.partitions.values().map(|p| p.retries).sum();
+    assert!(retried >= 10, "{:?}", stats.partitions);
     assert_eq!(stats.partitions_revoked, 0, "{stats:?}");
     assert_eq!(
         (stats.messages, stats.dead_letters),
