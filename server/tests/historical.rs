@@ -26,7 +26,8 @@ use quiver_core::wire::value_from_pb;
 use quiver_core::{OnlineStore, Registry, Value};
 use quiver_ingest::archive::{open_store, ArchiveConfig, Archiver};
 use quiver_ingest::{
-    Applier, Generator, GeneratorConfig, IngestConfig, Ingestor, KafkaConfig, KafkaEventSink,
+    Applier, Generator, GeneratorConfig, IngestConfig, IngestStats, Ingestor, KafkaConfig,
+    KafkaEventSink,
 };
 use quiver_proto::v1 as pb;
 use quiver_proto::v1::get_online_features_request::Kind as Sel;
@@ -52,8 +53,9 @@ fn values(batch: &RecordBatch, name: &str, ty: quiver_core::ValueType) -> Vec<Va
 // ---------------------------------------------------------------------------
 // Online equals offline
 
-/// Runs an ingestor until it has consumed `total` messages.
-async fn ingest_all(ing: Ingestor, total: u64) {
+/// Runs an ingestor until it has consumed `total` messages, `dead` of
+/// them dead-lettered.
+async fn ingest_all(ing: Ingestor, total: u64, dead: u64) -> IngestStats {
     let seen = Arc::new(Mutex::new(0u64));
     let counter = seen.clone();
     let shutdown = async move {
@@ -70,7 +72,9 @@ async fn ingest_all(ing: Ingestor, total: u64) {
         .run(shutdown, move |s| *seen.lock().unwrap() = s.messages)
         .await
         .unwrap();
-    assert_eq!(stats.archived.events, total, "{stats:?}");
+    assert_eq!(stats.archived.events, total - dead, "{stats:?}");
+    assert_eq!(stats.dead_letters, dead, "{stats:?}");
+    stats
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,9 +130,54 @@ async fn online_aggregates_equal_offline_ones_at_every_as_of_time() {
         }
         events.push(second);
     }
-    let n = events.len();
+    // Events that arrive out of order, too late, too old, ahead of the
+    // clock, and histories longer than the longest window (7 days):
+    // - published first, 8 days before their copies: applied, then their
+    //   tiles are deleted as newer events arrive;
+    // - published last: 5 hours late (counted), 9 days late (too late:
+    //   counted by no read at or after the clock), 5 hours ahead of the
+    //   stream's end (within the 6 h skew: kept, read once the clock gets
+    //   there), 2 days ahead and 40 days old (dead-lettered: in neither the
+    //   online store nor the archive).
+    let last_generated = events.iter().map(|e| e.event_time).max().unwrap();
+    let (mut early, mut late) = (Vec::new(), Vec::new());
+    let mut dead = 0u64;
+    for (k, e) in events
+        .iter()
+        .filter(|e| e.event_type != "login")
+        .step_by(97)
+        .take(60)
+        .enumerate()
+    {
+        let mut x = e.clone();
+        x.event_id = format!("{}-x{k}", e.event_id);
+        match k % 6 {
+            0 => {
+                x.event_time -= 8 * DAY;
+                early.push(x);
+                continue;
+            }
+            1 => x.event_time -= 5 * HOUR,
+            2 => x.event_time -= 9 * DAY,
+            3 => x.event_time = last_generated + 5 * HOUR,
+            4 => {
+                x.event_time = now() + 2 * DAY;
+                dead += 1;
+            }
+            _ => {
+                x.event_time = now() - 40 * DAY;
+                dead += 1;
+            }
+        }
+        late.push(x);
+    }
+    let n = early.len() + events.len() + late.len();
     let sink = KafkaEventSink::new(&kafka, reg.clone()).unwrap();
-    for chunk in events.chunks(500) {
+    for chunk in early
+        .chunks(500)
+        .chain(events.chunks(500))
+        .chain(late.chunks(500))
+    {
         assert!(sink.publish(chunk).await.unwrap().iter().all(Result::is_ok));
     }
 
@@ -152,6 +201,10 @@ async fn online_aggregates_equal_offline_ones_at_every_as_of_time() {
             batch_max: 700,
             batch_wait: Duration::from_millis(20),
             dead_letter_topic: "events-dlq".into(),
+            event_time_bounds: quiver_core::event::EventTimeBounds {
+                max_future_skew: Duration::from_secs(6 * 3600),
+                max_age: Some(Duration::from_secs(30 * 86_400)),
+            },
             ..IngestConfig::default()
         },
         reg.clone(),
@@ -159,7 +212,9 @@ async fn online_aggregates_equal_offline_ones_at_every_as_of_time() {
         Some(archiver),
     )
     .unwrap();
-    ingest_all(ingestor, n as u64).await;
+    let stats = ingest_all(ingestor, n as u64, dead).await;
+    assert_eq!(stats.out_of_range, dead, "{stats:?}");
+    assert!(stats.online.events_too_late > 0, "{stats:?}");
     // A second copy of one archive file, as an evicted ingest process's
     // overlapping roll would leave (the archive's fencing prevents that;
     // offline reads de-duplicate on (source, offset) all the same).
