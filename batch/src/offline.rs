@@ -14,7 +14,9 @@
 //! deleted once none of their files was written in the last
 //! [`RUN_GRACE`], so a concurrent run of the same view (a timer and a
 //! user's command, two cron runs) never loses the files it is writing, and
-//! a reader of a run superseded twice within that time keeps its files.
+//! a reader of a run younger than that keeps its files however often it is
+//! superseded. (A reader of an older run is safe while the run is the
+//! current or the previous one.)
 
 use std::sync::Arc;
 
@@ -313,7 +315,7 @@ impl Offline {
                 .map_err(|e| storage("listing", e))?;
             let cutoff = chrono::Utc::now() - RUN_GRACE;
             if metas.iter().any(|m| m.last_modified > cutoff) {
-                // Being written by a concurrent run, or recently read.
+                // Being written by a concurrent run, or written recently.
                 continue;
             }
             for m in metas {
@@ -355,7 +357,7 @@ impl Offline {
 
     /// Names of the run directories of `view` that hold objects in the
     /// offline store (`run-...`): the committed one, the one it replaced,
-    /// and any in progress. (An emptied directory on local disk does not
+    /// runs in progress and runs younger than [`RUN_GRACE`]. (An emptied directory on local disk does not
     /// count: object stores have no directories.)
     pub async fn run_dirs(&self, view: &str) -> Result<Vec<String>> {
         let dir = self.view_dir(view);

@@ -17,7 +17,17 @@ use quiver_ingest::{Generator, GeneratorConfig, KafkaConfig, KafkaEventSink};
 use quiver_testkit::RedisServer;
 use rdkafka::mocking::MockCluster;
 
-fn spawn_ingest(config: &std::path::Path) -> (Child, Receiver<String>) {
+/// Kills the process when dropped (also when an assertion fails).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_ingest(config: &std::path::Path) -> (Killed, Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_quiver"))
         .args(["ingest", "--config"])
         .arg(config)
@@ -36,7 +46,7 @@ fn spawn_ingest(config: &std::path::Path) -> (Child, Receiver<String>) {
             }
         }
     });
-    (child, rx)
+    (Killed(child), rx)
 }
 
 /// Waits for a "partitions assigned" line with `count` partitions.
@@ -88,20 +98,19 @@ async fn a_killed_ingest_process_partitions_move_to_the_survivor() {
         .iter()
         .all(Result::is_ok));
 
-    let (mut a, a_log) = spawn_ingest(&config);
+    let (a, a_log) = spawn_ingest(&config);
     let start = Instant::now() + Duration::from_secs(60);
     assert!(
         wait_assigned(&a_log, 4, start),
         "the first member never got the partitions"
     );
-    let (mut b, b_log) = spawn_ingest(&config);
+    let (b, b_log) = spawn_ingest(&config);
     assert!(
         wait_assigned(&b_log, 2, start),
         "the second member never joined"
     );
 
-    a.kill().unwrap(); // SIGKILL: no leave-group, no commit
-    let _ = a.wait();
+    drop(a); // SIGKILL: no leave-group, no commit
     let killed = Instant::now();
     assert!(sink
         .publish(&gen.batch(500))
@@ -113,8 +122,7 @@ async fn a_killed_ingest_process_partitions_move_to_the_survivor() {
     // shorter one is in effect.
     let took_over = wait_assigned(&b_log, 4, killed + Duration::from_secs(40));
     let stall = killed.elapsed();
-    let _ = b.kill();
-    let _ = b.wait();
+    drop(b);
     assert!(
         took_over,
         "the survivor did not get the dead member's partitions"

@@ -112,7 +112,12 @@ async fn a_full_disk_makes_the_store_unready_and_it_heals_when_space_returns() {
     // Space is back: the store reopens by itself; what was committed
     // before the fault is there, and writes work again.
     full.store(false, Ordering::SeqCst);
-    store.ping().await.unwrap();
+    // (Reopen attempts are at most a second apart.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(e) = store.ping().await {
+        assert!(std::time::Instant::now() < deadline, "never recovered: {e}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert_eq!(value(&store, "a").await, Some(Value::Int64(1)));
     assert_eq!(value(&store, "b").await, None);
     store.write(&[row("b", 2)]).await.unwrap();

@@ -123,6 +123,11 @@ struct PartitionState {
     /// the offset it archives through.
     #[serde(default)]
     pending: Option<PendingRoll>,
+    /// The archiver that wrote this generation (a random id per process):
+    /// a write reported as failed that in fact landed is recognised as its
+    /// own on retry, not taken for another owner's.
+    #[serde(default)]
+    writer: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -169,6 +174,8 @@ pub struct Archiver {
     schema: SchemaRef,
     cfg: ArchiveConfig,
     buffers: BTreeMap<(String, i32), Buffer>,
+    /// This archiver's id in the state objects it writes.
+    writer: String,
 }
 
 impl std::fmt::Debug for Archiver {
@@ -198,6 +205,13 @@ impl Archiver {
         cfg: ArchiveConfig,
     ) -> Archiver {
         let schema = archive_schema(&registry);
+        let writer = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
         Archiver {
             store,
             root,
@@ -205,6 +219,7 @@ impl Archiver {
             schema,
             cfg,
             buffers: BTreeMap::new(),
+            writer,
         }
     }
 
@@ -269,17 +284,25 @@ impl Archiver {
         let fresh = PartitionState {
             archived_through: -1,
             pending: None,
+            writer: String::new(),
         };
-        if let Some(&g) = self.generations(topic, partition).await?.last() {
-            let s = self
+        // The newest generation can be deleted between listing and reading
+        // it (a newer one was written): list again.
+        for _ in 0..3 {
+            let Some(&g) = self.generations(topic, partition).await?.last() else {
+                break;
+            };
+            if let Some(s) = self
                 .get_json(&self.generation_path(topic, partition, g))
                 .await?
-                .ok_or_else(|| {
-                    Error::precondition(format!(
-                        "archive state of {topic}-{partition}: generation {g} vanished while read; another ingest process is archiving this partition"
-                    ))
-                })?;
-            return Ok((s, g));
+            {
+                return Ok((s, g));
+            }
+        }
+        if !self.generations(topic, partition).await?.is_empty() {
+            return Err(Error::unavailable(format!(
+                "archive state of {topic}-{partition}: its newest generation kept changing while read; another ingest process is archiving this partition"
+            )));
         }
         let legacy = self
             .get_json(&self.legacy_state_path(topic, partition))
@@ -297,9 +320,16 @@ impl Archiver {
         s: &PartitionState,
         generation: &mut u64,
     ) -> Result<()> {
-        let body = serde_json::to_vec(s).map_err(|e| Error::internal(e.to_string()))?;
+        let mut s = s.clone();
+        s.writer.clone_from(&self.writer);
+        let body = serde_json::to_vec(&s).map_err(|e| Error::internal(e.to_string()))?;
         let next = *generation + 1;
         let path = self.generation_path(topic, partition, next);
+        let taken = || {
+            Error::precondition(format!(
+                "archive state of {topic}-{partition}: generation {next} was written by another ingest process, so this one no longer owns the partition; stopping so that no offset is archived twice (restart it to rejoin the consumer group)"
+            ))
+        };
         let opts = object_store::PutOptions::from(object_store::PutMode::Create);
         match self
             .store
@@ -308,22 +338,33 @@ impl Archiver {
         {
             Ok(_) => {}
             Err(object_store::Error::AlreadyExists { .. }) => {
-                return Err(Error::precondition(format!(
-                    "archive state of {topic}-{partition}: generation {next} was written by another ingest process, so this one no longer owns the partition; stopping so that no offset is archived twice (restart it to rejoin the consumer group)"
-                )))
+                // Ours if an earlier attempt landed but was reported as
+                // failed (a timeout, a retried 5xx).
+                if self.get_json(&path).await?.as_ref() != Some(&s) {
+                    return Err(taken());
+                }
             }
             Err(e) => return Err(storage_error("writing state", e)),
         }
         *generation = next;
-        if next >= 2 {
-            for old in self.generations(topic, partition).await? {
-                if old + 1 < next {
+        // Older generations are deleted (below), so a process that has not
+        // noticed it lost the partition could re-create a deleted one: a
+        // newer generation than ours means exactly that. (If listing fails,
+        // the create above was the fence.)
+        match self.generations(topic, partition).await {
+            Ok(all) => {
+                if all.iter().any(|&g| g > next) {
+                    let _ = self.store.delete(&path).await;
+                    return Err(taken());
+                }
+                for old in all.into_iter().filter(|&g| g + 1 < next) {
                     let _ = self
                         .store
                         .delete(&self.generation_path(topic, partition, old))
                         .await;
                 }
             }
+            Err(e) => tracing::warn!(error = %e, "listing archive state generations failed"),
         }
         if next == 1 {
             let _ = self
@@ -486,6 +527,7 @@ impl Archiver {
         let mut state = PartitionState {
             archived_through: b.archived_through,
             pending: Some(PendingRoll { through, files }),
+            writer: String::new(),
         };
         let mut generation = b.generation;
         // The roll is decided once recorded; finishing it is idempotent.

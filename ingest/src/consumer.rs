@@ -361,11 +361,17 @@ impl Ingestor {
         // 1:3 ratio) bounds the stall; `kafka.properties` overrides both,
         // and `group.instance.id` (static membership) there lets a
         // restarted process take its partitions back without a rebalance.
+        // (The KIP-848 protocol, `group.protocol = consumer`, takes these
+        // from the broker and refuses them here.)
+        let kip848 = kafka
+            .extra
+            .iter()
+            .any(|(k, v)| k == "group.protocol" && v.eq_ignore_ascii_case("consumer"));
         for (key, value) in [
             ("session.timeout.ms", "10000"),
             ("heartbeat.interval.ms", "3000"),
         ] {
-            if !kafka.extra.iter().any(|(k, _)| k == key) {
+            if !kip848 && !kafka.extra.iter().any(|(k, _)| k == key) {
                 client.set(key, value);
             }
         }

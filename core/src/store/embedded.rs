@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -27,15 +27,79 @@ type Opener = Box<dyn Fn() -> std::result::Result<Database, redb::DatabaseError>
 /// operation ("Previous I/O error occurred") until the database is opened
 /// again. The store notices such errors, reports itself broken through
 /// [`OnlineStore::ping`] (so `/ready`, gRPC health and `quiver_ready` turn
-/// not-ready and ingest retries), and reopens the file on the next use
-/// once the in-flight operations have let go of it: the store heals itself
-/// when the fault is gone (space freed), with everything committed before
-/// it intact.
+/// not-ready and ingest retries), and reopens the file on a later use
+/// (at most every second, off the async threads; redb repairs the file
+/// first) once in-flight operations have let go of it: the store heals
+/// itself when the fault is gone (space freed), with everything committed
+/// before it intact.
 pub struct EmbeddedStore {
-    db: RwLock<Option<Arc<Database>>>,
+    handle: Arc<Handle>,
+    clock: Arc<dyn Clock>,
+}
+
+/// The open database and what it takes to reopen it.
+struct Handle {
+    /// The database and its epoch (counts reopens).
+    db: RwLock<Option<(Arc<Database>, u64)>>,
     open: Opener,
     broken: AtomicBool,
-    clock: Arc<dyn Clock>,
+    /// A reopen is running (one at a time, on the blocking pool).
+    reopening: AtomicBool,
+    last_attempt: Mutex<Option<std::time::Instant>>,
+}
+
+/// Shortest pause between two attempts to reopen a broken store (each
+/// repairs the whole file).
+const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn recovering(why: &str) -> Error {
+    Error::unavailable(format!(
+        "embedded online store: recovering from an I/O error (is the disk full?): {why}"
+    ))
+}
+
+impl Handle {
+    /// Reopens the file if it is broken (blocking: run on the blocking
+    /// pool). Only one caller at a time gets here (`reopening`).
+    fn reopen(&self) -> Result<(Arc<Database>, u64)> {
+        let r = self.try_reopen();
+        self.reopening.store(false, Ordering::Release);
+        r
+    }
+
+    fn try_reopen(&self) -> Result<(Arc<Database>, u64)> {
+        {
+            let mut last = self.last_attempt.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+                return Err(recovering("retrying at most every second"));
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        if !self.broken.load(Ordering::Acquire) {
+            if let Some((db, epoch)) = slot.as_ref() {
+                return Ok((db.clone(), *epoch));
+            }
+        }
+        let mut epoch = 0;
+        if let Some((old, e)) = slot.take() {
+            epoch = e;
+            // redb holds a lock on the file: the old handle must be gone
+            // before the file can be opened again.
+            if let Err(still_used) = Arc::try_unwrap(old) {
+                *slot = Some((still_used, e));
+                return Err(recovering("operations in flight still hold the file"));
+            }
+        }
+        let db = (self.open)().map_err(|e| recovering(&format!("cannot reopen the file: {e}")))?;
+        init(&db)
+            .map_err(|e| recovering(&format!("reopened, but cannot write yet: {}", e.message())))?;
+        let db = Arc::new(db);
+        *slot = Some((db.clone(), epoch + 1));
+        self.broken.store(false, Ordering::Release);
+        tracing::info!("embedded online store reopened after an I/O error");
+        Ok((db, epoch + 1))
+    }
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -80,10 +144,11 @@ impl EmbeddedStore {
             } else {
                 ""
             };
+            let why = e.message();
+            let why = why.strip_prefix("embedded online store: ").unwrap_or(why);
             Error::invalid(format!(
-                "cannot open embedded online store {}: {}{hint}",
-                path.display(),
-                e.message()
+                "cannot open embedded online store {}: {why}{hint}",
+                path.display()
             ))
         })
     }
@@ -95,62 +160,51 @@ impl EmbeddedStore {
         let db = open().map_err(db_error)?;
         init(&db)?;
         Ok(EmbeddedStore {
-            db: RwLock::new(Some(Arc::new(db))),
-            open,
-            broken: AtomicBool::new(false),
+            handle: Arc::new(Handle {
+                db: RwLock::new(Some((Arc::new(db), 0))),
+                open,
+                broken: AtomicBool::new(false),
+                reopening: AtomicBool::new(false),
+                last_attempt: Mutex::new(None),
+            }),
             clock,
         })
     }
 
-    /// The open database, reopened first if an I/O fault broke it.
-    fn db(&self) -> Result<Arc<Database>> {
-        if !self.broken.load(Ordering::Acquire) {
-            if let Some(db) = self.db.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                return Ok(db.clone());
+    /// The open database and its epoch; after an I/O fault, reopened first
+    /// (on the blocking pool, one attempt at a time, at most every
+    /// [`REOPEN_EVERY`]; other callers fail fast meanwhile).
+    async fn db(&self) -> Result<(Arc<Database>, u64)> {
+        let h = &self.handle;
+        if !h.broken.load(Ordering::Acquire) {
+            if let Some((db, epoch)) = h.db.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                return Ok((db.clone(), *epoch));
             }
         }
-        self.reopen()
+        if h.reopening.swap(true, Ordering::AcqRel) {
+            return Err(recovering("a reopen is in progress"));
+        }
+        let h = h.clone();
+        tokio::task::spawn_blocking(move || h.reopen())
+            .await
+            .map_err(|e| Error::internal(format!("reopen task failed: {e}")))?
     }
 
-    fn reopen(&self) -> Result<Arc<Database>> {
-        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
-        if !self.broken.load(Ordering::Acquire) {
-            if let Some(db) = slot.as_ref() {
-                return Ok(db.clone());
-            }
-        }
-        if let Some(old) = slot.take() {
-            // redb holds a lock on the file: the old handle must be gone
-            // before the file can be opened again.
-            if let Err(still_used) = Arc::try_unwrap(old) {
-                *slot = Some(still_used);
-                return Err(Error::unavailable(
-                    "embedded online store: recovering from an I/O error; operations in flight still hold the file, retrying on the next use",
-                ));
-            }
-        }
-        let db = (self.open)().map_err(|e| {
-            Error::unavailable(format!(
-                "embedded online store: cannot reopen after an I/O error (is the disk full?): {e}"
-            ))
-        })?;
-        init(&db).map_err(|e| {
-            Error::unavailable(format!(
-                "embedded online store: reopened after an I/O error, but cannot write yet (is the disk full?): {}",
-                e.message()
-            ))
-        })?;
-        let db = Arc::new(db);
-        *slot = Some(db.clone());
-        self.broken.store(false, Ordering::Release);
-        tracing::info!("embedded online store reopened after an I/O error");
-        Ok(db)
-    }
-
-    /// Marks the store broken when `r` is an I/O fault (see the type docs).
-    fn watch<T>(&self, r: Result<T>) -> Result<T> {
+    /// Marks the store broken when `r` is an I/O fault of the database of
+    /// `epoch` (a late error of a handle already replaced is ignored).
+    fn watch<T>(&self, epoch: u64, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
-            if is_io_fault(e) && !self.broken.swap(true, Ordering::AcqRel) {
+            let current = self
+                .handle
+                .db
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|(_, ep)| *ep);
+            if is_io_fault(e)
+                && current == Some(epoch)
+                && !self.handle.broken.swap(true, Ordering::AcqRel)
+            {
                 tracing::error!(error = %e, "embedded online store hit an I/O error; not ready until it can be reopened");
             }
         }
@@ -160,7 +214,7 @@ impl EmbeddedStore {
     /// Deletes expired rows; returns how many. The default mode runs it
     /// periodically so the file does not grow without bound.
     pub async fn sweep_expired(&self) -> Result<u64> {
-        let db = self.db()?;
+        let (db, epoch) = self.db().await?;
         let now = self.clock.now_micros();
         let r = tokio::task::spawn_blocking(move || -> Result<u64> {
             let tx = db.begin_write().map_err(db_error)?;
@@ -187,7 +241,7 @@ impl EmbeddedStore {
         })
         .await
         .map_err(|e| Error::internal(format!("sweep task failed: {e}")))?;
-        self.watch(r)
+        self.watch(epoch, r)
     }
 }
 
@@ -201,25 +255,33 @@ impl OnlineStore for EmbeddedStore {
         // Reads are MVCC snapshots that never wait for writers; a few page
         // lookups are cheaper inline than a hop to the blocking pool.
         let now = self.clock.now_micros();
-        let db = self.db()?;
-        self.watch(read_rows(&db, lookups, now))
+        let (db, epoch) = self.db().await?;
+        self.watch(epoch, read_rows(&db, lookups, now))
     }
 
     async fn write(&self, rows: &[WriteRow]) -> Result<WriteOutcome> {
-        let r = self.write_rows(rows).await;
-        self.watch(r)
+        if rows.is_empty() {
+            return Ok(WriteOutcome::default());
+        }
+        let (db, epoch) = self.db().await?;
+        let r = self.write_rows(db, rows).await;
+        self.watch(epoch, r)
     }
 
     async fn write_tiles(&self, writes: &[TileWrite]) -> Result<Vec<bool>> {
-        let r = self.write_tile_rows(writes).await;
-        self.watch(r)
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (db, epoch) = self.db().await?;
+        let r = self.write_tile_rows(db, writes).await;
+        self.watch(epoch, r)
     }
 
     /// Ready unless an I/O fault broke the store: then this reopens the
     /// file (with a durable write) and fails until that works.
     async fn ping(&self) -> Result<()> {
-        let db = self.db()?;
-        self.watch(db.begin_read().map(drop).map_err(db_error))
+        let (db, epoch) = self.db().await?;
+        self.watch(epoch, db.begin_read().map(drop).map_err(db_error))
     }
 }
 
@@ -278,11 +340,7 @@ fn read_rows(db: &Database, lookups: &[Lookup<'_>], now: i64) -> Result<Vec<Opti
 }
 
 impl EmbeddedStore {
-    async fn write_rows(&self, rows: &[WriteRow]) -> Result<WriteOutcome> {
-        if rows.is_empty() {
-            return Ok(WriteOutcome::default());
-        }
-        let db = self.db()?;
+    async fn write_rows(&self, db: Arc<Database>, rows: &[WriteRow]) -> Result<WriteOutcome> {
         let rows = rows.to_vec();
         let now = self.clock.now_micros();
         tokio::task::spawn_blocking(move || -> Result<WriteOutcome> {
@@ -321,11 +379,7 @@ impl EmbeddedStore {
         .map_err(|e| Error::internal(format!("write task failed: {e}")))?
     }
 
-    async fn write_tile_rows(&self, writes: &[TileWrite]) -> Result<Vec<bool>> {
-        if writes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let db = self.db()?;
+    async fn write_tile_rows(&self, db: Arc<Database>, writes: &[TileWrite]) -> Result<Vec<bool>> {
         let now = self.clock.now_micros();
         let writes = writes.to_vec();
         tokio::task::spawn_blocking(move || -> Result<Vec<bool>> {
