@@ -27,7 +27,7 @@ use quiver_core::aggregate::{
 use quiver_core::codec::{entity_key, row_key};
 use quiver_core::event::{Event, EventTimeBounds};
 use quiver_core::par::par_map;
-use quiver_core::registry::{EventField, ViewSource};
+use quiver_core::registry::{Aggregation, EventField, ViewSource};
 use quiver_core::store::{replaces, Lookup, TileWrite, WriteRow};
 use quiver_core::time::{duration_micros, Micros};
 use quiver_core::{OnlineStore, Registry, Result, Value};
@@ -74,6 +74,35 @@ impl std::ops::AddAssign for ApplyStats {
         self.tiles_written += o.tiles_written;
         self.tiles_replayed += o.tiles_replayed;
         self.events_too_late += o.events_too_late;
+    }
+}
+
+/// How many tiles an aggregation view's row keeps behind its newest event.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowTiles {
+    /// The longest window's tiles (at most `MAX_TILES_PER_WINDOW`).
+    pub retention: i64,
+    /// The tiles of the accepted future skew.
+    pub lead: i64,
+    /// Both: an event up to the skew ahead of the clock must not drop
+    /// tiles that reads at the clock (and offline retrieval as of it) still
+    /// count.
+    pub keep: i64,
+}
+
+/// [`RowTiles`] of a view with tiles of `tile` micros and `aggregations`,
+/// given the accepted future skew in micros.
+pub(crate) fn row_tiles(tile: Micros, aggregations: &[Aggregation], skew: Micros) -> RowTiles {
+    let retention = aggregations
+        .iter()
+        .map(|a| a.window / tile)
+        .max()
+        .unwrap_or(1);
+    let lead = skew.saturating_add(tile - 1) / tile;
+    RowTiles {
+        retention,
+        lead,
+        keep: retention.saturating_add(lead),
     }
 }
 
@@ -475,18 +504,9 @@ impl Applier {
             .max()
             .unwrap_or(last.event.event_time);
         let max_tile = tile_of(max_ts, tile);
-        // Tiles of the longest window (at most MAX_TILES_PER_WINDOW).
-        let retention = aggregations
-            .iter()
-            .map(|a| a.window / tile)
-            .max()
-            .unwrap_or(1);
-        // A row keeps the longest window behind its newest event, plus the
-        // tiles of the accepted future skew: an event up to that far ahead
-        // of the clock must not drop tiles that reads at the clock (and
-        // offline retrieval as of it) still count.
-        let lead = self.max_future_skew.saturating_add(tile - 1) / tile;
-        let keep = retention.saturating_add(lead);
+        let RowTiles {
+            retention, keep, ..
+        } = row_tiles(tile, aggregations, self.max_future_skew);
         let first_kept = max_tile.saturating_sub(keep).saturating_add(1);
 
         // States by (aggregation, tile); field names are built once per state.

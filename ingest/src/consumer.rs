@@ -38,7 +38,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
-use crate::apply::{Applier, ApplyStats, Record, SourceStats};
+use crate::apply::{row_tiles, Applier, ApplyStats, Record, RowTiles, SourceStats};
 use crate::archive::{Archiver, FlushStats};
 use crate::producer::kafka_error;
 use crate::KafkaConfig;
@@ -259,13 +259,11 @@ fn check_row_tiles(registry: &Registry, skew: Duration) -> Result<()> {
         let ViewSource::Aggregations { tile, aggregations } = &v.source else {
             continue;
         };
-        let retention = aggregations
-            .iter()
-            .map(|a| a.window / tile)
-            .max()
-            .unwrap_or(1);
-        let lead = skew_micros.saturating_add(tile - 1) / tile;
-        let keep = retention.saturating_add(lead);
+        let RowTiles {
+            retention,
+            lead,
+            keep,
+        } = row_tiles(*tile, aggregations, skew_micros);
         if keep > MAX_ROW_TILES {
             return Err(Error::invalid(format!(
                 "feature view {:?}: with its tile of {} and ingest.max_future_skew of {}, an entity's row would keep {keep} tiles per aggregation (the longest window's {retention} plus {lead} for events ahead of the clock); at most {MAX_ROW_TILES} are supported: lower ingest.max_future_skew or lengthen the tile",
@@ -276,6 +274,12 @@ fn check_row_tiles(registry: &Registry, skew: Duration) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The source id of a partition, as tile rows and the archive name it:
+/// `topic:partition`.
+fn source_id(topic: &str, partition: i32) -> String {
+    format!("{topic}:{partition}")
 }
 
 /// Whether `m` is of one of the partitions `parts`.
@@ -527,7 +531,7 @@ impl Ingestor {
         if let Some(a) = self.archiver.as_mut() {
             a.forget(revoked);
         }
-        let sources: Vec<String> = revoked.iter().map(|(t, p)| format!("{t}:{p}")).collect();
+        let sources: Vec<String> = revoked.iter().map(|(t, p)| source_id(t, *p)).collect();
         self.applier.forget_sources(&sources);
         for p in revoked {
             self.committed.remove(p);
@@ -560,7 +564,7 @@ impl Ingestor {
             for m in &batch {
                 if !seen.contains(&(&*m.topic, m.partition)) {
                     seen.push((&*m.topic, m.partition));
-                    let source: Arc<str> = Arc::from(format!("{}:{}", m.topic, m.partition));
+                    let source: Arc<str> = Arc::from(source_id(&m.topic, m.partition));
                     self.stats.partitions.entry(source).or_default().retries += 1;
                 }
             }
@@ -648,7 +652,7 @@ impl Ingestor {
         for (i, (m, decoded)) in batch.iter().zip(decoded).enumerate() {
             let source = sources
                 .entry((m.topic.clone(), m.partition))
-                .or_insert_with(|| Arc::from(format!("{}:{}", m.topic, m.partition)))
+                .or_insert_with(|| Arc::from(source_id(&m.topic, m.partition)))
                 .clone();
             match decoded {
                 Ok(event) => {
@@ -770,7 +774,7 @@ impl Ingestor {
             }
         }
         for ((topic, partition), c) in counts {
-            let source: Arc<str> = Arc::from(format!("{topic}:{partition}"));
+            let source: Arc<str> = Arc::from(source_id(topic, partition));
             let p = self.stats.partitions.entry(source).or_default();
             p.messages += c[0];
             p.events += c[1];
