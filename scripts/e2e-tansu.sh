@@ -83,7 +83,8 @@ INGEST=$!
 PIDS+=($INGEST)
 
 echo "== quiver generate: 4000 events through PushEvents, 3000 straight to Kafka"
-"$QUIVER" generate --to grpc --grpc-url "http://$GRPC" --events 4000 --rate 0 --users 50 --products 20 --seed 1
+START=$(date -u -d '-30 min' +%Y-%m-%dT%H:%M:%SZ)
+"$QUIVER" generate --to grpc --grpc-url "http://$GRPC" --events 4000 --rate 0 --users 50 --products 20 --seed 1 --start "$START"
 "$QUIVER" generate --to kafka --events 3000 --rate 0 --users 50 --products 20 --seed 2
 
 echo "== waiting for ingest"
@@ -95,18 +96,43 @@ done
 echo "$v"
 case "$v" in *'"status":"PRESENT"'*'"status":"PRESENT"'*) ;; *) tail -20 "$WORK/ingest.log"; echo "features did not appear" >&2; exit 1 ;; esac
 
-# Stop ingest gracefully once its batches add up to all 7000 messages: it
-# archives what it buffered and commits.
 consumed() { sed -n 's/.* batch messages=\([0-9]*\) .*/\1/p' "$WORK/ingest.log" | awk '{s += $1} END {print s + 0}'; }
-for _ in $(seq 1 300); do
-  kill -0 "$INGEST" 2>/dev/null || break
-  [ "$(consumed)" -ge 7000 ] && break
-  sleep 0.2
-done
+wait_consumed() {
+  for _ in $(seq 1 300); do
+    kill -0 "$INGEST" 2>/dev/null || break
+    [ "$(consumed)" -ge "$1" ] && break
+    sleep 0.2
+  done
+  [ "$(consumed)" -ge "$1" ] || { tail -20 "$WORK/ingest.log"; echo "ingest consumed $(consumed) of $1 messages" >&2; exit 1; }
+}
+# Windowed aggregates of a few users and products (24 h and longer
+# windows: an hour boundary between two snapshots changes nothing).
+snapshot() {
+  for u in 0 1 2 3 4 5 6 7; do
+    curl -sf "http://$HTTP/api/v1/features/user/user_$u?features=user_stream:page_views_24h,user_stream:carts_24h,user_stream:purchases_7d,user_stream:spend_7d"; echo
+  done
+  for p in 0 1 2 3; do
+    curl -sf "http://$HTTP/api/v1/features/product/product_$p?features=product_stream:views_24h,product_stream:purchases_24h,product_stream:revenue_24h,product_stream:distinct_buyers_24h"; echo
+  done
+}
+wait_consumed 7000
+snapshot >"$WORK/before-retries.json"
+
+echo "== a client retries: the first 1000 events through PushEvents again (same ids and times)"
+"$QUIVER" generate --to grpc --grpc-url "http://$GRPC" --events 1000 --rate 0 --users 50 --products 20 --seed 1 --start "$START"
+wait_consumed 8000
+snapshot >"$WORK/after-retries.json"
+grep -q '"value":[1-9]' "$WORK/before-retries.json" || { cat "$WORK/before-retries.json"; echo "no counts to compare" >&2; exit 1; }
+cmp "$WORK/before-retries.json" "$WORK/after-retries.json" || {
+  diff "$WORK/before-retries.json" "$WORK/after-retries.json" | head; echo "retried events were counted again" >&2; exit 1; }
+
+# Stop ingest gracefully: it archives what it buffered and commits.
 kill -TERM "$INGEST"
 wait "$INGEST" || true
 grep "ingest stopped" "$WORK/ingest.log" | tail -1
-grep -q "ingest stopped.*events: 7000" "$WORK/ingest.log" || { tail -20 "$WORK/ingest.log"; echo "ingest did not apply exactly 7000 events" >&2; exit 1; }
+grep -q "ingest stopped.*events: 8000" "$WORK/ingest.log" || { tail -20 "$WORK/ingest.log"; echo "ingest did not apply exactly 8000 events" >&2; exit 1; }
+DUP=$(grep "ingest stopped" "$WORK/ingest.log" | tail -1 | sed -n 's/.*events_duplicate: \([0-9]*\).*/\1/p')
+[ "${DUP:-0}" -ge 1000 ] || { echo "expected at least 1000 duplicates skipped, got ${DUP:-none}" >&2; exit 1; }
 FILES=$(find "$WORK/offline/events" -name '*.parquet' | wc -l)
 echo "archive: $FILES parquet files"
 [ "$FILES" -gt 0 ] || { echo "no archive files" >&2; exit 1; }

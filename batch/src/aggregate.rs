@@ -6,13 +6,15 @@
 //! in (tile, source) order (`quiver_core::aggregate`). This module does the
 //! same from the archive (`_source`, `_offset` are archived with every
 //! event), so float sums and ties come out bit for bit equal. As of time
-//! `t` it counts only events with `event_time <= t`.
+//! `t` it counts only events with `event_time <= t`. An event id counts
+//! once per (entity, tile, source), the first offset winning, as online
+//! (a retried `PushEvents` archives the event twice).
 //!
 //! An entity with no event of the view in its longest window at `t` has no
 //! values (nulls), as online, where such a tile row has expired
 //! (`NOT_FOUND`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use arrow::array::{
     new_null_array, Array, ArrayRef, AsArray, Int64Array, RecordBatch, TimestampMicrosecondArray,
@@ -20,7 +22,7 @@ use arrow::array::{
 use arrow::datatypes::DataType;
 use datafusion::logical_expr::{col, ident, lit, Expr};
 use datafusion::prelude::SessionContext;
-use quiver_core::aggregate::{tile_of, window_first_tile, window_start, AggState};
+use quiver_core::aggregate::{event_id_hash, tile_of, window_first_tile, window_start, AggState};
 use quiver_core::columnar::{arrow_type, timestamp_type, value_array, value_at};
 use quiver_core::par::par_map;
 use quiver_core::registry::{agg_output_type, Aggregation, FeatureView, ViewSource};
@@ -38,6 +40,8 @@ struct Ev {
     source: u32,
     offset: i64,
     ts: Micros,
+    /// [`event_id_hash`] of the event id.
+    id: u64,
     event_type: u16,
     batch: u32,
     row: u32,
@@ -114,7 +118,11 @@ pub async fn aggregations_asof(
         .filter(
             col("event_type")
                 .in_list(types.iter().map(|t| lit(*t)).collect(), false)
-                .and(ident("event_time").lt_eq(ts_lit(max_t)))
+                // Whole tiles: event-id de-duplication below needs every
+                // copy in a tile, the as-of filter comes after it.
+                .and(ident("event_time").lt(ts_lit(
+                    tile_of(max_t, tile).saturating_add(1).saturating_mul(tile),
+                )))
                 .and(ident("event_time").gt_eq(ts_lit(window_start(min_t, tile, longest)))),
         )
         .and_then(|df| df.select(select))
@@ -130,6 +138,7 @@ pub async fn aggregations_asof(
     for (bi, b) in batches.iter().enumerate() {
         let encoded = index.encode(&b.columns()[..nk])?;
         let etype = b.column(nk).as_string::<i32>();
+        let event_id = b.column(nk + 1).as_string::<i32>();
         let time = b
             .column(nk + 2)
             .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
@@ -159,6 +168,7 @@ pub async fn aggregations_asof(
                 source: src,
                 offset: offset.value(r),
                 ts,
+                id: event_id_hash(event_id.value(r)),
                 event_type: types.iter().position(|t| *t == etype.value(r)).unwrap_or(0) as u16,
                 batch: bi as u32,
                 row: r as u32,
@@ -181,6 +191,17 @@ pub async fn aggregations_asof(
     // hold each offset once: its copies are the same event, so they sort
     // next to each other.
     evs.dedup_by_key(|e| (e.key, e.source, e.offset));
+    // An event sent twice (same id, later offset) counts once per (entity,
+    // tile, source), as online, where each tile keeps the ids it counted.
+    let mut group = None;
+    let mut seen: HashSet<u64> = HashSet::new();
+    evs.retain(|e| {
+        if group != Some((e.key, e.tile, e.source)) {
+            group = Some((e.key, e.tile, e.source));
+            seen.clear();
+        }
+        seen.insert(e.id)
+    });
     let starts = run_starts(index.len(), evs.iter().map(|e| e.key));
 
     // Where each wanted aggregation's attribute sits in the batches.

@@ -76,6 +76,9 @@ pub struct KafkaSettings {
     pub timeout: Duration,
     /// Extra librdkafka properties, e.g. `"security.protocol" = "SASL_SSL"`.
     pub properties: std::collections::BTreeMap<String, String>,
+    /// Generation of the event topic: raise by one after deleting and
+    /// recreating it (see `quiver_ingest::KafkaConfig::topic_epoch`).
+    pub topic_epoch: u32,
 }
 
 /// `[ingest]`
@@ -122,6 +125,7 @@ impl Default for KafkaSettings {
             dead_letter_topic: "quiver-events-dlq".into(),
             timeout: Duration::from_secs(10),
             properties: Default::default(),
+            topic_epoch: 0,
         }
     }
 }
@@ -578,6 +582,7 @@ impl Config {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            topic_epoch: self.kafka.topic_epoch,
         }
     }
 

@@ -121,6 +121,7 @@ fn progress_logger() -> impl FnMut(&IngestStats) {
                 dead_letters = s.dead_letters,
                 out_of_range = s.out_of_range,
                 too_late = s.online.events_too_late,
+                duplicates = s.online.events_duplicate,
                 replayed = s.online.tiles_replayed,
                 events_per_s = (s.events as f64 / secs).round(),
                 tiles = s.online.tiles_written,
@@ -334,7 +335,14 @@ pub async fn demo_cmd(overrides: Overrides, demo: DemoData) -> Result<()> {
     } else {
         None
     };
-    let kafka = cfg.kafka(&cfg.kafka.brokers);
+    let mut kafka = cfg.kafka(&cfg.kafka.brokers);
+    if cluster.is_some() {
+        // Each run's in-process topic is a new topic whose offsets start at
+        // 0, while the online store and the archive persist: a new epoch
+        // per run keeps its events from being taken for replays of the
+        // last run's (see `KafkaConfig::topic_epoch`).
+        kafka.topic_epoch = u32::try_from(clock.now_micros() / 1_000_000).unwrap_or(u32::MAX);
+    }
     let sink: Arc<dyn EventSink> =
         Arc::new(KafkaEventSink::new(&kafka, registry.clone()).map_err(err)?);
 

@@ -22,6 +22,16 @@
 //!   time broken by the larger event id);
 //! - `approx_distinct`: HyperLogLog with 4096 registers (standard error
 //!   about 1.6%), exact-by-construction small-range correction.
+//!
+//! # One event, counted once
+//! An event counts once per (entity row, tile, source) however often it
+//! was sent: a client that retries `PushEvents` after a timeout appends the
+//! same events (same `event_id`) again, at new offsets. Each tile keeps the
+//! digests ([`event_id_hash`]) of the event ids it counted, per source, and
+//! an event whose digest is already there is skipped; the digests leave
+//! with their tile, so memory is bounded by the longest window. The offline
+//! computation applies the same rule (first offset wins). Retries land in
+//! the same source because producers key messages by entity.
 
 use crate::codec::{decode_value, encode_value};
 use crate::error::{Error, Result};
@@ -75,6 +85,65 @@ pub fn offset_field(source: &str) -> String {
 /// Internal field: the newest event time of `source` applied to the row.
 pub fn event_time_field(source: &str) -> String {
     format!("_t:{source}")
+}
+
+/// Event-id digests stored per online field: a tile with more counted
+/// events has several fields, and an update rewrites only the last one.
+pub const IDS_PER_FIELD: usize = 1024;
+
+/// Format version of encoded event-id digests.
+const IDS_VERSION: u8 = 1;
+
+/// The digest that tells events apart for de-duplication: xxHash64 (seed 0)
+/// of the event id's UTF-8 bytes, fixed so that online and offline, and
+/// every quiver version, agree. Two distinct ids of one (row, tile, source)
+/// collide with probability about `n^2 / 2^65` for `n` events.
+pub fn event_id_hash(event_id: &str) -> u64 {
+    twox_hash::XxHash64::oneshot(0, event_id.as_bytes())
+}
+
+/// The field, in a row's event-id row (see
+/// [`crate::codec::event_ids_key`]), of part `chunk` of the digests of
+/// `tile` from `source`.
+pub fn ids_field(tile: i64, chunk: usize, source: &str) -> String {
+    format!("{tile}:{chunk}:{source}")
+}
+
+/// Splits an [`ids_field`] into tile, chunk and source.
+pub fn parse_ids_field(field: &str) -> Option<(i64, usize, &str)> {
+    let mut it = field.splitn(3, ':');
+    let tile = it.next()?.parse().ok()?;
+    let chunk = it.next()?.parse().ok()?;
+    Some((tile, chunk, it.next()?))
+}
+
+/// Encodes digests: a version byte, then 8 little-endian bytes each.
+pub fn encode_ids(ids: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 8 * ids.len());
+    out.push(IDS_VERSION);
+    for id in ids {
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes [`encode_ids`].
+///
+/// # Errors
+/// `INTERNAL` when the bytes are not such an encoding.
+pub fn decode_ids(buf: &[u8]) -> Result<Vec<u64>> {
+    match buf.split_first() {
+        Some((&IDS_VERSION, body)) if body.len() % 8 == 0 => Ok(body
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect()),
+        Some((&v, _)) if v != IDS_VERSION => Err(Error::internal(format!(
+            "event-id digest format {v} is not supported by this quiver version"
+        ))),
+        _ => Err(Error::internal(
+            "corrupt event-id digests in the online store",
+        )),
+    }
 }
 
 /// One retained `last_n` value.
@@ -711,6 +780,22 @@ mod tests {
     use super::*;
 
     const HOUR: Micros = 3_600_000_000;
+
+    #[test]
+    fn event_id_digests_are_fixed_and_round_trip() {
+        // xxHash64 reference values (seed 0): a change of hash would make
+        // stored digests miss their retries.
+        assert_eq!(event_id_hash(""), 0xef46_db37_51d8_e999);
+        assert_eq!(event_id_hash("a"), 0xd24e_c4f1_a98c_6e5b);
+        let ids = [0, 1, u64::MAX, event_id_hash("evt_1")];
+        assert_eq!(decode_ids(&encode_ids(&ids)).unwrap(), ids);
+        assert_eq!(decode_ids(&encode_ids(&[])).unwrap(), Vec::<u64>::new());
+        assert!(decode_ids(&[IDS_VERSION, 1, 2]).is_err());
+        assert!(decode_ids(&[9]).is_err());
+        assert!(decode_ids(&[]).is_err());
+        let f = ids_field(-3, 2, "events:7");
+        assert_eq!(parse_ids_field(&f), Some((-3, 2, "events:7")));
+    }
 
     #[test]
     fn windows_cover_whole_tiles_ending_with_now() {

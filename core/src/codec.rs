@@ -57,6 +57,18 @@ pub fn row_key(entity_key: &str, view: &str) -> String {
     k
 }
 
+/// The key of a tile row's event-id row: the digests of the events each
+/// tile counted ([`crate::aggregate::ids_field`]), kept apart from the
+/// states so that reads of features never fetch them, and in the same
+/// Redis Cluster slot (same hash tag) so that one script updates both.
+pub fn event_ids_key(row_key: &str) -> String {
+    format!("{row_key}{EVENT_IDS_SUFFIX}")
+}
+
+/// What [`event_ids_key`] appends to a row key (`#` occurs in no view
+/// name).
+pub const EVENT_IDS_SUFFIX: &str = "#ids";
+
 fn escape_into(s: &str, out: &mut String) {
     for c in s.chars() {
         match c {
@@ -207,6 +219,12 @@ pub fn encode_tiles(t: &TileBlob) -> Vec<u8> {
 
 /// Decodes a [`TileBlob`].
 pub fn decode_tiles(buf: &[u8]) -> Result<TileBlob> {
+    decode_tiles_where(buf, |_| true)
+}
+
+/// [`decode_tiles`] keeping only the fields whose name passes `keep` (the
+/// others' values are skipped, not copied).
+pub fn decode_tiles_where(buf: &[u8], keep: impl Fn(&str) -> bool) -> Result<TileBlob> {
     let mut r = Reader(buf);
     let version = r.u8()?;
     if version != FORMAT_VERSION {
@@ -218,9 +236,13 @@ pub fn decode_tiles(buf: &[u8]) -> Result<TileBlob> {
     let n = r.len()?;
     let mut fields = Vec::with_capacity(n.min(4096));
     for _ in 0..n {
-        let name = r.string()?;
+        let name_len = r.len()?;
+        let name = std::str::from_utf8(r.take(name_len)?).map_err(|_| corrupt("invalid UTF-8"))?;
         let len = r.len()?;
-        fields.push((name, r.take(len)?.to_vec()));
+        let value = r.take(len)?;
+        if keep(name) {
+            fields.push((name.to_owned(), value.to_vec()));
+        }
     }
     Ok(TileBlob { expire_at, fields })
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use quiver_core::codec::{entity_key, row_key};
+use quiver_core::codec::{entity_key, event_ids_key, row_key};
 use quiver_core::store::{
     replaces, EmbeddedStore, Lookup, RedisClusterStore, RedisConfig, RedisStore, TileWrite,
     WriteRow,
@@ -241,6 +241,8 @@ fn tile_write(
             .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
             .collect(),
         delete: vec!["c:1:p0".into()],
+        ids: Vec::new(),
+        ids_delete: Vec::new(),
         expire_at: ts + HOUR,
     }
 }
@@ -314,6 +316,65 @@ async fn tile_writes_apply_once_per_source_offset(store: &dyn OnlineStore) {
     assert!(read_tiles(store, "t2", &[]).await.is_empty());
 }
 
+/// A tile row's event-id row changes with the row, only when the write
+/// applies, in any size, and reads of the row never return it.
+async fn event_id_rows_follow_their_tile_row(store: &dyn OnlineStore) {
+    let t = now();
+    let ids_of = |user: &str| event_ids_key(&key(user));
+    let read_ids = |user: &'static str| async move {
+        let k = ids_of(user);
+        let mut rows = store.read(&[Lookup::tiles(&k, &[])]).await.unwrap();
+        let mut raw = rows.pop().unwrap().map(|r| r.raw).unwrap_or_default();
+        raw.sort();
+        raw
+    };
+    let mut w = tile_write("i1", "ev:0", 1, t, &[("c:5:ev:0", "s")]);
+    w.ids = vec![
+        ("5:0:ev:0".into(), b"a".to_vec()),
+        ("4:0:ev:0".into(), b"b".to_vec()),
+    ];
+    assert_eq!(store.write_tiles(&[w]).await.unwrap(), vec![true]);
+    assert_eq!(
+        read_ids("i1").await,
+        vec![
+            ("4:0:ev:0".into(), b"b".to_vec()),
+            ("5:0:ev:0".into(), b"a".to_vec())
+        ]
+    );
+    let row_fields: Vec<String> = read_tiles(store, "i1", &[])
+        .await
+        .into_iter()
+        .map(|f| f.0)
+        .collect();
+    assert!(
+        !row_fields.iter().any(|f| f.contains(":0:ev:0")),
+        "{row_fields:?}"
+    );
+    // A replayed offset changes neither row.
+    let mut replay = tile_write("i1", "ev:0", 1, t, &[]);
+    replay.ids = vec![("5:0:ev:0".into(), b"replayed".to_vec())];
+    replay.ids_delete = vec!["4:0:ev:0".into()];
+    assert_eq!(store.write_tiles(&[replay]).await.unwrap(), vec![false]);
+    assert_eq!(read_ids("i1").await.len(), 2);
+    assert_eq!(read_ids("i1").await[1].1, b"a".to_vec());
+    // The next offset deletes and sets, thousands of fields at once.
+    let mut big = tile_write("i1", "ev:0", 2, t, &[]);
+    big.ids_delete = vec!["4:0:ev:0".into(), "5:0:ev:0".into()];
+    big.ids = (0..2_500)
+        .map(|i| (format!("{i}:0:ev:0"), vec![b'x'; 9]))
+        .collect();
+    assert_eq!(store.write_tiles(&[big]).await.unwrap(), vec![true]);
+    let after = read_ids("i1").await;
+    assert_eq!(after.len(), 2_500);
+    assert!(after.iter().all(|(_, v)| v == &vec![b'x'; 9]));
+    // Rows without ids have no event-id row.
+    store
+        .write_tiles(&[tile_write("i2", "ev:0", 1, t, &[("c:5:ev:0", "s")])])
+        .await
+        .unwrap();
+    assert!(read_ids("i2").await.is_empty());
+}
+
 async fn suite(store: &dyn OnlineStore) {
     store.ping().await.unwrap();
     round_trips_typed_values(store).await;
@@ -323,6 +384,7 @@ async fn suite(store: &dyn OnlineStore) {
     expired_rows_read_as_missing(store).await;
     equal_event_times_resolve_whatever_the_order(store).await;
     tile_writes_apply_once_per_source_offset(store).await;
+    event_id_rows_follow_their_tile_row(store).await;
 }
 
 fn redis_store(url: String, timeout: Duration) -> RedisStore {
@@ -403,6 +465,21 @@ async fn redis_keys_expire_in_redis() {
             .unwrap()
     };
     assert_eq!(no_ttl, -1);
+    // A tile row's event-id row expires with it.
+    let mut w = tile_write("tiles", "ev:0", 1, now(), &[("c:1:ev:0", "s")]);
+    w.ids = vec![("1:0:ev:0".into(), b"d".to_vec())];
+    w.expire_at = now() + 2 * HOUR;
+    store.write_tiles(&[w]).await.unwrap();
+    let mut expiry = Vec::new();
+    for k in [key("tiles"), event_ids_key(&key("tiles"))] {
+        let at: i64 = redis::cmd("PEXPIRETIME")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        expiry.push(at);
+    }
+    assert!(expiry[0] > 0 && expiry[0] == expiry[1], "{expiry:?}");
 }
 
 #[tokio::test]

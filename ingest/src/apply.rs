@@ -15,16 +15,24 @@
 //! is therefore skipped per row, never counted twice; Kafka offsets only say
 //! where to resume. A write refused as stale, and every row of a revoked
 //! partition, is dropped from memory and read again when next needed.
+//!
+//! An event sent twice (a client retry: same event id, new offset) counts
+//! once: each tile keeps the digests of the event ids it counted per
+//! source, in the row's event-id row, updated in the same atomic write (see
+//! `quiver_core::aggregate` for the rule, which offline retrieval shares).
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+
+use foldhash::HashSet;
 use std::sync::{Arc, Mutex};
 
 use futures::future::try_join_all;
 use quiver_core::aggregate::{
-    event_time_field, offset_field, parse_tile_field, tile_field, tile_of, AggState,
+    decode_ids, encode_ids, event_id_hash, event_time_field, ids_field, offset_field,
+    parse_ids_field, parse_tile_field, tile_field, tile_of, AggState, IDS_PER_FIELD,
 };
-use quiver_core::codec::{entity_key, row_key};
+use quiver_core::codec::{entity_key, event_ids_key, row_key};
 use quiver_core::event::{Event, EventTimeBounds};
 use quiver_core::par::par_map;
 use quiver_core::registry::{Aggregation, EventField, ViewSource};
@@ -65,6 +73,9 @@ pub struct ApplyStats {
     pub tiles_replayed: u64,
     /// Events older than every window of a view they aggregate into.
     pub events_too_late: u64,
+    /// Events not counted again because their tile already counted their
+    /// event id (client retries), per tile row.
+    pub events_duplicate: u64,
 }
 
 impl std::ops::AddAssign for ApplyStats {
@@ -74,6 +85,7 @@ impl std::ops::AddAssign for ApplyStats {
         self.tiles_written += o.tiles_written;
         self.tiles_replayed += o.tiles_replayed;
         self.events_too_late += o.events_too_late;
+        self.events_duplicate += o.events_duplicate;
     }
 }
 
@@ -132,24 +144,96 @@ pub struct Applier {
     cache_rows: usize,
 }
 
-/// One source's part of a tile row: its offset, newest event time and
-/// partial states (decoded), as last written (or read).
+/// One source's part of a tile row: its offset, newest event time,
+/// partial states (decoded) and counted event ids per tile, as last
+/// written (or read).
 #[derive(Debug, Clone, Default)]
 struct CachedRow {
     offset: i64,
     event_ts: Option<Micros>,
     states: HashMap<String, AggState>,
+    ids: HashMap<i64, TileIds>,
+}
+
+/// The event-id digests one tile counted from one source. The store holds
+/// them in counting order, [`IDS_PER_FIELD`] per field (chunk 0, 1, ...);
+/// in memory, all of them as a set and the ones after the last full chunk
+/// in order (what an update rewrites).
+#[derive(Debug, Clone, Default)]
+struct TileIds {
+    seen: HashSet<u64>,
+    /// Full chunks before `tail`.
+    full: usize,
+    /// The ids after them, in order.
+    tail: Vec<u64>,
+    /// How many of `tail` the store holds.
+    stored_tail: usize,
+}
+
+impl TileIds {
+    fn push(&mut self, id: u64) {
+        self.seen.insert(id);
+        self.tail.push(id);
+    }
+
+    /// Chunk indices the store holds.
+    fn stored_chunks(&self) -> std::ops::Range<usize> {
+        0..self.full + self.stored_tail.div_ceil(IDS_PER_FIELD)
+    }
+
+    /// The fields to write (chunk index and ids): the chunks of `tail`,
+    /// when it holds ids not stored yet.
+    fn dirty(&self) -> impl Iterator<Item = (usize, &[u64])> {
+        let dirty = self.tail.len() > self.stored_tail;
+        self.tail
+            .chunks(IDS_PER_FIELD)
+            .enumerate()
+            .filter(move |_| dirty)
+            .map(|(i, c)| (self.full + i, c))
+    }
+
+    /// After the store took [`TileIds::dirty`]: full chunks leave `tail`.
+    fn stored(&mut self) {
+        let done = self.tail.len() / IDS_PER_FIELD;
+        self.full += done;
+        self.tail.drain(..done * IDS_PER_FIELD);
+        self.stored_tail = self.tail.len();
+    }
 }
 
 impl CachedRow {
-    /// The part of a stored row (all its fields) that belongs to `source`.
-    fn of_source(raw: Vec<(String, Vec<u8>)>, source: &str) -> Result<CachedRow> {
+    /// The part of a stored row (all its fields, and all fields of its
+    /// event-id row) that belongs to `source`.
+    fn of_source(
+        raw: Vec<(String, Vec<u8>)>,
+        ids: Vec<(String, Vec<u8>)>,
+        source: &str,
+    ) -> Result<CachedRow> {
         let (of, tf) = (offset_field(source), event_time_field(source));
         let num = |v: &[u8]| std::str::from_utf8(v).ok()?.parse::<i64>().ok();
         let mut row = CachedRow {
             offset: -1,
             ..CachedRow::default()
         };
+        let mut chunks: Vec<(i64, usize, Vec<u64>)> = Vec::new();
+        for (name, v) in ids {
+            if let Some((t, c, _)) = parse_ids_field(&name).filter(|f| f.2 == source) {
+                chunks.push((t, c, decode_ids(&v)?));
+            }
+        }
+        chunks.sort_unstable_by_key(|c| (c.0, c.1));
+        for (t, _, part) in chunks {
+            // Every chunk but a tile's last is full: the last is its tail.
+            let tile = row.ids.entry(t).or_default();
+            if !tile.tail.is_empty() {
+                tile.full += 1;
+                tile.tail.clear();
+            }
+            for id in part {
+                tile.push(id);
+            }
+            tile.stored_tail = tile.tail.len();
+        }
         for (name, v) in raw {
             if name == of {
                 row.offset = num(&v).unwrap_or(-1);
@@ -163,8 +247,12 @@ impl CachedRow {
         Ok(row)
     }
 
-    /// The row after `w` applied; `states` are the written states, decoded.
+    /// The row after `w` applied; `states` are the written states, decoded
+    /// (the ids were updated in place by the merge).
     fn apply(&mut self, w: &TileWrite, states: Vec<(String, AggState)>) {
+        for ids in self.ids.values_mut() {
+            ids.stored();
+        }
         self.offset = w.offset;
         self.event_ts = Some(self.event_ts.map_or(w.event_ts, |t| t.max(w.event_ts)));
         for d in &w.delete {
@@ -249,6 +337,11 @@ impl Applier {
     pub fn with_max_future_skew(mut self, skew: std::time::Duration) -> Applier {
         self.max_future_skew = duration_micros(skew);
         self
+    }
+
+    /// The online store it writes.
+    pub(crate) fn store(&self) -> &Arc<dyn OnlineStore> {
+        &self.store
     }
 
     /// Applies records (several sources, each in offset order).
@@ -403,14 +496,24 @@ impl Applier {
         };
         let missing: Vec<usize> = (0..groups.len()).filter(|&i| rows[i].is_none()).collect();
         if !missing.is_empty() {
+            let id_keys: Vec<String> = missing
+                .iter()
+                .map(|&i| event_ids_key(&groups[i].key))
+                .collect();
             let lookups: Vec<Lookup> = missing
                 .iter()
-                .map(|&i| Lookup::tiles(&groups[i].key, &[]))
+                .zip(&id_keys)
+                .flat_map(|(&i, ik)| [Lookup::tiles(&groups[i].key, &[]), Lookup::tiles(ik, &[])])
                 .collect();
-            let stored = self.store.read(&lookups).await?;
-            for (&i, row) in missing.iter().zip(stored) {
-                let raw = row.map(|r| r.raw).unwrap_or_default();
-                rows[i] = Some(CachedRow::of_source(raw, groups[i].source)?);
+            let mut stored = self.store.read(&lookups).await?.into_iter();
+            for &i in &missing {
+                let mut raw = || stored.next().flatten().map(|r| r.raw).unwrap_or_default();
+                let (row, ids) = (raw(), raw());
+                let key = &groups[i].key;
+                let cached = CachedRow::of_source(row, ids, groups[i].source).map_err(|e| {
+                    quiver_core::Error::new(e.kind(), format!("tile row {key}: {}", e.message()))
+                })?;
+                rows[i] = Some(cached);
             }
         }
         // Merging is CPU work on data this chunk owns: spread it over cores.
@@ -497,9 +600,42 @@ impl Applier {
         let Some(last) = fresh.last() else {
             return Ok(None);
         };
-        let max_ts = fresh
+        // An event id the tile already counted (a retried send) is skipped
+        // before anything else, so that it moves neither the row's newest
+        // event time nor its window, as offline.
+        // (A set of this batch's ids only for groups large enough to
+        // need one: most groups hold a few events.)
+        let mut in_batch: Option<HashSet<(i64, u64)>> = None;
+        let mut counted: Vec<(&Record, i64, u64)> = Vec::with_capacity(fresh.len());
+        for r in &fresh {
+            let t = tile_of(r.event.event_time, tile);
+            let id = event_id_hash(&r.event.event_id);
+            let stored = row.ids.get(&t).is_some_and(|ids| ids.seen.contains(&id));
+            let repeated = match &mut in_batch {
+                Some(set) => !set.insert((t, id)),
+                None => {
+                    let found = counted.iter().any(|c| (c.1, c.2) == (t, id));
+                    if counted.len() >= 32 {
+                        in_batch = Some(
+                            counted
+                                .iter()
+                                .map(|c| (c.1, c.2))
+                                .chain([(t, id)])
+                                .collect(),
+                        );
+                    }
+                    found
+                }
+            };
+            if stored || repeated {
+                stats.events_duplicate += 1;
+                continue;
+            }
+            counted.push((r, t, id));
+        }
+        let max_ts = counted
             .iter()
-            .map(|r| r.event.event_time)
+            .map(|(r, _, _)| r.event.event_time)
             .chain(prev_ts)
             .max()
             .unwrap_or(last.event.event_time);
@@ -511,12 +647,12 @@ impl Applier {
 
         // States by (aggregation, tile); field names are built once per state.
         let mut states: Vec<((usize, i64), AggState)> = Vec::new();
-        for r in &fresh {
-            let t = tile_of(r.event.event_time, tile);
+        for &(r, t, id) in &counted {
             if t < first_kept {
                 stats.events_too_late += 1;
                 continue;
             }
+            row.ids.entry(t).or_default().push(id);
             for &ai in self.aggs_of(g.view, &r.event.event_type) {
                 let agg = &aggregations[ai];
                 let pos = match states.iter().position(|(k, _)| *k == (ai, t)) {
@@ -565,9 +701,27 @@ impl Applier {
                 );
             }
         }
-        let new_ts = fresh
+        // Event ids of tiles that left every window go with them.
+        let mut ids_delete = Vec::new();
+        let gone: Vec<i64> = row
+            .ids
+            .keys()
+            .copied()
+            .filter(|t| *t < first_kept)
+            .collect();
+        for t in gone {
+            let ids = row.ids.remove(&t).expect("listed");
+            ids_delete.extend(ids.stored_chunks().map(|c| ids_field(t, c, g.source)));
+        }
+        let mut ids = Vec::new();
+        for (&t, tile_ids) in &row.ids {
+            for (c, part) in tile_ids.dirty() {
+                ids.push((ids_field(t, c, g.source), encode_ids(part)));
+            }
+        }
+        let new_ts = counted
             .iter()
-            .map(|r| r.event.event_time)
+            .map(|(r, _, _)| r.event.event_time)
             .max()
             .unwrap_or(max_ts);
         let states: Vec<(String, AggState)> = states
@@ -584,6 +738,8 @@ impl Applier {
                 .map(|(f, s)| (f.clone(), s.encode()))
                 .collect(),
             delete,
+            ids,
+            ids_delete,
             // The row leaves every window when its newest tile does.
             expire_at: max_tile.saturating_add(retention).saturating_mul(tile),
         };

@@ -2,7 +2,8 @@
 //! (local disk or S3), for the batch layer.
 //!
 //! # Layout
-//! `{root}/events/date=YYYY-MM-DD/{topic}-{partition}-{first offset}-{last offset}.parquet`,
+//! `{root}/events/date=YYYY-MM-DD/{topic}-{partition}-{first offset}-{last offset}.parquet`
+//! (`{topic}@{epoch}-...` on a raised `kafka.topic_epoch`),
 //! partitioned by the event's UTC date, one column per event field, join key
 //! and attribute of the registry (see [`archive_schema`]), plus `_source`
 //! (`topic:partition`) and `_offset`.
@@ -52,6 +53,7 @@ use quiver_core::{Error, Registry, Result, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::apply::Record;
+use crate::source_topic;
 
 /// Where and how the archive writes.
 #[derive(Debug, Clone)]
@@ -176,6 +178,9 @@ pub struct Archiver {
     buffers: BTreeMap<(String, i32), Buffer>,
     /// This archiver's id in the state objects it writes.
     writer: String,
+    /// The event topic's epoch (see [`crate::source_topic`]): state and
+    /// files of a recreated topic never mix with the old one's.
+    topic_epoch: u32,
 }
 
 impl std::fmt::Debug for Archiver {
@@ -220,7 +225,15 @@ impl Archiver {
             cfg,
             buffers: BTreeMap::new(),
             writer,
+            topic_epoch: 0,
         }
+    }
+
+    /// Names state and files after the topic's epoch `epoch` (set by
+    /// [`crate::Ingestor::new`] from [`crate::KafkaConfig::topic_epoch`]).
+    pub fn with_topic_epoch(mut self, epoch: u32) -> Archiver {
+        self.topic_epoch = epoch;
+        self
     }
 
     /// The state object of earlier versions (one object, replaced).
@@ -237,7 +250,7 @@ impl Archiver {
             .clone()
             .join(INTERNAL_DIR)
             .join("archive")
-            .join(format!("{topic}-{partition}").as_str())
+            .join(format!("{}-{partition}", source_topic(topic, self.topic_epoch)).as_str())
     }
 
     fn generation_path(&self, topic: &str, partition: i32, generation: u64) -> Path {
@@ -301,8 +314,13 @@ impl Archiver {
         }
         if !self.generations(topic, partition).await?.is_empty() {
             return Err(Error::unavailable(format!(
-                "archive state of {topic}-{partition}: its newest generation kept changing while read; another ingest process is archiving this partition"
+                "archive state of {}-{partition}: its newest generation kept changing while read; another ingest process is archiving this partition",
+                source_topic(topic, self.topic_epoch)
             )));
+        }
+        // Earlier versions knew no epochs: their state is epoch 0's.
+        if self.topic_epoch > 0 {
+            return Ok((fresh, 0));
         }
         let legacy = self
             .get_json(&self.legacy_state_path(topic, partition))
@@ -327,7 +345,8 @@ impl Archiver {
         let path = self.generation_path(topic, partition, next);
         let taken = || {
             Error::precondition(format!(
-                "archive state of {topic}-{partition}: generation {next} was written by another ingest process, so this one no longer owns the partition; stopping so that no offset is archived twice (restart it to rejoin the consumer group)"
+                "archive state of {}-{partition}: generation {next} was written by another ingest process, so this one no longer owns the partition; stopping so that no offset is archived twice (restart it to rejoin the consumer group)",
+                source_topic(topic, self.topic_epoch)
             ))
         };
         let opts = object_store::PutOptions::from(object_store::PutMode::Create);
@@ -366,7 +385,7 @@ impl Archiver {
             }
             Err(e) => tracing::warn!(error = %e, "listing archive state generations failed"),
         }
-        if next == 1 {
+        if next == 1 && self.topic_epoch == 0 {
             let _ = self
                 .store
                 .delete(&self.legacy_state_path(topic, partition))
@@ -501,7 +520,10 @@ impl Archiver {
         let mut stats = FlushStats::default();
         for (date, recs) in &by_date {
             let first = recs.first().map_or(0, |r| r.offset);
-            let name = format!("{topic}-{partition}-{first:020}-{through:020}.parquet");
+            let name = format!(
+                "{}-{partition}-{first:020}-{through:020}.parquet",
+                source_topic(topic, self.topic_epoch)
+            );
             let staging = self
                 .root
                 .clone()

@@ -10,6 +10,10 @@
 //! 3. hand them to the archiver, which rolls Parquet files by size or age;
 //! 4. commit, per partition, the offset after the last archived one.
 //!
+//! The first batch of a partition after it was assigned is checked against
+//! the partition's marker first (see [`crate::sources`]): a topic recreated
+//! under the same name stops ingest instead of being skipped as replays.
+//!
 //! A step that fails because a backend is unavailable is retried with
 //! backoff (the batch is kept) while the partitions are paused and the
 //! consumer keeps polling, so it keeps its group membership through an
@@ -19,7 +23,7 @@
 //! last-write-wins by event time, the archiver drops offsets it has
 //! archived.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,13 +39,14 @@ use rdkafka::consumer::{
 };
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
 use crate::apply::{row_tiles, Applier, ApplyStats, Record, RowTiles, SourceStats};
 use crate::archive::{Archiver, FlushStats};
 use crate::producer::kafka_error;
-use crate::KafkaConfig;
+use crate::sources::{fingerprint, probe, read_markers, write_markers, Check, Held, Marker};
+use crate::{source_topic, KafkaConfig};
 
 /// Start of a dead letter's reason when the event time was out of bounds.
 const OUT_OF_RANGE: &str = "event time out of range: ";
@@ -119,6 +124,9 @@ pub struct PartitionStats {
     pub out_of_range: u64,
     /// Events older than every window behind their row's newest event.
     pub too_late: u64,
+    /// Events whose id their tile had already counted (retried sends), per
+    /// tile row: an event feeding two aggregation views counts twice here.
+    pub duplicates: u64,
     /// Tile rows updated.
     pub tiles_written: u64,
     /// Tile rows skipped as replays (they held these offsets).
@@ -196,6 +204,14 @@ pub struct Ingestor {
     carry: Vec<Msg>,
     stats: IngestStats,
     logged: std::time::Instant,
+    /// See [`KafkaConfig::topic_epoch`].
+    topic_epoch: u32,
+    /// Partitions checked against their markers since assigned.
+    verified: HashSet<(String, i32)>,
+    /// Per partition, the last offset of a processed batch.
+    processed: HashMap<(String, i32), i64>,
+    /// Client settings of the marker checks' own consumer.
+    probe_client: ClientConfig,
 }
 
 /// A batch decoded once: its events, and its dead letters with the
@@ -211,6 +227,8 @@ struct Prepared {
     events: u64,
     /// The online-store effect (total and per source), once applied.
     applied: Option<(ApplyStats, SourceStats)>,
+    /// Whether the partitions' markers were written.
+    marked: bool,
 }
 
 impl Prepared {
@@ -277,9 +295,10 @@ fn check_row_tiles(registry: &Registry, skew: Duration) -> Result<()> {
 }
 
 /// The source id of a partition, as tile rows and the archive name it:
-/// `topic:partition`.
-fn source_id(topic: &str, partition: i32) -> String {
-    format!("{topic}:{partition}")
+/// `topic:partition` (`topic@epoch:partition` after the topic was
+/// recreated, see [`crate::source_topic`]).
+fn source_id(topic: &str, partition: i32, epoch: u32) -> String {
+    format!("{}:{partition}", source_topic(topic, epoch))
 }
 
 /// Whether `m` is of one of the partitions `parts`.
@@ -401,6 +420,7 @@ impl Ingestor {
             .set("acks", "all")
             .create()
             .map_err(|e| Error::invalid(format!("invalid Kafka producer settings: {e}")))?;
+        let archiver = archiver.map(|a| a.with_topic_epoch(kafka.topic_epoch));
         Ok(Ingestor {
             consumer,
             dlq,
@@ -414,6 +434,10 @@ impl Ingestor {
             carry: Vec::new(),
             stats: IngestStats::default(),
             logged: std::time::Instant::now(),
+            topic_epoch: kafka.topic_epoch,
+            verified: HashSet::new(),
+            processed: HashMap::new(),
+            probe_client: kafka.client_config(),
         })
     }
 
@@ -531,10 +555,15 @@ impl Ingestor {
         if let Some(a) = self.archiver.as_mut() {
             a.forget(revoked);
         }
-        let sources: Vec<String> = revoked.iter().map(|(t, p)| source_id(t, *p)).collect();
+        let sources: Vec<String> = revoked
+            .iter()
+            .map(|(t, p)| source_id(t, *p, self.topic_epoch))
+            .collect();
         self.applier.forget_sources(&sources);
         for p in revoked {
             self.committed.remove(p);
+            self.verified.remove(p);
+            self.processed.remove(p);
         }
     }
 
@@ -564,7 +593,8 @@ impl Ingestor {
             for m in &batch {
                 if !seen.contains(&(&*m.topic, m.partition)) {
                     seen.push((&*m.topic, m.partition));
-                    let source: Arc<str> = Arc::from(source_id(&m.topic, m.partition));
+                    let source: Arc<str> =
+                        Arc::from(source_id(&m.topic, m.partition, self.topic_epoch));
                     self.stats.partitions.entry(source).or_default().retries += 1;
                 }
             }
@@ -628,6 +658,7 @@ impl Ingestor {
     fn prepare(&self, batch: &[Msg]) -> Prepared {
         let mut sources: HashMap<(Arc<str>, i32), Arc<str>> = HashMap::new();
         let registry = &self.registry;
+        let epoch = self.topic_epoch;
         let bounds = self.cfg.event_time_bounds;
         let wall = SystemClock.now_micros();
         let decoded = par_map(batch.iter().collect(), crate::PAR_MIN_ITEMS, |m: &Msg| {
@@ -648,11 +679,12 @@ impl Ingestor {
             dead_sent: false,
             events: 0,
             applied: None,
+            marked: false,
         };
         for (i, (m, decoded)) in batch.iter().zip(decoded).enumerate() {
             let source = sources
                 .entry((m.topic.clone(), m.partition))
-                .or_insert_with(|| Arc::from(source_id(&m.topic, m.partition)))
+                .or_insert_with(|| Arc::from(source_id(&m.topic, m.partition, epoch)))
                 .clone();
             match decoded {
                 Ok(event) => {
@@ -672,6 +704,7 @@ impl Ingestor {
 
     async fn process<'b>(&mut self, batch: &'b [Msg], prep: &mut Prepared) -> Result<()> {
         let started = std::time::Instant::now();
+        self.verify(batch).await?;
         if !prep.dead_sent {
             let dead: Vec<(&Msg, &str)> = prep
                 .dead
@@ -690,6 +723,10 @@ impl Ingestor {
                 s
             }
         };
+        if !prep.marked {
+            self.mark(batch).await?;
+            prep.marked = true;
+        }
         let applied_at = started.elapsed();
         if let Some(a) = self.archiver.as_mut() {
             // Reading each partition's archive state is what can fail;
@@ -737,6 +774,14 @@ impl Ingestor {
             rows = online.rows_written,
             "batch"
         );
+        let mut last: HashMap<(&str, i32), i64> = HashMap::new();
+        for m in batch {
+            let e = last.entry((&*m.topic, m.partition)).or_insert(m.offset);
+            *e = (*e).max(m.offset);
+        }
+        for ((t, p), o) in last {
+            self.processed.insert((t.to_owned(), p), o);
+        }
         self.stats.messages += batch.len() as u64;
         self.stats.events += prep.events;
         self.stats.dead_letters += prep.dead.len() as u64;
@@ -774,7 +819,7 @@ impl Ingestor {
             }
         }
         for ((topic, partition), c) in counts {
-            let source: Arc<str> = Arc::from(source_id(topic, partition));
+            let source: Arc<str> = Arc::from(source_id(topic, partition, self.topic_epoch));
             let p = self.stats.partitions.entry(source).or_default();
             p.messages += c[0];
             p.events += c[1];
@@ -784,10 +829,184 @@ impl Ingestor {
         for (source, s) in by_source {
             let p = self.stats.partitions.entry(source).or_default();
             p.too_late += s.events_too_late;
+            p.duplicates += s.events_duplicate;
             p.tiles_written += s.tiles_written;
             p.tiles_replayed += s.tiles_replayed;
         }
         self.commit(CommitMode::Async)
+    }
+
+    /// Checks each partition of `batch` not checked since it was assigned
+    /// (or whose offsets went back since: librdkafka resets a position
+    /// that fell out of range, e.g. of a recreated topic, without a
+    /// rebalance) against its marker (see [`crate::sources`]); a partition
+    /// that holds other messages than those applied from it stops ingest
+    /// before anything of it is applied.
+    async fn verify(&mut self, batch: &[Msg]) -> Result<()> {
+        // Per partition of the batch: its first message.
+        let mut firsts: Vec<&Msg> = Vec::new();
+        for m in batch {
+            if !firsts
+                .iter()
+                .any(|x| x.partition == m.partition && x.topic == m.topic)
+            {
+                firsts.push(m);
+            }
+        }
+        let mut todo: Vec<&Msg> = Vec::new();
+        for m in firsts {
+            let k = (m.topic.to_string(), m.partition);
+            if self.processed.get(&k).is_some_and(|&last| m.offset <= last) {
+                self.verified.remove(&k);
+            }
+            if !self.verified.contains(&k) {
+                todo.push(m);
+            }
+        }
+        let Some(first) = todo.first() else {
+            return Ok(());
+        };
+        let topic = first.topic.clone();
+        let sources: Vec<String> = todo
+            .iter()
+            .map(|m| source_id(&m.topic, m.partition, self.topic_epoch))
+            .collect();
+        let markers = read_markers(&**self.applier.store(), &topic, &sources).await?;
+        if let Some(used) = markers.epoch_in_use.filter(|&e| e > self.topic_epoch) {
+            return Err(Error::precondition(format!(
+                "kafka.topic_epoch is {} but epoch {used} of topic {topic} is already in use: \
+                 another quiver ingest process was moved to the recreated topic; set \
+                 kafka.topic_epoch = {used} here too",
+                self.topic_epoch
+            )));
+        }
+        let mut checks: Vec<(usize, i32, Check)> = Vec::new();
+        for (i, (m, source)) in todo.iter().zip(&sources).enumerate() {
+            match markers.by_source.get(source) {
+                Some(&marker) => {
+                    // The batch may hold the marker's message itself.
+                    let here = batch.iter().find(|x| {
+                        x.topic == m.topic
+                            && x.partition == m.partition
+                            && x.offset == marker.offset
+                    });
+                    match here {
+                        Some(x) => {
+                            let held = if fingerprint(x.payload.as_deref()) == marker.fingerprint {
+                                Held::Same
+                            } else {
+                                Held::Different
+                            };
+                            self.check_held(source, Check::Marker(marker), held)?;
+                        }
+                        None => checks.push((i, m.partition, Check::Marker(marker))),
+                    }
+                }
+                // A source new on a raised epoch must start at the
+                // partition's beginning (the group may have kept the old
+                // topic's offsets).
+                None if self.topic_epoch > 0 => {
+                    checks.push((i, m.partition, Check::StartsAt { first: m.offset }));
+                }
+                None => {}
+            }
+        }
+        if !checks.is_empty() {
+            let (client, t, timeout) = (
+                self.probe_client.clone(),
+                topic.to_string(),
+                self.kafka_timeout,
+            );
+            let asked: Vec<(i32, Check)> = checks.iter().map(|c| (c.1, c.2)).collect();
+            let found = tokio::task::spawn_blocking(move || probe(&client, &t, &asked, timeout))
+                .await
+                .map_err(|e| Error::internal(format!("recreation check failed: {e}")))??;
+            for ((i, _, check), held) in checks.into_iter().zip(found) {
+                self.check_held(&sources[i], check, held)?;
+            }
+        }
+        for m in todo {
+            self.verified.insert((m.topic.to_string(), m.partition));
+        }
+        Ok(())
+    }
+
+    /// The verdict on one partition (see [`Ingestor::verify`]).
+    fn check_held(&self, source: &str, check: Check, held: Held) -> Result<()> {
+        let next = self.topic_epoch + 1;
+        let (marker, what) = match (check, held) {
+            (_, Held::Same) => return Ok(()),
+            (Check::Marker(m), Held::Removed { low }) => {
+                tracing::warn!(
+                    partition = source,
+                    applied_through = m.offset,
+                    first_offset = low,
+                    "the last applied offset was removed by retention or compaction: \
+                     cannot check that the topic was not recreated"
+                );
+                return Ok(());
+            }
+            (Check::StartsAt { first }, Held::Skips { low }) => {
+                return Err(Error::precondition(format!(
+                    "partition {source} is new on kafka.topic_epoch = {}, but the consumer group \
+                     resumes it at offset {first} while it begins at offset {low}: the group kept \
+                     the old topic's offsets, and offsets {low}..{first} would never be applied. \
+                     Reset the group's offsets to the earliest (kafka-consumer-groups.sh \
+                     --bootstrap-server ... --group <kafka.group_id> --topic <kafka.topic> \
+                     --reset-offsets --to-earliest --execute) or use a new kafka.group_id, \
+                     and restart",
+                    self.topic_epoch
+                )));
+            }
+            (Check::Marker(m), Held::Ends { high: 0 }) => (m, "is empty".to_owned()),
+            (Check::Marker(m), Held::Ends { high }) => {
+                (m, format!("now ends at offset {}", high - 1))
+            }
+            (Check::Marker(m), _) => (m, format!("holds another message at offset {}", m.offset)),
+            (Check::StartsAt { .. }, _) => return Ok(()),
+        };
+        Err(Error::precondition(format!(
+            "partition {source} {what}, but ingest applied its messages through offset {}: \
+             the topic was deleted and recreated (or its log truncated by an unclean leader \
+             election), and its new messages would be skipped as replays of the old ones. \
+             Nothing of it was applied. If the topic was recreated, set kafka.topic_epoch = \
+             {next} (now {}) for every quiver ingest process, reset the group's offsets to the \
+             earliest if the brokers kept them, and restart: the new topic is then a new \
+             source (docs/streaming.md, \"Recreating the topic\")",
+            marker.offset, self.topic_epoch,
+        )))
+    }
+
+    /// Records each partition's last message of `batch` as its marker.
+    async fn mark(&self, batch: &[Msg]) -> Result<()> {
+        let mut last: HashMap<(&str, i32), &Msg> = HashMap::new();
+        for m in batch {
+            let e = last.entry((&*m.topic, m.partition)).or_insert(m);
+            if m.offset > e.offset {
+                *e = m;
+            }
+        }
+        let marks: Vec<(String, Marker)> = last
+            .into_iter()
+            .map(|((t, p), m)| {
+                let marker = Marker {
+                    offset: m.offset,
+                    fingerprint: fingerprint(m.payload.as_deref()),
+                };
+                (source_id(t, p, self.topic_epoch), marker)
+            })
+            .collect();
+        let Some(topic) = batch.first().map(|m| m.topic.clone()) else {
+            return Ok(());
+        };
+        write_markers(
+            &**self.applier.store(),
+            &topic,
+            self.topic_epoch,
+            &marks,
+            SystemClock.now_micros(),
+        )
+        .await
     }
 
     /// Logs each partition's counters (at most every 10 s unless `now`).
@@ -804,6 +1023,7 @@ impl Ingestor {
                 dead_letters = p.dead_letters,
                 out_of_range = p.out_of_range,
                 too_late = p.too_late,
+                duplicates = p.duplicates,
                 tiles_written = p.tiles_written,
                 tiles_replayed = p.tiles_replayed,
                 retries = p.retries,

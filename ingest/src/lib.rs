@@ -22,6 +22,7 @@ pub mod archive;
 pub mod consumer;
 pub mod generate;
 pub mod producer;
+mod sources;
 
 pub use apply::{Applier, ApplyStats, Record};
 pub use archive::{ArchiveConfig, Archiver};
@@ -46,6 +47,23 @@ pub struct KafkaConfig {
     pub timeout: Duration,
     /// Extra librdkafka properties (`security.protocol`, `sasl.*`, ...).
     pub extra: Vec<(String, String)>,
+    /// The topic's generation: raise it by one each time the topic is
+    /// deleted and recreated (its offsets start again at 0), so that tile
+    /// rows and the archive treat it as a new source (see
+    /// [`source_topic`]). `quiver ingest` stops with a message saying so
+    /// when it finds the topic recreated under the same epoch.
+    pub topic_epoch: u32,
+}
+
+/// How tile rows and the archive name a topic: `topic` for epoch 0,
+/// `topic@{epoch}` after it was recreated (`@` cannot occur in Kafka topic
+/// names).
+pub fn source_topic(topic: &str, epoch: u32) -> std::borrow::Cow<'_, str> {
+    if epoch == 0 {
+        topic.into()
+    } else {
+        format!("{topic}@{epoch}").into()
+    }
 }
 
 impl KafkaConfig {
@@ -57,6 +75,7 @@ impl KafkaConfig {
             group_id: "quiver-ingest".into(),
             timeout: Duration::from_secs(10),
             extra: Vec::new(),
+            topic_epoch: 0,
         }
     }
 

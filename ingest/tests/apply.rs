@@ -1,12 +1,13 @@
-//! The applier against the embedded store, without Kafka: tile retention
-//! with events dated ahead of the clock, and time arithmetic at the ends of
-//! the supported range.
+//! The applier against the embedded store (and Redis), without Kafka: tile
+//! retention with events dated ahead of the clock, time arithmetic at the
+//! ends of the supported range, and events sent twice (client retries).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use quiver_core::aggregate::finish_row;
-use quiver_core::codec::{entity_key, row_key};
+use quiver_core::aggregate::{parse_ids_field, IDS_PER_FIELD};
+use quiver_core::codec::{entity_key, event_ids_key, row_key};
 use quiver_core::event::Event;
 use quiver_core::registry::ViewSource;
 use quiver_core::store::{EmbeddedStore, Lookup, RedisConfig, RedisStore};
@@ -96,6 +97,17 @@ async fn count_at(store: &dyn OnlineStore, reg: &Registry, view: &str, at: Micro
     finish_row(aggregations, *tile, at, &[0], &raw)
         .unwrap()
         .map_or(Value::Null, |r| r.1[0].clone())
+}
+
+fn redis_store(redis: &RedisServer) -> Arc<dyn OnlineStore> {
+    Arc::new(
+        RedisStore::new(&RedisConfig {
+            url: redis.url(),
+            pool_size: 2,
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap(),
+    )
 }
 
 fn open(dir: &std::path::Path, now: Micros) -> Arc<dyn OnlineStore> {
@@ -202,14 +214,7 @@ async fn times_at_the_ends_of_the_range_do_not_overflow() {
 async fn a_row_update_of_thousands_of_tiles_applies_on_redis() {
     let reg = Arc::new(Registry::from_toml("r.toml", REGISTRY).unwrap());
     let redis = RedisServer::start();
-    let store: Arc<dyn OnlineStore> = Arc::new(
-        RedisStore::new(&RedisConfig {
-            url: redis.url(),
-            pool_size: 2,
-            timeout: Duration::from_secs(10),
-        })
-        .unwrap(),
-    );
+    let store = redis_store(&redis);
     let start = 1_800_000_000_000_000;
     let ticks: Vec<Event> = (0..5_000)
         .map(|i| event("tick", &format!("t{i}"), start + i * 1_000_000))
@@ -284,4 +289,144 @@ async fn a_future_skew_too_long_for_short_tiles_is_refused_at_start() {
             && e.message().contains("lower ingest.max_future_skew"),
         "{e}"
     );
+}
+
+/// Fields of the user's event-id row of `view`.
+async fn id_fields(store: &dyn OnlineStore, view: &str) -> Vec<String> {
+    let k = event_ids_key(&row_key(
+        &entity_key(&[("user_id", &Value::String("u".into()))]).unwrap(),
+        view,
+    ));
+    let mut f: Vec<String> = store
+        .read(&[Lookup::tiles(&k, &[])])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .map(|r| r.raw.into_iter().map(|(n, _)| n).collect())
+        .unwrap_or_default();
+    f.sort();
+    f
+}
+
+/// A retried send (same event id, new offset) counts once: within a
+/// batch, across batches, after a restart (a new applier reads the ids
+/// back), beyond one stored field of ids; the ids leave with their tile,
+/// and the rule is per tile (the same id in another tile is another event).
+async fn retried_events_count_once(store: Arc<dyn OnlineStore>, now: Micros) {
+    let reg = Arc::new(Registry::from_toml("r.toml", REGISTRY).unwrap());
+    let fresh = || {
+        Applier::new(reg.clone(), store.clone(), Duration::ZERO)
+            .with_max_future_skew(Duration::ZERO)
+    };
+    let t = now - 10 * MINUTE;
+    let a = fresh();
+    let s = a
+        .apply(&records(&[click("e1", t), click("e2", t)], 0))
+        .await
+        .unwrap();
+    assert_eq!(s.events_duplicate, 0);
+    let s = a
+        .apply(&records(
+            &[click("e1", t), click("e3", t + 1), click("e3", t + 1)],
+            2,
+        ))
+        .await
+        .unwrap();
+    // Two views count clicks: each duplicate is skipped in both rows.
+    assert_eq!(s.events_duplicate, 4, "{s:?}");
+    assert_eq!(
+        count_at(&*store, &reg, "clicks", now).await,
+        Value::Int64(3)
+    );
+    assert_eq!(
+        count_at(&*store, &reg, "decade", now).await,
+        Value::Int64(3)
+    );
+
+    // A restarted process reads the ids back.
+    let s = fresh().apply(&records(&[click("e2", t)], 5)).await.unwrap();
+    assert_eq!((s.events_duplicate, s.tiles_written), (2, 2));
+    assert_eq!(
+        count_at(&*store, &reg, "clicks", now).await,
+        Value::Int64(3)
+    );
+
+    // More ids than one field holds, over several processes, then all of
+    // them again.
+    let many: Vec<Event> = (0..2_500).map(|i| click(&format!("m{i}"), t + 2)).collect();
+    let mut offset = 6;
+    for part in many.chunks(700) {
+        let s = fresh().apply(&records(part, offset)).await.unwrap();
+        assert_eq!(s.events_duplicate, 0);
+        offset += part.len() as i64;
+    }
+    let s = fresh().apply(&records(&many, offset)).await.unwrap();
+    offset += many.len() as i64;
+    assert_eq!(s.events_duplicate, 2 * 2_500);
+    assert_eq!(
+        count_at(&*store, &reg, "clicks", now).await,
+        Value::Int64(2_503)
+    );
+    let fields = id_fields(&*store, "clicks").await;
+    assert_eq!(
+        fields.len(),
+        2_503usize.div_ceil(IDS_PER_FIELD),
+        "{fields:?}"
+    );
+
+    // The same id in another tile is another event (the hour view); in
+    // the same tile it is the same (the day view, unless the hour
+    // crossed midnight).
+    let day = 24 * HOUR;
+    let same_day = t.div_euclid(day) == (t + HOUR).div_euclid(day);
+    let s = fresh()
+        .apply(&records(&[click("e1", t + HOUR)], offset))
+        .await
+        .unwrap();
+    offset += 1;
+    assert_eq!(s.events_duplicate, u64::from(same_day));
+    assert_eq!(
+        count_at(&*store, &reg, "clicks", t + HOUR).await,
+        Value::Int64(1)
+    );
+    // The old tile has left the 1 h window: its ids went with it, and a
+    // retry of its events is too late, not counted.
+    let fields = id_fields(&*store, "clicks").await;
+    let tiles: Vec<i64> = fields
+        .iter()
+        .filter_map(|f| parse_ids_field(f).map(|p| p.0))
+        .collect();
+    assert_eq!(tiles, vec![(t + HOUR).div_euclid(HOUR)], "{fields:?}");
+    let s = fresh()
+        .apply(&records(&[click("e3", t + 1)], offset))
+        .await
+        .unwrap();
+    assert_eq!((s.events_too_late, s.events_duplicate), (1, 1), "{s:?}");
+    assert_eq!(
+        count_at(&*store, &reg, "clicks", t + HOUR).await,
+        Value::Int64(1)
+    );
+    // The ten-year view still holds the old tile and its ids.
+    assert_eq!(
+        count_at(&*store, &reg, "decade", t + HOUR).await,
+        Value::Int64(2_503 + i64::from(!same_day))
+    );
+}
+
+#[tokio::test]
+async fn retried_events_count_once_on_the_embedded_store() {
+    let now = 1_000_000 * HOUR + 30 * MINUTE;
+    let dir = tempfile::tempdir().unwrap();
+    retried_events_count_once(open(dir.path(), now), now).await;
+}
+
+#[tokio::test]
+async fn retried_events_count_once_on_redis() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis);
+    // Rows expire in Redis by the wall clock: date the events two hours
+    // ahead so that none expires during the test.
+    let now = quiver_core::time::system_time_to_micros(std::time::SystemTime::now()) + 2 * HOUR;
+    retried_events_count_once(store, now).await;
 }

@@ -37,7 +37,19 @@ const TOPIC: &str = "events";
 const DLQ: &str = "events-dlq";
 const HOUR: Micros = 3_600_000_000;
 
+/// Logs of the code under test, shown for failing tests
+/// (`QUIVER_LOG=debug`; warnings by default).
+fn logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QUIVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 fn registry() -> Arc<Registry> {
+    logs();
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../registry/features.toml");
     Arc::new(Registry::load(&path).unwrap())
 }
@@ -67,8 +79,13 @@ fn kafka(brokers: &str, group: &str) -> KafkaConfig {
 }
 
 fn events(n: usize, start: Micros) -> Vec<Event> {
+    events_seeded(7, n, start)
+}
+
+/// `n` generated events from `start`; seeds give distinct event ids.
+fn events_seeded(seed: u64, n: usize, start: Micros) -> Vec<Event> {
     let cfg = GeneratorConfig {
-        seed: 7,
+        seed,
         users: 200,
         products: 50,
         start,
@@ -79,7 +96,11 @@ fn events(n: usize, start: Micros) -> Vec<Event> {
 
 /// Generates `n` events from `start` and produces them, as `PushEvents` would.
 async fn produce_events(brokers: &str, n: usize, start: Micros) -> Vec<Event> {
-    let evs = events(n, start);
+    produce_seeded(brokers, 7, n, start).await
+}
+
+async fn produce_seeded(brokers: &str, seed: u64, n: usize, start: Micros) -> Vec<Event> {
+    let evs = events_seeded(seed, n, start);
     let sink = KafkaEventSink::new(&kafka(brokers, "unused"), registry()).unwrap();
     for chunk in evs.chunks(500) {
         let out = sink.publish(chunk).await.unwrap();
@@ -114,7 +135,8 @@ fn embedded_store(dir: &Path) -> Arc<dyn OnlineStore> {
 }
 
 /// Feature values straight from the definition: fold every event of the
-/// window into one state, in event-time order.
+/// window into one state, in event-time order, each event id once (a
+/// retried send is the same event).
 fn expected(reg: &Registry, events: &[Event], view: &str, key: &str, at: Micros) -> Vec<Value> {
     let v = reg.view(reg.view_index(view).unwrap());
     let ViewSource::Aggregations { tile, aggregations } = &v.source else {
@@ -125,7 +147,11 @@ fn expected(reg: &Registry, events: &[Event], view: &str, key: &str, at: Micros)
         .iter()
         .map(|a| {
             let mut s = AggState::new(a.function);
+            let mut seen = HashSet::new();
             for e in events {
+                if !seen.insert(e.event_id.as_str()) {
+                    continue;
+                }
                 let in_window = tile_of(e.event_time, *tile)
                     >= window_first_tile(at, *tile, a.window)
                     && e.event_time <= at;
@@ -196,7 +222,12 @@ async fn check_aggregates(store: &dyn OnlineStore, reg: &Registry, evs: &[Event]
     ] {
         for key in keys {
             let want = expected(reg, evs, view, key, at);
-            let got = online(store, reg, view, jk, key, at).await;
+            let mut got = online(store, reg, view, jk, key, at).await;
+            if got.is_empty() {
+                // No row: none of the entity's events feeds the view's
+                // windows at `at` (e.g. only logins), as for no events.
+                got = expected(reg, &[], view, key, at);
+            }
             let ok = want.len() == got.len() && want.iter().zip(&got).all(|(a, b)| close(a, b));
             assert!(ok, "{view} {key}: online {got:?} != definition {want:?}");
         }
@@ -247,12 +278,14 @@ fn archived_rows(dir: &Path) -> Vec<(String, i64, String)> {
     rows
 }
 
+/// The archive holds every message sent (`evs`, retried sends included,
+/// and `extra_ids`) once: one row per offset, the ids as sent.
 fn assert_archive_exact(dir: &Path, evs: &[Event], extra_ids: &[&str]) {
     let rows = archived_rows(dir);
     let offsets: HashSet<(String, i64)> = rows.iter().map(|r| (r.0.clone(), r.1)).collect();
     assert_eq!(offsets.len(), rows.len(), "an offset was archived twice");
-    let ids: HashSet<&str> = rows.iter().map(|r| r.2.as_str()).collect();
-    let want: HashSet<&str> = evs
+    let mut ids: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+    let mut want: Vec<&str> = evs
         .iter()
         .map(|e| e.event_id.as_str())
         .chain(extra_ids.iter().copied())
@@ -264,6 +297,8 @@ fn assert_archive_exact(dir: &Path, evs: &[Event], extra_ids: &[&str]) {
         rows.len(),
         want.len()
     );
+    ids.sort_unstable();
+    want.sort_unstable();
     assert_eq!(ids, want);
     // Nothing half-written is visible, staging is empty after clean shutdown.
     let staging = dir.join("_quiver/staging");
@@ -278,8 +313,8 @@ fn ingestor(
     batch_max: usize,
     roll_bytes: usize,
 ) -> Ingestor {
-    ingestor_rolling(
-        brokers,
+    ingestor_for(
+        &kafka(brokers, "ingest"),
         store,
         archive_dir.to_str().unwrap(),
         &[],
@@ -289,8 +324,8 @@ fn ingestor(
     )
 }
 
-fn ingestor_rolling(
-    brokers: &str,
+fn ingestor_for(
+    kafka: &KafkaConfig,
     store: Arc<dyn OnlineStore>,
     location: &str,
     options: &[(String, String)],
@@ -311,7 +346,7 @@ fn ingestor_rolling(
     );
     let applier = Applier::new(reg.clone(), store, Duration::from_secs(86_400));
     Ingestor::new(
-        &kafka(brokers, "ingest"),
+        kafka,
         IngestConfig {
             batch_max,
             batch_wait: Duration::from_millis(50),
@@ -528,7 +563,20 @@ async fn a_crash_mid_ingest_loses_nothing_and_counts_nothing_twice() {
     let db = tempfile::tempdir().unwrap();
     let store = embedded_store(db.path());
     let reg = registry();
-    let evs = produce_events(&brokers, 6_000, now() - 4 * HOUR).await;
+    let mut evs = produce_events(&brokers, 6_000, now() - 4 * HOUR).await;
+    // Clients that retried PushEvents after a timeout: every 9th event
+    // sent again (same ids), some of them twice.
+    let retries: Vec<Event> = evs
+        .iter()
+        .step_by(9)
+        .chain(evs.iter().step_by(90))
+        .cloned()
+        .collect();
+    let sink = KafkaEventSink::new(&kafka(&brokers, "unused"), registry()).unwrap();
+    for chunk in retries.chunks(500) {
+        assert!(sink.publish(chunk).await.unwrap().iter().all(Result::is_ok));
+    }
+    evs.extend(retries);
     let dir = tempfile::tempdir().unwrap();
 
     // First run: killed at an arbitrary await point once a few batches are in.
@@ -559,6 +607,7 @@ async fn a_crash_mid_ingest_loses_nothing_and_counts_nothing_twice() {
     let second = ingestor(&brokers, store.clone(), dir.path(), 250, 8 * 1024);
     let stats = run_until_caught_up(second, None).await;
     eprintln!("after restart: {stats:?}, archived before: {partial}");
+    assert!(stats.online.events_duplicate > 0, "{stats:?}");
     assert!(
         stats.online.tiles_replayed > 0 || stats.messages < evs.len() as u64,
         "{stats:?}"
@@ -579,8 +628,8 @@ async fn the_archive_writes_to_s3() {
     let store = embedded_store(db.path());
     let evs = produce_events(&brokers, 1_500, now() - 2 * HOUR).await;
 
-    let ing = ingestor_rolling(
-        &brokers,
+    let ing = ingestor_for(
+        &kafka(&brokers, "ingest"),
         store,
         "s3://lake/offline",
         &s3.options(),
@@ -647,8 +696,8 @@ async fn two_ingest_processes_share_the_topic_through_a_rebalance() {
     let dir = tempfile::tempdir().unwrap();
     let location = dir.path().to_str().unwrap().to_owned();
     let member = || {
-        ingestor_rolling(
-            &brokers,
+        ingestor_for(
+            &kafka(&brokers, "ingest"),
             store.clone(),
             &location,
             &[],
@@ -871,4 +920,110 @@ async fn a_permanent_store_failure_stops_ingest_and_loses_nothing() {
     assert_eq!(stats.messages, 1_000);
     check_aggregates(&*store, &reg, &evs, now()).await;
     assert_archive_exact(dir.path(), &evs, &[]);
+}
+
+/// A topic deleted and recreated under the same name restarts its offsets
+/// at 0: ingest must not skip its events as replays of the old topic's.
+/// Consumer offsets reset on the same topic replay harmlessly; a recreated
+/// topic (shorter than what was applied, or longer with other messages at
+/// the last applied offset) stops ingest before anything of it is applied,
+/// saying what to do; with `kafka.topic_epoch` raised it is a new source
+/// and every event counts exactly once, online and in the archive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_topic_stops_ingest_until_its_epoch_is_raised() {
+    let db = tempfile::tempdir().unwrap();
+    let store = embedded_store(db.path());
+    let reg = registry();
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().to_str().unwrap().to_owned();
+    let start = now() - 3 * HOUR;
+    let build = |k: &KafkaConfig| {
+        ingestor_for(
+            k,
+            store.clone(),
+            &location,
+            &[],
+            250,
+            8 * 1024,
+            Duration::from_secs(3600),
+        )
+    };
+
+    let (first_cluster, brokers) = mock_kafka(2);
+    let first = produce_seeded(&brokers, 11, 600, start).await;
+    let stats = run_until_caught_up(build(&kafka(&brokers, "ingest")), Some(600)).await;
+    assert_eq!(stats.events, 600);
+    // The same topic read again from the start (a new group, or offsets
+    // reset): every tile row is a replay.
+    let stats = run_until_caught_up(build(&kafka(&brokers, "replay")), Some(600)).await;
+    assert_eq!(stats.online.tiles_written, 0, "{stats:?}");
+    assert!(stats.online.tiles_replayed > 0, "{stats:?}");
+    // A raised epoch while the group still has the old offsets would skip
+    // everything before them: refused, nothing applied.
+    produce_seeded(&brokers, 13, 50, start).await;
+    let mut raised = kafka(&brokers, "ingest");
+    raised.topic_epoch = 1;
+    let err = stops(build(&raised)).await;
+    assert!(
+        err.message().contains("--reset-offsets --to-earliest"),
+        "{err}"
+    );
+    drop(first_cluster);
+
+    for n in [100, 900] {
+        // Recreated: a new cluster's topic of the same name.
+        let (cluster, brokers) = mock_kafka(2);
+        let second = produce_seeded(&brokers, 12, n, start + HOUR).await;
+        let err = stops(build(&kafka(&brokers, "ingest"))).await;
+        let msg = err.message();
+        assert!(
+            msg.contains("recreated") && msg.contains("kafka.topic_epoch = 1"),
+            "{msg}"
+        );
+        if n == 100 {
+            assert!(msg.contains("now ends at offset"), "{msg}");
+        } else {
+            assert!(msg.contains("holds another message"), "{msg}");
+        }
+        // Nothing of the new topic was applied or archived.
+        check_aggregates(&*store, &reg, &first, now()).await;
+        assert_archive_exact(dir.path(), &first, &[]);
+        if n == 900 {
+            // The operator raises the epoch: a new source, applied exactly.
+            let mut k = kafka(&brokers, "ingest");
+            k.topic_epoch = 1;
+            let stats = run_until_caught_up(build(&k), Some(900)).await;
+            assert_eq!(stats.events, 900, "{stats:?}");
+            assert!(
+                stats.partitions.keys().all(|p| p.starts_with("events@1:")),
+                "{stats:?}"
+            );
+            let all: Vec<Event> = first.iter().chain(&second).cloned().collect();
+            check_aggregates(&*store, &reg, &all, now()).await;
+            assert_archive_exact(dir.path(), &all, &[]);
+            // A replay of epoch 1 checks its own markers: nothing new.
+            k.group_id = "ingest-again".into();
+            let stats = run_until_caught_up(build(&k), Some(900)).await;
+            assert_eq!(stats.online.tiles_written, 0, "{stats:?}");
+            // A process left on the old epoch is refused.
+            let err = stops(build(&kafka(&brokers, "left-behind"))).await;
+            assert!(
+                err.message()
+                    .contains("epoch 1 of topic events is already in use"),
+                "{err}"
+            );
+        }
+        drop(cluster);
+    }
+}
+
+/// Runs `ing` until it fails; the error must be a refusal to go on.
+async fn stops(ing: Ingestor) -> quiver_core::Error {
+    let run = ing.run(futures::future::pending(), |_| {});
+    let err = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("ingest did not stop")
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    err
 }

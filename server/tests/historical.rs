@@ -171,12 +171,25 @@ async fn online_aggregates_equal_offline_ones_at_every_as_of_time() {
         }
         late.push(x);
     }
-    let n = early.len() + events.len() + late.len();
+    // Client retries: events sent again (same ids) after everything else,
+    // and a few twice within one chunk; each counts once, online and
+    // offline.
+    let mut retries: Vec<quiver_core::event::Event> = events
+        .iter()
+        .chain(&late)
+        .filter(|e| e.event_type != "login")
+        .step_by(53)
+        .take(70)
+        .cloned()
+        .collect();
+    retries.extend(retries[..5].to_vec());
+    let n = early.len() + events.len() + late.len() + retries.len();
     let sink = KafkaEventSink::new(&kafka, reg.clone()).unwrap();
     for chunk in early
         .chunks(500)
         .chain(events.chunks(500))
         .chain(late.chunks(500))
+        .chain(retries.chunks(500))
     {
         assert!(sink.publish(chunk).await.unwrap().iter().all(Result::is_ok));
     }
@@ -212,8 +225,20 @@ async fn online_aggregates_equal_offline_ones_at_every_as_of_time() {
         Some(archiver),
     )
     .unwrap();
+    // Retries of dead-lettered events are dead-lettered again.
+    let out_of_range = |e: &quiver_core::event::Event| {
+        e.event_time > now() + DAY || e.event_time < now() - 30 * DAY
+    };
+    let dead = dead + retries.iter().filter(|e| out_of_range(e)).count() as u64;
     let stats = ingest_all(ingestor, n as u64, dead).await;
     assert_eq!(stats.out_of_range, dead, "{stats:?}");
+    // Every retry of an ordinary event is skipped (in one view at least).
+    let ordinary = retries
+        .iter()
+        .filter(|r| events.iter().any(|e| e.event_id == r.event_id))
+        .count() as u64;
+    assert!(ordinary > 50, "{ordinary}");
+    assert!(stats.online.events_duplicate >= ordinary, "{stats:?}");
     assert!(stats.online.events_too_late > 0, "{stats:?}");
     // A second copy of one archive file, as an evicted ingest process's
     // overlapping roll would leave (the archive's fencing prevents that;

@@ -129,6 +129,14 @@ impl RedisClusterStore {
         .await?;
         let mut out = vec![0; n];
         for (idx, results) in groups.iter().zip(parts) {
+            // Fewer answers than rows must not pass for "not applied".
+            if results.len() != idx.len() {
+                return Err(Error::internal(format!(
+                    "a redis script answered {} results for {} rows",
+                    results.len(),
+                    idx.len()
+                )));
+            }
             for (&i, r) in idx.iter().zip(results) {
                 out[i] = r;
             }

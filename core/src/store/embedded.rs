@@ -10,7 +10,10 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{replaces, Lookup, OnlineStore, StoredRow, TileWrite, WriteOutcome, WriteRow};
 use crate::aggregate::{event_time_field, offset_field};
-use crate::codec::{decode_row, decode_tiles, encode_row, encode_tiles, RowBlob, TileBlob};
+use crate::codec::{
+    decode_row, decode_tiles, decode_tiles_where, encode_row, encode_tiles, RowBlob, TileBlob,
+    EVENT_IDS_SUFFIX,
+};
 use crate::error::{Error, Result};
 use crate::time::Clock;
 
@@ -230,7 +233,8 @@ impl EmbeddedStore {
                 let tiles_before = tiles.len().map_err(db_error)?;
                 tiles
                     .retain(|_, blob| {
-                        !decode_tiles(blob).is_ok_and(|t| t.expire_at > 0 && t.expire_at <= now)
+                        !decode_tiles_where(blob, |_| false)
+                            .is_ok_and(|t| t.expire_at > 0 && t.expire_at <= now)
                     })
                     .map_err(db_error)?;
                 before - table.len().map_err(db_error)? + tiles_before
@@ -293,10 +297,20 @@ fn read_rows(db: &Database, lookups: &[Lookup<'_>], now: i64) -> Result<Vec<Opti
         .iter()
         .map(|l| {
             if l.raw {
-                let Some(guard) = tiles.get(l.key).map_err(db_error)? else {
+                // An event-id row is the `#` fields of its row's blob.
+                let (key, ids) = match l.key.strip_suffix(EVENT_IDS_SUFFIX) {
+                    Some(row) => (row, true),
+                    None => (l.key, false),
+                };
+                let Some(guard) = tiles.get(key).map_err(db_error)? else {
                     return Ok(None);
                 };
-                let t = decode_tiles(guard.value())?;
+                let mut t = decode_tiles_where(guard.value(), |n| n.starts_with(ID_PREFIX) == ids)?;
+                if ids {
+                    for (n, _) in &mut t.fields {
+                        n.remove(0);
+                    }
+                }
                 if t.expire_at > 0 && t.expire_at <= now {
                     return Ok(None);
                 }
@@ -447,6 +461,23 @@ fn apply_tile_write(t: &mut TileBlob, w: TileWrite) -> bool {
     for (n, v) in w.fields {
         set(t, n, v);
     }
+    // The event-id row lives in the row's own blob (one B-tree entry per
+    // row), under `#`-prefixed names that reads of the row skip.
+    if !w.ids_delete.is_empty() {
+        let gone: std::collections::HashSet<String> = w
+            .ids_delete
+            .iter()
+            .map(|n| format!("{ID_PREFIX}{n}"))
+            .collect();
+        t.fields.retain(|(n, _)| !gone.contains(n));
+    }
+    for (n, v) in w.ids {
+        set(t, format!("{ID_PREFIX}{n}"), v);
+    }
     t.expire_at = t.expire_at.max(w.expire_at);
     true
 }
+
+/// Prefix of a row's event-id fields inside its blob (see
+/// [`crate::codec::event_ids_key`]: a lookup of that key reads them).
+const ID_PREFIX: char = '#';

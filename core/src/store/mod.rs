@@ -102,6 +102,13 @@ pub struct TileWrite {
     pub fields: Vec<(String, Vec<u8>)>,
     /// Fields to delete (tiles that left every window).
     pub delete: Vec<String>,
+    /// Fields to set in the row's event-id row
+    /// ([`crate::codec::event_ids_key`]; digests of counted events, see
+    /// [`crate::aggregate::ids_field`]), in the same atomic update and only
+    /// when it applies; the event-id row expires with the row.
+    pub ids: Vec<(String, Vec<u8>)>,
+    /// Fields to delete from the event-id row.
+    pub ids_delete: Vec<String>,
     /// Expiry instant (epoch micros); the row keeps the latest one.
     pub expire_at: Micros,
 }

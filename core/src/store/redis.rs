@@ -10,7 +10,7 @@ use redis::{RedisError, Script};
 
 use super::{with_deadline, Lookup, OnlineStore, StoredRow, TileWrite, WriteOutcome, WriteRow};
 use crate::aggregate::{event_time_field, offset_field};
-use crate::codec::{decode_value, encode_value};
+use crate::codec::{decode_value, encode_value, event_ids_key};
 use crate::error::{Error, Result};
 
 /// Hash field holding the row's event time (decimal epoch micros). Feature
@@ -113,10 +113,13 @@ return 1
 );
 
 /// Applies [`TileWrite`]s, each at most once and atomically. KEYS: the
-/// row keys. ARGV, one segment per key: offset field, offset, event-time
-/// field, event time, expire-at (epoch ms), number of fields to delete, those
-/// fields, number of fields to set, then field, value pairs. Returns one
-/// integer per key: 1 when applied, 0 when the row already had the offset.
+/// row keys, then their event-id rows' keys in the same order. ARGV, one
+/// segment per row: offset field, offset, event-time field, event time,
+/// expire-at (epoch ms), number of fields to delete, those fields, number
+/// of fields to set, then field, value pairs; then the same two lists
+/// (delete, set) for the event-id row, which takes the row's expiry.
+/// Returns one integer per row: 1 when applied, 0 when the row already had
+/// the offset.
 /// Many rows per call amortise the script call (one per row would cost
 /// Redis more than the work itself). Fields are set and deleted in
 /// commands of at most `UNPACK_MAX` arguments, so a row update of any size
@@ -124,13 +127,22 @@ return 1
 const TILE_SCRIPT: &str = concat!(
     lua_helpers!(),
     r#"
+if #KEYS % 2 ~= 0 then
+  return redis.error_reply('ERR quiver tile script: expected row keys then their event-id keys')
+end
 local out = {}
 local a = 1
-for k = 1, #KEYS do
+local n = #KEYS / 2
+for k = 1, n do
   local key = KEYS[k]
+  local idkey = KEYS[n + k]
   local nd = tonumber(ARGV[a + 5])
   local nf = tonumber(ARGV[a + 6 + nd])
   local fields = a + 7 + nd
+  local ia = fields + 2 * nf
+  local nid = tonumber(ARGV[ia])
+  local nis = tonumber(ARGV[ia + 1 + nid])
+  local ifields = ia + 2 + nid
   local cur = redis.call('HGET', key, ARGV[a])
   if cur and cmp_int(cur, ARGV[a + 1]) >= 0 then
     out[k] = 0
@@ -149,14 +161,31 @@ for k = 1, #KEYS do
       redis.call('HSET', key, unpack(args, i, math.min(i + UNPACK_MAX - 1, #args)))
     end
     local exp = tonumber(ARGV[a + 4])
-    if redis.call('PTTL', key) < 0 then
+    -- The event-id row lives and expires with the row: both are set
+    -- together, so the row's TTL state is the id row's too.
+    local fresh = redis.call('PTTL', key) < 0
+    if fresh then
       redis.call('PEXPIREAT', key, exp)
     else
       redis.call('PEXPIREAT', key, exp, 'GT')
     end
+    for i = ia + 1, ia + nid, UNPACK_MAX do
+      redis.call('HDEL', idkey, unpack(ARGV, i, math.min(i + UNPACK_MAX - 1, ia + nid)))
+    end
+    if nis > 0 then
+      local last = ifields + 2 * nis - 1
+      for i = ifields, last, UNPACK_MAX do
+        redis.call('HSET', idkey, unpack(ARGV, i, math.min(i + UNPACK_MAX - 1, last)))
+      end
+      if fresh or redis.call('PTTL', idkey) < 0 then
+        redis.call('PEXPIREAT', idkey, exp)
+      else
+        redis.call('PEXPIREAT', idkey, exp, 'GT')
+      end
+    end
     out[k] = 1
   end
-  a = fields + 2 * nf
+  a = ifields + 2 * nis
 end
 return out
 "#
@@ -274,9 +303,12 @@ pub(super) fn tile_pipeline<'a>(
         } else {
             script.get_hash()
         })
-        .arg(chunk.len());
+        .arg(2 * chunk.len());
         for w in chunk {
             cmd.arg(&w.key);
+        }
+        for w in chunk {
+            cmd.arg(event_ids_key(&w.key));
         }
         for w in chunk {
             cmd.arg(offset_field(&w.source))
@@ -290,9 +322,27 @@ pub(super) fn tile_pipeline<'a>(
             for (name, v) in &w.fields {
                 cmd.arg(name).arg(v.as_slice());
             }
+            cmd.arg(w.ids_delete.len())
+                .arg(&w.ids_delete)
+                .arg(w.ids.len());
+            for (name, v) in &w.ids {
+                cmd.arg(name).arg(v.as_slice());
+            }
         }
     }
     pipe
+}
+
+/// Per write, whether it applied; an answer of another length is a bug
+/// that must not pass for "nothing applied".
+pub(super) fn tile_outcomes(results: Vec<i64>, writes: usize) -> Result<Vec<bool>> {
+    if results.len() != writes {
+        return Err(Error::internal(format!(
+            "the tile script answered {} results for {writes} row updates",
+            results.len()
+        )));
+    }
+    Ok(results.into_iter().map(|r| r == 1).collect())
 }
 
 /// The script of [`tile_pipeline`].
@@ -554,7 +604,7 @@ impl OnlineStore for RedisStore {
         let results: Vec<Vec<i64>> = self
             .run_script(|eval| tile_pipeline(writes, &self.tile_script, eval))
             .await?;
-        Ok(results.concat().into_iter().map(|r| r == 1).collect())
+        tile_outcomes(results.concat(), writes.len())
     }
 
     async fn ping(&self) -> Result<()> {
