@@ -544,6 +544,12 @@ impl Config {
         if k.topic == k.dead_letter_topic {
             bail!("kafka.dead_letter_topic must differ from kafka.topic");
         }
+        if k.topic_epoch == u32::MAX {
+            bail!(
+                "kafka.topic_epoch must be below {} (raise it by one per recreation of the topic)",
+                u32::MAX
+            );
+        }
         if self.ingest.batch_max == 0 {
             bail!("ingest.batch_max must be at least 1");
         }

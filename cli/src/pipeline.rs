@@ -324,6 +324,11 @@ pub async fn demo_cmd(overrides: Overrides, demo: DemoData) -> Result<()> {
     // The mock cluster lives as long as this function; it keeps events in
     // memory, so it is for trying quiver out, not for keeping data.
     let cluster = if cfg.kafka.brokers.is_empty() {
+        // Each run's in-process topic is a new topic whose offsets start at
+        // 0, while the online store and the archive persist: a topic name
+        // of its own per run keeps its events from being taken for replays
+        // of an earlier run's (see `KafkaConfig::topic_epoch`).
+        cfg.kafka.topic = format!("{}-demo-{}", cfg.kafka.topic, clock.now_micros());
         let c = MockCluster::new(1).context("starting the in-process Kafka")?;
         c.create_topic(&cfg.kafka.topic, 3, 1)
             .context("creating the event topic")?;
@@ -335,14 +340,7 @@ pub async fn demo_cmd(overrides: Overrides, demo: DemoData) -> Result<()> {
     } else {
         None
     };
-    let mut kafka = cfg.kafka(&cfg.kafka.brokers);
-    if cluster.is_some() {
-        // Each run's in-process topic is a new topic whose offsets start at
-        // 0, while the online store and the archive persist: a new epoch
-        // per run keeps its events from being taken for replays of the
-        // last run's (see `KafkaConfig::topic_epoch`).
-        kafka.topic_epoch = u32::try_from(clock.now_micros() / 1_000_000).unwrap_or(u32::MAX);
-    }
+    let kafka = cfg.kafka(&cfg.kafka.brokers);
     let sink: Arc<dyn EventSink> =
         Arc::new(KafkaEventSink::new(&kafka, registry.clone()).map_err(err)?);
 

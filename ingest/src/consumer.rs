@@ -843,21 +843,36 @@ impl Ingestor {
     /// that holds other messages than those applied from it stops ingest
     /// before anything of it is applied.
     async fn verify(&mut self, batch: &[Msg]) -> Result<()> {
-        // Per partition of the batch: its first message.
-        let mut firsts: Vec<&Msg> = Vec::new();
+        // Per partition of the batch: its first message, the highest
+        // offset so far, and whether an offset went back (from the last
+        // processed batch, or within this one).
+        let mut parts: Vec<(&Msg, i64, bool)> = Vec::new();
         for m in batch {
-            if !firsts
-                .iter()
-                .any(|x| x.partition == m.partition && x.topic == m.topic)
+            match parts
+                .iter_mut()
+                .find(|(x, _, _)| x.partition == m.partition && x.topic == m.topic)
             {
-                firsts.push(m);
+                Some((_, high, back)) => {
+                    *back |= m.offset <= *high;
+                    *high = (*high).max(m.offset);
+                }
+                None => {
+                    let k = (m.topic.to_string(), m.partition);
+                    let back = self.processed.get(&k).is_some_and(|&last| m.offset <= last);
+                    parts.push((m, m.offset, back));
+                }
             }
         }
         let mut todo: Vec<&Msg> = Vec::new();
-        for m in firsts {
+        // Partitions whose offsets went back: the batch may hold two
+        // messages at one offset (old and new log), so only Kafka itself
+        // says what the partition holds now.
+        let mut went_back: Vec<(&str, i32)> = Vec::new();
+        for (m, _, back) in parts {
             let k = (m.topic.to_string(), m.partition);
-            if self.processed.get(&k).is_some_and(|&last| m.offset <= last) {
+            if back {
                 self.verified.remove(&k);
+                went_back.push((&*m.topic, m.partition));
             }
             if !self.verified.contains(&k) {
                 todo.push(m);
@@ -885,11 +900,14 @@ impl Ingestor {
             match markers.by_source.get(source) {
                 Some(&marker) => {
                     // The batch may hold the marker's message itself.
-                    let here = batch.iter().find(|x| {
-                        x.topic == m.topic
-                            && x.partition == m.partition
-                            && x.offset == marker.offset
-                    });
+                    let here = batch
+                        .iter()
+                        .find(|x| {
+                            x.topic == m.topic
+                                && x.partition == m.partition
+                                && x.offset == marker.offset
+                        })
+                        .filter(|_| !went_back.contains(&(&*m.topic, m.partition)));
                     match here {
                         Some(x) => {
                             let held = if fingerprint(x.payload.as_deref()) == marker.fingerprint {
@@ -933,7 +951,7 @@ impl Ingestor {
 
     /// The verdict on one partition (see [`Ingestor::verify`]).
     fn check_held(&self, source: &str, check: Check, held: Held) -> Result<()> {
-        let next = self.topic_epoch + 1;
+        let next = self.topic_epoch.saturating_add(1);
         let (marker, what) = match (check, held) {
             (_, Held::Same) => return Ok(()),
             (Check::Marker(m), Held::Removed { low }) => {

@@ -1,6 +1,6 @@
 //! Sample events standing in for a shop's microservices: users log in,
 //! browse product pages in sessions, add to cart and buy. Deterministic for
-//! a seed (same seed, same events, same ids and times), so tests and
+//! a seed and start (same seed and start, same events, same ids and times), so tests and
 //! benchmarks can recompute what the pipeline must produce.
 //!
 //! Activity is skewed like real traffic: a few users and products account
@@ -214,7 +214,10 @@ impl Generator {
             ));
         }
         let ev = Event {
-            event_id: format!("{:x}-{}", self.cfg.seed, self.seq),
+            // The start in the id: a second run (same seed, later start)
+            // makes other events, not retries of the first run's, which
+            // aggregates would count once (see `quiver_core::aggregate`).
+            event_id: format!("{:x}-{:x}-{}", self.cfg.seed, self.cfg.start, self.seq),
             event_type: event_type.to_owned(),
             entities,
             event_time: self.now,

@@ -425,8 +425,10 @@ async fn retried_events_count_once_on_the_embedded_store() {
 async fn retried_events_count_once_on_redis() {
     let redis = RedisServer::start();
     let store = redis_store(&redis);
-    // Rows expire in Redis by the wall clock: date the events two hours
-    // ahead so that none expires during the test.
-    let now = quiver_core::time::system_time_to_micros(std::time::SystemTime::now()) + 2 * HOUR;
+    // Rows expire in Redis by the wall clock: date the events hours ahead
+    // so that none expires during the test, half past an hour like the
+    // embedded case (the checks read within the same hour tile).
+    let wall = quiver_core::time::system_time_to_micros(std::time::SystemTime::now());
+    let now = (wall.div_euclid(HOUR) + 3) * HOUR + 30 * MINUTE;
     retried_events_count_once(store, now).await;
 }
