@@ -27,8 +27,10 @@ use arrow::datatypes::{
     TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
     TimestampSecondType, UInt64Type,
 };
+use arrow::error::ArrowError;
 use datafusion::prelude::SessionContext;
 use quiver_core::columnar::{arrow_type, timestamp_type};
+use quiver_core::error::quote;
 use quiver_core::registry::TIMESTAMP_COLUMN;
 use quiver_core::time::{check_range, parse_rfc3339, Micros};
 use quiver_core::value::{exact_i64, parse_int64, INT64_RANGE};
@@ -46,13 +48,14 @@ pub fn typed(
     let schema = entities.schema();
     if let Some(name) = duplicate(schema.fields().iter().map(|f| f.name().as_str())) {
         return Err(Error::invalid(format!(
-            "the entity table has the column {name:?} twice"
+            "the entity table has the column {} twice",
+            quote(name)
         )));
     }
     if schema.column_with_name(TIMESTAMP_COLUMN).is_none() {
         return Err(Error::invalid(format!(
             "the entity table has no {TIMESTAMP_COLUMN:?} column (the time each row's features must be as of); columns: {}",
-            schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+            quote(&schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "))
         )));
     }
     let mut fields = Vec::with_capacity(schema.fields().len());
@@ -276,9 +279,10 @@ pub fn from_values(columns: Vec<(String, Vec<Value>)>) -> Result<RecordBatch> {
     for (name, values) in &columns {
         if values.len() != n {
             return Err(Error::invalid(format!(
-                "entity column {name:?} has {} values, {:?} has {n}; every column needs one value per row",
+                "entity column {} has {} values, {} has {n}; every column needs one value per row",
+                quote(name),
                 values.len(),
-                columns[0].0
+                quote(&columns[0].0)
             )));
         }
         let ty = values
@@ -291,7 +295,8 @@ pub fn from_values(columns: Vec<(String, Vec<Value>)>) -> Result<RecordBatch> {
             .find(|(_, v)| !v.is_null() && v.value_type() != Some(ty))
         {
             return Err(Error::invalid(format!(
-                "entity column {name:?} row {i}: expected {ty} like the rows before, got {}",
+                "entity column {} row {i}: expected {ty} like the rows before, got {}",
+                quote(name),
                 v.type_name()
             )));
         }
@@ -304,13 +309,31 @@ pub fn from_values(columns: Vec<(String, Vec<Value>)>) -> Result<RecordBatch> {
 }
 
 /// Reads an entity table sent as an Arrow IPC stream.
+///
+/// With arrow's push decoder: it takes each message's and body's
+/// announced length as a bound to read up to, never as a size to allocate
+/// (the pull reader, `StreamReader`, allocates and zeroes whatever a
+/// length prefix announces: 8 bytes could ask for 2 GiB), so memory stays
+/// proportional to the bytes received.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` when `bytes` is not one complete Arrow IPC stream.
 pub fn from_ipc(bytes: &[u8]) -> Result<RecordBatch> {
-    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
-        .map_err(|e| Error::invalid(format!("entities_arrow is not an Arrow IPC stream: {e}")))?;
-    let schema = reader.schema();
-    let batches = reader
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::invalid(format!("entities_arrow: {e}")))?;
+    let bad =
+        |e: ArrowError| Error::invalid(format!("entities_arrow is not an Arrow IPC stream: {e}"));
+    let mut decoder = arrow::ipc::reader::StreamDecoder::new();
+    let mut buf = arrow::buffer::Buffer::from(bytes);
+    let mut batches = Vec::new();
+    while !buf.is_empty() {
+        match decoder.decode(&mut buf).map_err(bad)? {
+            Some(b) => batches.push(b),
+            None => break,
+        }
+    }
+    decoder.finish().map_err(bad)?;
+    let schema = decoder
+        .schema()
+        .ok_or_else(|| Error::invalid("entities_arrow is not an Arrow IPC stream: no schema"))?;
     arrow::compute::concat_batches(&schema, &batches)
         .map_err(|e| Error::invalid(format!("entities_arrow: {e}")))
 }
@@ -405,7 +428,7 @@ fn read_csv(reg: &Registry, path: &std::path::Path, shown: &str) -> Result<Recor
         .infer_schema(open()?, None)
         .map_err(|e| bad(&e))?;
     if let Some(name) = duplicate(schema.fields().iter().map(|f| f.name().as_str())) {
-        return Err(bad(&format!("the column {name:?} appears twice")));
+        return Err(bad(&format!("the column {} appears twice", quote(name))));
     }
     // Keys and times are text whatever they look like (an id like a date, a
     // time with nanoseconds beyond 2262): nothing to infer. Labels may be
@@ -507,6 +530,63 @@ mod tests {
     };
 
     use super::*;
+
+    /// Peak resident set of this process since the last reset, in bytes.
+    fn peak_rss_after_reset(f: impl FnOnce()) -> u64 {
+        let bytes = |key: &str| {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+            let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            kb * 1024
+        };
+        std::fs::write("/proc/self/clear_refs", "5").unwrap();
+        let before = bytes("VmRSS:");
+        f();
+        bytes("VmHWM:").saturating_sub(before)
+    }
+
+    /// Length prefixes are bounds, not allocation sizes: a stream whose
+    /// first message announces ~2 GiB (8 bytes in all) is refused without
+    /// memory growing; a truncated stream and a stream with its body cut
+    /// are refused too; a real stream still reads.
+    #[test]
+    fn arrow_ipc_lengths_are_checked_against_the_bytes_received() {
+        for bytes in [
+            vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+            vec![0xff, 0xff, 0xff, 0xff, 0x10, 0x00, 0x00, 0x00, 0x01],
+            vec![0x7f, 0xff, 0xff, 0xff],
+        ] {
+            let mut result = None;
+            let grown = peak_rss_after_reset(|| result = Some(from_ipc(&bytes)));
+            let err = result.unwrap().unwrap_err();
+            assert_eq!(err.kind(), quiver_core::ErrorKind::InvalidArgument, "{err}");
+            assert!(
+                grown < 64 << 20,
+                "{bytes:x?}: peak RSS grew {} MB",
+                grown >> 20
+            );
+        }
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "user_id",
+            DataType::Utf8,
+            false,
+        )]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(StringArray::from(vec!["u1", "u2"])) as ArrayRef],
+        )
+        .unwrap();
+        let mut ipc = Vec::new();
+        {
+            let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut ipc, &schema).unwrap();
+            w.write(&batch).unwrap();
+            w.finish().unwrap();
+        }
+        assert_eq!(from_ipc(&ipc).unwrap(), batch);
+        // The body cut short.
+        let cut = &ipc[..ipc.len() - 20];
+        assert!(from_ipc(cut).is_err());
+    }
 
     fn registry() -> Registry {
         Registry::from_toml(

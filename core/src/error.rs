@@ -105,12 +105,43 @@ pub fn quote(s: &str) -> String {
     if s.len() <= MAX_QUOTED_BYTES {
         return format!("{s:?}");
     }
-    let mut end = MAX_QUOTED_BYTES;
+    format!("{:?}... ({} bytes)", head(s), s.len())
+}
+
+/// Caller input named in an error without quotes (a path like
+/// `entities.user_id[0]`), cut like [`quote`].
+pub fn cut(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= MAX_QUOTED_BYTES {
+        return s.into();
+    }
+    format!("{}... ({} bytes)", head(s), s.len()).into()
+}
+
+/// The first [`MAX_QUOTED_BYTES`] of `s`, at a character boundary.
+fn head(s: &str) -> &str {
+    let mut end = MAX_QUOTED_BYTES.min(s.len());
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{:?}... ({} bytes)", &s[..end], s.len())
+    &s[..end]
 }
 
 /// Result alias of `quiver-core`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_input_is_cut_with_its_length() {
+        assert_eq!(quote("user_id"), "\"user_id\"");
+        assert_eq!(cut("user_id"), "user_id");
+        let long = "é".repeat(100);
+        let q = quote(&long);
+        assert!(q.ends_with("... (200 bytes)"), "{q}");
+        assert!(q.len() < MAX_QUOTED_BYTES + 24, "{q}");
+        let c = cut(&long);
+        assert!(!c.starts_with('"') && c.ends_with("... (200 bytes)"), "{c}");
+    }
+}

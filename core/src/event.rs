@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value as Json};
 
 use crate::codec::entity_key;
-use crate::error::{Error, Result};
+use crate::error::{quote, Error, Result};
 use crate::json::{value_from_json, value_to_json};
 use crate::registry::{EventType, Registry};
 use crate::time::{duration_micros, format_rfc3339, parse_rfc3339, Micros};
@@ -154,7 +154,10 @@ impl Event {
             .first()
             .ok_or_else(|| Error::invalid(format!("event type {:?} has no entities", et.name)))?;
         let v = self.entity(jk).ok_or_else(|| {
-            Error::invalid(format!("event {:?} lacks join key {jk:?}", self.event_id))
+            Error::invalid(format!(
+                "event {} lacks join key {jk:?}",
+                quote(&self.event_id)
+            ))
         })?;
         entity_key(&[(jk.as_str(), v)])
     }
@@ -257,7 +260,8 @@ impl Event {
 fn require_type<'r>(reg: &'r Registry, name: &str) -> Result<&'r EventType> {
     reg.event_type(name).ok_or_else(|| {
         Error::invalid(format!(
-            "unknown event_type {name:?}; declared event types: {}",
+            "unknown event_type {}; declared event types: {}",
+            quote(name),
             reg.event_types()
                 .iter()
                 .map(|e| e.name.as_str())
@@ -269,16 +273,18 @@ fn require_type<'r>(reg: &'r Registry, name: &str) -> Result<&'r EventType> {
 
 fn unknown_key(et: &EventType, k: &str) -> Error {
     Error::invalid(format!(
-        "event type {:?} has no entity with join key {k:?}; it takes {}",
+        "event type {:?} has no entity with join key {}; it takes {}",
         et.name,
+        quote(k),
         et.join_keys.join(", ")
     ))
 }
 
 fn unknown_attribute(et: &EventType, k: &str) -> Error {
     Error::invalid(format!(
-        "event type {:?} has no attribute {k:?}; its attributes: {}",
+        "event type {:?} has no attribute {}; its attributes: {}",
         et.name,
+        quote(k),
         et.attributes
             .iter()
             .map(|(n, t)| format!("{n} ({t})"))

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::error::{quote, Error, Result};
 use crate::time::{duration_micros, Micros};
 use crate::value::ValueType;
 
@@ -538,7 +538,8 @@ impl Registry {
     pub fn require_view(&self, name: &str) -> Result<usize> {
         self.view_index(name).ok_or_else(|| {
             Error::not_found(format!(
-                "unknown feature view {name:?}; known views: {}",
+                "unknown feature view {}; known views: {}",
+                quote(name),
                 join_names(self.views.iter().map(|v| v.name.as_str()))
             ))
         })
@@ -582,7 +583,8 @@ impl Registry {
             let r = r.as_ref();
             let Some((view_name, feature)) = r.split_once(':') else {
                 return Err(Error::invalid(format!(
-                    "invalid feature reference {r:?}: write \"view:feature\", e.g. \"{}\"",
+                    "invalid feature reference {}: write \"view:feature\", e.g. \"{}\"",
+                    quote(r),
                     self.example_ref()
                 )));
             };
@@ -594,7 +596,9 @@ impl Registry {
             }
             let feature = v.feature_index(feature).ok_or_else(|| {
                 Error::not_found(format!(
-                    "unknown feature {feature:?} in view {view_name:?}; its features: {}",
+                    "unknown feature {} in view {}; its features: {}",
+                    quote(feature),
+                    quote(view_name),
                     join_names(v.features.iter().map(|f| f.name.as_str()))
                 ))
             })?;
@@ -607,7 +611,8 @@ impl Registry {
     pub fn resolve_service(&self, name: &str) -> Result<Selection> {
         let svc = self.service(name).ok_or_else(|| {
             Error::not_found(format!(
-                "unknown feature service {name:?}; known services: {}",
+                "unknown feature service {}; known services: {}",
+                quote(name),
                 join_names(self.services.iter().map(|s| s.name.as_str()))
             ))
         })?;
@@ -618,7 +623,8 @@ impl Registry {
     pub fn require_entity(&self, name: &str) -> Result<&Entity> {
         self.entity(name).ok_or_else(|| {
             Error::not_found(format!(
-                "unknown entity {name:?}; known entities: {}",
+                "unknown entity {}; known entities: {}",
+                quote(name),
                 join_names(self.entities.iter().map(|e| e.name.as_str()))
             ))
         })

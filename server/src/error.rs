@@ -29,10 +29,50 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
     }
 }
 
+/// Longest error message sent to a client, in bytes. Messages quote
+/// caller input only through `quiver_core::error::quote` (80 bytes each),
+/// but a message can also list a registry's names; the gRPC message travels
+/// percent-encoded in a trailer (up to 3 bytes per byte) and clients refuse
+/// trailers past 8 KiB by default, which would hide the real status.
+pub const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// `m`, cut at [`MAX_MESSAGE_BYTES`] (at a character boundary) with its
+/// full length added.
+pub fn bounded(m: &str) -> std::borrow::Cow<'_, str> {
+    if m.len() <= MAX_MESSAGE_BYTES {
+        return m.into();
+    }
+    let mut end = MAX_MESSAGE_BYTES;
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... (message of {} bytes cut)", &m[..end], m.len()).into()
+}
+
 /// A domain error as a gRPC status. Internal errors are logged here, once.
 pub fn to_status(e: Error) -> tonic::Status {
     if e.kind() == ErrorKind::Internal {
         tracing::error!(error = %e, "internal error");
     }
-    tonic::Status::new(grpc_code(e.kind()), e.message())
+    tonic::Status::new(grpc_code(e.kind()), bounded(e.message()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(bounded("short"), "short");
+        let m = "é".repeat(MAX_MESSAGE_BYTES);
+        let b = bounded(&m);
+        assert!(b.len() < MAX_MESSAGE_BYTES + 64, "{}", b.len());
+        assert!(
+            b.ends_with(&format!("(message of {} bytes cut)", m.len())),
+            "{b}"
+        );
+        let status = to_status(Error::invalid(m));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES + 64);
+    }
 }

@@ -15,6 +15,8 @@ use quiver_core::Result;
 use quiver_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use quiver_proto::FeatureServiceServer;
+
 use crate::convert;
 use crate::error::to_status;
 use crate::service::FeatureServer;
@@ -38,17 +40,211 @@ impl GrpcService {
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
         let result = fut.await.map_err(to_status);
-        let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(s) => s.code(),
-        };
-        self.inner.metrics().observe_request(
-            "grpc",
-            method,
-            grpc_code_name(code),
-            started.elapsed(),
-        );
+        let metrics = self.inner.metrics();
+        metrics.observe_latency("grpc", method, started.elapsed());
+        // Failed calls are counted by [`ErrorCountLayer`], with those that
+        // fail before reaching here (a request that does not decode).
+        if result.is_ok() {
+            metrics.count_request("grpc", method, grpc_code_name(tonic::Code::Ok));
+        }
         result.map(Response::new)
+    }
+}
+
+/// The RPCs of `quiver.v1.FeatureService` (metric label values).
+const METHODS: [&str; 5] = [
+    "GetOnlineFeatures",
+    "GetHistoricalFeatures",
+    "WriteFeatures",
+    "PushEvents",
+    "GetRegistry",
+];
+
+/// Counts every failed `quiver.v1.FeatureService` call in
+/// `quiver_requests_total` from the response's `grpc-status` header (a
+/// call that fails before any message is sent answers with a
+/// trailers-only response): failures of the handlers and calls that never
+/// reach them (a request that does not decode, an unknown method) alike.
+#[derive(Debug, Clone)]
+pub struct ErrorCountLayer {
+    server: Arc<FeatureServer>,
+}
+
+impl ErrorCountLayer {
+    /// Counts into `server`'s metrics.
+    pub fn new(server: Arc<FeatureServer>) -> Self {
+        ErrorCountLayer { server }
+    }
+}
+
+impl<S> tower::Layer<S> for ErrorCountLayer {
+    type Service = ErrorCount<S>;
+
+    fn layer(&self, inner: S) -> ErrorCount<S> {
+        ErrorCount {
+            inner,
+            server: self.server.clone(),
+        }
+    }
+}
+
+/// The service of [`ErrorCountLayer`].
+#[derive(Debug, Clone)]
+pub struct ErrorCount<S> {
+    inner: S,
+    server: Arc<FeatureServer>,
+}
+
+type HttpRequest<B> = tonic::codegen::http::Request<B>;
+type HttpResponse<B> = tonic::codegen::http::Response<B>;
+
+impl<S, B, R> tower::Service<HttpRequest<B>> for ErrorCount<S>
+where
+    S: tower::Service<HttpRequest<B>, Response = HttpResponse<R>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse<R>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<HttpResponse<R>, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: HttpRequest<B>) -> Self::Future {
+        let method = req
+            .uri()
+            .path()
+            .strip_prefix("/quiver.v1.FeatureService/")
+            .map(|m| {
+                METHODS
+                    .iter()
+                    .copied()
+                    .find(|k| *k == m)
+                    .unwrap_or("unknown")
+            });
+        let server = self.server.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            if let Some(m) = method {
+                too_large(&mut resp, m);
+            }
+            let status = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()?.parse::<i32>().ok());
+            if let (Some(method), Some(code)) = (method, status.filter(|&c| c != 0)) {
+                let code = grpc_code_name(tonic::Code::from_i32(code));
+                server.metrics().count_request("grpc", method, code);
+            }
+            Ok(resp)
+        })
+    }
+}
+
+/// `quiver.v1.FeatureService` with a decode limit per RPC. tonic takes
+/// one limit per service and checks it against each message's length
+/// prefix, before reading the message: `GetHistoricalFeatures` (entity
+/// tables, up to `limits.max_historical_bytes`) goes to one instance, every
+/// other RPC to one limited to `limits.max_request_bytes`, so that an
+/// oversized request is refused before its bytes are buffered or decoded.
+#[derive(Debug, Clone)]
+pub struct SizeRouted {
+    small: FeatureServiceServer<GrpcService>,
+    large: FeatureServiceServer<GrpcService>,
+}
+
+const HISTORICAL_PATH: &str = "/quiver.v1.FeatureService/GetHistoricalFeatures";
+
+impl SizeRouted {
+    /// Both instances over `server`, with its limits.
+    pub fn new(server: Arc<FeatureServer>) -> Self {
+        let limits = server.limits();
+        let svc = || {
+            FeatureServiceServer::new(GrpcService::new(server.clone()))
+                // Training sets are large; one response message carries one batch.
+                .max_encoding_message_size(usize::MAX)
+        };
+        SizeRouted {
+            small: svc().max_decoding_message_size(limits.max_request_bytes),
+            large: svc().max_decoding_message_size(limits.max_historical_bytes),
+        }
+    }
+}
+
+impl tonic::server::NamedService for SizeRouted {
+    const NAME: &'static str =
+        <FeatureServiceServer<GrpcService> as tonic::server::NamedService>::NAME;
+}
+
+impl<B> tower::Service<HttpRequest<B>> for SizeRouted
+where
+    FeatureServiceServer<GrpcService>: tower::Service<HttpRequest<B>>,
+{
+    type Response = <FeatureServiceServer<GrpcService> as tower::Service<HttpRequest<B>>>::Response;
+    type Error = <FeatureServiceServer<GrpcService> as tower::Service<HttpRequest<B>>>::Error;
+    type Future = <FeatureServiceServer<GrpcService> as tower::Service<HttpRequest<B>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // Both are always ready (tonic's generated servers are).
+        match self.small.poll_ready(cx) {
+            std::task::Poll::Ready(Ok(())) => self.large.poll_ready(cx),
+            other => other,
+        }
+    }
+
+    fn call(&mut self, req: HttpRequest<B>) -> Self::Future {
+        if req.uri().path() == HISTORICAL_PATH {
+            self.large.call(req)
+        } else {
+            self.small.call(req)
+        }
+    }
+}
+
+/// tonic refuses a message over the decode limit with OUT_OF_RANGE
+/// ("decoded message length too large"); gRPC's own implementations, and
+/// quiver's REST gateway (413), call that RESOURCE_EXHAUSTED: the status
+/// and message are rewritten to say which limit it was.
+fn too_large<R>(resp: &mut HttpResponse<R>, method: &str) {
+    let h = resp.headers();
+    if h.get("grpc-status").and_then(|v| v.to_str().ok()) != Some("11") {
+        return;
+    }
+    let Some(msg) = h.get("grpc-message").and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    let msg = percent_encoding::percent_decode_str(msg).decode_utf8_lossy();
+    let Some(rest) = msg.strip_prefix("Error, decoded message length too large: found ") else {
+        return;
+    };
+    let found = rest.split(' ').next().unwrap_or("?").to_owned();
+    let setting = if method == "GetHistoricalFeatures" {
+        "limits.max_historical_bytes"
+    } else {
+        "limits.max_request_bytes"
+    };
+    let limit = rest
+        .rsplit("is: ")
+        .next()
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or("?");
+    let text = format!("the request is {found} bytes; the limit is {limit} ({setting})");
+    let h = resp.headers_mut();
+    h.insert(
+        "grpc-status",
+        tonic::codegen::http::HeaderValue::from_static("8"),
+    );
+    if let Ok(v) = tonic::codegen::http::HeaderValue::from_str(&text) {
+        h.insert("grpc-message", v);
     }
 }
 

@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use quiver_proto::FeatureServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
+use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
 pub mod convert;
@@ -108,22 +108,17 @@ pub async fn run(
         .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let feature_service = FeatureServiceServer::new(grpc::GrpcService::new(service.clone()))
-        .max_decoding_message_size(
-            service
-                .limits()
-                .max_request_bytes
-                .max(service.limits().max_historical_bytes),
-        )
-        // Training sets are large; one response message carries one batch.
-        .max_encoding_message_size(usize::MAX);
+    let feature_service = grpc::SizeRouted::new(service.clone());
     // Small request/response RPCs: Nagle's algorithm would add tens of ms.
     let incoming = TcpListenerStream::new(grpc).map_ok(|s| {
         let _ = s.set_nodelay(true);
         s
     });
     let grpc_server = tonic::transport::Server::builder()
-        .layer(TraceLayer::new_for_grpc())
+        .layer(TraceLayer::new(SharedClassifier::new(
+            client_errors_are_not_failures(),
+        )))
+        .layer(grpc::ErrorCountLayer::new(service.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(feature_service)
@@ -139,4 +134,30 @@ pub async fn run(
     g?;
     h?;
     Ok(())
+}
+
+/// gRPC codes that a caller's request causes: traced as finished calls,
+/// not logged as failures at ERROR level (they are counted in
+/// `quiver_requests_total` by code), so that a flood of bad requests does
+/// not flood the error log or an alert on it. The others (INTERNAL,
+/// UNAVAILABLE, DEADLINE_EXCEEDED, UNKNOWN, ...) are the server's or its
+/// backends' faults and stay failures.
+fn client_errors_are_not_failures() -> GrpcErrorsAsFailures {
+    [
+        GrpcCode::Cancelled,
+        GrpcCode::InvalidArgument,
+        GrpcCode::NotFound,
+        GrpcCode::AlreadyExists,
+        GrpcCode::PermissionDenied,
+        GrpcCode::ResourceExhausted,
+        GrpcCode::FailedPrecondition,
+        GrpcCode::OutOfRange,
+        GrpcCode::Unimplemented,
+        GrpcCode::Unauthenticated,
+    ]
+    .into_iter()
+    .fold(
+        GrpcErrorsAsFailures::new(),
+        GrpcErrorsAsFailures::with_success,
+    )
 }

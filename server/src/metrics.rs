@@ -119,6 +119,20 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Counts one finished request (see [`Metrics::observe_request`]).
+    pub fn count_request(&self, protocol: &str, method: &str, code: &str) {
+        self.requests
+            .with_label_values(&[protocol, method, code])
+            .inc();
+    }
+
+    /// Records one request's latency (see [`Metrics::observe_request`]).
+    pub fn observe_latency(&self, protocol: &str, method: &str, elapsed: Duration) {
+        self.latency
+            .with_label_values(&[protocol, method])
+            .observe(elapsed.as_secs_f64());
+    }
+
     /// Records one online-store call.
     pub fn observe_store(&self, backend: &str, op: &str, ok: bool, elapsed: Duration) {
         self.store_latency

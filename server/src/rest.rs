@@ -17,6 +17,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use quiver_core::error::{cut, quote};
 use quiver_core::event::Event;
 use quiver_core::json::{json_kind, parse_strict, value_from_json, value_to_json};
 use quiver_core::time::{format_rfc3339, parse_rfc3339};
@@ -46,7 +47,8 @@ impl IntoResponse for ApiError {
         if self.0.kind() == ErrorKind::Internal {
             tracing::error!(error = %self.0, "internal error");
         }
-        let body = json!({"error": {"code": self.0.kind().as_str(), "message": self.0.message()}});
+        let message = crate::error::bounded(self.0.message());
+        let body = json!({"error": {"code": self.0.kind().as_str(), "message": message}});
         (http_status(self.0.kind()), Json(body)).into_response()
     }
 }
@@ -179,10 +181,9 @@ async fn get_entity_features(
     let reg = svc.registry();
     let ent = reg.require_entity(&entity)?;
     let key = match ent.value_type {
-        ValueType::Int64 => Value::Int64(
-            parse_int64(&id)
-                .map_err(|m| Error::invalid(format!("entity {entity:?} has int64 ids: {m}")))?,
-        ),
+        ValueType::Int64 => Value::Int64(parse_int64(&id).map_err(|m| {
+            Error::invalid(format!("entity {} has int64 ids: {m}", quote(&entity)))
+        })?),
         _ => Value::String(id.clone()),
     };
     let refs = q.features.map(|f| {
@@ -245,14 +246,16 @@ async fn post_online_features(
     let mut entities = Vec::with_capacity(body.entities.len());
     for (key, col) in body.entities {
         let Json_::Array(items) = col else {
-            return Err(Error::invalid(format!("entities.{key} must be an array of ids")).into());
+            return Err(
+                Error::invalid(format!("entities.{} must be an array of ids", cut(&key))).into(),
+            );
         };
         let values = items
             .iter()
             .enumerate()
             .map(|(i, v)| {
                 entity_value_from_json(svc.registry(), &key, v)
-                    .map_err(|m| Error::invalid(format!("entities.{key}[{i}]: {m}")))
+                    .map_err(|m| Error::invalid(format!("entities.{}[{i}]: {m}", cut(&key))))
             })
             .collect::<Result<Vec<_>, _>>()?;
         entities.push((key, values));
@@ -313,7 +316,7 @@ async fn post_write_features(
             .map(|(k, v)| {
                 entity_value_from_json(reg, k, v)
                     .map(|v| (k.clone(), v))
-                    .map_err(|m| at(format!("entity_key.{k}: {m}")))
+                    .map_err(|m| at(format!("entity_key.{}: {m}", cut(k))))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let event_ts =

@@ -10,6 +10,7 @@ use quiver_batch::arrow::array::RecordBatch;
 use quiver_batch::{entities, retrieve, Offline};
 use quiver_core::aggregate::finish_row;
 use quiver_core::codec::{entity_key, row_key};
+use quiver_core::error::quote;
 use quiver_core::event::{checked, Event, EventSink, EventTimeBounds};
 use quiver_core::registry::{Selection, ViewSource};
 use quiver_core::store::{Lookup, StoredRow, WriteOutcome, WriteRow};
@@ -398,7 +399,8 @@ impl FeatureServer {
         for (key, values) in &req.entities {
             let entity = reg.entity_by_join_key(key).ok_or_else(|| {
                 Error::invalid(format!(
-                    "unknown join key {key:?}; known join keys: {}",
+                    "unknown join key {}; known join keys: {}",
+                    quote(key),
                     reg.entities()
                         .iter()
                         .map(|e| e.join_key.as_str())
@@ -408,8 +410,9 @@ impl FeatureServer {
             })?;
             if values.len() != n_rows {
                 return Err(Error::invalid(format!(
-                    "entity columns differ in length: {:?} has {n_rows} values, {key:?} has {}",
-                    req.entities[0].0,
+                    "entity columns differ in length: {} has {n_rows} values, {} has {}",
+                    quote(&req.entities[0].0),
+                    quote(key),
                     values.len()
                 )));
             }
@@ -619,7 +622,7 @@ impl FeatureServer {
                     if has.is_empty() {
                         "no entity key".to_owned()
                     } else {
-                        has.join(", ")
+                        quote(&has.join(", "))
                     }
                 )));
             }
@@ -652,7 +655,8 @@ impl FeatureServer {
             for (name, value) in row.features {
                 let fi = view.feature_index(&name).ok_or_else(|| {
                     at(format!(
-                        "unknown feature {name:?} in view {:?}; its features: {}",
+                        "unknown feature {} in view {:?}; its features: {}",
+                        quote(&name),
                         view.name,
                         view.features
                             .iter()

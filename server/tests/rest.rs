@@ -257,7 +257,43 @@ async fn operational_endpoints(server: &TestServer) {
     assert_eq!(reg["feature_services"][0]["name"], "user_service");
 }
 
+/// Caller input in error messages is quoted cut, with its length: a
+/// 100 KB name gets a short JSON error, on every path that names it.
+async fn huge_input_is_quoted_within_bounds(server: &TestServer) {
+    let long = "x".repeat(100_000);
+    let cases = [
+        (
+            json!({"features": [format!("{long}:f")], "entities": {"user_id": ["u1"]}}),
+            404,
+            "unknown feature view",
+        ),
+        (
+            json!({"features": [format!("user_profile:{long}")], "entities": {"user_id": ["u1"]}}),
+            404,
+            "unknown feature",
+        ),
+        (
+            json!({"feature_service": long, "entities": {"user_id": ["u1"]}}),
+            404,
+            "unknown feature service",
+        ),
+        (
+            json!({"features": ["user_profile:age"], "entities": {long.clone(): ["u1"]}}),
+            400,
+            "unknown join key",
+        ),
+    ];
+    for (body, code, needle) in cases {
+        let (status, err) = post(server, "/api/v1/features/online", &body.to_string()).await;
+        assert_eq!(status, code, "{needle}: {err}");
+        let m = err["error"]["message"].as_str().unwrap();
+        assert!(m.len() < 2_300, "{needle}: message of {} bytes", m.len());
+        assert!(m.contains(needle) && m.contains("(100000 bytes)"), "{m}");
+    }
+}
+
 async fn suite(server: TestServer) {
+    huge_input_is_quoted_within_bounds(&server).await;
     entity_path_serves_the_seed_curl(&server).await;
     post_online_is_columnar(&server).await;
     bad_input_gets_json_errors(&server).await;
