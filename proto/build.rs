@@ -20,8 +20,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // into BTreeMaps is cheaper than hashing each key (ingest decodes
         // hundreds of thousands per second).
         .btree_map([".quiver.v1.Event"])
-        // Malformed requests are INVALID_ARGUMENT, not INTERNAL.
-        .codec_path("crate::codec::QuiverCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -27,7 +27,6 @@ use arrow::datatypes::{
     TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
     TimestampSecondType, UInt64Type,
 };
-use arrow::error::ArrowError;
 use datafusion::prelude::SessionContext;
 use quiver_core::columnar::{arrow_type, timestamp_type};
 use quiver_core::error::quote;
@@ -310,32 +309,95 @@ pub fn from_values(columns: Vec<(String, Vec<Value>)>) -> Result<RecordBatch> {
 
 /// Reads an entity table sent as an Arrow IPC stream.
 ///
-/// With arrow's push decoder: it takes each message's and body's
-/// announced length as a bound to read up to, never as a size to allocate
-/// (the pull reader, `StreamReader`, allocates and zeroes whatever a
-/// length prefix announces: 8 bytes could ask for 2 GiB), so memory stays
-/// proportional to the bytes received.
+/// Every length the stream announces is checked against the bytes received
+/// before arrow reads it: metadata and body lengths, each buffer's place in
+/// its body; compressed buffers (whose 8-byte prefix announces a size to
+/// decompress into) are refused. The decoding itself is arrow's push
+/// decoder over the received bytes (taken without a copy), which reads up
+/// to announced lengths instead of allocating them. Memory therefore stays
+/// proportional to the request.
 ///
 /// # Errors
-/// `INVALID_ARGUMENT` when `bytes` is not one complete Arrow IPC stream.
-pub fn from_ipc(bytes: &[u8]) -> Result<RecordBatch> {
-    let bad =
-        |e: ArrowError| Error::invalid(format!("entities_arrow is not an Arrow IPC stream: {e}"));
+/// `INVALID_ARGUMENT` when `bytes` is not one complete, uncompressed Arrow
+/// IPC stream (bytes after its end-of-stream marker included).
+pub fn from_ipc(bytes: Vec<u8>) -> Result<RecordBatch> {
+    let bad = |e: String| Error::invalid(format!("entities_arrow is not an Arrow IPC stream: {e}"));
+    check_ipc_lengths(&bytes).map_err(bad)?;
     let mut decoder = arrow::ipc::reader::StreamDecoder::new();
-    let mut buf = arrow::buffer::Buffer::from(bytes);
+    let mut buf = arrow::buffer::Buffer::from_vec(bytes);
     let mut batches = Vec::new();
     while !buf.is_empty() {
-        match decoder.decode(&mut buf).map_err(bad)? {
+        match decoder.decode(&mut buf).map_err(|e| bad(e.to_string()))? {
             Some(b) => batches.push(b),
             None => break,
         }
     }
-    decoder.finish().map_err(bad)?;
+    decoder.finish().map_err(|e| bad(e.to_string()))?;
     let schema = decoder
         .schema()
-        .ok_or_else(|| Error::invalid("entities_arrow is not an Arrow IPC stream: no schema"))?;
+        .ok_or_else(|| bad("no schema".to_owned()))?;
     arrow::compute::concat_batches(&schema, &batches)
         .map_err(|e| Error::invalid(format!("entities_arrow: {e}")))
+}
+
+/// Walks an Arrow IPC stream's framing (see [`from_ipc`]).
+fn check_ipc_lengths(bytes: &[u8]) -> std::result::Result<(), String> {
+    let word = |at: usize| -> Option<u32> {
+        let b = bytes.get(at..at.checked_add(4)?)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        let mut len = word(pos).ok_or("a message length is cut short")?;
+        pos += 4;
+        if len == 0xFFFF_FFFF {
+            len = word(pos).ok_or("a message length is cut short")?;
+            pos += 4;
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let left = bytes.len() - pos;
+        let len = len as usize;
+        if len > left {
+            return Err(format!(
+                "a message announces {len} bytes of metadata, {left} remain"
+            ));
+        }
+        let msg = arrow::ipc::root_as_message(&bytes[pos..pos + len])
+            .map_err(|e| format!("invalid message metadata: {e}"))?;
+        pos += len;
+        let left = bytes.len() - pos;
+        let body = usize::try_from(msg.bodyLength()).map_err(|_| "a negative body length")?;
+        if body > left {
+            return Err(format!(
+                "a message announces a body of {body} bytes, {left} remain"
+            ));
+        }
+        let batch = msg
+            .header_as_record_batch()
+            .or_else(|| msg.header_as_dictionary_batch().and_then(|d| d.data()));
+        if let Some(b) = batch {
+            if b.compression().is_some() {
+                return Err(
+                    "compressed buffers are not accepted: send an uncompressed stream".into(),
+                );
+            }
+            for buffer in b.buffers().into_iter().flatten() {
+                let (offset, length) = (buffer.offset(), buffer.length());
+                let end = offset
+                    .checked_add(length)
+                    .filter(|_| offset >= 0 && length >= 0);
+                if end.is_none_or(|e| e as u64 > body as u64) {
+                    return Err(format!(
+                        "a buffer at offset {offset} of {length} bytes lies outside its body of {body} bytes"
+                    ));
+                }
+            }
+        }
+        pos += body;
+    }
+    Ok(())
 }
 
 /// Reads an entity table from a local `.parquet` or `.csv` file (CSV with a
@@ -557,7 +619,7 @@ mod tests {
             vec![0x7f, 0xff, 0xff, 0xff],
         ] {
             let mut result = None;
-            let grown = peak_rss_after_reset(|| result = Some(from_ipc(&bytes)));
+            let grown = peak_rss_after_reset(|| result = Some(from_ipc(bytes.clone())));
             let err = result.unwrap().unwrap_err();
             assert_eq!(err.kind(), quiver_core::ErrorKind::InvalidArgument, "{err}");
             assert!(
@@ -582,10 +644,28 @@ mod tests {
             w.write(&batch).unwrap();
             w.finish().unwrap();
         }
-        assert_eq!(from_ipc(&ipc).unwrap(), batch);
+        assert_eq!(from_ipc(ipc.clone()).unwrap(), batch);
         // The body cut short.
         let cut = &ipc[..ipc.len() - 20];
-        assert!(from_ipc(cut).is_err());
+        assert!(from_ipc(cut.to_vec()).is_err());
+        // Compressed buffers announce the size to decompress into: refused.
+        let mut lz4 = Vec::new();
+        {
+            let opts = arrow::ipc::writer::IpcWriteOptions::default()
+                .try_with_compression(Some(arrow::ipc::CompressionType::LZ4_FRAME))
+                .unwrap();
+            let mut w =
+                arrow::ipc::writer::StreamWriter::try_new_with_options(&mut lz4, &schema, opts)
+                    .unwrap();
+            w.write(&batch).unwrap();
+            w.finish().unwrap();
+        }
+        let err = from_ipc(lz4).unwrap_err();
+        assert!(err.message().contains("compressed"), "{err}");
+        // Bytes after the end-of-stream marker (a second stream) are refused.
+        let mut twice = ipc.clone();
+        twice.extend_from_slice(&ipc);
+        assert!(from_ipc(twice).is_err());
     }
 
     fn registry() -> Registry {
@@ -831,7 +911,7 @@ value_type = "int64"
                 ]).unwrap();
                 // Arrow IPC (gRPC entities_arrow, the Python client).
                 let ipc = crate::retrieve::to_ipc(&table).unwrap();
-                check(&from_ipc(&ipc).unwrap(), &rows)?;
+                check(&from_ipc(ipc.clone()).unwrap(), &rows)?;
                 // Protobuf columns.
                 let values: Vec<(String, Vec<Value>)> = vec![
                     ("account_id".into(), rows.iter().map(|r| Value::String(r.0.clone())).collect()),

@@ -11,7 +11,7 @@
 use base64::Engine;
 use serde_json::{json, Value as Json_};
 
-use crate::error::quote;
+use crate::error::{cut, quote};
 use crate::time::{format_rfc3339, parse_rfc3339};
 use crate::value::{f64_to_f32, parse_int64};
 use crate::value::{Value, ValueType};
@@ -113,7 +113,8 @@ fn int64_from_json(v: &Json_) -> Result<i64, String> {
         Json_::Number(n) => match literal(n) {
             (t, true) => parse_int64(t),
             (t, false) => Err(format!(
-                "{t} is not an int64: write an integer from -9223372036854775808 to 9223372036854775807 without a fraction or exponent"
+                "{} is not an int64: write an integer from -9223372036854775808 to 9223372036854775807 without a fraction or exponent",
+                cut(t)
             )),
         },
         Json_::String(s) => {
@@ -149,11 +150,11 @@ fn f64_from_json(v: &Json_, ty: &str) -> Result<f64, String> {
     match v {
         Json_::Number(n) => {
             let (t, integer) = literal(n);
-            let d: f64 = t.parse().map_err(|_| format!("{t} is not a {ty}"))?;
+            let d: f64 = t.parse().map_err(|_| format!("{} is not a {ty}", cut(t)))?;
             if integer && format!("{d:.0}") != t {
-                Err(format!("the integer {t} has no exact double; send it as a double"))
+                Err(format!("the integer {} has no exact double; send it as a double", cut(t)))
             } else if !d.is_finite() {
-                Err(format!("{t} is out of range for a double"))
+                Err(format!("{} is out of range for a double", cut(t)))
             } else {
                 Ok(d)
             }
@@ -175,10 +176,13 @@ fn f64_from_json(v: &Json_, ty: &str) -> Result<f64, String> {
 fn f32_from_json(v: &Json_) -> Result<f32, String> {
     if let Json_::Number(n) = v {
         if let (t, true) = literal(n) {
-            let f: f32 = t.parse().map_err(|_| format!("{t} is not a float32"))?;
+            let f: f32 = t
+                .parse()
+                .map_err(|_| format!("{} is not a float32", cut(t)))?;
             if format!("{f:.0}") != t {
                 return Err(format!(
-                    "the integer {t} has no exact float32; send it as a number with a fraction"
+                    "the integer {} has no exact float32; send it as a number with a fraction",
+                    cut(t)
                 ));
             }
             return Ok(f);

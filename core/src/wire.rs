@@ -8,6 +8,7 @@ use quiver_proto::prost::Message;
 use quiver_proto::prost_types::Timestamp;
 use quiver_proto::v1 as pb;
 
+use crate::error::cut;
 use crate::event::Event;
 use crate::time::Micros;
 use crate::{Error, Result, Value};
@@ -96,7 +97,7 @@ pub fn event_from_pb(e: pb::Event) -> Result<Event> {
     let typed = |m: std::collections::BTreeMap<String, pb::Value>| {
         m.into_iter()
             .map(|(k, v)| {
-                let v = value_from_pb(v).map_err(|e| about(&k, e))?;
+                let v = value_from_pb(v).map_err(|e| about(&cut(&k), e))?;
                 Ok((k, v))
             })
             .collect::<Result<Vec<_>>>()

@@ -9,8 +9,6 @@ pub use prost;
 pub use prost_types;
 pub use tonic;
 
-pub mod codec;
-
 /// The generated `quiver.v1` messages and services.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {

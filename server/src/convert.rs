@@ -1,5 +1,6 @@
 //! Conversions between `quiver.v1` wire types and domain types.
 
+use quiver_core::error::cut;
 use quiver_core::registry::{AggFunction, Registry, ViewSource};
 pub use quiver_core::wire::{micros_to_ts, ts_to_micros, value_from_pb, value_to_pb};
 use quiver_core::{Error, Result, ValueType};
@@ -42,7 +43,9 @@ fn entity_columns_from_pb(
                 .val
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| value_from_pb(v).map_err(|e| field_error(&format!("{k}[{i}]"), e)))
+                .map(|(i, v)| {
+                    value_from_pb(v).map_err(|e| field_error(&format!("{}[{i}]", cut(&k)), e))
+                })
                 .collect::<Result<Vec<_>>>()?;
             Ok((k, values))
         })
@@ -121,7 +124,7 @@ pub fn write_rows_from_pb(rows: Vec<pb::FeatureRow>) -> Result<Vec<FeatureRowIn>
             let convert = |m: std::collections::HashMap<String, pb::Value>| {
                 m.into_iter()
                     .map(|(k, v)| {
-                        let v = value_from_pb(v).map_err(|e| field_error(&k, e))?;
+                        let v = value_from_pb(v).map_err(|e| field_error(&cut(&k), e))?;
                         Ok((k, v))
                     })
                     .collect::<Result<Vec<_>>>()

@@ -128,11 +128,24 @@ where
                     .unwrap_or("unknown")
             });
         let server = self.server.clone();
+        // A client's deadline or cancel drops this future (tonic's timeout
+        // wraps outside the layers): the guard counts the call then.
+        let deadline = req.headers().contains_key("grpc-timeout");
+        let mut guard = method.map(|m| Unfinished {
+            server: server.clone(),
+            method: m,
+            deadline,
+            armed: true,
+        });
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let mut resp = fut.await?;
+            let result = fut.await;
+            if let Some(g) = guard.as_mut() {
+                g.armed = false;
+            }
+            let mut resp = result?;
             if let Some(m) = method {
-                too_large(&mut resp, m);
+                caller_faults(&mut resp, m);
             }
             let status = resp
                 .headers()
@@ -144,6 +157,31 @@ where
             }
             Ok(resp)
         })
+    }
+}
+
+/// A call whose response was never produced: dropped at the client's
+/// deadline (`DEADLINE_EXCEEDED`) or cancel (`CANCELLED`).
+struct Unfinished {
+    server: Arc<FeatureServer>,
+    method: &'static str,
+    deadline: bool,
+    armed: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let code = if self.deadline {
+            tonic::Code::DeadlineExceeded
+        } else {
+            tonic::Code::Cancelled
+        };
+        self.server
+            .metrics()
+            .count_request("grpc", self.method, grpc_code_name(code));
     }
 }
 
@@ -210,55 +248,95 @@ where
     }
 }
 
-/// tonic refuses a message over the decode limit with OUT_OF_RANGE
-/// ("decoded message length too large"); gRPC's own implementations, and
-/// quiver's REST gateway (413), call that RESOURCE_EXHAUSTED: the status
-/// and message are rewritten to say which limit it was.
-fn too_large<R>(resp: &mut HttpResponse<R>, method: &str) {
+/// What the gRPC spec percent-encodes in `grpc-message` (of ASCII text).
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
+/// Statuses that tonic gives a caller's faults before any handler runs,
+/// restated: a message over the decode limit (tonic: OUT_OF_RANGE) is
+/// RESOURCE_EXHAUSTED naming the setting, as gRPC's own implementations
+/// and quiver's REST gateway (413) have it; a request that does not
+/// decode, or is cut short, or has no message (tonic: INTERNAL) is
+/// INVALID_ARGUMENT. Done here, inside the trace layer, so that neither
+/// the log nor the metrics count a client's garbage as a server fault.
+fn caller_faults<R>(resp: &mut HttpResponse<R>, method: &str) {
     let h = resp.headers();
-    if h.get("grpc-status").and_then(|v| v.to_str().ok()) != Some("11") {
+    let code = h.get("grpc-status").and_then(|v| v.to_str().ok());
+    if !matches!(code, Some("11" | "13")) {
         return;
     }
+    let code = code.unwrap_or_default().to_owned();
     let Some(msg) = h.get("grpc-message").and_then(|v| v.to_str().ok()) else {
         return;
     };
-    let msg = percent_encoding::percent_decode_str(msg).decode_utf8_lossy();
-    let Some(rest) = msg.strip_prefix("Error, decoded message length too large: found ") else {
+    let msg = percent_encoding::percent_decode_str(msg)
+        .decode_utf8_lossy()
+        .into_owned();
+    let restated = if code == "11" {
+        let Some(rest) = msg.strip_prefix("Error, decoded message length too large: found ") else {
+            return;
+        };
+        let found = rest.split(' ').next().unwrap_or("?");
+        let limit = rest
+            .rsplit("is: ")
+            .next()
+            .and_then(|l| l.split(' ').next())
+            .unwrap_or("?");
+        let setting = if method == "GetHistoricalFeatures" {
+            "limits.max_historical_bytes"
+        } else {
+            "limits.max_request_bytes"
+        };
+        (
+            "8",
+            format!("the request is {found} bytes; the limit is {limit} ({setting})"),
+        )
+    } else if let Some(why) = msg.strip_prefix("failed to decode Protobuf message: ") {
+        ("3", format!("malformed protobuf message: {why}"))
+    } else if msg == "Unexpected EOF decoding stream." {
+        (
+            "3",
+            "malformed request: the message is shorter than its length prefix".to_owned(),
+        )
+    } else if msg == "Missing request message." {
+        ("3", "malformed request: no request message".to_owned())
+    } else if msg.starts_with("protocol error: received message with") {
+        ("3", format!("malformed request: {msg}"))
+    } else {
         return;
     };
-    let found = rest.split(' ').next().unwrap_or("?").to_owned();
-    let setting = if method == "GetHistoricalFeatures" {
-        "limits.max_historical_bytes"
-    } else {
-        "limits.max_request_bytes"
-    };
-    let limit = rest
-        .rsplit("is: ")
-        .next()
-        .and_then(|l| l.split(' ').next())
-        .unwrap_or("?");
-    let text = format!("the request is {found} bytes; the limit is {limit} ({setting})");
     let h = resp.headers_mut();
     h.insert(
         "grpc-status",
-        tonic::codegen::http::HeaderValue::from_static("8"),
+        tonic::codegen::http::HeaderValue::from_static(restated.0),
     );
+    // The restated text is ASCII; the gRPC spec's percent-encoding
+    // leaves all but '%' and controls as they are.
+    let text: String = percent_encoding::utf8_percent_encode(&restated.1, GRPC_MESSAGE).collect();
     if let Ok(v) = tonic::codegen::http::HeaderValue::from_str(&text) {
         h.insert("grpc-message", v);
     }
 }
 
 fn grpc_code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
     match code {
-        tonic::Code::Ok => "OK",
-        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
-        tonic::Code::NotFound => "NOT_FOUND",
-        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        tonic::Code::Unavailable => "UNAVAILABLE",
-        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        tonic::Code::Internal => "INTERNAL",
-        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
-        _ => "OTHER",
+        C::Ok => "OK",
+        C::Cancelled => "CANCELLED",
+        C::Unknown => "UNKNOWN",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        C::NotFound => "NOT_FOUND",
+        C::AlreadyExists => "ALREADY_EXISTS",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        C::FailedPrecondition => "FAILED_PRECONDITION",
+        C::Aborted => "ABORTED",
+        C::OutOfRange => "OUT_OF_RANGE",
+        C::Unimplemented => "UNIMPLEMENTED",
+        C::Internal => "INTERNAL",
+        C::Unavailable => "UNAVAILABLE",
+        C::DataLoss => "DATA_LOSS",
+        C::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -266,8 +344,9 @@ fn grpc_code_name(code: tonic::Code) -> &'static str {
 pub type ArrowStream = Pin<Box<dyn Stream<Item = Result<pb::ArrowBatch, Status>> + Send + 'static>>;
 
 impl GrpcService {
-    /// Refuses unary requests over `max_request_bytes`: the transport
-    /// accepts up to `max_historical_bytes` for training-set entity tables.
+    /// Refuses unary requests over `max_request_bytes`. [`SizeRouted`]
+    /// already refuses them from their length prefix; this stays as the
+    /// rule's statement where the handlers are.
     fn check_size(&self, req: &impl Message) -> Result<()> {
         let (len, max) = (req.encoded_len(), self.inner.limits().max_request_bytes);
         if len > max {

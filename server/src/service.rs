@@ -18,6 +18,7 @@ use quiver_core::time::{duration_micros, Micros};
 use quiver_core::value::coerce;
 use quiver_core::{Clock, Error, ErrorKind, OnlineStore, Registry, Result, Value, ValueType};
 
+use crate::error::bounded;
 use crate::metrics::Metrics;
 
 /// Request size limits; exceeding one is `RESOURCE_EXHAUSTED` / HTTP 413.
@@ -235,7 +236,7 @@ impl FeatureServer {
         let sel = self.select(selector)?;
         let table = match entities {
             EntityTable::Values(cols) => entities::from_values(cols)?,
-            EntityTable::ArrowIpc(bytes) => entities::from_ipc(&bytes)?,
+            EntityTable::ArrowIpc(bytes) => entities::from_ipc(bytes)?,
         };
         if table.num_rows() > self.limits.max_historical_rows {
             return Err(too_many(
@@ -282,7 +283,9 @@ impl FeatureServer {
                     valid.push(e);
                     positions.push(i);
                 }
-                Err(e) => out.rejected.push((i, id, e.message().to_owned())),
+                Err(e) => out
+                    .rejected
+                    .push((i, id, bounded(e.message()).into_owned())),
             }
         }
         if !valid.is_empty() {
@@ -290,9 +293,11 @@ impl FeatureServer {
             for ((pos, ev), r) in positions.into_iter().zip(&valid).zip(results) {
                 match r {
                     Ok(()) => out.accepted += 1,
-                    Err(e) => out
-                        .rejected
-                        .push((pos, ev.event_id.clone(), e.message().to_owned())),
+                    Err(e) => out.rejected.push((
+                        pos,
+                        ev.event_id.clone(),
+                        bounded(e.message()).into_owned(),
+                    )),
                 }
             }
         }

@@ -49,7 +49,7 @@ pub async fn historical(
     let mut stream = client.get_historical_features(req).await?.into_inner();
     let mut batches = Vec::new();
     while let Some(m) = stream.message().await? {
-        batches.push(from_ipc(&m.arrow_ipc).unwrap());
+        batches.push(from_ipc(m.arrow_ipc.clone()).unwrap());
     }
     let schema = batches[0].schema();
     Ok(concat_batches(&schema, &batches).unwrap())
