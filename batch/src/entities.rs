@@ -309,44 +309,66 @@ pub fn from_values(columns: Vec<(String, Vec<Value>)>) -> Result<RecordBatch> {
 
 /// Reads an entity table sent as an Arrow IPC stream.
 ///
-/// Every length the stream announces is checked against the bytes received
-/// before arrow reads it: metadata and body lengths, each buffer's place in
-/// its body; compressed buffers (whose 8-byte prefix announces a size to
-/// decompress into) are refused. The decoding itself is arrow's push
-/// decoder over the received bytes (taken without a copy), which reads up
-/// to announced lengths instead of allocating them. Memory therefore stays
-/// proportional to the request.
+/// An entity table is flat columns (join keys, `event_timestamp`, labels),
+/// so that is all this accepts, and everything the stream announces is
+/// checked against the bytes received before arrow reads it (see
+/// [`check_ipc`]): memory stays proportional to the request and no input
+/// can make arrow allocate what a length prefix claims. The decoding is
+/// arrow's push decoder over the received bytes (taken without a copy);
+/// a panic inside it is a refused request, not a lost server.
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` when `bytes` is not one complete, uncompressed Arrow
-/// IPC stream (bytes after its end-of-stream marker included).
+/// IPC stream of at most [`MAX_IPC_COLUMNS`] flat columns.
 pub fn from_ipc(bytes: Vec<u8>) -> Result<RecordBatch> {
-    let bad = |e: String| Error::invalid(format!("entities_arrow is not an Arrow IPC stream: {e}"));
-    check_ipc_lengths(&bytes).map_err(bad)?;
-    let mut decoder = arrow::ipc::reader::StreamDecoder::new();
-    let mut buf = arrow::buffer::Buffer::from_vec(bytes);
-    let mut batches = Vec::new();
-    while !buf.is_empty() {
-        match decoder.decode(&mut buf).map_err(|e| bad(e.to_string()))? {
-            Some(b) => batches.push(b),
-            None => break,
+    let bad = |e: String| {
+        Error::invalid(format!(
+            "entities_arrow is not an Arrow IPC stream quiver reads: {}",
+            quiver_core::error::cut(&e)
+        ))
+    };
+    check_ipc(&bytes).map_err(bad)?;
+    let decoded = std::panic::catch_unwind(move || {
+        let mut decoder = arrow::ipc::reader::StreamDecoder::new();
+        let mut buf = arrow::buffer::Buffer::from_vec(bytes);
+        let mut batches = Vec::new();
+        while !buf.is_empty() {
+            match decoder.decode(&mut buf).map_err(|e| e.to_string())? {
+                Some(b) => batches.push(b),
+                None => break,
+            }
         }
-    }
-    decoder.finish().map_err(|e| bad(e.to_string()))?;
-    let schema = decoder
-        .schema()
-        .ok_or_else(|| bad("no schema".to_owned()))?;
-    arrow::compute::concat_batches(&schema, &batches)
-        .map_err(|e| Error::invalid(format!("entities_arrow: {e}")))
+        decoder.finish().map_err(|e| e.to_string())?;
+        let schema = decoder.schema().ok_or("no schema")?;
+        arrow::compute::concat_batches(&schema, &batches).map_err(|e| e.to_string())
+    })
+    .map_err(|_| bad("arrow could not decode it".to_owned()))?;
+    decoded.map_err(bad)
 }
 
-/// Walks an Arrow IPC stream's framing (see [`from_ipc`]).
-fn check_ipc_lengths(bytes: &[u8]) -> std::result::Result<(), String> {
+/// Most columns an `entities_arrow` stream may have.
+pub const MAX_IPC_COLUMNS: usize = 1_000;
+
+/// Checks an Arrow IPC stream before arrow decodes it:
+/// - framing: each metadata and body length within the bytes received,
+///   nothing after the end-of-stream marker;
+/// - metadata: verified with bounds on tables, depth and apparent size
+///   proportional to its length (flatbuffers lets one table be referenced
+///   many times);
+/// - one schema, of at most [`MAX_IPC_COLUMNS`] flat columns of types an
+///   entity table uses (integers, floats, booleans, strings, binary,
+///   dates, timestamps, nulls), none dictionary-encoded;
+/// - record batches: uncompressed (a compressed buffer announces the size
+///   to decompress into), no dictionary batches, buffers 8-byte aligned,
+///   in order, not overlapping and within the body, one node per column.
+fn check_ipc(bytes: &[u8]) -> std::result::Result<(), String> {
+    use arrow::ipc::{MessageHeader, Type};
     let word = |at: usize| -> Option<u32> {
         let b = bytes.get(at..at.checked_add(4)?)?;
         Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
     let mut pos = 0usize;
+    let mut columns: Option<usize> = None;
     while pos < bytes.len() {
         let mut len = word(pos).ok_or("a message length is cut short")?;
         pos += 4;
@@ -355,6 +377,9 @@ fn check_ipc_lengths(bytes: &[u8]) -> std::result::Result<(), String> {
             pos += 4;
         }
         if len == 0 {
+            if pos < bytes.len() {
+                return Err("bytes follow the end-of-stream marker".into());
+            }
             return Ok(());
         }
         let left = bytes.len() - pos;
@@ -364,7 +389,13 @@ fn check_ipc_lengths(bytes: &[u8]) -> std::result::Result<(), String> {
                 "a message announces {len} bytes of metadata, {left} remain"
             ));
         }
-        let msg = arrow::ipc::root_as_message(&bytes[pos..pos + len])
+        let opts = flatbuffers::VerifierOptions {
+            max_depth: 16,
+            max_tables: len / 4 + 16,
+            max_apparent_size: len.saturating_mul(4).max(4096),
+            ignore_missing_null_terminator: false,
+        };
+        let msg = arrow::ipc::root_as_message_with_opts(&opts, &bytes[pos..pos + len])
             .map_err(|e| format!("invalid message metadata: {e}"))?;
         pos += len;
         let left = bytes.len() - pos;
@@ -374,26 +405,106 @@ fn check_ipc_lengths(bytes: &[u8]) -> std::result::Result<(), String> {
                 "a message announces a body of {body} bytes, {left} remain"
             ));
         }
-        let batch = msg
-            .header_as_record_batch()
-            .or_else(|| msg.header_as_dictionary_batch().and_then(|d| d.data()));
-        if let Some(b) = batch {
-            if b.compression().is_some() {
-                return Err(
-                    "compressed buffers are not accepted: send an uncompressed stream".into(),
-                );
-            }
-            for buffer in b.buffers().into_iter().flatten() {
-                let (offset, length) = (buffer.offset(), buffer.length());
-                let end = offset
-                    .checked_add(length)
-                    .filter(|_| offset >= 0 && length >= 0);
-                if end.is_none_or(|e| e as u64 > body as u64) {
+        match msg.header_type() {
+            MessageHeader::Schema => {
+                if columns.is_some() {
+                    return Err("a second schema".into());
+                }
+                let schema = msg
+                    .header_as_schema()
+                    .ok_or("a schema message without a schema")?;
+                let fields = schema.fields().ok_or("a schema without fields")?;
+                if fields.len() > MAX_IPC_COLUMNS {
                     return Err(format!(
-                        "a buffer at offset {offset} of {length} bytes lies outside its body of {body} bytes"
+                        "{} columns; an entity table has at most {MAX_IPC_COLUMNS}",
+                        fields.len()
                     ));
                 }
+                for f in fields.iter() {
+                    let name = f.name().unwrap_or_default();
+                    if f.dictionary().is_some() {
+                        return Err(format!(
+                            "column {} is dictionary-encoded; send plain values",
+                            quiver_core::error::quote(name)
+                        ));
+                    }
+                    if f.children().is_some_and(|c| !c.is_empty()) {
+                        return Err(format!(
+                            "column {} is nested",
+                            quiver_core::error::quote(name)
+                        ));
+                    }
+                    let t = f.type_type();
+                    let ok = match t {
+                        Type::Null
+                        | Type::Bool
+                        | Type::Utf8
+                        | Type::LargeUtf8
+                        | Type::Binary
+                        | Type::LargeBinary => true,
+                        Type::Int => f
+                            .type_as_int()
+                            .is_some_and(|i| matches!(i.bitWidth(), 8 | 16 | 32 | 64)),
+                        Type::FloatingPoint => f
+                            .type_as_floating_point()
+                            .is_some_and(|p| (0..=2).contains(&p.precision().0)),
+                        Type::Date => f
+                            .type_as_date()
+                            .is_some_and(|d| (0..=1).contains(&d.unit().0)),
+                        Type::Timestamp => f
+                            .type_as_timestamp()
+                            .is_some_and(|ts| (0..=3).contains(&ts.unit().0)),
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(format!(
+                            "column {} has a type an entity table does not use ({}); send \
+                             integers, floats, booleans, strings, dates or timestamps",
+                            quiver_core::error::quote(name),
+                            t.variant_name().unwrap_or("unknown")
+                        ));
+                    }
+                }
+                columns = Some(fields.len());
             }
+            MessageHeader::RecordBatch => {
+                let n = columns.ok_or("a record batch before the schema")?;
+                let b = msg
+                    .header_as_record_batch()
+                    .ok_or("a record batch message without one")?;
+                if b.compression().is_some() {
+                    return Err(
+                        "compressed buffers are not accepted: send an uncompressed stream".into(),
+                    );
+                }
+                if b.nodes().map_or(0, |v| v.len()) != n {
+                    return Err("a record batch's columns do not match the schema".into());
+                }
+                if b.variadicBufferCounts().is_some_and(|v| !v.is_empty()) {
+                    return Err("a record batch with variadic buffers".into());
+                }
+                let mut end = 0i64;
+                for buffer in b.buffers().into_iter().flatten() {
+                    let (offset, length) = (buffer.offset(), buffer.length());
+                    let fits = offset >= end
+                        && offset % 8 == 0
+                        && length >= 0
+                        && offset
+                            .checked_add(length)
+                            .is_some_and(|e| e as u64 <= body as u64);
+                    if !fits {
+                        return Err(format!(
+                            "a buffer at offset {offset} of {length} bytes is not in order \
+                             within its body of {body} bytes"
+                        ));
+                    }
+                    end = offset + length;
+                }
+            }
+            MessageHeader::DictionaryBatch => {
+                return Err("dictionary batches are not accepted; send plain values".into());
+            }
+            _ => return Err("an unexpected message type".into()),
         }
         pos += body;
     }
@@ -662,6 +773,39 @@ mod tests {
         }
         let err = from_ipc(lz4).unwrap_err();
         assert!(err.message().contains("compressed"), "{err}");
+        // Dictionary-encoded and nested columns: not an entity table.
+        for (field, array) in [
+            (
+                Field::new_dictionary("user_id", DataType::Int8, DataType::Utf8, false),
+                Arc::new(
+                    vec!["u1", "u2"]
+                        .into_iter()
+                        .collect::<arrow::array::DictionaryArray<arrow::datatypes::Int8Type>>(),
+                ) as ArrayRef,
+            ),
+            (
+                Field::new_list("user_id", Field::new("item", DataType::Int64, true), false),
+                Arc::new(arrow::array::ListArray::from_iter_primitive::<
+                    arrow::datatypes::Int64Type,
+                    _,
+                    _,
+                >(vec![Some(vec![Some(1)]), Some(vec![])])) as ArrayRef,
+            ),
+        ] {
+            let schema = Arc::new(Schema::new(vec![field]));
+            let b = RecordBatch::try_new(schema.clone(), vec![array]).unwrap();
+            let mut out = Vec::new();
+            {
+                let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema).unwrap();
+                w.write(&b).unwrap();
+                w.finish().unwrap();
+            }
+            let err = from_ipc(out).unwrap_err();
+            assert!(
+                err.message().contains("dictionary") || err.message().contains("nested"),
+                "{err}"
+            );
+        }
         // Bytes after the end-of-stream marker (a second stream) are refused.
         let mut twice = ipc.clone();
         twice.extend_from_slice(&ipc);

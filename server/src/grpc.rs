@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use quiver_batch::retrieve::to_ipc;
 use quiver_core::{Error, ErrorKind};
 use quiver_proto::prost::Message;
@@ -130,7 +130,11 @@ where
         let server = self.server.clone();
         // A client's deadline or cancel drops this future (tonic's timeout
         // wraps outside the layers): the guard counts the call then.
-        let deadline = req.headers().contains_key("grpc-timeout");
+        let deadline = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| grpc_timeout(v.to_str().ok()?))
+            .map(|d| Instant::now() + d);
         let mut guard = method.map(|m| Unfinished {
             server: server.clone(),
             method: m,
@@ -139,11 +143,22 @@ where
         });
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let result = fut.await;
+            let result = std::panic::AssertUnwindSafe(fut).catch_unwind().await;
             if let Some(g) = guard.as_mut() {
                 g.armed = false;
             }
-            let mut resp = result?;
+            let mut resp = match result {
+                Ok(r) => r?,
+                Err(panic) => {
+                    // A bug, not the caller's cancel: counted and logged as
+                    // one, then left to unwind as before (the call is reset).
+                    if let Some(m) = method {
+                        server.metrics().count_request("grpc", m, "INTERNAL");
+                    }
+                    tracing::error!(method = method.unwrap_or("?"), "request handler panicked");
+                    std::panic::resume_unwind(panic)
+                }
+            };
             if let Some(m) = method {
                 caller_faults(&mut resp, m);
             }
@@ -160,12 +175,33 @@ where
     }
 }
 
+/// The duration of a `grpc-timeout` header (gRPC over HTTP/2: up to 8
+/// digits and a unit, H M S m u n).
+fn grpc_timeout(v: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// A call whose response was never produced: dropped at the client's
 /// deadline (`DEADLINE_EXCEEDED`) or cancel (`CANCELLED`).
 struct Unfinished {
     server: Arc<FeatureServer>,
     method: &'static str,
-    deadline: bool,
+    /// When the client's `grpc-timeout` runs out.
+    deadline: Option<Instant>,
     armed: bool,
 }
 
@@ -174,7 +210,12 @@ impl Drop for Unfinished {
         if !self.armed {
             return;
         }
-        let code = if self.deadline {
+        // A little slack: the timer that dropped the call fires at the
+        // deadline, give or take the scheduler.
+        let late = self
+            .deadline
+            .is_some_and(|d| Instant::now() + std::time::Duration::from_millis(20) >= d);
+        let code = if late {
             tonic::Code::DeadlineExceeded
         } else {
             tonic::Code::Cancelled

@@ -465,10 +465,12 @@ fn entity_value_from_json(reg: &Registry, join_key: &str, v: &Json_) -> Result<V
     }
     match v {
         Json_::String(s) => Ok(Value::String(s.clone())),
-        Json_::Number(n) => n
-            .as_i64()
-            .map(Value::Int64)
-            .ok_or_else(|| format!("entity ids are strings or integers, got {n}")),
+        Json_::Number(n) => n.as_i64().map(Value::Int64).ok_or_else(|| {
+            format!(
+                "entity ids are strings or integers, got {}",
+                cut(n.as_str())
+            )
+        }),
         other => Err(format!(
             "entity ids are strings or integers, got {}",
             json_kind(other)

@@ -3,7 +3,6 @@
 
 use quiver_batch::arrow::array::{Float64Array, RecordBatch};
 use quiver_batch::arrow::compute::concat_batches;
-use quiver_batch::entities::from_ipc;
 use quiver_batch::Offline;
 use quiver_core::wire::micros_to_ts;
 use quiver_proto::v1 as pb;
@@ -49,7 +48,13 @@ pub async fn historical(
     let mut stream = client.get_historical_features(req).await?.into_inner();
     let mut batches = Vec::new();
     while let Some(m) = stream.message().await? {
-        batches.push(from_ipc(m.arrow_ipc.clone()).unwrap());
+        // A response (list features too), not an entity table: arrow's own reader.
+        let reader = quiver_batch::arrow::ipc::reader::StreamReader::try_new(
+            std::io::Cursor::new(m.arrow_ipc),
+            None,
+        )
+        .unwrap();
+        batches.extend(reader.map(Result::unwrap));
     }
     let schema = batches[0].schema();
     Ok(concat_batches(&schema, &batches).unwrap())
