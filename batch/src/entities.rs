@@ -704,18 +704,12 @@ mod tests {
 
     use super::*;
 
-    /// Peak resident set of this process since the last reset, in bytes.
+    /// How far the peak resident set rose above the current one during `f`.
     fn peak_rss_after_reset(f: impl FnOnce()) -> u64 {
-        let bytes = |key: &str| {
-            let status = std::fs::read_to_string("/proc/self/status").unwrap();
-            let line = status.lines().find(|l| l.starts_with(key)).unwrap();
-            let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-            kb * 1024
-        };
-        std::fs::write("/proc/self/clear_refs", "5").unwrap();
-        let before = bytes("VmRSS:");
+        quiver_testkit::reset_peak_rss();
+        let (before, _) = quiver_testkit::rss();
         f();
-        bytes("VmHWM:").saturating_sub(before)
+        quiver_testkit::rss().1.saturating_sub(before)
     }
 
     /// Length prefixes are bounds, not allocation sizes: a stream whose

@@ -301,6 +301,18 @@ fn source_id(topic: &str, partition: i32, epoch: u32) -> String {
     format!("{}:{partition}", source_topic(topic, epoch))
 }
 
+/// Each partition's message of `batch` with the highest offset.
+fn last_per_partition(batch: &[Msg]) -> HashMap<(&str, i32), &Msg> {
+    let mut last: HashMap<(&str, i32), &Msg> = HashMap::new();
+    for m in batch {
+        let e = last.entry((&*m.topic, m.partition)).or_insert(m);
+        if m.offset > e.offset {
+            *e = m;
+        }
+    }
+    last
+}
+
 /// Whether `m` is of one of the partitions `parts`.
 fn of(parts: &[(String, i32)], m: &Msg) -> bool {
     parts
@@ -751,18 +763,13 @@ impl Ingestor {
             let s = a.flush(false).await?;
             self.stats.archived += s;
         } else {
-            // The next offset per partition, then one commit entry each.
-            let mut next: HashMap<(&str, i32), i64> = HashMap::new();
-            for m in batch {
-                let e = next.entry((&*m.topic, m.partition)).or_insert(-1);
-                *e = (*e).max(m.offset + 1);
-            }
-            for ((topic, partition), n) in next {
+            // The next offset per partition, one commit entry each.
+            for ((topic, partition), m) in last_per_partition(batch) {
                 let e = self
                     .committed
                     .entry((topic.to_owned(), partition))
                     .or_insert(-1);
-                *e = (*e).max(n);
+                *e = (*e).max(m.offset + 1);
             }
         }
         tracing::debug!(
@@ -774,13 +781,8 @@ impl Ingestor {
             rows = online.rows_written,
             "batch"
         );
-        let mut last: HashMap<(&str, i32), i64> = HashMap::new();
-        for m in batch {
-            let e = last.entry((&*m.topic, m.partition)).or_insert(m.offset);
-            *e = (*e).max(m.offset);
-        }
-        for ((t, p), o) in last {
-            self.processed.insert((t.to_owned(), p), o);
+        for ((t, p), m) in last_per_partition(batch) {
+            self.processed.insert((t.to_owned(), p), m.offset);
         }
         self.stats.messages += batch.len() as u64;
         self.stats.events += prep.events;
@@ -997,14 +999,7 @@ impl Ingestor {
 
     /// Records each partition's last message of `batch` as its marker.
     async fn mark(&self, batch: &[Msg]) -> Result<()> {
-        let mut last: HashMap<(&str, i32), &Msg> = HashMap::new();
-        for m in batch {
-            let e = last.entry((&*m.topic, m.partition)).or_insert(m);
-            if m.offset > e.offset {
-                *e = m;
-            }
-        }
-        let marks: Vec<(String, Marker)> = last
+        let marks: Vec<(String, Marker)> = last_per_partition(batch)
             .into_iter()
             .map(|((t, p), m)| {
                 let marker = Marker {

@@ -844,27 +844,6 @@ fn many_entities_request(bytes: usize) -> Vec<u8> {
     body
 }
 
-/// This process's resident set now and at its peak since the last reset,
-/// in bytes (Linux `/proc/self/status`).
-fn rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb = |key: &str| -> u64 {
-        let line = status.lines().find(|l| l.starts_with(key)).unwrap();
-        line.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            * 1024
-    };
-    (kb("VmRSS:"), kb("VmHWM:"))
-}
-
-/// Resets the peak resident set (`VmHWM`) to the current one.
-fn reset_peak_rss() {
-    std::fs::write("/proc/self/clear_refs", "5").unwrap();
-}
-
 /// An oversized request is refused from its length prefix, at default
 /// settings, for every RPC limited to `limits.max_request_bytes`: the
 /// status says which limit, and memory stays near where it was (the old
@@ -879,10 +858,10 @@ async fn oversized_requests_are_refused_before_they_are_read() {
         "/quiver.v1.FeatureService/PushEvents",
         "/quiver.v1.FeatureService/GetRegistry",
     ] {
-        reset_peak_rss();
-        let (before, _) = rss();
+        quiver_testkit::reset_peak_rss();
+        let (before, _) = quiver_testkit::rss();
         let status = send_raw(&server, method, body.clone()).await;
-        let (_, peak) = rss();
+        let (_, peak) = quiver_testkit::rss();
         assert_eq!(
             status.code(),
             Code::ResourceExhausted,

@@ -300,3 +300,24 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// This process's resident set now and its peak since the last
+/// [`reset_peak_rss`], in bytes (Linux `/proc/self/status`: VmRSS, VmHWM).
+pub fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kb = |key: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(key)).expect(key);
+        let n: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .expect(key);
+        n * 1024
+    };
+    (kb("VmRSS:"), kb("VmHWM:"))
+}
+
+/// Resets the peak resident set (VmHWM) to the current one.
+pub fn reset_peak_rss() {
+    std::fs::write("/proc/self/clear_refs", "5").expect("/proc/self/clear_refs");
+}
