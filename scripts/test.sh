@@ -20,14 +20,14 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
 fi
 
-echo "== python venv (grpcio, pytest, moto, pyarrow, pandas)"
+echo "== python venv (grpcio, pytest, moto, pyarrow, pandas, cryptography)"
 VENV="${QUIVER_TEST_VENV:-target/py-venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
   "grpcio>=1.60" "grpcio-tools>=1.60" "protobuf>=4.25" "pytest>=7" "moto[server]>=5" \
-  "pyarrow>=14" "pandas>=2"
+  "pyarrow>=14" "pandas>=2" "cryptography>=41"
 VENV="$(cd "$VENV" && pwd)"
 export QUIVER_MOTO_SERVER="$VENV/bin/moto_server"
 

@@ -56,6 +56,51 @@ pub struct Config {
     pub ingest: IngestSettings,
     /// The raw-event archive (offline store).
     pub archive: ArchiveSettings,
+    /// API keys for `serve` and `demo` (see `quiver_server::auth`).
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: API keys. Authentication is on when `keys_file` or
+/// `api_keys` is set.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A TOML file of `[[keys]]`, read again when it changes and on SIGHUP.
+    pub keys_file: Option<PathBuf>,
+    /// Keys in the configuration itself (digests, never keys).
+    pub api_keys: Vec<quiver_server::auth::KeySpec>,
+    /// `/health`, `/ready` and gRPC health need a key (any scope).
+    pub protect_health: bool,
+    /// `/metrics` needs a key with scope `admin`.
+    pub protect_metrics: bool,
+    /// How often the keys file is checked for changes.
+    #[serde(deserialize_with = "duration")]
+    pub reload_interval: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            keys_file: None,
+            api_keys: Vec::new(),
+            protect_health: false,
+            protect_metrics: false,
+            reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The settings as the server takes them.
+    pub fn settings(&self) -> quiver_server::auth::AuthSettings {
+        quiver_server::auth::AuthSettings {
+            api_keys: self.api_keys.clone(),
+            keys_file: self.keys_file.clone(),
+            protect_health: self.protect_health,
+            protect_metrics: self.protect_metrics,
+            reload_interval: self.reload_interval,
+        }
+    }
 }
 
 /// `[kafka]`
@@ -176,6 +221,47 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight requests before giving up.
     #[serde(deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    /// TLS on both listeners.
+    pub tls: TlsConfig,
+}
+
+/// `[server.tls]`: TLS on both listeners when `cert_file` and `key_file`
+/// are set; mutual TLS with `client_ca_file`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key.
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates of accepted client certificates.
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are checked for changes (also reloaded on SIGHUP).
+    #[serde(deserialize_with = "duration")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl TlsConfig {
+    /// The settings as the server takes them; `None` without TLS.
+    pub fn settings(&self) -> Option<quiver_server::tls::TlsSettings> {
+        Some(quiver_server::tls::TlsSettings {
+            cert_file: self.cert_file.clone()?,
+            key_file: self.key_file.clone()?,
+            client_ca_file: self.client_ca_file.clone(),
+            reload_interval: self.reload_interval,
+        })
+    }
 }
 
 /// `[registry]`
@@ -233,6 +319,7 @@ impl Default for ServerConfig {
             http_addr: ([0, 0, 0, 0], 8000).into(),
             health_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(10),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -361,6 +448,20 @@ pub struct Overrides {
     /// Raw-event archive location (directory or s3://bucket/prefix). [env: QUIVER_ARCHIVE]
     #[arg(long)]
     pub archive: Option<String>,
+    /// API keys file (TOML `[[keys]]` with SHA-256 digests); turns
+    /// authentication on. [env: QUIVER_AUTH_KEYS_FILE]
+    #[arg(long)]
+    pub auth_keys_file: Option<PathBuf>,
+    /// PEM certificate chain: TLS on both listeners (with --tls-key). [env: QUIVER_TLS_CERT]
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert. [env: QUIVER_TLS_KEY]
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate they signed
+    /// (mutual TLS). [env: QUIVER_TLS_CLIENT_CA]
+    #[arg(long)]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Config {
@@ -377,6 +478,32 @@ impl Config {
         cfg.apply_env(env)?;
         cfg.apply_flags(flags);
         cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// [`Config::load`] for `quiver demo`: listeners on loopback unless the
+    /// file, environment or flags name an address, so that trying quiver
+    /// out does not open it to the network.
+    pub fn load_demo(flags: &Overrides, env: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
+        let mut cfg = Config::load(flags, env)?;
+        let path = flags
+            .config
+            .clone()
+            .or_else(|| env("QUIVER_CONFIG").map(PathBuf::from));
+        let in_file = |key: &str| {
+            path.as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+                .and_then(|t| t.get("server")?.as_table()?.get(key).cloned())
+                .is_some()
+        };
+        let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+        if flags.grpc_addr.is_none() && env("QUIVER_GRPC_ADDR").is_none() && !in_file("grpc_addr") {
+            cfg.server.grpc_addr.set_ip(loopback);
+        }
+        if flags.http_addr.is_none() && env("QUIVER_HTTP_ADDR").is_none() && !in_file("http_addr") {
+            cfg.server.http_addr.set_ip(loopback);
+        }
         Ok(cfg)
     }
 
@@ -442,6 +569,18 @@ impl Config {
         if let Some(v) = env("QUIVER_ARCHIVE") {
             self.archive.location = v;
         }
+        if let Some(v) = env("QUIVER_AUTH_KEYS_FILE") {
+            self.auth.keys_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("QUIVER_TLS_CERT") {
+            self.server.tls.cert_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("QUIVER_TLS_KEY") {
+            self.server.tls.key_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("QUIVER_TLS_CLIENT_CA") {
+            self.server.tls.client_ca_file = Some(PathBuf::from(v));
+        }
         for k in [
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
@@ -493,6 +632,18 @@ impl Config {
         if let Some(a) = &f.archive {
             self.archive.location = a.clone();
         }
+        if let Some(k) = &f.auth_keys_file {
+            self.auth.keys_file = Some(k.clone());
+        }
+        if let Some(p) = &f.tls_cert {
+            self.server.tls.cert_file = Some(p.clone());
+        }
+        if let Some(p) = &f.tls_key {
+            self.server.tls.key_file = Some(p.clone());
+        }
+        if let Some(p) = &f.tls_client_ca {
+            self.server.tls.client_ca_file = Some(p.clone());
+        }
     }
 
     /// Rejects settings that cannot work, before anything starts.
@@ -517,6 +668,15 @@ impl Config {
         }
         if self.server.health_interval.is_zero() {
             bail!("server.health_interval must be greater than zero");
+        }
+        let tls = &self.server.tls;
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            bail!(
+                "server.tls needs both cert_file and key_file (--tls-cert, --tls-key), or neither"
+            );
+        }
+        if tls.client_ca_file.is_some() && tls.cert_file.is_none() {
+            bail!("server.tls.client_ca_file (mutual TLS) needs cert_file and key_file too");
         }
         if self.server.grpc_addr == self.server.http_addr && self.server.grpc_addr.port() != 0 {
             bail!("server.grpc_addr and server.http_addr must differ");
@@ -807,5 +967,72 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn the_demo_binds_loopback_unless_told_otherwise() {
+        let loopback = |c: &Config| {
+            (
+                c.server.grpc_addr.ip().is_loopback(),
+                c.server.http_addr.ip().is_loopback(),
+            )
+        };
+        let cfg = Config::load_demo(&Overrides::default(), &env_of(&[])).unwrap();
+        assert_eq!(loopback(&cfg), (true, true));
+        assert_eq!(cfg.server.http_addr.port(), 8000);
+        // serve keeps listening on every interface (containers) and warns.
+        let cfg = Config::load(&Overrides::default(), &env_of(&[])).unwrap();
+        assert_eq!(loopback(&cfg), (false, false));
+        let env = env_of(&[("QUIVER_HTTP_ADDR", "0.0.0.0:9000")]);
+        let cfg = Config::load_demo(&Overrides::default(), &env).unwrap();
+        assert_eq!(loopback(&cfg), (true, false));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("q.toml");
+        std::fs::write(&file, "[server]\ngrpc_addr = \"0.0.0.0:7000\"\n").unwrap();
+        let flags = Overrides {
+            config: Some(file),
+            ..Overrides::default()
+        };
+        let cfg = Config::load_demo(&flags, &env_of(&[])).unwrap();
+        assert_eq!(loopback(&cfg), (false, true));
+    }
+
+    #[test]
+    fn tls_and_auth_settings() {
+        let env = env_of(&[("QUIVER_TLS_CERT", "/c.pem")]);
+        let e = format!(
+            "{:#}",
+            Config::load(&Overrides::default(), &env).unwrap_err()
+        );
+        assert!(e.contains("both cert_file and key_file"), "{e}");
+        let env = env_of(&[
+            ("QUIVER_TLS_CERT", "/c.pem"),
+            ("QUIVER_TLS_KEY", "/k.pem"),
+            ("QUIVER_AUTH_KEYS_FILE", "/keys.toml"),
+        ]);
+        let cfg = Config::load(&Overrides::default(), &env).unwrap();
+        let tls = cfg.server.tls.settings().unwrap();
+        assert_eq!(tls.key_file, PathBuf::from("/k.pem"));
+        assert!(tls.client_ca_file.is_none());
+        assert!(cfg.auth.settings().enabled());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("q.toml");
+        std::fs::write(
+            &file,
+            "[[auth.api_keys]]\nname = \"a\"\nkey = \"plain\"\nscopes = [\"read\"]\n",
+        )
+        .unwrap();
+        // A key in plain text loads as a config but is refused by the
+        // server's checks (tested in quiver_server::auth).
+        let cfg = Config::from_file(&file).unwrap();
+        let e = quiver_server::auth::Authenticator::new(
+            cfg.auth.settings(),
+            std::sync::Arc::new(quiver_core::SystemClock),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("not stored in plain text") && !e.contains("plain\""),
+            "{e}"
+        );
     }
 }

@@ -4,6 +4,7 @@
 use quiver_core::time::Micros;
 use quiver_core::Value;
 use quiver_ingest::generate::Rng;
+use quiver_server::auth::Principal;
 use quiver_server::service::FeatureRowIn;
 use quiver_server::FeatureServer;
 
@@ -133,7 +134,7 @@ pub async fn seed(
                 ("user_embedding", &mut embedding),
             ] {
                 out.rows += svc
-                    .write_features(view, std::mem::take(rows))
+                    .write_features(&Principal::unrestricted(), view, std::mem::take(rows))
                     .await?
                     .written;
             }
@@ -164,7 +165,11 @@ pub async fn seed(
         ));
         if stats.len() == batch || p == products {
             out.rows += svc
-                .write_features("product_stats", std::mem::take(&mut stats))
+                .write_features(
+                    &Principal::unrestricted(),
+                    "product_stats",
+                    std::mem::take(&mut stats),
+                )
                 .await?
                 .written;
         }

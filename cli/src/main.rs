@@ -19,6 +19,7 @@ use quiver_core::{Clock, OnlineStore, Registry, SystemClock};
 use quiver_server::{FeatureServer, Metrics};
 use tokio::net::TcpListener;
 
+mod auth;
 mod batch;
 mod config;
 mod demo;
@@ -95,6 +96,11 @@ enum Command {
         #[command(flatten)]
         args: batch::MaterializeArgs,
     },
+    /// API keys: make one, or hash one made elsewhere.
+    Auth {
+        #[command(subcommand)]
+        command: auth::AuthCommand,
+    },
     /// Work with registry files.
     Registry {
         #[command(subcommand)]
@@ -133,6 +139,7 @@ fn main() -> ExitCode {
                     config,
                 },
         } => runtime().and_then(|rt| rt.block_on(validate(&path, archive, config))),
+        Command::Auth { command } => auth::auth_cmd(command),
         Command::Serve { overrides } => runtime().and_then(|rt| rt.block_on(serve_cmd(overrides))),
         Command::Ingest { overrides } => {
             runtime().and_then(|rt| rt.block_on(pipeline::ingest_cmd(overrides)))
@@ -377,6 +384,22 @@ async fn serve(
             tracing::info!("no archive.location: GetHistoricalFeatures answers FAILED_PRECONDITION")
         }
     }
+    let settings = cfg.auth.settings();
+    if settings.enabled() {
+        let auth = quiver_server::auth::Authenticator::new(settings, clock.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tracing::info!(?auth, "authentication on: API keys required");
+        service = service.with_auth(Arc::new(auth));
+    } else {
+        for addr in [cfg.server.grpc_addr, cfg.server.http_addr] {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "listening beyond this machine WITHOUT AUTHENTICATION: anyone who reaches {addr} can read every feature, overwrite values and push events; configure API keys ([auth] keys_file, --auth-keys-file) or bind to 127.0.0.1"
+                );
+            }
+        }
+    }
     let service = Arc::new(service);
 
     if let Some(d) = demo {
@@ -393,6 +416,14 @@ async fn serve(
         );
     }
 
+    let tls = match cfg.server.tls.settings() {
+        None => None,
+        Some(settings) => {
+            let tls = quiver_server::tls::Tls::new(settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!(?tls, "TLS on both listeners");
+            Some(Arc::new(tls))
+        }
+    };
     let grpc = TcpListener::bind(cfg.server.grpc_addr)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", cfg.server.grpc_addr))?;
@@ -402,7 +433,8 @@ async fn serve(
     let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
     // One machine-readable line on stdout, for scripts and tests that bind port 0.
     println!("quiver listening grpc={grpc_addr} http={http_addr}");
-    tracing::info!(%grpc_addr, %http_addr, "serving; try: curl http://{http_addr}/api/v1/features/user/user_123");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%grpc_addr, %http_addr, "serving; try: curl {scheme}://{http_addr}/api/v1/features/user/user_123");
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
@@ -410,7 +442,11 @@ async fn serve(
         tracing::info!("shutting down: draining in-flight requests");
         let _ = stopping_tx.send(());
     };
-    let server = quiver_server::run(service, grpc, http, cfg.server.health_interval, shutdown);
+    let options = quiver_server::RunOptions {
+        health_interval: cfg.server.health_interval,
+        tls,
+    };
+    let server = quiver_server::run_with(service, grpc, http, options, shutdown);
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => r?,

@@ -53,6 +53,10 @@ pub struct GenerateArgs {
     /// Events per produce call.
     #[arg(long, default_value_t = 500)]
     pub batch: usize,
+    /// API key for `--to grpc` when the server requires one (sent as
+    /// `authorization: Bearer <key>`).
+    #[arg(long, env = "QUIVER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 fn err(e: quiver_core::Error) -> anyhow::Error {
@@ -153,7 +157,10 @@ pub async fn ingest_cmd(overrides: Overrides) -> Result<()> {
 /// Where generated events go.
 enum Target {
     Sink(Arc<dyn EventSink>),
-    Grpc(quiver_proto::FeatureServiceClient<quiver_proto::tonic::transport::Channel>),
+    Grpc(
+        Box<quiver_proto::FeatureServiceClient<quiver_proto::tonic::transport::Channel>>,
+        Option<quiver_proto::tonic::metadata::MetadataValue<quiver_proto::tonic::metadata::Ascii>>,
+    ),
 }
 
 impl Target {
@@ -166,10 +173,13 @@ impl Target {
                 }
                 Ok(results.len() as u64)
             }
-            Target::Grpc(c) => {
-                let req = pb::PushEventsRequest {
+            Target::Grpc(c, key) => {
+                let mut req = quiver_proto::tonic::Request::new(pb::PushEventsRequest {
                     events: events.iter().map(event_to_pb).collect(),
-                };
+                });
+                if let Some(k) = key {
+                    req.metadata_mut().insert("authorization", k.clone());
+                }
                 let resp = c
                     .push_events(req)
                     .await
@@ -287,9 +297,19 @@ pub async fn generate_cmd(overrides: Overrides, args: GenerateArgs) -> Result<()
             ))
         }
         "grpc" => Target::Grpc(
-            quiver_proto::FeatureServiceClient::connect(args.grpc_url.clone())
-                .await
-                .with_context(|| format!("cannot connect to {}", args.grpc_url))?,
+            Box::new(
+                quiver_proto::FeatureServiceClient::connect(args.grpc_url.clone())
+                    .await
+                    .with_context(|| format!("cannot connect to {}", args.grpc_url))?,
+            ),
+            match &args.api_key {
+                None => None,
+                Some(k) => Some(
+                    format!("Bearer {k}")
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("--api-key: not a valid header value"))?,
+                ),
+            },
         ),
         other => bail!("--to {other:?}: use kafka or grpc"),
     };
@@ -316,7 +336,7 @@ pub async fn generate_cmd(overrides: Overrides, args: GenerateArgs) -> Result<()
 /// event generator pushing through the same path as `PushEvents`, the
 /// ingest loop into the embedded store and local archive, and the server.
 pub async fn demo_cmd(overrides: Overrides, demo: DemoData) -> Result<()> {
-    let mut cfg = Config::load(&overrides, &|k| std::env::var(k).ok())?;
+    let mut cfg = Config::load_demo(&overrides, &|k| std::env::var(k).ok())?;
     let registry = Arc::new(load_registry(&cfg)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store = open_online_store(&cfg, clock.clone())?;

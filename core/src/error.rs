@@ -25,6 +25,14 @@ pub enum ErrorKind {
     DeadlineExceeded,
     /// A bug or corrupted stored data.
     Internal,
+    /// The request carries no valid credentials (none, unknown, revoked or
+    /// expired); send valid ones.
+    Unauthenticated,
+    /// The credentials are valid but do not allow this operation (a scope
+    /// or a feature view, feature service or event type the key lacks).
+    PermissionDenied,
+    /// The caller has too many requests in flight; retry after some finish.
+    TooManyRequests,
 }
 
 impl ErrorKind {
@@ -38,6 +46,9 @@ impl ErrorKind {
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::Internal => "internal",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::TooManyRequests => "too_many_requests",
         }
     }
 }
@@ -72,6 +83,10 @@ impl Error {
     /// Shorthand for [`ErrorKind::Unavailable`].
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unavailable, message)
+    }
+    /// Shorthand for [`ErrorKind::PermissionDenied`].
+    pub fn denied(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::PermissionDenied, message)
     }
     /// Shorthand for [`ErrorKind::Internal`].
     pub fn internal(message: impl Into<String>) -> Self {

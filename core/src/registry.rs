@@ -653,7 +653,8 @@ impl Registry {
     }
 }
 
-fn selection(columns: Vec<FeatureRef>) -> Selection {
+/// The selection of `columns` (in that order), grouped by view.
+pub fn selection(columns: Vec<FeatureRef>) -> Selection {
     let mut by_view: Vec<(usize, Vec<usize>)> = Vec::new();
     for c in &columns {
         match by_view.iter_mut().find(|(v, _)| *v == c.view) {

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use quiver_proto::FeatureServiceServer;
 
+use crate::auth::principal_of;
 use crate::convert;
 use crate::error::to_status;
 use crate::service::FeatureServer;
@@ -412,9 +413,13 @@ impl quiver_proto::FeatureService for GrpcService {
     ) -> Result<Response<ArrowStream>, Status> {
         let answer = self
             .observe("GetHistoricalFeatures", async {
+                let caller = principal_of(request.extensions())?;
                 let (selector, table, full) =
                     convert::historical_request_from_pb(request.into_inner())?;
-                let batches = self.inner.get_historical(&selector, table, full).await?;
+                let batches = self
+                    .inner
+                    .get_historical(&caller, &selector, table, full)
+                    .await?;
                 batches
                     .iter()
                     .map(|b| to_ipc(b).map(|arrow_ipc| pb::ArrowBatch { arrow_ipc }))
@@ -433,9 +438,10 @@ impl quiver_proto::FeatureService for GrpcService {
     ) -> Result<Response<pb::GetOnlineFeaturesResponse>, Status> {
         self.observe("GetOnlineFeatures", async {
             self.check_size(request.get_ref())?;
+            let caller = principal_of(request.extensions())?;
             let req = convert::online_request_from_pb(request.into_inner())?;
             Ok(convert::online_response_to_pb(
-                self.inner.get_online(req).await?,
+                self.inner.get_online(&caller, req).await?,
             ))
         })
         .await
@@ -447,9 +453,13 @@ impl quiver_proto::FeatureService for GrpcService {
     ) -> Result<Response<pb::WriteFeaturesResponse>, Status> {
         self.observe("WriteFeatures", async {
             self.check_size(request.get_ref())?;
+            let caller = principal_of(request.extensions())?;
             let req = request.into_inner();
             let rows = convert::write_rows_from_pb(req.rows)?;
-            let out = self.inner.write_features(&req.feature_view, rows).await?;
+            let out = self
+                .inner
+                .write_features(&caller, &req.feature_view, rows)
+                .await?;
             Ok(pb::WriteFeaturesResponse {
                 written: out.written,
                 stale: out.stale,
@@ -465,13 +475,14 @@ impl quiver_proto::FeatureService for GrpcService {
     ) -> Result<Response<pb::PushEventsResponse>, Status> {
         self.observe("PushEvents", async {
             self.check_size(request.get_ref())?;
+            let caller = principal_of(request.extensions())?;
             let events = request
                 .into_inner()
                 .events
                 .into_iter()
                 .map(|e| (e.event_id.clone(), event_from_pb(e)))
                 .collect();
-            let out = self.inner.push_events(events).await?;
+            let out = self.inner.push_events(&caller, events).await?;
             Ok(pb::PushEventsResponse {
                 accepted: out.accepted,
                 rejected: out

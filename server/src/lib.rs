@@ -16,19 +16,20 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
+pub mod auth;
 pub mod convert;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
 pub mod rest;
 pub mod service;
+pub mod tls;
+mod watch;
 
 pub use metrics::Metrics;
 pub use service::{FeatureServer, Limits};
@@ -60,6 +61,31 @@ pub async fn run(
     health_interval: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let options = RunOptions {
+        health_interval,
+        tls: None,
+    };
+    run_with(service, grpc, http, options, shutdown).await
+}
+
+/// How [`run_with`] serves.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// How often the online store is pinged for health.
+    pub health_interval: Duration,
+    /// TLS on both listeners (reloaded while serving), or plain TCP.
+    pub tls: Option<Arc<tls::Tls>>,
+}
+
+/// [`run`] with [`RunOptions`].
+pub async fn run_with(
+    service: Arc<FeatureServer>,
+    grpc: TcpListener,
+    http: TcpListener,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let health_interval = options.health_interval;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -104,35 +130,79 @@ pub async fn run(
         })
     };
 
+    if let Some(auth) = service.authenticator() {
+        auth.clone().watch(stopped(stop_rx.clone()));
+    }
+    if let Some(tls) = &options.tls {
+        tls.clone().watch(stopped(stop_rx.clone()));
+    }
+
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let feature_service = grpc::SizeRouted::new(service.clone());
-    // Small request/response RPCs: Nagle's algorithm would add tens of ms.
-    let incoming = TcpListenerStream::new(grpc).map_ok(|s| {
-        let _ = s.set_nodelay(true);
-        s
-    });
+    let incoming = tls::incoming(grpc, options.tls.clone(), auth::Transport::Grpc);
     let grpc_server = tonic::transport::Server::builder()
         .layer(TraceLayer::new(SharedClassifier::new(
             client_errors_are_not_failures(),
         )))
         .layer(grpc::ErrorCountLayer::new(service.clone()))
+        .layer(auth::AuthLayer::new(
+            service.authenticator().cloned(),
+            auth::Transport::Grpc,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(feature_service)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 
     let app = rest::router(service.clone()).layer(TraceLayer::new_for_http());
-    let http_server = axum::serve(http, app)
-        .tcp_nodelay(true)
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http_server = serve_http(
+        app,
+        tls::incoming(http, options.tls.clone(), auth::Transport::Http),
+        stopped(stop_rx.clone()),
+    );
 
     let (g, h) = tokio::join!(grpc_server, http_server);
     health_task.abort();
     g?;
     h?;
+    Ok(())
+}
+
+/// Serves `app` on `incoming` (HTTP/1.1 and HTTP/2, hyper) until `stop`,
+/// then stops accepting and waits for open connections to finish their
+/// requests.
+async fn serve_http(
+    app: axum::Router,
+    mut incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<tls::Conn>>,
+    stop: impl Future<Output = ()>,
+) -> Result<(), std::io::Error> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_stream::StreamExt;
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let conn = tokio::select! {
+            c = incoming.next() => c,
+            _ = &mut stop => break,
+        };
+        let Some(Ok(conn)) = conn else { break };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(conn), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(incoming);
+    graceful.shutdown().await;
     Ok(())
 }
 

@@ -10,8 +10,9 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::FromRequest;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -26,6 +27,7 @@ use quiver_core::{Error, ErrorKind, Registry, Value, ValueType};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json_};
 
+use crate::auth::{principal_of, AuthLayer, Principal, Transport};
 use crate::error::http_status;
 use crate::service::{FeatureRowIn, FeatureSelector, FeatureServer, OnlineRequest, OnlineResponse};
 
@@ -98,6 +100,20 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for StrictJs
     }
 }
 
+/// The caller the [`AuthLayer`] admitted the request as.
+pub struct Caller(pub Arc<Principal>);
+
+#[axum::async_trait]
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        principal_of(&parts.extensions)
+            .map(Caller)
+            .map_err(ApiError)
+    }
+}
+
 fn query_rejection(r: QueryRejection) -> ApiError {
     ApiError(Error::invalid(format!(
         "invalid query string: {}",
@@ -130,6 +146,10 @@ pub fn router(service: Arc<FeatureServer>) -> Router {
             ))
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(AuthLayer::new(
+            service.authenticator().cloned(),
+            Transport::Http,
+        ))
         .layer(middleware::from_fn_with_state(service.clone(), track))
         .with_state(service)
 }
@@ -174,6 +194,7 @@ struct EntityQuery {
 
 async fn get_entity_features(
     State(svc): State<Arc<FeatureServer>>,
+    Caller(caller): Caller,
     Path((entity, id)): Path<(String, String)>,
     query: Result<Query<EntityQuery>, QueryRejection>,
 ) -> ApiResult {
@@ -198,11 +219,14 @@ async fn get_entity_features(
         Ok(FeatureSelector::Entity(entity.clone())),
     )?;
     let resp = svc
-        .get_online(OnlineRequest {
-            selector,
-            entities: vec![(ent.join_key.clone(), vec![key])],
-            full_feature_names: q.full_feature_names.unwrap_or(true),
-        })
+        .get_online(
+            &caller,
+            OnlineRequest {
+                selector,
+                entities: vec![(ent.join_key.clone(), vec![key])],
+                full_feature_names: q.full_feature_names.unwrap_or(true),
+            },
+        )
         .await?;
     let mut features = Map::new();
     for (name, col) in resp.names.iter().zip(resp.columns).skip(1) {
@@ -237,6 +261,7 @@ struct OnlineBody {
 
 async fn post_online_features(
     State(svc): State<Arc<FeatureServer>>,
+    Caller(caller): Caller,
     StrictJson(body): StrictJson<OnlineBody>,
 ) -> ApiResult {
     let neither = Err(Error::invalid(
@@ -261,11 +286,14 @@ async fn post_online_features(
         entities.push((key, values));
     }
     let resp = svc
-        .get_online(OnlineRequest {
-            selector,
-            entities,
-            full_feature_names: body.full_feature_names,
-        })
+        .get_online(
+            &caller,
+            OnlineRequest {
+                selector,
+                entities,
+                full_feature_names: body.full_feature_names,
+            },
+        )
         .await?;
     Ok(Json(online_response_json(resp)).into_response())
 }
@@ -303,6 +331,7 @@ struct WriteRowBody {
 
 async fn post_write_features(
     State(svc): State<Arc<FeatureServer>>,
+    Caller(caller): Caller,
     StrictJson(body): StrictJson<WriteBody>,
 ) -> ApiResult {
     let reg = svc.registry();
@@ -338,7 +367,9 @@ async fn post_write_features(
             features,
         });
     }
-    let out = svc.write_features(&body.feature_view, rows).await?;
+    let out = svc
+        .write_features(&caller, &body.feature_view, rows)
+        .await?;
     Ok(
         Json(json!({"written": out.written, "stale": out.stale, "expired": out.expired}))
             .into_response(),
@@ -356,6 +387,7 @@ struct EventsBody {
 /// accepted/rejected counts even when some events are rejected.
 async fn post_events(
     State(svc): State<Arc<FeatureServer>>,
+    Caller(caller): Caller,
     StrictJson(body): StrictJson<EventsBody>,
 ) -> ApiResult {
     let reg = svc.registry();
@@ -372,7 +404,7 @@ async fn post_events(
             (id, Event::parse_json(reg, j))
         })
         .collect();
-    let out = svc.push_events(events).await?;
+    let out = svc.push_events(&caller, events).await?;
     let rejected: Vec<Json_> = out
         .rejected
         .into_iter()

@@ -12,12 +12,13 @@ use quiver_core::aggregate::finish_row;
 use quiver_core::codec::{entity_key, row_key};
 use quiver_core::error::quote;
 use quiver_core::event::{checked, Event, EventSink, EventTimeBounds};
-use quiver_core::registry::{Selection, ViewSource};
+use quiver_core::registry::{selection, FeatureRef, Selection, ViewSource};
 use quiver_core::store::{Lookup, StoredRow, WriteOutcome, WriteRow};
 use quiver_core::time::{duration_micros, Micros};
 use quiver_core::value::coerce;
 use quiver_core::{Clock, Error, ErrorKind, OnlineStore, Registry, Result, Value, ValueType};
 
+use crate::auth::{Authenticator, Principal};
 use crate::error::bounded;
 use crate::metrics::Metrics;
 
@@ -150,6 +151,7 @@ pub struct FeatureServer {
     events: Option<Arc<dyn EventSink>>,
     event_time_bounds: EventTimeBounds,
     offline: Option<Arc<Offline>>,
+    auth: Option<Arc<Authenticator>>,
 }
 
 /// What became of pushed events.
@@ -191,7 +193,20 @@ impl FeatureServer {
             events: None,
             event_time_bounds: EventTimeBounds::default(),
             offline: None,
+            auth: None,
         }
+    }
+
+    /// Requires API keys on both APIs (see [`crate::auth`]); without an
+    /// authenticator every caller is [`Principal::unrestricted`].
+    pub fn with_auth(mut self, auth: Arc<Authenticator>) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// The authenticator, when API keys are required.
+    pub fn authenticator(&self) -> Option<&Arc<Authenticator>> {
+        self.auth.as_ref()
     }
 
     /// Sets the event log that `PushEvents` appends to; without one,
@@ -221,6 +236,7 @@ impl FeatureServer {
     /// `quiver_batch::retrieve::STREAM_BATCH_ROWS` rows.
     pub async fn get_historical(
         &self,
+        caller: &Principal,
         selector: &FeatureSelector,
         entities: EntityTable,
         full_feature_names: bool,
@@ -233,7 +249,7 @@ impl FeatureServer {
         if let FeatureSelector::Entity(_) = selector {
             return Err(Error::invalid("name a feature_service or list features"));
         }
-        let sel = self.select(selector)?;
+        let sel = self.select(caller, selector)?;
         let table = match entities {
             EntityTable::Values(cols) => entities::from_values(cols)?,
             EntityTable::ArrowIpc(bytes) => entities::from_ipc(bytes)?,
@@ -252,7 +268,15 @@ impl FeatureServer {
     /// Checks events ([`checked`], and their times against the server's
     /// clock with [`EventTimeBounds`]) and appends the valid ones to the
     /// event log. Each input is an event or the reason it could not be parsed.
-    pub async fn push_events(&self, events: Vec<(String, Result<Event>)>) -> Result<PushOutcome> {
+    ///
+    /// # Errors
+    /// `PERMISSION_DENIED` for the whole call when `caller` may not push
+    /// one of the events' types.
+    pub async fn push_events(
+        &self,
+        caller: &Principal,
+        events: Vec<(String, Result<Event>)>,
+    ) -> Result<PushOutcome> {
         let sink = self.events.as_ref().ok_or_else(|| {
             Error::unavailable(
                 "this server has no event log: start it with `--kafka-brokers` (or run `quiver demo`) to accept events",
@@ -263,6 +287,17 @@ impl FeatureServer {
         }
         if events.len() > self.limits.max_write_rows {
             return Err(too_many("events", events.len(), self.limits.max_write_rows));
+        }
+        for (i, (_, ev)) in events.iter().enumerate() {
+            if let Ok(e) = ev {
+                if !caller.may_push(&e.event_type) {
+                    return Err(Error::denied(format!(
+                        "API key {:?} may not push events of type {} (event {i})",
+                        caller.name(),
+                        quote(&e.event_type)
+                    )));
+                }
+            }
         }
         let mut out = PushOutcome::default();
         let mut valid = Vec::with_capacity(events.len());
@@ -344,7 +379,7 @@ impl FeatureServer {
         r
     }
 
-    fn select(&self, selector: &FeatureSelector) -> Result<Selection> {
+    fn select(&self, caller: &Principal, selector: &FeatureSelector) -> Result<Selection> {
         let reg = &self.registry;
         let mut sel = match selector {
             FeatureSelector::Service(name) => reg.resolve_service(name)?,
@@ -365,6 +400,42 @@ impl FeatureServer {
             }
             FeatureSelector::Entity(entity) => reg.select_entity(entity)?,
         };
+        if caller.limited_to_views() {
+            let view_name = |c: &FeatureRef| reg.view(c.view).name.as_str();
+            match selector {
+                // All features of an entity: those the key may read.
+                FeatureSelector::Entity(entity) => {
+                    let columns = std::mem::take(&mut sel.columns);
+                    sel = selection(
+                        columns
+                            .into_iter()
+                            .filter(|c| caller.may_use_view(view_name(c)))
+                            .collect(),
+                    );
+                    if sel.columns.is_empty() {
+                        return Err(Error::denied(format!(
+                            "API key {:?} may read none of the feature views of entity {}",
+                            caller.name(),
+                            quote(entity)
+                        )));
+                    }
+                }
+                FeatureSelector::Service(name) if caller.names_service(name) => {}
+                _ => {
+                    if let Some(c) = sel
+                        .columns
+                        .iter()
+                        .find(|c| !caller.may_use_view(view_name(c)))
+                    {
+                        return Err(Error::denied(format!(
+                            "API key {:?} may not read feature view {:?}",
+                            caller.name(),
+                            view_name(c)
+                        )));
+                    }
+                }
+            }
+        }
         let mut seen = HashSet::new();
         sel.columns.retain(|c| seen.insert(c.clone()));
         if sel.columns.is_empty() {
@@ -382,9 +453,13 @@ impl FeatureServer {
 
     /// Latest values of the selected features for each entity row; one
     /// online-store round trip whatever the number of rows and views.
-    pub async fn get_online(&self, req: OnlineRequest) -> Result<OnlineResponse> {
+    pub async fn get_online(
+        &self,
+        caller: &Principal,
+        req: OnlineRequest,
+    ) -> Result<OnlineResponse> {
         let reg = &*self.registry;
-        let sel = self.select(&req.selector)?;
+        let sel = self.select(caller, &req.selector)?;
 
         // Entity columns: known join keys, typed values, equal lengths.
         let Some((_, first)) = req.entities.first() else {
@@ -580,11 +655,19 @@ impl FeatureServer {
     /// Writes feature rows of one view, event-time last-write-wins.
     pub async fn write_features(
         &self,
+        caller: &Principal,
         view_name: &str,
         rows: Vec<FeatureRowIn>,
     ) -> Result<WriteOutcome> {
         let reg = &*self.registry;
         let view = reg.view(reg.require_view(view_name)?);
+        if !caller.may_use_view(&view.name) {
+            return Err(Error::denied(format!(
+                "API key {:?} may not write feature view {:?}",
+                caller.name(),
+                view.name
+            )));
+        }
         // Views quiver computes keep one history for training and serving;
         // a write from outside would reach only the online store.
         match &view.source {

@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use common::offline::{doubles as f64s, historical, pb_s, put_table, refs as features};
-use common::{redis_store, Backend, TestServer};
+use common::{redis_store, Backend, Recorder, TestServer};
 use quiver_batch::arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, Int32Array, LargeStringArray, RecordBatch, StringArray,
     TimestampMicrosecondArray,
@@ -20,10 +19,9 @@ use quiver_batch::materialize::MaterializeOptions;
 use quiver_batch::retrieve::to_ipc;
 use quiver_batch::Offline;
 use quiver_core::columnar::timestamp_type;
-use quiver_core::event::{Event, EventSink};
 use quiver_core::time::parse_rfc3339;
 use quiver_core::wire::{micros_to_ts, value_from_pb};
-use quiver_core::{OnlineStore, Registry, Result as CoreResult, Value};
+use quiver_core::{OnlineStore, Registry, Value};
 use quiver_proto::prost_types::Timestamp;
 use quiver_proto::v1 as pb;
 use quiver_proto::v1::get_online_features_request::Kind as Sel;
@@ -228,18 +226,6 @@ features = [{ name = "tier", dtype = "string" }]
 
 /// 2026-11-01T00:00:00Z, the feature time of the offline tables.
 const T0: i64 = 1_793_491_200_000_000;
-
-/// Records pushed events instead of appending them to Kafka.
-#[derive(Default)]
-struct Recorder(Mutex<Vec<Event>>);
-
-#[async_trait]
-impl EventSink for Recorder {
-    async fn publish(&self, events: &[Event]) -> CoreResult<Vec<CoreResult<()>>> {
-        self.0.lock().unwrap().extend_from_slice(events);
-        Ok(events.iter().map(|_| Ok(())).collect())
-    }
-}
 
 struct Stack {
     server: TestServer,

@@ -6,7 +6,8 @@
 //! missing binary fails the test with the install command instead of
 //! skipping it. [`RedisCluster::start`] forms a Redis Cluster of several
 //! such servers with `redis-cli --cluster create`. [`S3Server::start`] runs
-//! moto, an S3-compatible server, the same way.
+//! moto, an S3-compatible server, the same way. [`Pki`] makes a test CA
+//! with server and client certificates (rcgen) for TLS tests.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -52,8 +53,10 @@ fn spawn_quiet(cmd: &mut Command, name: &str, install: &str) -> Child {
     }
 }
 
+/// Whether a Redis answers on `port` (a server with a password answers
+/// NOAUTH, which is an answer).
 fn answers_ping(port: u16) -> bool {
-    inline_command(port, "PING").is_some_and(|r| r.starts_with("+PONG"))
+    inline_command(port, "PING").is_some_and(|r| r.starts_with("+PONG") || r.starts_with("-NOAUTH"))
 }
 
 impl RedisServer {
@@ -73,6 +76,75 @@ impl RedisServer {
     /// Starts Redis on `port`; `None` if it did not come up.
     fn start_on(port: u16) -> Option<RedisServer> {
         Self::start_with(port, &[])
+    }
+
+    /// Starts a Redis that requires `password` (`requirepass`).
+    pub fn start_with_password(password: &str) -> RedisServer {
+        for _ in 0..5 {
+            if let Some(s) = Self::start_with(free_port(), &["--requirepass", password]) {
+                return s;
+            }
+        }
+        panic!("redis-server did not come up on any of 5 ephemeral ports");
+    }
+
+    /// Starts a Redis that speaks TLS only (its plain port closed), with
+    /// the server certificate of `pki` and client certificates not
+    /// required; [`RedisServer::port`] is the TLS port.
+    pub fn start_tls(pki: &Pki) -> RedisServer {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut cmd = Command::new("redis-server");
+            cmd.args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--tls-auth-clients",
+                "no",
+            ])
+            .arg("--tls-cert-file")
+            .arg(pki.server_cert_file())
+            .arg("--tls-key-file")
+            .arg(pki.server_key_file())
+            .arg("--tls-ca-cert-file")
+            .arg(pki.ca_file())
+            .arg("--dir")
+            .arg(dir.path());
+            let mut child =
+                spawn_quiet(&mut cmd, "redis-server", "apt-get install -y redis-server");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let addr = ([127, 0, 0, 1], port).into();
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return RedisServer {
+                        child,
+                        port,
+                        _dir: dir,
+                    };
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(
+                        status.code() != Some(1) || port_taken(port),
+                        "redis-server refused the TLS options (is it built with TLS?)"
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("redis-server with TLS did not come up on any of 5 ephemeral ports");
     }
 
     /// Starts Redis on `port` with extra arguments; `None` if it did not come up.
@@ -298,6 +370,114 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+fn port_taken(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_err()
+}
+
+/// A test certificate authority with a server certificate (for
+/// `localhost` and 127.0.0.1) and a client certificate it signed, as PEM
+/// files in a temporary directory (rcgen).
+pub struct Pki {
+    dir: tempfile::TempDir,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pki")
+            .field("dir", &self.dir.path())
+            .finish()
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pki {
+    /// A new CA, server and client certificate.
+    pub fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "quiver test CA");
+        let ca = params.self_signed(&ca_key).expect("CA certificate");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("ca.pem");
+        let pki = Pki { dir, ca, ca_key };
+        pki.issue_server("server");
+        pki.issue_client("client");
+        pki
+    }
+
+    /// Issues (again) the server certificate, with `name` as its common
+    /// name, replacing `server.pem`/`server.key` by rename; returns the
+    /// certificate's DER.
+    pub fn issue_server(&self, name: &str) -> Vec<u8> {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .expect("server params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params, "server")
+    }
+
+    fn issue_client(&self, name: &str) -> Vec<u8> {
+        let mut params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("client params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(params, "client")
+    }
+
+    fn issue(&self, params: rcgen::CertificateParams, file: &str) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("certificate");
+        // Key first: a reader that sees the new certificate sees its key.
+        let write = |ext: &str, text: String| {
+            let tmp = self.dir.path().join(format!("{file}.{ext}.tmp"));
+            std::fs::write(&tmp, text).expect("write");
+            std::fs::rename(&tmp, self.dir.path().join(format!("{file}.{ext}"))).expect("rename");
+        };
+        write("key", key.serialize_pem());
+        write("pem", cert.pem());
+        cert.der().to_vec()
+    }
+
+    /// The CA certificate (PEM file).
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+    /// The server certificate (PEM file).
+    pub fn server_cert_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("server.pem")
+    }
+    /// The server key (PEM file).
+    pub fn server_key_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("server.key")
+    }
+    /// The client certificate (PEM file).
+    pub fn client_cert_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("client.pem")
+    }
+    /// The client key (PEM file).
+    pub fn client_key_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("client.key")
     }
 }
 

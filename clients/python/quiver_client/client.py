@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import grpc
@@ -116,10 +117,43 @@ def _select(req: Any, features: Optional[Sequence[str]], feature_service: Option
 class QuiverClient:
     """A connection to quiver's gRPC FeatureService."""
 
-    def __init__(self, target: str = "localhost:50051", timeout: float = 5.0, channel: Optional[grpc.Channel] = None):
-        self._channel = channel or grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        timeout: float = 5.0,
+        channel: Optional[grpc.Channel] = None,
+        api_key: Optional[str] = None,
+        tls: bool = False,
+        root_certificates: Optional[bytes] = None,
+        certificate_chain: Optional[bytes] = None,
+        private_key: Optional[bytes] = None,
+    ):
+        """Connects to `target` (host:port).
+
+        `api_key`: sent as `authorization: Bearer <key>` on every call, for servers with `[auth]`
+        configured; defaults to the `QUIVER_API_KEY` environment variable. Calls without a valid key
+        raise QuiverError with UNAUTHENTICATED, calls outside the key's scopes PERMISSION_DENIED.
+
+        TLS (`quiver serve --tls-cert ...`): `tls=True` verifies the server against the system's CAs,
+        or against `root_certificates` (PEM bytes) when given; `certificate_chain` and `private_key`
+        (PEM bytes) are the client certificate a server with `--tls-client-ca` (mutual TLS) requires.
+        Any of them turns TLS on.
+        """
+        if channel is None:
+            if tls or root_certificates or certificate_chain or private_key:
+                creds = grpc.ssl_channel_credentials(
+                    root_certificates=root_certificates,
+                    private_key=private_key,
+                    certificate_chain=certificate_chain,
+                )
+                channel = grpc.secure_channel(target, creds)
+            else:
+                channel = grpc.insecure_channel(target)
+        self._channel = channel
         self._stub = pb_grpc.FeatureServiceStub(self._channel)
         self.timeout = timeout
+        key = api_key if api_key is not None else os.environ.get("QUIVER_API_KEY")
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else None
 
     def __enter__(self) -> "QuiverClient":
         return self
@@ -137,7 +171,7 @@ class QuiverClient:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise QuiverError(e.code(), e.details()) from None
 
@@ -255,7 +289,7 @@ class QuiverClient:
         )
         _select(req, features, feature_service)
         try:
-            parts = [pa.ipc.open_stream(m.arrow_ipc).read_all() for m in self._stub.GetHistoricalFeatures(req, timeout=timeout)]
+            parts = [pa.ipc.open_stream(m.arrow_ipc).read_all() for m in self._stub.GetHistoricalFeatures(req, timeout=timeout, metadata=self._metadata)]
         except grpc.RpcError as e:
             raise QuiverError(e.code(), e.details()) from None
         return pa.concat_tables(parts).to_pandas()

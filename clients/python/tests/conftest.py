@@ -21,24 +21,14 @@ from quiver_client.generate import generate  # noqa: E402
 generate(ROOT / "proto")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def start_quiver(args, stderr=subprocess.DEVNULL, env=None):
+    """Starts the quiver binary with `args` (which bind port 0); returns (process, grpc, http address)
+    once it listens."""
     binary = os.environ.get("QUIVER_BIN", str(ROOT / "target" / "debug" / "quiver"))
     if not pathlib.Path(binary).exists():
         pytest.fail(f"quiver binary not found at {binary}: run `cargo build -p quiver` or set QUIVER_BIN")
-    data = tmp_path_factory.mktemp("quiver")
-    # Archive rolls every second, so historical retrieval sees events soon.
-    config = data / "quiver.toml"
-    config.write_text('[archive]\nroll_interval = "1s"\n')
     proc = subprocess.Popen(
-        [
-            binary, "demo", "--users", "300", "--products", "50", "--config", str(config),
-            "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
-            "--store-path", str(data / "online.redb"), "--archive", str(data / "offline"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        [binary, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
     )
     deadline = time.time() + 60
     line = ""
@@ -50,7 +40,27 @@ def server(tmp_path_factory):
     if not m:
         proc.kill()
         pytest.fail(f"quiver did not start (exit code {proc.poll()}, last line {line!r})")
-    yield {"grpc": m.group(1), "http": f"http://{m.group(2)}", "proc": proc}
+    return proc, m.group(1), m.group(2)
+
+
+def stop_quiver(proc):
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
+        assert proc.wait(timeout=15) == 0
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    data = tmp_path_factory.mktemp("quiver")
+    # Archive rolls every second, so historical retrieval sees events soon.
+    config = data / "quiver.toml"
+    config.write_text('[archive]\nroll_interval = "1s"\n')
+    proc, grpc_addr, http_addr = start_quiver(
+        [
+            "demo", "--users", "300", "--products", "50", "--config", str(config),
+            "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
+            "--store-path", str(data / "online.redb"), "--archive", str(data / "offline"),
+        ]
+    )
+    yield {"grpc": grpc_addr, "http": f"http://{http_addr}", "proc": proc}
+    stop_quiver(proc)

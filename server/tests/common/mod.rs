@@ -14,6 +14,7 @@ use quiver_core::event::EventSink;
 use quiver_core::store::{EmbeddedStore, RedisClusterStore, RedisConfig, RedisStore};
 use quiver_core::{Clock, ManualClock, OnlineStore, Registry};
 use quiver_proto::FeatureServiceClient;
+use quiver_server::auth::{AuthSettings, Authenticator};
 use quiver_server::{FeatureServer, Limits, Metrics};
 use quiver_testkit::{RedisCluster, RedisServer};
 use tokio::net::TcpListener;
@@ -24,6 +25,21 @@ pub const REGISTRY: &str = include_str!("../../../registry/features.toml");
 /// Real time in microseconds.
 pub fn now() -> i64 {
     quiver_core::time::system_time_to_micros(std::time::SystemTime::now())
+}
+
+/// Records pushed events instead of appending them to Kafka.
+#[derive(Default)]
+pub struct Recorder(pub std::sync::Mutex<Vec<quiver_core::event::Event>>);
+
+#[async_trait::async_trait]
+impl EventSink for Recorder {
+    async fn publish(
+        &self,
+        events: &[quiver_core::event::Event],
+    ) -> quiver_core::Result<Vec<quiver_core::Result<()>>> {
+        self.0.lock().unwrap().extend_from_slice(events);
+        Ok(events.iter().map(|_| Ok(())).collect())
+    }
 }
 
 pub enum Backend {
@@ -105,6 +121,19 @@ impl TestServer {
         sink: Option<Arc<dyn EventSink>>,
         offline: Option<Arc<Offline>>,
     ) -> TestServer {
+        Self::start_with_auth(registry, store, backend, limits, sink, offline, None).await
+    }
+
+    /// [`TestServer::start_full`] requiring the API keys of `auth`.
+    pub async fn start_with_auth(
+        registry: Arc<Registry>,
+        store: Arc<dyn OnlineStore>,
+        backend: Backend,
+        limits: Limits,
+        sink: Option<Arc<dyn EventSink>>,
+        offline: Option<Arc<Offline>>,
+        auth: Option<AuthSettings>,
+    ) -> TestServer {
         let clock = Arc::new(ManualClock::new(now()));
         let mut service = FeatureServer::new(
             registry,
@@ -119,6 +148,11 @@ impl TestServer {
         }
         if let Some(offline) = offline {
             service = service.with_offline(offline);
+        }
+        if let Some(settings) = auth {
+            service = service.with_auth(Arc::new(
+                Authenticator::new(settings, clock.clone()).unwrap(),
+            ));
         }
         let service = Arc::new(service);
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
