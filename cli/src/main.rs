@@ -432,13 +432,14 @@ async fn serve(
         .with_context(|| format!("cannot listen for HTTP on {}", cfg.server.http_addr))?;
     let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
     // One machine-readable line on stdout, for scripts and tests that bind port 0.
+    let signal = shutdown_signal();
     println!("quiver listening grpc={grpc_addr} http={http_addr}");
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(%grpc_addr, %http_addr, "serving; try: curl {scheme}://{http_addr}/api/v1/features/user/user_123");
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
-        shutdown_signal().await;
+        signal.await;
         tracing::info!("shutting down: draining in-flight requests");
         let _ = stopping_tx.send(());
     };
@@ -462,16 +463,19 @@ async fn serve(
 }
 
 /// Resolves on SIGTERM or ctrl-c.
-pub(crate) async fn shutdown_signal() {
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    // Registered now, not when first polled: a SIGTERM right after the
+    // "listening" line must stop the process gracefully, not kill it.
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    async move {
+        #[cfg(unix)]
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }
