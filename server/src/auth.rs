@@ -600,10 +600,6 @@ pub struct AuthService<S> {
     transport: Transport,
 }
 
-/// Percent-encoded like `grpc-message` (the gRPC spec: all but '%' and
-/// controls as they are; the messages here are ASCII).
-const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
-
 fn refusal<R: DenialBody>(transport: Transport, e: &Error) -> Response<R> {
     let message = crate::error::bounded(e.message());
     let mut resp = match transport {
@@ -617,7 +613,8 @@ fn refusal<R: DenialBody>(transport: Transport, e: &Error) -> Response<R> {
             );
             h.insert("grpc-status", HeaderValue::from(code));
             let text: String =
-                percent_encoding::utf8_percent_encode(&message, GRPC_MESSAGE).collect();
+                percent_encoding::utf8_percent_encode(&message, crate::grpc::GRPC_MESSAGE)
+                    .collect();
             if let Ok(v) = HeaderValue::from_str(&text) {
                 h.insert("grpc-message", v);
             }

@@ -291,7 +291,7 @@ where
 }
 
 /// What the gRPC spec percent-encodes in `grpc-message` (of ASCII text).
-const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+pub(crate) const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
 
 /// Statuses that tonic gives a caller's faults before any handler runs,
 /// restated: a message over the decode limit (tonic: OUT_OF_RANGE) is
