@@ -3,7 +3,8 @@
 # and a 3-node Redis Cluster on ephemeral ports, Kafka through librdkafka's
 # in-process mock cluster, an S3-compatible server (moto) on loopback, real
 # gRPC/HTTP), then the Python client tests (grpcio stubs generated from
-# proto/, pytest against a live server).
+# proto/, pytest against a live server), then schemathesis against the REST
+# gateway's generated OpenAPI description (scripts/schemathesis.sh).
 # Installs what is missing: redis-server and redis-cli (apt-get) and a Python
 # venv with grpcio, pytest and moto[server] (pip). Finally runs
 # scripts/e2e-tansu.sh (serve, ingest and generate as processes against a
@@ -20,14 +21,14 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
 fi
 
-echo "== python venv (grpcio, pytest, moto, pyarrow, pandas, cryptography)"
+echo "== python venv (grpcio, pytest, moto, pyarrow, pandas, cryptography, schemathesis)"
 VENV="${QUIVER_TEST_VENV:-target/py-venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
   "grpcio>=1.60" "grpcio-tools>=1.60" "protobuf>=4.25" "pytest>=7" "moto[server]>=5" \
-  "pyarrow>=14" "pandas>=2" "cryptography>=41"
+  "pyarrow>=14" "pandas>=2" "cryptography>=41" "schemathesis>=4,<5"
 VENV="$(cd "$VENV" && pwd)"
 export QUIVER_MOTO_SERVER="$VENV/bin/moto_server"
 
@@ -37,6 +38,9 @@ cargo test --workspace --locked
 echo "== python client tests"
 cargo build -p quiver --locked
 QUIVER_BIN="$PWD/target/debug/quiver" "$VENV/bin/python" -m pytest -q clients/python/tests
+
+echo "== REST gateway fuzzed from its OpenAPI description (schemathesis)"
+QUIVER_BIN="$PWD/target/debug/quiver" QUIVER_TEST_VENV="$VENV" ./scripts/schemathesis.sh
 
 if [ "${QUIVER_SKIP_E2E:-0}" != 1 ]; then
   echo "== end to end against a real Kafka-compatible broker (tansu)"

@@ -135,6 +135,7 @@ async fn main() {
                 url,
                 pool_size: 16,
                 timeout: Duration::from_secs(10),
+                tls: Default::default(),
             })
             .unwrap(),
         )

@@ -159,6 +159,9 @@ pub struct ArchiveSettings {
     pub roll_interval: Duration,
     /// object_store options (`aws_endpoint`, `aws_region`, `aws_allow_http`, ...); `AWS_*` environment variables are added.
     pub options: std::collections::BTreeMap<String, String>,
+    /// PEM CA certificates of an `https://` S3 endpoint signed by a private
+    /// CA (added to the system's roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for KafkaSettings {
@@ -189,10 +192,18 @@ impl Default for IngestSettings {
 impl ArchiveSettings {
     /// `options` as object_store takes them.
     pub fn store_options(&self) -> Vec<(String, String)> {
-        self.options
+        let mut options: Vec<(String, String)> = self
+            .options
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+            .collect();
+        if let Some(ca) = &self.ca_file {
+            options.push((
+                quiver_core::storage::CA_FILE_OPTION.to_owned(),
+                ca.display().to_string(),
+            ));
+        }
+        options
     }
 }
 
@@ -203,6 +214,7 @@ impl Default for ArchiveSettings {
             roll_bytes: 64 * 1024 * 1024,
             roll_interval: Duration::from_secs(60),
             options: Default::default(),
+            ca_file: None,
         }
     }
 }
@@ -280,7 +292,7 @@ pub struct OnlineStoreConfig {
     pub backend: Backend,
     /// File of the embedded store.
     pub path: PathBuf,
-    /// Redis URL (`redis://[user:pass@]host:port[/db]`; TLS is not supported yet).
+    /// Redis URL (`redis://[user:pass@]host:port[/db]`, `rediss://` for TLS).
     pub redis_url: String,
     /// Seed node URLs of a Redis Cluster.
     pub cluster_nodes: Vec<String>,
@@ -292,6 +304,23 @@ pub struct OnlineStoreConfig {
     /// How long a row outlives its view's TTL (served as OUTSIDE_MAX_AGE) before it expires.
     #[serde(deserialize_with = "duration")]
     pub expiry_grace: Duration,
+    /// PEM CA certificates of `rediss://` servers (default: the system's roots).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate for Redis servers that require one.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl OnlineStoreConfig {
+    /// The certificates of `rediss://` connections.
+    pub fn redis_tls(&self) -> quiver_core::store::RedisTls {
+        quiver_core::store::RedisTls {
+            ca_file: self.tls_ca_file.clone(),
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+        }
+    }
 }
 
 /// `[limits]`
@@ -310,6 +339,13 @@ pub struct LimitsConfig {
     pub max_historical_rows: usize,
     /// Maximum GetHistoricalFeatures request size in bytes.
     pub max_historical_bytes: usize,
+    /// Most requests one API key (or, without authentication, one client
+    /// address) has in flight; more get RESOURCE_EXHAUSTED / 429.
+    pub max_in_flight_per_key: usize,
+    /// Longest time a request may take before DEADLINE_EXCEEDED / 504
+    /// (not GetHistoricalFeatures).
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -334,6 +370,9 @@ impl Default for OnlineStoreConfig {
             pool_size: 64,
             timeout: Duration::from_millis(250),
             expiry_grace: Duration::from_secs(86_400),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -348,6 +387,8 @@ impl Default for LimitsConfig {
             max_request_bytes: l.max_request_bytes,
             max_historical_rows: l.max_historical_rows,
             max_historical_bytes: l.max_historical_bytes,
+            max_in_flight_per_key: l.max_in_flight_per_key,
+            request_timeout: l.request_timeout,
         }
     }
 }
@@ -560,6 +601,9 @@ impl Config {
                 .collect();
             self.online_store.backend = Backend::RedisCluster;
         }
+        if let Some(v) = env("QUIVER_REDIS_TLS_CA_FILE") {
+            self.online_store.tls_ca_file = Some(PathBuf::from(v));
+        }
         if let Some(v) = env("QUIVER_KAFKA_BROKERS") {
             self.kafka.brokers = v;
         }
@@ -649,16 +693,29 @@ impl Config {
     /// Rejects settings that cannot work, before anything starts.
     pub fn validate(&self) -> Result<()> {
         let s = &self.online_store;
-        if s.backend == Backend::Redis && !s.redis_url.starts_with("redis://") {
-            bail!("online_store.redis_url must start with redis:// (rediss:// TLS is not supported yet)");
+        let redis_scheme = |u: &str| {
+            let lower = u.get(..9).unwrap_or(u).to_ascii_lowercase();
+            lower.starts_with("redis://") || lower.starts_with("rediss://")
+        };
+        if s.backend == Backend::Redis && !redis_scheme(&s.redis_url) {
+            bail!(
+                "online_store.redis_url ({}) must start with redis:// or rediss:// (TLS)",
+                quiver_core::store::redis_url_redacted(&s.redis_url)
+            );
         }
         if s.backend == Backend::RedisCluster {
             if s.cluster_nodes.is_empty() {
-                bail!("online_store.cluster_nodes needs at least one redis:// seed node for the redis_cluster backend");
+                bail!("online_store.cluster_nodes needs at least one redis:// or rediss:// seed node for the redis_cluster backend");
             }
-            if let Some(bad) = s.cluster_nodes.iter().find(|u| !u.starts_with("redis://")) {
-                bail!("online_store.cluster_nodes: {bad:?} must start with redis:// (rediss:// TLS is not supported yet)");
+            if let Some(bad) = s.cluster_nodes.iter().find(|u| !redis_scheme(u)) {
+                bail!(
+                    "online_store.cluster_nodes: {} must start with redis:// or rediss:// (TLS)",
+                    quiver_core::store::redis_url_redacted(bad)
+                );
             }
+        }
+        if s.tls_cert_file.is_some() != s.tls_key_file.is_some() {
+            bail!("online_store needs both tls_cert_file and tls_key_file (a client certificate for Redis and its key), or neither");
         }
         if s.pool_size == 0 {
             bail!("online_store.pool_size must be at least 1");
@@ -686,6 +743,7 @@ impl Config {
             ("limits.max_entity_rows", l.max_entity_rows),
             ("limits.max_features", l.max_features),
             ("limits.max_write_rows", l.max_write_rows),
+            ("limits.max_in_flight_per_key", l.max_in_flight_per_key),
         ] {
             if v == 0 {
                 bail!("{name} must be at least 1");
@@ -693,6 +751,9 @@ impl Config {
         }
         if l.max_request_bytes < 1024 {
             bail!("limits.max_request_bytes must be at least 1024");
+        }
+        if l.request_timeout.is_zero() {
+            bail!("limits.request_timeout must be longer than 0s, e.g. \"30s\"");
         }
         let k = &self.kafka;
         if k.topic.is_empty() || k.dead_letter_topic.is_empty() || k.group_id.is_empty() {
@@ -769,6 +830,8 @@ impl Config {
             max_request_bytes: self.limits.max_request_bytes,
             max_historical_rows: self.limits.max_historical_rows,
             max_historical_bytes: self.limits.max_historical_bytes,
+            max_in_flight_per_key: self.limits.max_in_flight_per_key,
+            request_timeout: self.limits.request_timeout,
         }
     }
 }

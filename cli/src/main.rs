@@ -335,7 +335,7 @@ fn open_online_store(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn Onli
                 .collect();
             tracing::info!(nodes = ?nodes, "online store: redis cluster");
             Arc::new(
-                RedisClusterStore::new(&s.cluster_nodes, s.timeout)
+                RedisClusterStore::new(&s.cluster_nodes, s.timeout, &s.redis_tls())
                     .map_err(|e| anyhow::anyhow!("{e}"))?,
             )
         }
@@ -346,6 +346,7 @@ fn open_online_store(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn Onli
                     url: s.redis_url.clone(),
                     pool_size: s.pool_size,
                     timeout: s.timeout,
+                    tls: s.redis_tls(),
                 })
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
             )

@@ -36,6 +36,21 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order (the `code` values of JSON errors,
+    /// as the OpenAPI description lists them).
+    pub const ALL: [ErrorKind; 10] = [
+        ErrorKind::InvalidArgument,
+        ErrorKind::NotFound,
+        ErrorKind::ResourceExhausted,
+        ErrorKind::FailedPrecondition,
+        ErrorKind::Unavailable,
+        ErrorKind::DeadlineExceeded,
+        ErrorKind::Internal,
+        ErrorKind::Unauthenticated,
+        ErrorKind::PermissionDenied,
+        ErrorKind::TooManyRequests,
+    ];
+
     /// Stable lower-case name, used as a metrics label and in JSON errors.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -147,6 +162,26 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_lists_every_kind_once() {
+        // A new kind fails to compile here until it is listed in ALL.
+        let index = |k: ErrorKind| match k {
+            ErrorKind::InvalidArgument => 0,
+            ErrorKind::NotFound => 1,
+            ErrorKind::ResourceExhausted => 2,
+            ErrorKind::FailedPrecondition => 3,
+            ErrorKind::Unavailable => 4,
+            ErrorKind::DeadlineExceeded => 5,
+            ErrorKind::Internal => 6,
+            ErrorKind::Unauthenticated => 7,
+            ErrorKind::PermissionDenied => 8,
+            ErrorKind::TooManyRequests => 9,
+        };
+        for (i, k) in ErrorKind::ALL.into_iter().enumerate() {
+            assert_eq!(index(k), i, "{k:?}");
+        }
+    }
 
     #[test]
     fn quoted_input_is_cut_with_its_length() {

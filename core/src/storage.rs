@@ -13,8 +13,9 @@
 
 use std::sync::Arc;
 
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path;
-use object_store::ObjectStore;
+use object_store::{ClientOptions, ObjectStore};
 
 use crate::error::{Error, Result};
 
@@ -47,16 +48,70 @@ pub fn location_url(location: &str) -> Result<url::Url> {
         .map_err(|()| Error::invalid(format!("not a usable directory: {}", abs.display())))
 }
 
+/// The option naming a PEM file of CA certificates that sign the S3
+/// endpoint's certificate (a private CA in front of MinIO or Ceph), added
+/// to the system's trusted roots. Not an object_store key: quiver reads
+/// the file and hands the certificates to the HTTP client.
+pub const CA_FILE_OPTION: &str = "ca_file";
+
 /// Opens an object store from a URL (`s3://bucket/prefix`, `file:///dir`)
 /// or a local directory path (created if missing). `options` are
-/// object_store's settings (`aws_endpoint`, `aws_access_key_id`, ...).
+/// object_store's settings (`aws_endpoint`, `aws_access_key_id`, ...) and
+/// [`CA_FILE_OPTION`].
+///
+/// # Errors
+/// `INVALID_ARGUMENT` for a malformed location, an unknown option, or a CA
+/// file that cannot be read or holds no PEM certificate.
 pub fn open_store(
     location: &str,
     options: &[(String, String)],
 ) -> Result<(Arc<dyn ObjectStore>, Path)> {
     let url = location_url(location)?;
-    let (store, root) =
-        object_store::parse_url_opts(&url, options.iter().map(|(k, v)| (k.as_str(), v.clone())))
-            .map_err(|e| Error::invalid(format!("cannot open storage {location:?}: {e}")))?;
-    Ok((Arc::from(store), root))
+    let cannot = |e: &dyn std::fmt::Display| {
+        Error::invalid(format!("cannot open storage {location:?}: {e}"))
+    };
+    let ca_file = options.iter().find(|(k, _)| k == CA_FILE_OPTION);
+    let Some((_, ca_file)) = ca_file else {
+        let (store, root) = object_store::parse_url_opts(
+            &url,
+            options.iter().map(|(k, v)| (k.as_str(), v.clone())),
+        )
+        .map_err(|e| cannot(&e))?;
+        return Ok((Arc::from(store), root));
+    };
+    if url.scheme() != "s3" {
+        return Err(Error::invalid(format!(
+            "archive option {CA_FILE_OPTION} applies to s3:// locations over HTTPS, not {location:?}"
+        )));
+    }
+    let pem = std::fs::read(ca_file)
+        .map_err(|e| Error::invalid(format!("cannot read the storage CA file {ca_file}: {e}")))?;
+    let certs = object_store::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        Error::invalid(format!(
+            "storage CA file {ca_file} holds no usable PEM certificate: {e}"
+        ))
+    })?;
+    if certs.is_empty() {
+        return Err(Error::invalid(format!(
+            "storage CA file {ca_file} holds no PEM certificate"
+        )));
+    }
+    let mut builder = AmazonS3Builder::new().with_url(url.as_str());
+    let mut client = ClientOptions::new();
+    for (k, v) in options.iter().filter(|(k, _)| k != CA_FILE_OPTION) {
+        match k.parse::<AmazonS3ConfigKey>() {
+            Ok(AmazonS3ConfigKey::Client(key)) => client = client.with_config(key, v),
+            Ok(key) => builder = builder.with_config(key, v),
+            Err(e) => return Err(cannot(&e)),
+        }
+    }
+    for cert in certs {
+        client = client.with_root_certificate(cert);
+    }
+    let store = builder
+        .with_client_options(client)
+        .build()
+        .map_err(|e| cannot(&e))?;
+    let root = Path::from_url_path(url.path()).map_err(|e| cannot(&e))?;
+    Ok((Arc::new(store), root))
 }

@@ -7,12 +7,12 @@ use std::time::{Duration, SystemTime};
 
 use quiver_core::codec::{entity_key, event_ids_key, row_key};
 use quiver_core::store::{
-    replaces, EmbeddedStore, Lookup, RedisClusterStore, RedisConfig, RedisStore, TileWrite,
-    WriteRow,
+    replaces, EmbeddedStore, Lookup, RedisClusterStore, RedisConfig, RedisStore, RedisTls,
+    TileWrite, WriteRow,
 };
 use quiver_core::time::system_time_to_micros;
 use quiver_core::{ErrorKind, OnlineStore, SystemClock, Value};
-use quiver_testkit::{RedisCluster, RedisServer};
+use quiver_testkit::{Pki, RedisCluster, RedisServer};
 
 const HOUR: i64 = 3_600_000_000;
 
@@ -392,6 +392,7 @@ fn redis_store(url: String, timeout: Duration) -> RedisStore {
         url,
         pool_size: 4,
         timeout,
+        tls: Default::default(),
     })
     .unwrap()
 }
@@ -403,9 +404,88 @@ async fn redis_store_behaves() {
 }
 
 #[tokio::test]
+async fn redis_over_tls_behaves() {
+    let pki = Pki::new();
+    let redis = RedisServer::start_tls(&pki, true);
+    let url = format!("rediss://127.0.0.1:{}", redis.port());
+    let tls = RedisTls {
+        ca_file: Some(pki.ca_file()),
+        cert_file: Some(pki.client_cert_file()),
+        key_file: Some(pki.client_key_file()),
+    };
+    let open = |url: &str, tls: RedisTls| {
+        RedisStore::new(&RedisConfig {
+            url: url.to_owned(),
+            pool_size: 4,
+            timeout: Duration::from_secs(2),
+            tls,
+        })
+    };
+    suite(&open(&url, tls.clone()).unwrap()).await;
+
+    // Refused without a client certificate, with a server certificate of
+    // another CA, and in plain text: each an error, never a silent downgrade.
+    let without_client = RedisTls {
+        ca_file: Some(pki.ca_file()),
+        ..Default::default()
+    };
+    let other = Pki::new();
+    let other_ca = RedisTls {
+        ca_file: Some(other.ca_file()),
+        ..tls.clone()
+    };
+    let plain = url.replacen("rediss://", "redis://", 1);
+    for (what, store) in [
+        ("no client certificate", open(&url, without_client).unwrap()),
+        ("untrusted server", open(&url, other_ca).unwrap()),
+        ("plain text", open(&plain, RedisTls::default()).unwrap()),
+    ] {
+        let e = store.ping().await.unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                ErrorKind::Unavailable | ErrorKind::Internal | ErrorKind::DeadlineExceeded
+            ),
+            "{what}: {e}"
+        );
+    }
+
+    // Misconfigurations are named before anything connects.
+    let e = open(&plain, tls.clone()).unwrap_err();
+    assert!(e.message().contains("not rediss://"), "{e}");
+    let half = RedisTls {
+        cert_file: Some(pki.client_cert_file()),
+        ..Default::default()
+    };
+    let e = open(&url, half).unwrap_err();
+    assert!(
+        e.message().contains("both tls_cert_file and tls_key_file"),
+        "{e}"
+    );
+    let missing = RedisTls {
+        ca_file: Some(pki.ca_file().with_file_name("nope.pem")),
+        ..Default::default()
+    };
+    let e = open(&url, missing).unwrap_err();
+    assert!(
+        e.message().contains("cannot read the redis TLS CA file"),
+        "{e}"
+    );
+    let e = RedisClusterStore::new(
+        &[url.clone(), plain.clone()],
+        Duration::from_secs(1),
+        &RedisTls::default(),
+    )
+    .unwrap_err();
+    assert!(e.message().contains("mix redis:// and rediss://"), "{e}");
+}
+
+#[tokio::test]
 async fn redis_cluster_store_behaves() {
     let cluster = RedisCluster::start(3);
-    let store = RedisClusterStore::new(&cluster.urls(), Duration::from_secs(2)).unwrap();
+    let store =
+        RedisClusterStore::new(&cluster.urls(), Duration::from_secs(2), &Default::default())
+            .unwrap();
     suite(&store).await;
 }
 

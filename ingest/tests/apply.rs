@@ -105,6 +105,7 @@ fn redis_store(redis: &RedisServer) -> Arc<dyn OnlineStore> {
             url: redis.url(),
             pool_size: 2,
             timeout: Duration::from_secs(10),
+            tls: Default::default(),
         })
         .unwrap(),
     )

@@ -125,6 +125,7 @@ fn redis_store(redis: &RedisServer) -> Arc<dyn OnlineStore> {
             url: redis.url(),
             pool_size: 4,
             timeout: Duration::from_secs(5),
+            tls: Default::default(),
         })
         .unwrap(),
     )

@@ -51,6 +51,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use tonic::transport::server::TcpConnectInfo;
+
+use crate::grpc::HISTORICAL_PATH;
+use crate::limit::{CallerId, InFlight, Permit};
 use crate::watch::{Files, Reload};
 
 /// What a key may do. Scopes do not imply each other.
@@ -110,6 +114,10 @@ pub struct KeySpec {
     /// When set, the only event types the key pushes.
     #[serde(default)]
     pub event_types: Option<Vec<String>>,
+    /// Most requests of this key in flight at once, instead of
+    /// `limits.max_in_flight_per_key`.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
     /// A key in plain text: refused, with the way to store its digest.
     #[serde(default)]
     key: Option<IgnoredAny>,
@@ -139,6 +147,7 @@ impl KeySpec {
             feature_views: None,
             feature_services: None,
             event_types: None,
+            max_in_flight: None,
             key: None,
             token: None,
         }
@@ -158,6 +167,7 @@ pub struct Principal {
     feature_views: Option<BTreeSet<String>>,
     feature_services: Option<BTreeSet<String>>,
     event_types: Option<BTreeSet<String>>,
+    max_in_flight: Option<usize>,
 }
 
 static UNRESTRICTED: LazyLock<Arc<Principal>> = LazyLock::new(|| {
@@ -167,6 +177,7 @@ static UNRESTRICTED: LazyLock<Arc<Principal>> = LazyLock::new(|| {
         feature_views: None,
         feature_services: None,
         event_types: None,
+        max_in_flight: None,
     })
 });
 
@@ -202,6 +213,11 @@ impl Principal {
         self.feature_services
             .as_ref()
             .is_some_and(|s| s.contains(service))
+    }
+
+    /// The key's own concurrency limit, when it has one.
+    pub fn max_in_flight(&self) -> Option<usize> {
+        self.max_in_flight
     }
 
     /// Whether the key may push events of type `event_type`.
@@ -272,6 +288,11 @@ impl KeySet {
                         .to_owned(),
                 ));
             }
+            if s.max_in_flight == Some(0) {
+                return Err(at(
+                    "max_in_flight is 0, which refuses every request; give at least 1 or leave it out for limits.max_in_flight_per_key".to_owned(),
+                ));
+            }
             let expires_at = match &s.expires {
                 None => None,
                 Some(t) => Some(parse_rfc3339(t).map_err(|e| at(format!("expires: {e}")))?),
@@ -286,6 +307,7 @@ impl KeySet {
                     feature_views: set(&s.feature_views),
                     feature_services: set(&s.feature_services),
                     event_types: set(&s.event_types),
+                    max_in_flight: s.max_in_flight,
                 }),
             });
         }
@@ -531,7 +553,9 @@ pub fn http_access(route: Option<&str>, settings: &AuthSettings) -> Access {
         Some("/health" | "/ready") => Access::AnyKey,
         Some("/metrics") if !settings.protect_metrics => Access::Open,
         Some("/metrics") => Access::Scope(Scope::Admin, "GET /metrics"),
-        Some("/openapi.json" | "/docs") => Access::Open,
+        Some("/openapi.json") => Access::Open,
+        // The API viewer and its assets (crate::openapi::DOCS_PATH).
+        Some(r) if r == "/docs" || r.starts_with("/docs/") => Access::Open,
         _ => Access::AnyKey,
     }
 }
@@ -565,18 +589,38 @@ impl DenialBody for tonic::body::BoxBody {
 
 /// The layer in front of both APIs: finds the access a request needs,
 /// admits it (the [`Principal`] goes into the request's extensions) or
-/// answers the refusal itself. Without an [`Authenticator`], every request
-/// is admitted as [`Principal::unrestricted`].
+/// answers the refusal itself; then holds the caller to
+/// `limits.max_in_flight_per_key` (see [`crate::limit`]) and the request to
+/// `limits.request_timeout`. Without an [`Authenticator`], every request is
+/// admitted as [`Principal::unrestricted`] and limited per client address.
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
+    guard: Arc<Guard>,
+}
+
+#[derive(Debug)]
+struct Guard {
     auth: Option<Arc<Authenticator>>,
     transport: Transport,
+    in_flight: Arc<InFlight>,
+    max_in_flight: usize,
+    timeout: Duration,
 }
 
 impl AuthLayer {
-    /// A layer for `transport` checking with `auth` (none: auth is off).
-    pub fn new(auth: Option<Arc<Authenticator>>, transport: Transport) -> Self {
-        AuthLayer { auth, transport }
+    /// The layer of `service`'s API on `transport`: its authenticator (if
+    /// any), its limits, and the in-flight counts both transports share.
+    pub fn new(service: &crate::FeatureServer, transport: Transport) -> Self {
+        let limits = service.limits();
+        AuthLayer {
+            guard: Arc::new(Guard {
+                auth: service.authenticator().cloned(),
+                transport,
+                in_flight: service.in_flight().clone(),
+                max_in_flight: limits.max_in_flight_per_key,
+                timeout: limits.request_timeout,
+            }),
+        }
     }
 }
 
@@ -586,8 +630,7 @@ impl<S> tower::Layer<S> for AuthLayer {
     fn layer(&self, inner: S) -> AuthService<S> {
         AuthService {
             inner,
-            auth: self.auth.clone(),
-            transport: self.transport,
+            guard: self.guard.clone(),
         }
     }
 }
@@ -596,8 +639,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 #[derive(Debug, Clone)]
 pub struct AuthService<S> {
     inner: S,
-    auth: Option<Arc<Authenticator>>,
-    transport: Transport,
+    guard: Arc<Guard>,
 }
 
 fn refusal<R: DenialBody>(transport: Transport, e: &Error) -> Response<R> {
@@ -639,7 +681,64 @@ fn refusal<R: DenialBody>(transport: Transport, e: &Error) -> Response<R> {
             HeaderValue::from_static("Bearer realm=\"quiver\""),
         );
     }
+    if e.kind() == ErrorKind::TooManyRequests {
+        // RFC 9110 section 10.2.3: a hint, not a promise.
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     resp
+}
+
+impl Guard {
+    /// The principal of `req`, or the refusal.
+    fn admit<B>(&self, req: &Request<B>) -> Result<Option<Arc<Principal>>, Error> {
+        let Some(auth) = &self.auth else {
+            return Ok(Some(Principal::unrestricted()));
+        };
+        let access = match self.transport {
+            Transport::Grpc => grpc_access(req.uri().path(), &auth.settings),
+            Transport::Http => http_access(
+                req.extensions()
+                    .get::<MatchedPath>()
+                    .map(MatchedPath::as_str),
+                &auth.settings,
+            ),
+        };
+        auth.admit(req.headers(), access)
+    }
+
+    /// A slot among the caller's requests in flight, or the refusal.
+    /// Requests with open access (health, metrics, documentation) are not
+    /// counted: a scraper is never refused for a busy key.
+    fn slot<B>(
+        &self,
+        req: &Request<B>,
+        principal: Option<&Principal>,
+    ) -> Result<Option<Permit>, Error> {
+        let Some(p) = principal else { return Ok(None) };
+        let (id, max) = if self.auth.is_some() {
+            (
+                CallerId::Key(p.name().to_owned()),
+                p.max_in_flight().unwrap_or(self.max_in_flight),
+            )
+        } else {
+            let peer = req
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr);
+            let id = peer.map_or(CallerId::Local, |a| CallerId::Peer(a.ip()));
+            (id, self.max_in_flight)
+        };
+        match self.in_flight.try_acquire(id.clone(), max) {
+            Some(permit) => Ok(Some(permit)),
+            None => Err(Error::new(
+                ErrorKind::TooManyRequests,
+                format!(
+                    "{id} already has {max} requests in flight (limits.max_in_flight_per_key); wait for answers before sending more, or retry later"
+                ),
+            )),
+        }
+    }
 }
 
 impl<S, B, R> tower::Service<Request<B>> for AuthService<S>
@@ -660,31 +759,46 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let admitted = match &self.auth {
-            None => Ok(Some(Principal::unrestricted())),
-            Some(auth) => {
-                let access = match self.transport {
-                    Transport::Grpc => grpc_access(req.uri().path(), &auth.settings),
-                    Transport::Http => http_access(
-                        req.extensions()
-                            .get::<MatchedPath>()
-                            .map(MatchedPath::as_str),
-                        &auth.settings,
-                    ),
-                };
-                auth.admit(req.headers(), access)
-            }
-        };
+        let guard = &self.guard;
+        let transport = guard.transport;
+        let admitted = guard.admit(&req).and_then(|principal| {
+            let permit = guard.slot(&req, principal.as_deref())?;
+            Ok((principal, permit))
+        });
         match admitted {
-            Ok(principal) => {
+            Ok((principal, permit)) => {
                 if let Some(p) = principal {
                     req.extensions_mut().insert(p);
                 }
-                Box::pin(self.inner.call(req))
+                // Streamed training sets are bounded by their own limits
+                // and the caller's deadline, not by the unary timeout.
+                let timeout = (req.uri().path() != HISTORICAL_PATH).then_some(guard.timeout);
+                let call = self.inner.call(req);
+                Box::pin(async move {
+                    let result = match timeout {
+                        None => call.await,
+                        Some(timeout) => match tokio::time::timeout(timeout, call).await {
+                            Ok(result) => result,
+                            Err(_) => {
+                                let e = Error::new(
+                                ErrorKind::DeadlineExceeded,
+                                format!(
+                                    "the request took longer than limits.request_timeout ({}); retry, or ask for less per request",
+                                    humantime::format_duration(timeout)
+                                ),
+                            );
+                                tracing::warn!(error = %e, "request timed out");
+                                Ok(refusal(transport, &e))
+                            }
+                        },
+                    };
+                    drop(permit);
+                    result
+                })
             }
             Err(e) => {
                 tracing::debug!(error = %e, path = %crate::error::bounded(req.uri().path()), "request refused");
-                let resp = refusal(self.transport, &e);
+                let resp = refusal(transport, &e);
                 Box::pin(async move { Ok(resp) })
             }
         }

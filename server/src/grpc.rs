@@ -239,7 +239,7 @@ pub struct SizeRouted {
     large: FeatureServiceServer<GrpcService>,
 }
 
-const HISTORICAL_PATH: &str = "/quiver.v1.FeatureService/GetHistoricalFeatures";
+pub(crate) const HISTORICAL_PATH: &str = "/quiver.v1.FeatureService/GetHistoricalFeatures";
 
 impl SizeRouted {
     /// Both instances over `server`, with its limits.

@@ -25,7 +25,9 @@ pub mod auth;
 pub mod convert;
 pub mod error;
 pub mod grpc;
+pub mod limit;
 pub mod metrics;
+pub mod openapi;
 pub mod rest;
 pub mod service;
 pub mod tls;
@@ -148,10 +150,7 @@ pub async fn run_with(
             client_errors_are_not_failures(),
         )))
         .layer(grpc::ErrorCountLayer::new(service.clone()))
-        .layer(auth::AuthLayer::new(
-            service.authenticator().cloned(),
-            auth::Transport::Grpc,
-        ))
+        .layer(auth::AuthLayer::new(&service, auth::Transport::Grpc))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(feature_service)
@@ -190,7 +189,15 @@ async fn serve_http(
             _ = &mut stop => break,
         };
         let Some(Ok(conn)) = conn else { break };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // The peer, as tonic gives it to gRPC requests: per-client limits
+        // (crate::limit) count both APIs alike.
+        let peer = tonic::transport::server::Connected::connect_info(&conn);
+        let app =
+            tower::ServiceExt::map_request(app.clone(), move |mut req: axum::http::Request<_>| {
+                req.extensions_mut().insert(peer.clone());
+                req
+            });
+        let service = hyper_util::service::TowerToHyperService::new(app);
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(conn), service)
             .into_owned();

@@ -1,7 +1,9 @@
 //! The REST gateway (axum): JSON over the same [`FeatureServer`] as gRPC.
 //!
-//! Paths are documented in `openapi.json` (served at `/openapi.json`, with a
-//! viewer at `/docs`) and in `docs/api.md`. Errors are
+//! The OpenAPI description is generated from these handlers and the types
+//! they read and write ([`crate::openapi`]; served at `/openapi.json`, with
+//! a viewer whose assets are in the binary at `/docs`); see also
+//! `docs/api.md`. Errors are
 //! `{"error": {"code": "...", "message": "..."}}` with the HTTP status of
 //! `crate::error::http_status`.
 
@@ -15,24 +17,26 @@ use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use indexmap::IndexMap;
 use quiver_core::error::{cut, quote};
 use quiver_core::event::Event;
 use quiver_core::json::{json_kind, parse_strict, value_from_json, value_to_json};
 use quiver_core::time::{format_rfc3339, parse_rfc3339};
 use quiver_core::value::parse_int64;
 use quiver_core::{Error, ErrorKind, Registry, Value, ValueType};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value as Json_};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{principal_of, AuthLayer, Principal, Transport};
 use crate::error::http_status;
-use crate::service::{FeatureRowIn, FeatureSelector, FeatureServer, OnlineRequest, OnlineResponse};
-
-const OPENAPI: &str = include_str!("openapi.json");
-const DOCS_HTML: &str = include_str!("docs.html");
+use crate::openapi::ErrorBody;
+use crate::service::{
+    FeatureRowIn, FeatureSelector, FeatureServer, FieldStatus, OnlineRequest, OnlineResponse,
+};
 
 /// An error response.
 #[derive(Debug)]
@@ -126,33 +130,88 @@ type ApiResult = Result<Response, ApiError>;
 /// The gateway's routes, with metrics and a body-size limit.
 pub fn router(service: Arc<FeatureServer>) -> Router {
     let limit = service.limits().max_request_bytes;
-    Router::new()
+    // The crate's assets; its own index page is replaced (viewer_index).
+    let viewer = swagger_ui_dist::generate_routes(swagger_ui_dist::ApiDefinition {
+        uri_prefix: crate::openapi::DOCS_PATH,
+        api_definition: swagger_ui_dist::OpenApiSource::Uri("/openapi.json"),
+        title: Some("quiver API"),
+    })
+    .layer(middleware::from_fn(viewer_index));
+    let api = Router::new()
         .route("/api/v1/features/:entity/:id", get(get_entity_features))
         .route("/api/v1/features/online", post(post_online_features))
         .route("/api/v1/features/write", post(post_write_features))
         .route("/api/v1/events", post(post_events))
         .route("/api/v1/registry", get(get_registry))
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route(
             "/openapi.json",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    crate::openapi::document(),
+                )
+            }),
         )
-        .route("/docs", get(|| async { Html(DOCS_HTML) }))
+        .with_state(service.clone());
+    api.merge(viewer)
         .fallback(|| async {
             ApiError(Error::not_found(
                 "no such path; see /docs or /openapi.json for the API",
             ))
         })
         .layer(DefaultBodyLimit::max(limit))
-        .layer(AuthLayer::new(
-            service.authenticator().cloned(),
-            Transport::Http,
-        ))
-        .layer(middleware::from_fn_with_state(service.clone(), track))
-        .with_state(service)
+        .layer(AuthLayer::new(&service, Transport::Http))
+        .layer(middleware::from_fn_with_state(service, track))
 }
+
+/// The `/docs` page: Swagger UI from the assets in the binary, reading
+/// `/openapi.json`. swagger-ui-dist's own page echoes the request URI into
+/// the HTML unescaped (and breaks at `/docs/`), so quiver serves this fixed
+/// page instead.
+const DOCS_HTML: &str = r##"<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>quiver API</title>
+  <link rel="stylesheet" href="/docs/swagger-ui.css">
+</head>
+<body>
+  <noscript>The API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
+  <div id="swagger-ui"></div>
+  <script src="/docs/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({ url: "/openapi.json", dom_id: "#swagger-ui" });
+  </script>
+</body>
+</html>
+"##;
+
+async fn viewer_index(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == crate::openapi::DOCS_PATH
+        || path.strip_prefix(crate::openapi::DOCS_PATH) == Some("/")
+    {
+        return (
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            DOCS_HTML,
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// Longest request target (path and query) the gateway reads, as the
+/// usual proxies' default (nginx: 8 KiB header buffers). Longer ones get a
+/// 414 in the JSON error format. hyper itself answers 414 with an empty
+/// body, before any handler, to targets over 64 KiB.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
 
 async fn track(State(svc): State<Arc<FeatureServer>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -160,7 +219,17 @@ async fn track(State(svc): State<Arc<FeatureServer>>, req: Request, next: Next) 
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let resp = next.run(req).await;
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    let resp = if target > MAX_URI_BYTES {
+        let message = format!(
+            "the request target is {target} bytes, more than {MAX_URI_BYTES}; send long feature lists in the body of POST /api/v1/features/online"
+        );
+        let body =
+            json!({"error": {"code": ErrorKind::InvalidArgument.as_str(), "message": message}});
+        (StatusCode::URI_TOO_LONG, Json(body)).into_response()
+    } else {
+        next.run(req).await
+    };
     svc.metrics()
         .observe_request("http", &route, resp.status().as_str(), started.elapsed());
     resp
@@ -183,16 +252,70 @@ fn selector(
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// Query parameters of `GET /api/v1/features/{entity}/{id}`.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct EntityQuery {
+#[into_params(parameter_in = Query)]
+pub struct EntityQuery {
     /// Comma-separated `view:feature` references.
+    #[param(example = "user_profile:age,user_activity:sessions_7d")]
     features: Option<String>,
+    /// A feature service of the registry (instead of `features`).
+    #[param(example = "user_service")]
     feature_service: Option<String>,
+    /// Name features `view__feature` (default true).
     full_feature_names: Option<bool>,
 }
 
-async fn get_entity_features(
+/// One feature of one entity.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeatureValue {
+    /// The value as JSON: numbers, strings, booleans, arrays; bytes as
+    /// base64, timestamps as RFC 3339 strings in UTC, NaN and infinities as
+    /// "NaN", "Infinity", "-Infinity"; null when absent. Writes accept every
+    /// form reads return.
+    value: Json_,
+    status: FieldStatus,
+    /// Event time of the value (RFC 3339, UTC); null when nothing is stored.
+    #[schema(format = DateTime)]
+    event_timestamp: Option<String>,
+}
+
+/// The features of one entity.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntityFeatures {
+    /// The entity, as in the path.
+    entity: String,
+    /// The entity's join key.
+    join_key: String,
+    /// The entity id, as in the path.
+    id: String,
+    /// Output name (`view__feature` or `feature`) to value, in selection order.
+    #[schema(value_type = HashMap<String, FeatureValue>)]
+    features: IndexMap<String, FeatureValue>,
+}
+
+/// Latest features of one entity. Without `features` or
+/// `feature_service`: every feature of every view keyed by this entity
+/// alone, named `view__feature`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/features/{entity}/{id}",
+    tag = "features",
+    params(
+        ("entity" = String, Path, description = "An entity of the registry", example = "user"),
+        ("id" = String, Path, description = "The entity id (int64 entities: a decimal integer)", example = "user_123"),
+        EntityQuery,
+    ),
+    responses(
+        (status = 200, description = "The entity's features", body = EntityFeatures),
+        (status = 400, description = "Malformed reference or id", body = ErrorBody),
+        (status = 404, description = "Unknown entity, feature view, feature or feature service", body = ErrorBody),
+        (status = 413, description = "More features than limits.max_features", body = ErrorBody),
+    ),
+    security(("bearerAuth" = [])),
+)]
+pub async fn get_entity_features(
     State(svc): State<Arc<FeatureServer>>,
     Caller(caller): Caller,
     Path((entity, id)): Path<(String, String)>,
@@ -228,38 +351,62 @@ async fn get_entity_features(
             },
         )
         .await?;
-    let mut features = Map::new();
+    let mut features = IndexMap::new();
     for (name, col) in resp.names.iter().zip(resp.columns).skip(1) {
         let (value, status, ts) = (&col.values[0], col.statuses[0], col.event_ts[0]);
         features.insert(
             name.clone(),
-            json!({
-                "value": value_to_json(value),
-                "status": status.as_str(),
-                "event_timestamp": ts.map(format_rfc3339),
-            }),
+            FeatureValue {
+                value: value_to_json(value),
+                status,
+                event_timestamp: ts.map(format_rfc3339),
+            },
         );
     }
-    Ok(Json(json!({
-        "entity": entity,
-        "join_key": ent.join_key,
-        "id": id,
-        "features": features,
-    }))
+    Ok(Json(EntityFeatures {
+        join_key: ent.join_key.clone(),
+        entity,
+        id,
+        features,
+    })
     .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// A `POST /api/v1/features/online` request: one of `feature_service`
+/// and `features`, and the entity rows column-wise.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct OnlineBody {
+pub struct OnlineBody {
+    /// A feature service of the registry.
+    #[schema(example = "user_service")]
     feature_service: Option<String>,
+    /// `view:feature` references.
+    #[schema(example = json!(["user_profile:age"]))]
     features: Option<Vec<String>>,
+    /// Join key to one id per entity row (all columns the same length).
+    #[schema(value_type = HashMap<String, Vec<Json_>>, example = json!({"user_id": ["user_1", "user_2"]}))]
     entities: Map<String, Json_>,
+    /// Name features `view__feature` instead of `feature`.
     #[serde(default)]
     full_feature_names: bool,
 }
 
-async fn post_online_features(
+/// Latest features of many entities, column-wise like gRPC
+/// GetOnlineFeatures.
+#[utoipa::path(
+    post,
+    path = "/api/v1/features/online",
+    tag = "features",
+    request_body = OnlineBody,
+    responses(
+        (status = 200, description = "One column per output name: the join keys, then the features", body = OnlineFeatures),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 404, description = "Unknown feature view, feature or feature service", body = ErrorBody),
+        (status = 413, description = "More rows, features or bytes than [limits] allows", body = ErrorBody),
+    ),
+    security(("bearerAuth" = [])),
+)]
+pub async fn post_online_features(
     State(svc): State<Arc<FeatureServer>>,
     Caller(caller): Caller,
     StrictJson(body): StrictJson<OnlineBody>,
@@ -295,41 +442,110 @@ async fn post_online_features(
             },
         )
         .await?;
-    Ok(Json(online_response_json(resp)).into_response())
+    Ok(Json(OnlineFeatures::from(resp)).into_response())
 }
 
-fn online_response_json(resp: OnlineResponse) -> Json_ {
-    let results: Vec<Json_> = resp
-        .columns
-        .iter()
-        .map(|c| {
-            json!({
-                "values": c.values.iter().map(value_to_json).collect::<Vec<_>>(),
-                "statuses": c.statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-                "event_timestamps": c.event_ts.iter().map(|t| t.map(format_rfc3339)).collect::<Vec<_>>(),
+/// The answer of `POST /api/v1/features/online`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OnlineFeatures {
+    metadata: OnlineMetadata,
+    /// One column per name of `metadata.feature_names`, in that order.
+    results: Vec<FeatureColumn>,
+}
+
+/// The output names.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OnlineMetadata {
+    /// The join keys, then the features (`feature` or `view__feature`).
+    feature_names: Vec<String>,
+}
+
+/// One output column, one entry per entity row.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeatureColumn {
+    /// Values in the JSON forms of [`FeatureValue`].
+    values: Vec<Json_>,
+    statuses: Vec<FieldStatus>,
+    /// Event times (RFC 3339, UTC); null where nothing is stored.
+    #[schema(value_type = Vec<Option<String>>)]
+    event_timestamps: Vec<Option<String>>,
+}
+
+impl From<OnlineResponse> for OnlineFeatures {
+    fn from(resp: OnlineResponse) -> Self {
+        let results = resp
+            .columns
+            .iter()
+            .map(|c| FeatureColumn {
+                values: c.values.iter().map(value_to_json).collect(),
+                statuses: c.statuses.clone(),
+                event_timestamps: c.event_ts.iter().map(|t| t.map(format_rfc3339)).collect(),
             })
-        })
-        .collect();
-    json!({"metadata": {"feature_names": resp.names}, "results": results})
+            .collect();
+        OnlineFeatures {
+            metadata: OnlineMetadata {
+                feature_names: resp.names,
+            },
+            results,
+        }
+    }
 }
 
-#[derive(Debug, Deserialize)]
+/// A `POST /api/v1/features/write` request.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct WriteBody {
+pub struct WriteBody {
+    /// The feature view written.
+    #[schema(example = "user_activity")]
     feature_view: String,
     rows: Vec<WriteRowBody>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One row of a write.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct WriteRowBody {
+pub struct WriteRowBody {
+    /// Join key to id, for every join key of the view.
+    #[schema(value_type = HashMap<String, Json_>, example = json!({"user_id": "user_123"}))]
     entity_key: Map<String, Json_>,
+    /// Event time of the row: any RFC 3339 form (offsets converted to UTC).
+    #[schema(format = DateTime, example = "2026-11-30T12:00:00Z")]
     event_timestamp: String,
+    /// Feature name to JSON value, read as the registry's type: the forms
+    /// reads return, int64 also as decimal strings, base64 also URL-safe or
+    /// unpadded, timestamps in any RFC 3339 form.
     #[serde(default)]
+    #[schema(value_type = HashMap<String, Json_>, example = json!({"sessions_7d": 12}))]
     features: Map<String, Json_>,
 }
 
-async fn post_write_features(
+/// What became of written rows.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WriteResult {
+    /// Rows stored.
+    written: u64,
+    /// Rows older than the stored ones (event-time last-write-wins): skipped.
+    stale: u64,
+    /// Rows older than the view's TTL plus the expiry grace: not stored (a
+    /// read would not find them).
+    expired: u64,
+}
+
+/// Write feature rows (event-time last-write-wins, idempotent).
+#[utoipa::path(
+    post,
+    path = "/api/v1/features/write",
+    tag = "features",
+    request_body = WriteBody,
+    responses(
+        (status = 200, description = "Rows written, stale and expired", body = WriteResult),
+        (status = 400, description = "Malformed row, unknown feature or wrong type", body = ErrorBody),
+        (status = 404, description = "Unknown feature view", body = ErrorBody),
+        (status = 413, description = "More rows or bytes than [limits] allows", body = ErrorBody),
+    ),
+    security(("bearerAuth" = [])),
+)]
+pub async fn post_write_features(
     State(svc): State<Arc<FeatureServer>>,
     Caller(caller): Caller,
     StrictJson(body): StrictJson<WriteBody>,
@@ -370,22 +586,104 @@ async fn post_write_features(
     let out = svc
         .write_features(&caller, &body.feature_view, rows)
         .await?;
-    Ok(
-        Json(json!({"written": out.written, "stale": out.stale, "expired": out.expired}))
-            .into_response(),
-    )
+    Ok(Json(WriteResult {
+        written: out.written,
+        stale: out.stale,
+        expired: out.expired,
+    })
+    .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// A `POST /api/v1/events` request.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct EventsBody {
-    events: Vec<Json_>,
+pub struct EventsBody {
+    /// The events. A body whose events do not have this shape is refused
+    /// whole (400); events of this shape are then checked one by one
+    /// against the registry (unknown type or key, wrong value type, time
+    /// out of bounds), and those that fail are listed in `rejected`.
+    events: Vec<EventJson>,
 }
 
-/// `POST /api/v1/events`: `{"events": [<event JSON>, ...]}`, each event in
-/// the JSON form of `quiver_core::event::Event::to_json`. Answers 200 with
-/// accepted/rejected counts even when some events are rejected.
-async fn post_events(
+/// One event, the shape `quiver_core::event::Event::parse_json` reads (and
+/// Kafka JSON payloads carry).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventJson {
+    /// Unique id of the event (replays and duplicates count once).
+    #[schema(example = "evt-0001")]
+    event_id: String,
+    /// An event type of the registry.
+    #[schema(example = "login")]
+    event_type: String,
+    /// When it happened: any RFC 3339 form (offsets converted to UTC). Not
+    /// a schema `format`: an event with another text is refused on its own
+    /// (listed in `rejected`), like an unknown type or key.
+    #[schema(example = "2026-11-30T12:00:00Z")]
+    event_time: String,
+    /// Join key to id, for every entity of the event type.
+    #[schema(value_type = Option<HashMap<String, Json_>>, example = json!({"user_id": "user_123"}))]
+    entities: Option<Map<String, Json_>>,
+    /// Attribute name to value, typed by the registry.
+    #[schema(value_type = Option<HashMap<String, Json_>>)]
+    attributes: Option<Map<String, Json_>>,
+}
+
+impl EventJson {
+    /// The event as the JSON object `Event::parse_json` reads.
+    fn into_json(self) -> Json_ {
+        let mut obj = Map::new();
+        obj.insert("event_id".into(), Json_::String(self.event_id));
+        obj.insert("event_type".into(), Json_::String(self.event_type));
+        obj.insert("event_time".into(), Json_::String(self.event_time));
+        if let Some(e) = self.entities {
+            obj.insert("entities".into(), Json_::Object(e));
+        }
+        if let Some(a) = self.attributes {
+            obj.insert("attributes".into(), Json_::Object(a));
+        }
+        Json_::Object(obj)
+    }
+}
+
+/// What became of pushed events.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventsResult {
+    /// Events appended to the event log.
+    accepted: u64,
+    /// Events refused, each with its reason (the others were accepted).
+    rejected: Vec<RejectedEvent>,
+}
+
+/// An event that was not pushed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RejectedEvent {
+    /// Its position in `events`.
+    index: usize,
+    /// Its `event_id`.
+    event_id: String,
+    /// Why it was refused.
+    reason: String,
+}
+
+/// Push events: each is checked against the registry's event types and
+/// appended to the event log; the answer is 200 with the accepted count
+/// and the refused events with their reasons, even when some are refused.
+#[utoipa::path(
+    post,
+    path = "/api/v1/events",
+    tag = "events",
+    request_body = EventsBody,
+    responses(
+        (status = 200, description = "Accepted count and the refused events with their reasons", body = EventsResult),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 403, description = "The key may not push an event type of the call (nothing is pushed)", body = ErrorBody),
+        (status = 413, description = "More events or bytes than [limits] allows", body = ErrorBody),
+        (status = 503, description = "No event log, or it does not answer", body = ErrorBody),
+    ),
+    security(("bearerAuth" = [])),
+)]
+pub async fn post_events(
     State(svc): State<Arc<FeatureServer>>,
     Caller(caller): Caller,
     StrictJson(body): StrictJson<EventsBody>,
@@ -393,86 +691,283 @@ async fn post_events(
     let reg = svc.registry();
     let events = body
         .events
-        .iter()
-        .map(|j| {
-            let id = j
-                .get("event_id")
-                .and_then(Json_::as_str)
-                .unwrap_or_default()
-                .to_owned();
+        .into_iter()
+        .map(|e| {
+            let id = e.event_id.clone();
             // Checked once, by push_events, like gRPC events.
-            (id, Event::parse_json(reg, j))
+            (id, Event::parse_json(reg, &e.into_json()))
         })
         .collect();
     let out = svc.push_events(&caller, events).await?;
-    let rejected: Vec<Json_> = out
+    let rejected = out
         .rejected
         .into_iter()
-        .map(|(index, event_id, reason)| json!({"index": index, "event_id": event_id, "reason": reason}))
+        .map(|(index, event_id, reason)| RejectedEvent {
+            index,
+            event_id,
+            reason,
+        })
         .collect();
-    Ok(Json(json!({"accepted": out.accepted, "rejected": rejected})).into_response())
+    Ok(Json(EventsResult {
+        accepted: out.accepted,
+        rejected,
+    })
+    .into_response())
 }
 
-async fn get_registry(State(svc): State<Arc<FeatureServer>>) -> Json<Json_> {
-    // The same content as gRPC GetRegistry, in its JSON mapping.
+/// The registry: the same content as gRPC GetRegistry, in its JSON mapping.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegistryJson {
+    entities: Vec<EntityJson>,
+    feature_views: Vec<FeatureViewJson>,
+    feature_services: Vec<FeatureServiceJson>,
+    event_types: Vec<EventTypeJson>,
+}
+
+/// An entity.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntityJson {
+    name: String,
+    join_key: String,
+    /// One of the registry's value types (`string`, `int64`, ...).
+    value_type: String,
+    description: String,
+}
+
+/// A feature view.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeatureViewJson {
+    name: String,
+    entities: Vec<String>,
+    /// 0: no TTL.
+    ttl_seconds: u64,
+    description: String,
+    tags: std::collections::BTreeMap<String, String>,
+    /// `push`, `stream`, `batch` or `sql`.
+    source: String,
+    event_types: Vec<String>,
+    tile_seconds: u64,
+    /// The query of a SQL view; empty otherwise.
+    sql: String,
+    aggregations: Vec<AggregationJson>,
+    features: Vec<FeatureJson>,
+}
+
+/// A windowed aggregation of a stream view.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AggregationJson {
+    name: String,
+    function: String,
+    attribute: String,
+    event_types: Vec<String>,
+    window_seconds: u64,
+    n: u32,
+}
+
+/// A feature.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeatureJson {
+    name: String,
+    value_type: String,
+    /// Length of embedding features.
+    dimension: Option<u32>,
+    description: String,
+}
+
+/// A feature service.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeatureServiceJson {
+    name: String,
+    /// `view:feature` references.
+    features: Vec<String>,
+    description: String,
+}
+
+/// An event type.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventTypeJson {
+    name: String,
+    entities: Vec<String>,
+    attributes: Vec<AttributeJson>,
+    description: String,
+}
+
+/// An attribute of an event type.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttributeJson {
+    name: String,
+    value_type: String,
+    optional: bool,
+}
+
+/// Entities, feature views, feature services and event types (names and
+/// types, no values).
+#[utoipa::path(
+    get,
+    path = "/api/v1/registry",
+    tag = "registry",
+    responses((status = 200, description = "The registry", body = RegistryJson)),
+    security(("bearerAuth" = [])),
+)]
+pub async fn get_registry(State(svc): State<Arc<FeatureServer>>) -> Json<RegistryJson> {
     let pb = crate::convert::registry_to_pb(svc.registry());
     let reg = svc.registry();
-    let views: Vec<Json_> = pb
+    let feature_views = pb
         .feature_views
-        .iter()
+        .into_iter()
         .zip(reg.views())
-        .map(|(p, v)| json!({
-            "name": v.name,
-            "entities": v.entities,
-            "ttl_seconds": p.ttl_seconds,
-            "description": v.description,
-            "tags": v.tags,
-            "source": p.source,
-            "event_types": p.event_types,
-            "tile_seconds": p.tile_seconds,
-            "sql": p.sql,
-            "aggregations": p.aggregations.iter().map(|a| json!({
-                "name": a.name, "function": a.function, "attribute": a.attribute,
-                "event_types": a.event_types, "window_seconds": a.window_seconds, "n": a.n,
-            })).collect::<Vec<_>>(),
-            "features": v.features.iter().map(|f| json!({
-                "name": f.name, "value_type": f.value_type.as_str(), "dimension": f.dimension, "description": f.description,
-            })).collect::<Vec<_>>(),
-        }))
+        .map(|(p, v)| FeatureViewJson {
+            name: v.name.clone(),
+            entities: v.entities.clone(),
+            ttl_seconds: p.ttl_seconds,
+            description: v.description.clone(),
+            tags: v.tags.clone(),
+            source: p.source,
+            event_types: p.event_types,
+            tile_seconds: p.tile_seconds,
+            sql: p.sql,
+            aggregations: p
+                .aggregations
+                .into_iter()
+                .map(|a| AggregationJson {
+                    name: a.name,
+                    function: a.function,
+                    attribute: a.attribute,
+                    event_types: a.event_types,
+                    window_seconds: a.window_seconds,
+                    n: a.n,
+                })
+                .collect(),
+            features: v
+                .features
+                .iter()
+                .map(|f| FeatureJson {
+                    name: f.name.clone(),
+                    value_type: f.value_type.as_str().to_owned(),
+                    dimension: f.dimension,
+                    description: f.description.clone(),
+                })
+                .collect(),
+        })
         .collect();
-    Json(json!({
-        "entities": reg.entities().iter().map(|e| json!({
-            "name": e.name, "join_key": e.join_key, "value_type": e.value_type.as_str(), "description": e.description,
-        })).collect::<Vec<_>>(),
-        "feature_views": views,
-        "feature_services": reg.services().iter().map(|s| json!({
-            "name": s.name, "features": s.refs, "description": s.description,
-        })).collect::<Vec<_>>(),
-        "event_types": reg.event_types().iter().map(|e| json!({
-            "name": e.name,
-            "entities": e.entities,
-            "attributes": e.attributes.iter().map(|(n, t)| json!({
-                "name": n, "value_type": t.as_str(), "optional": e.optional.contains(n),
-            })).collect::<Vec<_>>(),
-            "description": e.description,
-        })).collect::<Vec<_>>(),
-    }))
+    Json(RegistryJson {
+        entities: reg
+            .entities()
+            .iter()
+            .map(|e| EntityJson {
+                name: e.name.clone(),
+                join_key: e.join_key.clone(),
+                value_type: e.value_type.as_str().to_owned(),
+                description: e.description.clone(),
+            })
+            .collect(),
+        feature_views,
+        feature_services: reg
+            .services()
+            .iter()
+            .map(|s| FeatureServiceJson {
+                name: s.name.clone(),
+                features: s.refs.clone(),
+                description: s.description.clone(),
+            })
+            .collect(),
+        event_types: reg
+            .event_types()
+            .iter()
+            .map(|e| EventTypeJson {
+                name: e.name.clone(),
+                entities: e.entities.clone(),
+                attributes: e
+                    .attributes
+                    .iter()
+                    .map(|(n, t)| AttributeJson {
+                        name: n.clone(),
+                        value_type: t.as_str().to_owned(),
+                        optional: e.optional.contains(n),
+                    })
+                    .collect(),
+                description: e.description.clone(),
+            })
+            .collect(),
+    })
 }
 
-async fn ready(State(svc): State<Arc<FeatureServer>>) -> Response {
-    match svc.ping().await {
-        Ok(()) => Json(json!({"status": "ready", "online_store": svc.backend()})).into_response(),
+/// Liveness.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    status: String,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses((status = 200, description = "The process is up", body = Health)),
+    security((), ("bearerAuth" = [])),
+)]
+pub async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".to_owned(),
+    })
+}
+
+/// Readiness.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    #[schema(example = "ready")]
+    status: String,
+    /// The online store's backend (`redis`, `redis_cluster`, `embedded`).
+    online_store: String,
+    /// Why the online store is not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Readiness: the online store answers.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "The online store does not answer", body = Readiness),
+    ),
+    security((), ("bearerAuth" = [])),
+)]
+pub async fn ready(State(svc): State<Arc<FeatureServer>>) -> Response {
+    let (status, error) = match svc.ping().await {
+        Ok(()) => (StatusCode::OK, None),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                json!({"status": "not_ready", "online_store": svc.backend(), "error": e.message()}),
-            ),
-        )
-            .into_response(),
-    }
+            Some(e.message().to_owned()),
+        ),
+    };
+    let body = Readiness {
+        status: if error.is_none() {
+            "ready"
+        } else {
+            "not_ready"
+        }
+        .to_owned(),
+        online_store: svc.backend().to_owned(),
+        error,
+    };
+    (status, Json(body)).into_response()
 }
 
-async fn metrics(State(svc): State<Arc<FeatureServer>>) -> Response {
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Text exposition format 0.0.4", body = String, content_type = "text/plain")),
+    security((), ("bearerAuth" = [])),
+)]
+pub async fn metrics(State(svc): State<Arc<FeatureServer>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,

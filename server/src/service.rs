@@ -20,6 +20,7 @@ use quiver_core::{Clock, Error, ErrorKind, OnlineStore, Registry, Result, Value,
 
 use crate::auth::{Authenticator, Principal};
 use crate::error::bounded;
+use crate::limit::InFlight;
 use crate::metrics::Metrics;
 
 /// Request size limits; exceeding one is `RESOURCE_EXHAUSTED` / HTTP 413.
@@ -38,6 +39,14 @@ pub struct Limits {
     /// Maximum encoded `GetHistoricalFeatures` request size in bytes (the
     /// entity table of a training set is larger than online requests).
     pub max_historical_bytes: usize,
+    /// Most requests one caller (an API key; a client address without
+    /// authentication) has in flight at once; more are refused with
+    /// `RESOURCE_EXHAUSTED` / 429 (see [`crate::limit`]).
+    pub max_in_flight_per_key: usize,
+    /// Longest time a request may take (every route and RPC except the
+    /// streamed `GetHistoricalFeatures`, bounded by its own limits and the
+    /// caller's deadline); past it the answer is `DEADLINE_EXCEEDED` / 504.
+    pub request_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -49,6 +58,8 @@ impl Default for Limits {
             max_request_bytes: 4 * 1024 * 1024,
             max_historical_rows: 10_000_000,
             max_historical_bytes: 512 * 1024 * 1024,
+            max_in_flight_per_key: 512,
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -75,8 +86,9 @@ pub struct OnlineRequest {
     pub full_feature_names: bool,
 }
 
-/// Status of one returned value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Status of one returned value (the protobuf `FieldStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum FieldStatus {
     /// Present and fresh.
     Present,
@@ -152,6 +164,7 @@ pub struct FeatureServer {
     event_time_bounds: EventTimeBounds,
     offline: Option<Arc<Offline>>,
     auth: Option<Arc<Authenticator>>,
+    in_flight: Arc<InFlight>,
 }
 
 /// What became of pushed events.
@@ -194,7 +207,13 @@ impl FeatureServer {
             event_time_bounds: EventTimeBounds::default(),
             offline: None,
             auth: None,
+            in_flight: Arc::default(),
         }
+    }
+
+    /// The requests in flight per caller, shared by both APIs.
+    pub fn in_flight(&self) -> &Arc<InFlight> {
+        &self.in_flight
     }
 
     /// Requires API keys on both APIs (see [`crate::auth`]); without an

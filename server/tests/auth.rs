@@ -652,3 +652,145 @@ async fn keys_file_rotation_while_serving() {
     assert_eq!(status("new").await, 200);
     server.shutdown().await;
 }
+
+/// Pauses every Redis client for `ms` (`CLIENT PAUSE`): online-store calls
+/// hang until then.
+fn pause_redis(server: &mut TestServer, ms: u64) {
+    let port = server.redis_server().port().to_string();
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port, "CLIENT", "PAUSE", &ms.to_string(), "ALL"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+async fn server_with_limits(auth: Option<AuthSettings>) -> TestServer {
+    let redis = RedisServer::start();
+    // Longer than the request timeout: the layer's timeout answers first.
+    let store = redis_store(&redis, Duration::from_secs(20));
+    let registry = Arc::new(Registry::from_toml("r", REGISTRY).unwrap());
+    let limits = Limits {
+        max_in_flight_per_key: 2,
+        request_timeout: Duration::from_millis(1500),
+        ..Limits::default()
+    };
+    TestServer::start_with_auth(
+        registry,
+        store,
+        Backend::Redis(redis),
+        limits,
+        None,
+        None,
+        auth,
+    )
+    .await
+}
+
+/// The REST and gRPC answers of one GetOnlineFeatures as `who`.
+async fn read_once(server: &TestServer, who: Option<&str>) -> (u16, String) {
+    let mut req = reqwest::Client::new()
+        .get(server.url("/api/v1/features/user/u1?features=user_profile:age"));
+    if let Some(n) = who {
+        req = req.bearer_auth(secret(n));
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let retry_after = resp.headers().get("retry-after").cloned();
+    let body = resp.text().await.unwrap();
+    if status == 429 {
+        assert_eq!(retry_after.unwrap(), "1");
+    }
+    (status, body)
+}
+
+#[tokio::test]
+async fn one_key_cannot_hold_more_than_its_share_and_slow_requests_time_out() {
+    let mut big = key("big", &[Scope::Read]);
+    big.max_in_flight = Some(3);
+    let settings = AuthSettings {
+        api_keys: vec![key("reader", &[Scope::Read]), big],
+        ..Default::default()
+    };
+    let mut server = server_with_limits(Some(settings)).await;
+    assert_eq!(read_once(&server, Some("reader")).await.0, 200);
+    pause_redis(&mut server, 2500);
+    let server = Arc::new(server);
+    let hanging: Vec<_> = (0..2)
+        .map(|_| {
+            let s = server.clone();
+            tokio::spawn(async move { read_once(&s, Some("reader")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A third request of the same key, on either API, is refused at once.
+    let (status, body) = read_once(&server, Some("reader")).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body.contains("API key \\\"reader\\\" already has 2 requests in flight")
+            && body.contains("max_in_flight_per_key"),
+        "{body}"
+    );
+    let mut client = server.client().await;
+    let e = client
+        .get_online_features(with_key(
+            online(&["user_profile:age"], None),
+            Some("reader"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // Other keys are not affected; a key's own limit replaces the default.
+    let big: Vec<_> = (0..3)
+        .map(|_| {
+            let s = server.clone();
+            tokio::spawn(async move { read_once(&s, Some("big")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(read_once(&server, Some("big")).await.0, 429);
+    // Health is open and not counted.
+    let health = reqwest::get(server.url("/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    // The hanging requests end at limits.request_timeout, not the store's.
+    for h in hanging.into_iter().chain(big) {
+        let (status, body) = h.await.unwrap();
+        assert_eq!(status, 504, "{body}");
+        assert!(body.contains("limits.request_timeout (1s 500ms)"), "{body}");
+    }
+    // Their slots are free again.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(read_once(&server, Some("reader")).await.0, 200);
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("code=\"429\"") && metrics.contains("code=\"504\""),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn without_keys_each_client_address_is_limited() {
+    let mut server = server_with_limits(None).await;
+    pause_redis(&mut server, 2500);
+    let server = Arc::new(server);
+    let hanging: Vec<_> = (0..2)
+        .map(|_| {
+            let s = server.clone();
+            tokio::spawn(async move {
+                let mut client = s.client().await;
+                client
+                    .get_online_features(online(&["user_profile:age"], None))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // REST and gRPC calls of one address share the count.
+    let (status, body) = read_once(&server, None).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("client 127.0.0.1 already has 2"), "{body}");
+    for h in hanging {
+        let e = h.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+        assert!(e.message().contains("limits.request_timeout"), "{e:?}");
+    }
+}

@@ -512,6 +512,7 @@ async fn limits_are_enforced() {
         max_request_bytes: 64 * 1024,
         max_historical_rows: 100,
         max_historical_bytes: 1024 * 1024,
+        ..Limits::default()
     })
     .await;
     let mut client = server.client().await;

@@ -249,9 +249,40 @@ async fn operational_endpoints(server: &TestServer) {
     ] {
         assert!(spec["paths"].get(path).is_some(), "openapi lacks {path}");
     }
-    let docs = reqwest::get(server.url("/docs")).await.unwrap();
-    assert_eq!(docs.status(), 200);
-    assert!(docs.text().await.unwrap().contains("/openapi.json"));
+    // Every path of the description is served (none falls to the 404 fallback).
+    let paths = spec["paths"].as_object().unwrap();
+    assert_eq!(paths.len(), 8, "{paths:?}");
+    let http = reqwest::Client::new();
+    for (path, item) in paths {
+        let url = server.url(&path.replace("{entity}", "user").replace("{id}", "user_123"));
+        let req = if item.get("get").is_some() {
+            http.get(url)
+        } else {
+            http.post(url).json(&json!({}))
+        };
+        let resp = req.send().await.unwrap();
+        assert_ne!(resp.status(), 404, "{path}");
+        assert_ne!(resp.status(), 405, "{path}");
+    }
+    // The viewer works offline: its page loads only assets of this server.
+    for page in ["/docs", "/docs/", "/docs?x=%22%3E%3Cscript%3E"] {
+        let docs = reqwest::get(server.url(page)).await.unwrap();
+        assert_eq!(docs.status(), 200);
+        let html = docs.text().await.unwrap();
+        assert!(html.contains("/openapi.json"), "{html}");
+        assert!(
+            !html.contains("https://") && !html.contains("x=%22"),
+            "{html}"
+        );
+        for asset in ["/docs/swagger-ui.css", "/docs/swagger-ui-bundle.js"] {
+            assert!(html.contains(asset), "{html}");
+        }
+    }
+    for asset in ["/docs/swagger-ui.css", "/docs/swagger-ui-bundle.js"] {
+        let resp = reqwest::get(server.url(asset)).await.unwrap();
+        assert_eq!(resp.status(), 200, "{asset}");
+        assert!(resp.bytes().await.unwrap().len() > 10_000, "{asset}");
+    }
     let (status, reg) = get(server, "/api/v1/registry").await;
     assert_eq!(status, 200);
     assert_eq!(reg["feature_services"][0]["name"], "user_service");
@@ -343,4 +374,31 @@ async fn redis_down_is_503_then_recovers() {
     assert_eq!(get(&server, "/ready").await.0, 200);
     assert_eq!(get(&server, "/api/v1/features/user/user_1").await.0, 200);
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_long_urls_are_414_in_json() {
+    let server = TestServer::redis().await;
+    let refs = |n: usize| vec!["user_profile:age"; n].join(",");
+    // Just under the limit: an ordinary answer (a duplicated feature is refused).
+    let path = format!("/api/v1/features/user/u1?features={}", refs(470));
+    assert!(path.len() < quiver_server::rest::MAX_URI_BYTES);
+    let (status, _) = get(&server, &path).await;
+    assert_ne!(status, 414);
+    for n in [520, 3_000] {
+        let path = format!("/api/v1/features/user/u1?features={}", refs(n));
+        let (status, out) = get(&server, &path).await;
+        assert_eq!(status, 414, "{out}");
+        assert_eq!(out["error"]["code"], "invalid_argument", "{out}");
+        let message = out["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("more than 8192") && message.contains("POST /api/v1/features/online"),
+            "{message}"
+        );
+        // Unknown paths too: the check comes before routing.
+        let (status, _) = get(&server, &path.replace("/features/user/u1", "/nope")).await;
+        assert_eq!(status, 414);
+    }
+    let metrics = server.metrics().await;
+    assert!(metrics.contains("code=\"414\""), "{metrics}");
 }

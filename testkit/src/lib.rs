@@ -89,9 +89,10 @@ impl RedisServer {
     }
 
     /// Starts a Redis that speaks TLS only (its plain port closed), with
-    /// the server certificate of `pki` and client certificates not
-    /// required; [`RedisServer::port`] is the TLS port.
-    pub fn start_tls(pki: &Pki) -> RedisServer {
+    /// the server certificate of `pki`, requiring client certificates
+    /// signed by `pki`'s CA when `client_certs`; [`RedisServer::port`] is
+    /// the TLS port.
+    pub fn start_tls(pki: &Pki, client_certs: bool) -> RedisServer {
         for _ in 0..5 {
             let port = free_port();
             let dir = tempfile::tempdir().expect("tempdir");
@@ -110,7 +111,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
                 "--tls-auth-clients",
-                "no",
+                if client_certs { "yes" } else { "no" },
             ])
             .arg("--tls-cert-file")
             .arg(pki.server_cert_file())
@@ -293,6 +294,8 @@ impl RedisCluster {
 pub struct S3Server {
     child: Child,
     port: u16,
+    /// The CA file of an HTTPS server ([`S3Server::start_tls`]).
+    ca_file: Option<std::path::PathBuf>,
 }
 
 /// Sends one HTTP/1.1 request without a body; the status code, or `None`
@@ -311,14 +314,57 @@ fn http_status(port: u16, method: &str, path: &str) -> Option<u16> {
     head.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// One HTTPS request with `curl`, trusting `ca`; the status code, or
+/// `None` if nothing answers.
+fn curl_status(ca: &std::path::Path, method: &str, url: &str) -> Option<u16> {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+            "--cacert",
+        ])
+        .arg(ca)
+        .arg(url)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .ok()
+        .filter(|c| *c != 0)
+}
+
 impl S3Server {
     /// Starts moto on a free port and waits until it answers HTTP.
     pub fn start() -> S3Server {
+        Self::start_with(None)
+    }
+
+    /// Starts moto serving HTTPS with `pki`'s server certificate.
+    pub fn start_tls(pki: &Pki) -> S3Server {
+        Self::start_with(Some(pki))
+    }
+
+    fn start_with(pki: Option<&Pki>) -> S3Server {
         let bin = std::env::var("QUIVER_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
         for _ in 0..5 {
             let port = free_port();
             let mut cmd = Command::new(&bin);
             cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+            if let Some(pki) = pki {
+                cmd.arg("--ssl-cert")
+                    .arg(pki.server_cert_file())
+                    .arg("--ssl-key")
+                    .arg(pki.server_key_file());
+            }
+            let ca_file = pki.map(Pki::ca_file);
             let mut child = spawn_quiet(
                 &mut cmd,
                 &bin,
@@ -326,8 +372,18 @@ impl S3Server {
             );
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
-                if http_status(port, "GET", "/").is_some() {
-                    return S3Server { child, port };
+                let up = match &ca_file {
+                    None => http_status(port, "GET", "/").is_some(),
+                    Some(ca) => {
+                        curl_status(ca, "GET", &format!("https://127.0.0.1:{port}/")).is_some()
+                    }
+                };
+                if up {
+                    return S3Server {
+                        child,
+                        port,
+                        ca_file,
+                    };
                 }
                 if let Ok(Some(_)) = child.try_wait() {
                     break;
@@ -340,22 +396,32 @@ impl S3Server {
         panic!("moto_server did not come up on any of 5 ephemeral ports");
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.ca_file.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Creates a bucket (path-style `PUT /bucket`).
     pub fn create_bucket(&self, name: &str) {
-        let status = http_status(self.port, "PUT", &format!("/{name}"));
+        let status = match &self.ca_file {
+            None => http_status(self.port, "PUT", &format!("/{name}")),
+            Some(ca) => curl_status(ca, "PUT", &format!("{}/{name}", self.endpoint())),
+        };
         assert_eq!(status, Some(200), "creating bucket {name} on moto");
     }
 
-    /// object_store options that point its S3 client at this server.
+    /// object_store options that point its S3 client at this server (plain
+    /// HTTP allowed unless it serves TLS; the CA is not among them).
     pub fn options(&self) -> Vec<(String, String)> {
+        let allow_http = self.ca_file.is_none().to_string();
         [
             ("aws_endpoint", self.endpoint()),
-            ("aws_allow_http", "true".into()),
+            ("aws_allow_http", allow_http),
             ("aws_access_key_id", "test".into()),
             ("aws_secret_access_key", "test".into()),
             ("aws_region", "us-east-1".into()),

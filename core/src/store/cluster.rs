@@ -17,10 +17,12 @@ use redis::cluster_routing::get_slot;
 use redis::Script;
 
 use super::redis::{
-    outcome, parse_rows, read_pipeline, redis_error, tile_pipeline, tile_script, write_pipeline,
-    write_script,
+    is_tls_url, outcome, parse_rows, read_pipeline, redact, redis_error, tile_pipeline,
+    tile_script, write_pipeline, write_script,
 };
-use super::{with_deadline, Lookup, OnlineStore, StoredRow, TileWrite, WriteOutcome, WriteRow};
+use super::{
+    with_deadline, Lookup, OnlineStore, RedisTls, StoredRow, TileWrite, WriteOutcome, WriteRow,
+};
 use crate::error::{Error, Result};
 
 /// Online store on a Redis Cluster, see the module docs.
@@ -50,20 +52,39 @@ fn by_slot<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
 }
 
 impl RedisClusterStore {
-    /// Creates the client from seed node URLs. Does not connect: the first
-    /// call does, so a server that starts before the cluster still comes up
-    /// (not ready).
-    pub fn new(nodes: &[String], timeout: Duration) -> Result<RedisClusterStore> {
+    /// Creates the client from seed node URLs (all `redis://`, or all
+    /// `rediss://` for TLS with `tls`'s certificates). Does not connect:
+    /// the first call does, so a server that starts before the cluster
+    /// still comes up (not ready).
+    pub fn new(nodes: &[String], timeout: Duration, tls: &RedisTls) -> Result<RedisClusterStore> {
         if nodes.is_empty() {
             return Err(Error::invalid(
                 "redis cluster: give at least one seed node URL",
             ));
         }
-        let client = ClusterClient::builder(nodes.to_vec())
+        let with_tls = nodes.iter().filter(|n| is_tls_url(n)).count();
+        if with_tls != 0 && with_tls != nodes.len() {
+            return Err(Error::invalid(
+                "redis cluster: seed node URLs mix redis:// and rediss://; use rediss:// for all of them (TLS) or for none",
+            ));
+        }
+        if with_tls == 0 && tls.is_set() {
+            return Err(Error::invalid(
+                "redis TLS certificate files are set but the cluster node URLs are not rediss://; use rediss:// to connect over TLS",
+            ));
+        }
+        let mut builder = ClusterClient::builder(nodes.to_vec())
             .connection_timeout(timeout)
-            .response_timeout(timeout)
-            .build()
-            .map_err(|e| Error::invalid(format!("invalid redis cluster configuration: {e}")))?;
+            .response_timeout(timeout);
+        if with_tls != 0 {
+            builder = builder.certs(tls.certificates()?);
+        }
+        let client = builder.build().map_err(|e| {
+            Error::invalid(format!(
+                "invalid redis cluster configuration: {}",
+                redact(&e.to_string())
+            ))
+        })?;
         Ok(RedisClusterStore {
             client,
             conn: tokio::sync::Mutex::new(None),

@@ -40,7 +40,7 @@ mod redis;
 
 pub use self::cluster::RedisClusterStore;
 pub use self::embedded::EmbeddedStore;
-pub use self::redis::{redact as redis_url_redacted, RedisConfig, RedisStore};
+pub use self::redis::{redact as redis_url_redacted, RedisConfig, RedisStore, RedisTls};
 
 /// One row to read: its key (see [`crate::codec::row_key`]) and features.
 #[derive(Debug, Clone, Copy)]

@@ -1,5 +1,6 @@
 //! Redis online store: each row is a hash `{_ts, feature -> encoded value}`.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -394,12 +395,99 @@ pub(super) fn outcome(results: &[i64]) -> WriteOutcome {
 /// Settings of [`RedisStore`].
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://[user:pass@]host:port[/db]` (built without TLS support).
+    /// `redis://[user:pass@]host:port[/db]`, or `rediss://...` for TLS
+    /// (see [`RedisTls`]).
     pub url: String,
     /// Maximum pooled connections.
     pub pool_size: usize,
     /// Deadline of every call, including waiting for a pooled connection.
     pub timeout: Duration,
+    /// Certificates of `rediss://` connections.
+    pub tls: RedisTls,
+}
+
+/// Certificates of TLS connections to Redis and Redis Cluster
+/// (`rediss://` URLs; rustls). Without `ca_file` the server's certificate
+/// is checked against the system's trusted roots.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RedisTls {
+    /// PEM CA certificates that sign the Redis servers' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, when Redis requires one (`tls-auth-clients yes`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    /// Whether any certificate file is set.
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+
+    /// The files' contents as the redis client takes them.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` naming the file that cannot be read, or a client
+    /// certificate without its key (or the reverse).
+    pub fn certificates(&self) -> Result<redis::TlsCertificates> {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| {
+                Error::invalid(format!(
+                    "cannot read the redis TLS {what} {}: {e}",
+                    path.display()
+                ))
+            })
+        };
+        let client_tls = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("client certificate", cert)?,
+                client_key: read("client key", key)?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(Error::invalid(
+                    "redis TLS: give both tls_cert_file and tls_key_file (a client certificate and its key), or neither",
+                ))
+            }
+        };
+        let root_cert = match &self.ca_file {
+            Some(ca) => Some(read("CA file", ca)?),
+            None => None,
+        };
+        Ok(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        })
+    }
+}
+
+/// A redis client for `url`: over TLS with `tls`'s certificates for
+/// `rediss://` URLs.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` for a malformed URL (its password redacted),
+/// unreadable certificate files, or certificate files given with a
+/// `redis://` URL (they would be silently unused).
+pub(super) fn client(url: &str, tls: &RedisTls) -> Result<redis::Client> {
+    let invalid =
+        |e: RedisError| Error::invalid(format!("invalid redis url ({}): {e}", redact(url)));
+    if !is_tls_url(url) {
+        if tls.is_set() {
+            return Err(Error::invalid(format!(
+                "redis TLS certificate files are set but the url ({}) is not rediss://; use rediss:// to connect over TLS",
+                redact(url)
+            )));
+        }
+        return redis::Client::open(url).map_err(invalid);
+    }
+    redis::Client::build_with_tls(url, tls.certificates()?).map_err(invalid)
+}
+
+/// Whether `url` asks for TLS (`rediss://`).
+pub(super) fn is_tls_url(url: &str) -> bool {
+    url.get(..9)
+        .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"))
 }
 
 /// Opens multiplexed connections for the pool.
@@ -498,9 +586,7 @@ impl RedisStore {
     /// Creates the pool. Does not connect; connections open on first use,
     /// so a server that starts before Redis still comes up (not ready).
     pub fn new(cfg: &RedisConfig) -> Result<RedisStore> {
-        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| {
-            Error::invalid(format!("invalid redis url ({}): {e}", redact(&cfg.url)))
-        })?;
+        let client = client(&cfg.url, &cfg.tls)?;
         let pool = Pool::builder(Manager { client })
             .max_size(cfg.pool_size.max(1))
             .wait_timeout(Some(cfg.timeout))

@@ -63,6 +63,7 @@ pub fn redis_store(redis: &RedisServer, timeout: Duration) -> Arc<dyn OnlineStor
             url: redis.url(),
             pool_size: 8,
             timeout,
+            tls: Default::default(),
         })
         .unwrap(),
     )
@@ -81,8 +82,10 @@ impl TestServer {
 
     pub async fn redis_cluster() -> TestServer {
         let cluster = RedisCluster::start(3);
-        let store =
-            Arc::new(RedisClusterStore::new(&cluster.urls(), Duration::from_secs(2)).unwrap());
+        let store = Arc::new(
+            RedisClusterStore::new(&cluster.urls(), Duration::from_secs(2), &Default::default())
+                .unwrap(),
+        );
         Self::start(store, Backend::Cluster(cluster), Limits::default()).await
     }
 
