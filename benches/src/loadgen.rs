@@ -13,7 +13,8 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use quiver_proto::v1 as pb;
 use quiver_proto::FeatureServiceClient;
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 #[derive(Debug, Parser)]
 #[command(about = "gRPC load generator for quiver GetOnlineFeatures")]
@@ -51,6 +52,21 @@ struct Args {
     /// A label for the output row.
     #[arg(long, default_value = "quiver")]
     label: String,
+    /// API key sent as `authorization: Bearer <key>` on every call.
+    #[arg(long, env = "QUIVER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// PEM CA certificate of the server (an `https://` target).
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
+}
+
+/// `msg` as a request carrying `auth` (the API key's header value).
+fn request<T>(msg: T, auth: &Option<MetadataValue<Ascii>>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(v) = auth {
+        req.metadata_mut().insert("authorization", v.clone());
+    }
+    req
 }
 
 fn humantime_like(s: &str) -> Result<Duration, String> {
@@ -77,6 +93,7 @@ fn string_value(s: String) -> pb::Value {
 async fn seed(
     client: &mut FeatureServiceClient<Channel>,
     args: &Args,
+    auth: &Option<MetadataValue<Ascii>>,
     n: u64,
 ) -> Result<(), tonic::Status> {
     let now = std::time::SystemTime::now()
@@ -106,10 +123,13 @@ async fn seed(
             })
             .collect();
         client
-            .write_features(pb::WriteFeaturesRequest {
-                feature_view: args.view.clone(),
-                rows,
-            })
+            .write_features(request(
+                pb::WriteFeaturesRequest {
+                    feature_view: args.view.clone(),
+                    rows,
+                },
+                auth,
+            ))
             .await?;
         start = end;
     }
@@ -129,20 +149,30 @@ impl Xorshift {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    let auth: Option<MetadataValue<Ascii>> = match &args.api_key {
+        Some(k) => Some(format!("Bearer {k}").parse()?),
+        None => None,
+    };
+    let tls = match &args.ca_file {
+        Some(ca) => {
+            Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca)?)))
+        }
+        None => None,
+    };
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        channels.push(
-            Channel::from_shared(args.target.clone())?
-                .tcp_nodelay(true)
-                .connect()
-                .await?,
-        );
+        let mut endpoint = Channel::from_shared(args.target.clone())?.tcp_nodelay(true);
+        if let Some(tls) = &tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        channels.push(endpoint.connect().await?);
     }
     if let Some(n) = args.seed {
         let started = Instant::now();
         seed(
             &mut FeatureServiceClient::new(channels[0].clone()),
             &args,
+            &auth,
             n,
         )
         .await?;
@@ -154,11 +184,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut tasks = Vec::new();
     for w in 0..args.concurrency {
         let mut client = FeatureServiceClient::new(channels[w % channels.len()].clone());
-        let (features, join_key, keyspace, entities) = (
+        let (features, join_key, keyspace, entities, auth) = (
             features.clone(),
             args.join_key.clone(),
             args.keyspace,
             args.entities,
+            auth.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut hist =
@@ -179,7 +210,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     full_feature_names: false,
                 };
                 let started = Instant::now();
-                let result = client.get_online_features(req).await;
+                let result = client.get_online_features(request(req, &auth)).await;
                 let now = Instant::now();
                 if now >= end {
                     break;

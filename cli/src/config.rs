@@ -76,6 +76,8 @@ pub struct AuthConfig {
     /// How often the keys file is checked for changes.
     #[serde(deserialize_with = "duration")]
     pub reload_interval: Duration,
+    /// `[auth.jwt]`: bearer JWTs of an identity provider (OIDC).
+    pub jwt: Option<quiver_server::jwt::JwtSettings>,
 }
 
 impl Default for AuthConfig {
@@ -86,6 +88,7 @@ impl Default for AuthConfig {
             protect_health: false,
             protect_metrics: false,
             reload_interval: Duration::from_secs(5),
+            jwt: None,
         }
     }
 }
@@ -99,6 +102,7 @@ impl AuthConfig {
             protect_health: self.protect_health,
             protect_metrics: self.protect_metrics,
             reload_interval: self.reload_interval,
+            jwt: self.jwt.clone(),
         }
     }
 }
@@ -897,6 +901,52 @@ mod tests {
             Config::load(&flags, &env).unwrap().online_store.backend,
             Backend::Embedded
         );
+    }
+
+    #[test]
+    fn tls_and_identity_provider_settings_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("q.toml");
+        let flags = Overrides {
+            config: Some(file.clone()),
+            ..Overrides::default()
+        };
+        std::fs::write(
+            &file,
+            "[online_store]\nredis_url = \"rediss://:pw@r:6380\"\ntls_ca_file = \"ca.pem\"\n\
+             [archive]\nca_file = \"s3-ca.pem\"\n\
+             [auth.jwt]\nissuer = \"https://idp/\"\naudience = \"quiver\"\njwks_url = \"https://idp/jwks\"\nscope_prefix = \"quiver:\"\njwks_refresh = \"2m\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load(&flags, &env_of(&[])).unwrap();
+        assert_eq!(cfg.online_store.backend, Backend::Redis);
+        assert_eq!(
+            cfg.online_store.redis_tls().ca_file,
+            Some(PathBuf::from("ca.pem"))
+        );
+        assert!(cfg
+            .archive
+            .store_options()
+            .contains(&("ca_file".to_owned(), "s3-ca.pem".to_owned())));
+        let jwt = cfg.auth.settings().jwt.unwrap();
+        assert_eq!(
+            (
+                jwt.scope_prefix.as_str(),
+                jwt.jwks_refresh,
+                jwt.name_claim.as_str()
+            ),
+            ("quiver:", Duration::from_secs(120), "sub")
+        );
+        std::fs::write(
+            &file,
+            "[online_store]\nredis_url = \"rediss://r:6380\"\ntls_cert_file = \"c.pem\"\n",
+        )
+        .unwrap();
+        let e = Config::load(&flags, &env_of(&[])).unwrap_err().to_string();
+        assert!(e.contains("tls_cert_file and tls_key_file"), "{e}");
+        std::fs::write(&file, "[auth.jwt]\nissuer = \"x\"\nbogus = 1\n").unwrap();
+        let e = Config::load(&flags, &env_of(&[])).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
     }
 
     #[test]

@@ -22,6 +22,11 @@
 //!
 //! Scopes do not imply each other; a key may have several.
 //!
+//! # Identity-provider tokens
+//! With `[auth.jwt]`, a bearer JWT signed by the organisation's identity
+//! provider is accepted as well, with the scopes its `scope` claim gives
+//! (see [`crate::jwt`]).
+//!
 //! # Answers
 //! No key, an unknown (or revoked) key, an expired key: `UNAUTHENTICATED`
 //! / HTTP 401 with `WWW-Authenticate: Bearer`. A valid key without the
@@ -54,6 +59,7 @@ use subtle::ConstantTimeEq;
 use tonic::transport::server::TcpConnectInfo;
 
 use crate::grpc::HISTORICAL_PATH;
+use crate::jwt::{JwtSettings, JwtVerifier};
 use crate::limit::{CallerId, InFlight, Permit};
 use crate::watch::{Files, Reload};
 
@@ -191,6 +197,20 @@ impl Principal {
     /// The key's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The principal of a verified identity-provider token
+    /// ([`crate::jwt`]): `name` with `scopes`, no view, service or event
+    /// type limits.
+    pub fn from_token(name: String, scopes: &[Scope]) -> Arc<Principal> {
+        Arc::new(Principal {
+            name,
+            scopes: scopes.iter().fold(0, |b, s| b | s.bit()),
+            feature_views: None,
+            feature_services: None,
+            event_types: None,
+            max_in_flight: None,
+        })
     }
 
     /// Whether the key has `scope`.
@@ -340,12 +360,14 @@ pub struct AuthSettings {
     pub protect_metrics: bool,
     /// How often the keys file is checked for changes.
     pub reload_interval: Duration,
+    /// Bearer JWTs of an identity provider, besides API keys.
+    pub jwt: Option<JwtSettings>,
 }
 
 impl AuthSettings {
     /// Whether any key source is configured (authentication is on).
     pub fn enabled(&self) -> bool {
-        !self.api_keys.is_empty() || self.keys_file.is_some()
+        !self.api_keys.is_empty() || self.keys_file.is_some() || self.jwt.is_some()
     }
 }
 
@@ -362,6 +384,7 @@ pub struct Authenticator {
     keys: ArcSwap<KeySet>,
     files: Files,
     clock: Arc<dyn Clock>,
+    jwt: Option<Arc<JwtVerifier>>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -391,11 +414,16 @@ impl Authenticator {
     /// A message naming the file and key when a key is malformed, two keys
     /// share a name or digest, or the file cannot be read.
     pub fn new(settings: AuthSettings, clock: Arc<dyn Clock>) -> Result<Authenticator, String> {
+        let jwt = match &settings.jwt {
+            Some(j) => Some(Arc::new(JwtVerifier::new(j.clone(), clock.clone())?)),
+            None => None,
+        };
         let auth = Authenticator {
             files: Files::new(settings.keys_file.iter().cloned().collect()),
             settings,
             keys: ArcSwap::from_pointee(KeySet::default()),
             clock,
+            jwt,
         };
         auth.reload()?;
         Ok(auth)
@@ -436,6 +464,19 @@ impl Authenticator {
         crate::watch::watch(self, every, stop);
     }
 
+    /// Keeps the identity provider's keys fresh until `stop` (see
+    /// [`JwtVerifier::watch`]); nothing without `[auth.jwt]`.
+    pub fn watch_jwks(&self, stop: impl Future<Output = ()> + Send + 'static) {
+        if let Some(jwt) = &self.jwt {
+            jwt.clone().watch(self.settings.reload_interval, stop);
+        }
+    }
+
+    /// The identity-provider token verifier, when `[auth.jwt]` is set.
+    pub fn jwt(&self) -> Option<&Arc<JwtVerifier>> {
+        self.jwt.as_ref()
+    }
+
     /// The principal of a request needing `access`; `None` for open
     /// access.
     ///
@@ -470,6 +511,13 @@ impl Authenticator {
             })
             .filter(|t| !t.is_empty())
             .ok_or_else(|| unauthenticated("the authorization header is not `Bearer <key>`"))?;
+        if let Some(jwt) = &self.jwt {
+            // A JWT is three base64url parts; an API key has no dots.
+            if token.bytes().filter(|b| *b == b'.').count() == 2 {
+                let p = jwt.verify(token)?;
+                return check_scope(&p, access).map(|()| Some(p));
+            }
+        }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let keys = self.keys.load();
         let key = keys
@@ -485,18 +533,27 @@ impl Authenticator {
                 )));
             }
         }
-        if let Access::Scope(scope, op) = access {
-            if !p.has(scope) {
-                return Err(Error::denied(format!(
-                    "API key {:?} lacks scope {:?}, which {op} needs (it has: {})",
-                    p.name,
-                    scope.as_str(),
-                    p.scope_list()
-                )));
-            }
-        }
+        check_scope(p, access)?;
         Ok(Some(p.clone()))
     }
+}
+
+/// `PERMISSION_DENIED` unless `p` has the scope `access` needs.
+fn check_scope(p: &Principal, access: Access) -> Result<(), Error> {
+    if let Access::Scope(scope, op) = access {
+        if !p.has(scope) {
+            let who = match p.name.strip_prefix("jwt:") {
+                Some(sub) => format!("token of {sub:?}"),
+                None => format!("API key {:?}", p.name),
+            };
+            return Err(Error::denied(format!(
+                "{who} lacks scope {:?}, which {op} needs (it has: {})",
+                scope.as_str(),
+                p.scope_list()
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Reload for Authenticator {

@@ -25,6 +25,7 @@ pub mod auth;
 pub mod convert;
 pub mod error;
 pub mod grpc;
+pub mod jwt;
 pub mod limit;
 pub mod metrics;
 pub mod openapi;
@@ -134,6 +135,7 @@ pub async fn run_with(
 
     if let Some(auth) = service.authenticator() {
         auth.clone().watch(stopped(stop_rx.clone()));
+        auth.watch_jwks(stopped(stop_rx.clone()));
     }
     if let Some(tls) = &options.tls {
         tls.clone().watch(stopped(stop_rx.clone()));
