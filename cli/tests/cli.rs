@@ -187,7 +187,7 @@ fn bad_configuration_fails_before_starting() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("redis_url must start with redis://"),
+        stderr.contains("redis_url (http://not-redis) must start with redis:// or rediss://"),
         "{stderr}"
     );
 }

@@ -481,6 +481,38 @@ async fn redis_over_tls_behaves() {
 }
 
 #[tokio::test]
+async fn redis_cluster_over_tls_behaves() {
+    let pki = Pki::new();
+    let cluster = RedisCluster::start_tls(3, &pki);
+    assert!(cluster.urls()[0].starts_with("rediss://"));
+    let tls = RedisTls {
+        ca_file: Some(pki.ca_file()),
+        ..Default::default()
+    };
+    let store = RedisClusterStore::new(&cluster.urls(), Duration::from_secs(2), &tls).unwrap();
+    suite(&store).await;
+    // A CA that did not sign the nodes' certificates: refused.
+    let other = Pki::new();
+    let untrusting = RedisClusterStore::new(
+        &cluster.urls(),
+        Duration::from_secs(1),
+        &RedisTls {
+            ca_file: Some(other.ca_file()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let e = untrusting.ping().await.unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            ErrorKind::Unavailable | ErrorKind::Internal | ErrorKind::DeadlineExceeded
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn redis_cluster_store_behaves() {
     let cluster = RedisCluster::start(3);
     let store =

@@ -120,6 +120,22 @@ async fn rest(server: &TestServer, token: &str) -> ((u16, String), (u16, String)
     (read, write)
 }
 
+/// Waits (up to 5 s) until `token` is admitted: keys load in the background.
+async fn admitted_soon(server: &TestServer, token: &str) {
+    let mut last = (0, String::new());
+    for _ in 0..100 {
+        last = rest(server, token).await.0;
+        if last.0 == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "the token was not admitted within 5 s: {} {}",
+        last.0, last.1
+    );
+}
+
 async fn grpc_read(server: &TestServer, token: &str) -> Result<(), tonic::Status> {
     let mut req = tonic::Request::new(pb::GetOnlineFeaturesRequest {
         kind: Some(pb::get_online_features_request::Kind::Features(
@@ -251,15 +267,7 @@ async fn tokens_of_the_provider_carry_their_scopes() {
     std::fs::write(&tmp, jwks(&[&k1, &k2])).unwrap();
     std::fs::rename(&tmp, &file).unwrap();
     let token = k2.sign(&claims("model-b", "read", now));
-    let mut status = 0;
-    for _ in 0..100 {
-        status = rest(&server, &token).await.0 .0;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, 200);
+    admitted_soon(&server, &token).await;
     // A broken file keeps the keys in force.
     std::fs::write(&file, "{not json").unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -288,15 +296,7 @@ async fn keys_come_from_the_providers_jwks_url() {
     .await;
     let now = common::now() / 1_000_000;
     let token = k1.sign(&claims("model-a", "read", now));
-    let mut status = 0;
-    for _ in 0..100 {
-        status = rest(&server, &token).await.0 .0;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, 200);
+    admitted_soon(&server, &token).await;
     // A key the set lacks makes the server fetch it again: once the
     // provider publishes it, its tokens are admitted.
     let k2 = SigningKey::new("url-2");
@@ -304,15 +304,7 @@ async fn keys_come_from_the_providers_jwks_url() {
     let token = k2.sign(&claims("model-b", "read", now));
     let first = rest(&server, &token).await.0;
     assert_eq!(first.0, 401, "{}", first.1);
-    let mut status = 0;
-    for _ in 0..100 {
-        status = rest(&server, &token).await.0 .0;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, 200);
+    admitted_soon(&server, &token).await;
 }
 
 #[test]

@@ -94,7 +94,22 @@ impl RedisServer {
     /// the TLS port.
     pub fn start_tls(pki: &Pki, client_certs: bool) -> RedisServer {
         for _ in 0..5 {
-            let port = free_port();
+            if let Some(s) = Self::start_tls_on(free_port(), pki, client_certs, &[]) {
+                return s;
+            }
+        }
+        panic!("redis-server with TLS did not come up on any of 5 ephemeral ports");
+    }
+
+    /// [`RedisServer::start_tls`] on `port` with extra arguments; `None` if
+    /// it did not come up.
+    fn start_tls_on(
+        port: u16,
+        pki: &Pki,
+        client_certs: bool,
+        extra: &[&str],
+    ) -> Option<RedisServer> {
+        {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut cmd = Command::new("redis-server");
             cmd.args([
@@ -120,18 +135,19 @@ impl RedisServer {
             .arg("--tls-ca-cert-file")
             .arg(pki.ca_file())
             .arg("--dir")
-            .arg(dir.path());
+            .arg(dir.path())
+            .args(extra);
             let mut child =
                 spawn_quiet(&mut cmd, "redis-server", "apt-get install -y redis-server");
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 let addr = ([127, 0, 0, 1], port).into();
                 if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    return RedisServer {
+                    return Some(RedisServer {
                         child,
                         port,
                         _dir: dir,
-                    };
+                    });
                 }
                 if let Ok(Some(status)) = child.try_wait() {
                     assert!(
@@ -145,7 +161,7 @@ impl RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
-        panic!("redis-server with TLS did not come up on any of 5 ephemeral ports");
+        None
     }
 
     /// Starts Redis on `port` with extra arguments; `None` if it did not come up.
@@ -222,6 +238,7 @@ impl Drop for RedisServer {
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
+    tls: bool,
 }
 
 /// A free port whose cluster bus port (port + 10000) is valid too.
@@ -278,12 +295,83 @@ impl RedisCluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        RedisCluster { nodes }
+        RedisCluster { nodes, tls: false }
+    }
+
+    /// Starts `n` (at least 3) cluster-enabled servers that speak TLS
+    /// only, clients and the cluster bus alike (`tls-cluster yes`), with
+    /// `pki`'s server certificate; forms the cluster; [`RedisCluster::urls`]
+    /// are then `rediss://` URLs.
+    pub fn start_tls(n: usize, pki: &Pki) -> RedisCluster {
+        assert!(n >= 3, "redis cluster needs at least 3 primaries");
+        let extra = [
+            "--cluster-enabled",
+            "yes",
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+        ];
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|_| {
+                for _ in 0..5 {
+                    if let Some(s) = RedisServer::start_tls_on(cluster_port(), pki, false, &extra) {
+                        return s;
+                    }
+                }
+                panic!("TLS cluster node did not come up");
+            })
+            .collect();
+        let ca = pki.ca_file();
+        // redis-cli waits for a cluster to join without a deadline: give it one.
+        let cli = |args: &[String]| {
+            Command::new("timeout")
+                .args(["60", "redis-cli"])
+                .arg("--tls")
+                .arg("--cacert")
+                .arg(&ca)
+                .args(args)
+                .output()
+                .expect(
+                    "redis-cli is not installed; install it with `apt-get install -y redis-tools`",
+                )
+        };
+        let mut create = vec!["--cluster".to_owned(), "create".to_owned()];
+        create.extend(nodes.iter().map(|s| format!("127.0.0.1:{}", s.port())));
+        create.extend(["--cluster-replicas", "0", "--cluster-yes"].map(str::to_owned));
+        let out = cli(&create);
+        assert!(
+            out.status.success(),
+            "redis-cli --tls --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ok = |port: u16| {
+            let out = cli(&[
+                "-p".to_owned(),
+                port.to_string(),
+                "CLUSTER".into(),
+                "INFO".into(),
+            ]);
+            String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
+        };
+        while !nodes.iter().all(|s| ok(s.port())) {
+            assert!(
+                Instant::now() < deadline,
+                "TLS redis cluster did not reach cluster_state:ok"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        RedisCluster { nodes, tls: true }
     }
 
     /// Seed URLs of every node.
     pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(RedisServer::url).collect()
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        self.nodes
+            .iter()
+            .map(|s| format!("{scheme}://127.0.0.1:{}", s.port()))
+            .collect()
     }
 }
 
@@ -495,7 +583,12 @@ impl Pki {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, name);
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        // ClientAuth too: Redis cluster nodes present their certificate as
+        // clients on each other's TLS cluster bus.
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         self.issue(params, "server")
     }
 
