@@ -98,11 +98,14 @@ pub fn open_store(
     }
     let mut builder = AmazonS3Builder::new().with_url(url.as_str());
     let mut client = ClientOptions::new();
+    // As object_store::parse_url_opts reads options (which the location
+    // without a CA file goes through): keys in any case, unknown ones
+    // ignored, so that adding ca_file changes nothing else.
     for (k, v) in options.iter().filter(|(k, _)| k != CA_FILE_OPTION) {
-        match k.parse::<AmazonS3ConfigKey>() {
+        match k.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
             Ok(AmazonS3ConfigKey::Client(key)) => client = client.with_config(key, v),
             Ok(key) => builder = builder.with_config(key, v),
-            Err(e) => return Err(cannot(&e)),
+            Err(_) => {}
         }
     }
     for cert in certs {

@@ -288,6 +288,11 @@ impl KeySet {
             if s.name.trim().is_empty() {
                 return Err(at("name is empty; give each key a name".to_owned()));
             }
+            if s.name.starts_with("jwt:") {
+                return Err(at(
+                    "names starting with \"jwt:\" are those of identity-provider tokens; choose another".to_owned(),
+                ));
+            }
             if !names.insert(s.name.as_str()) {
                 return Err(at("another key has this name; names are unique".to_owned()));
             }
@@ -511,18 +516,21 @@ impl Authenticator {
             })
             .filter(|t| !t.is_empty())
             .ok_or_else(|| unauthenticated("the authorization header is not `Bearer <key>`"))?;
-        if let Some(jwt) = &self.jwt {
-            // A JWT is three base64url parts; an API key has no dots.
-            if token.bytes().filter(|b| *b == b'.').count() == 2 {
-                let p = jwt.verify(token)?;
-                return check_scope(&p, access).map(|()| Some(p));
-            }
-        }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let keys = self.keys.load();
-        let key = keys
-            .find(&digest)
-            .ok_or_else(|| unauthenticated("the API key is not valid (unknown or revoked)"))?;
+        let Some(key) = keys.find(&digest) else {
+            // Not an API key: a JWT of the identity provider (three
+            // base64url parts), when one is configured.
+            if let Some(jwt) = &self.jwt {
+                if token.bytes().filter(|b| *b == b'.').count() == 2 {
+                    let p = jwt.verify(token)?;
+                    return check_scope(&p, access).map(|()| Some(p));
+                }
+            }
+            return Err(unauthenticated(
+                "the API key is not valid (unknown or revoked)",
+            ));
+        };
         let p = &key.principal;
         if let Some(at) = key.expires_at {
             if self.clock.now_micros() >= at {
@@ -543,8 +551,8 @@ fn check_scope(p: &Principal, access: Access) -> Result<(), Error> {
     if let Access::Scope(scope, op) = access {
         if !p.has(scope) {
             let who = match p.name.strip_prefix("jwt:") {
-                Some(sub) => format!("token of {sub:?}"),
-                None => format!("API key {:?}", p.name),
+                Some(sub) => format!("token of {}", quiver_core::error::quote(sub)),
+                None => format!("API key {}", quiver_core::error::quote(&p.name)),
             };
             return Err(Error::denied(format!(
                 "{who} lacks scope {:?}, which {op} needs (it has: {})",
@@ -748,31 +756,40 @@ fn refusal<R: DenialBody>(transport: Transport, e: &Error) -> Response<R> {
 
 impl Guard {
     /// The principal of `req`, or the refusal.
-    fn admit<B>(&self, req: &Request<B>) -> Result<Option<Arc<Principal>>, Error> {
-        let Some(auth) = &self.auth else {
-            return Ok(Some(Principal::unrestricted()));
-        };
+    /// The principal of `req` and whether its route is open, or the
+    /// refusal.
+    fn admit<B>(&self, req: &Request<B>) -> Result<(Option<Arc<Principal>>, bool), Error> {
+        static NO_AUTH: LazyLock<AuthSettings> = LazyLock::new(AuthSettings::default);
+        let settings = self.auth.as_ref().map_or(&*NO_AUTH, |a| &a.settings);
         let access = match self.transport {
-            Transport::Grpc => grpc_access(req.uri().path(), &auth.settings),
+            Transport::Grpc => grpc_access(req.uri().path(), settings),
             Transport::Http => http_access(
                 req.extensions()
                     .get::<MatchedPath>()
                     .map(MatchedPath::as_str),
-                &auth.settings,
+                settings,
             ),
         };
-        auth.admit(req.headers(), access)
+        let open = access == Access::Open;
+        match &self.auth {
+            None => Ok((Some(Principal::unrestricted()), open)),
+            Some(auth) => auth.admit(req.headers(), access).map(|p| (p, open)),
+        }
     }
 
     /// A slot among the caller's requests in flight, or the refusal.
-    /// Requests with open access (health, metrics, documentation) are not
-    /// counted: a scraper is never refused for a busy key.
+    /// Requests of open routes (health and metrics unless protected,
+    /// documentation) are not counted, with or without keys: a probe or a
+    /// scraper is never refused because its address or key is busy.
     fn slot<B>(
         &self,
         req: &Request<B>,
         principal: Option<&Principal>,
+        open: bool,
     ) -> Result<Option<Permit>, Error> {
-        let Some(p) = principal else { return Ok(None) };
+        let Some(p) = principal.filter(|_| !open) else {
+            return Ok(None);
+        };
         let (id, max) = if self.auth.is_some() {
             (
                 CallerId::Key(p.name().to_owned()),
@@ -818,8 +835,8 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let guard = &self.guard;
         let transport = guard.transport;
-        let admitted = guard.admit(&req).and_then(|principal| {
-            let permit = guard.slot(&req, principal.as_deref())?;
+        let admitted = guard.admit(&req).and_then(|(principal, open)| {
+            let permit = guard.slot(&req, principal.as_deref(), open)?;
             Ok((principal, permit))
         });
         match admitted {

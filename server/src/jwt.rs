@@ -115,16 +115,44 @@ impl JwtSettings {
                     .into(),
             );
         }
+        if self.jwks_refresh < Duration::from_secs(10) {
+            return Err("auth.jwt.jwks_refresh must be at least 10s".into());
+        }
+        if self.leeway > Duration::from_secs(300) {
+            return Err(
+                "auth.jwt.leeway must be at most 5m (it extends every token's life)".into(),
+            );
+        }
         match (&self.jwks_file, &self.jwks_url) {
             (Some(_), Some(_)) => Err("auth.jwt: give jwks_file or jwks_url, not both".into()),
             (None, None) => Err(
                 "auth.jwt needs the provider's keys: jwks_url (its jwks_uri) or jwks_file".into(),
             ),
-            (None, Some(u)) if !(u.starts_with("https://") || u.starts_with("http://")) => {
-                Err(format!("auth.jwt.jwks_url {u:?} is not an http(s) URL"))
-            }
+            (None, Some(u)) => check_jwks_url(u),
             _ => Ok(()),
         }
+    }
+}
+
+/// The JWKS is the trust anchor: anyone who can alter it mints tokens. So
+/// `https://` only (plain `http://` to a loopback address, a sidecar or a
+/// test, aside).
+fn check_jwks_url(u: &str) -> Result<(), String> {
+    let url =
+        url::Url::parse(u).map_err(|e| format!("auth.jwt.jwks_url {u:?} is not a URL: {e}"))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(format!(
+            "auth.jwt.jwks_url {u:?} is plain http: whoever can alter it on the way can sign tokens; use the provider's https:// jwks_uri"
+        )),
+        _ => Err(format!("auth.jwt.jwks_url {u:?} is not an http(s) URL")),
     }
 }
 
@@ -162,13 +190,39 @@ impl std::fmt::Debug for JwtVerifier {
     }
 }
 
+/// The signature keys of a JWKS text. Keys of other uses (`"use":
+/// "enc"`) and keys this verifier cannot read (an algorithm it does not
+/// know) are left out, with a warning; a set with no usable key is an
+/// error.
 fn parse_jwks(text: &str, origin: &str) -> Result<JwkSet, String> {
-    let set: JwkSet = serde_json::from_str(text)
-        .map_err(|e| format!("{origin} is not a JWKS ({{\"keys\": [...]}}): {e}"))?;
-    if set.keys.is_empty() {
-        return Err(format!("{origin} holds no keys"));
+    #[derive(serde::Deserialize)]
+    struct RawSet {
+        keys: Vec<Json>,
     }
-    Ok(set)
+    let raw: RawSet = serde_json::from_str(text)
+        .map_err(|e| format!("{origin} is not a JWKS ({{\"keys\": [...]}}): {e}"))?;
+    let mut keys = Vec::with_capacity(raw.keys.len());
+    for (i, k) in raw.keys.into_iter().enumerate() {
+        if k.get("use")
+            .and_then(Json::as_str)
+            .is_some_and(|u| u != "sig")
+        {
+            continue;
+        }
+        match serde_json::from_value::<Jwk>(k) {
+            Ok(jwk) => keys.push(jwk),
+            Err(e) => tracing::warn!(
+                origin,
+                key = i,
+                error = %e,
+                "JWKS key left out: it cannot verify tokens here"
+            ),
+        }
+    }
+    if keys.is_empty() {
+        return Err(format!("{origin} holds no signature key quiver can use"));
+    }
+    Ok(JwkSet { keys })
 }
 
 impl JwtVerifier {
@@ -185,8 +239,11 @@ impl JwtVerifier {
             keys: ArcSwap::from_pointee(JwkSet { keys: Vec::new() }),
             clock,
             last_miss_fetch: Mutex::new(None),
+            // No redirects: one could lead off https to a place that can
+            // be altered.
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|e| format!("auth.jwt: no HTTP client: {e}"))?,
         };
@@ -340,14 +397,17 @@ impl JwtVerifier {
         let now = self.clock.now_micros() / 1_000_000;
         let leeway = self.settings.leeway.as_secs() as i64;
         let num = |name: &str| claims.get(name).and_then(Json::as_i64);
-        let exp = num("exp").ok_or_else(|| bad("the JWT's exp is not a number".into()))?;
+        let exp = num("exp")
+            .ok_or_else(|| bad("the JWT's exp is not a whole number of seconds".into()))?;
         if now >= exp.saturating_add(leeway) {
             return Err(bad(format!(
                 "the JWT expired at {}; get a new token from the provider",
                 quiver_core::time::format_rfc3339(exp.saturating_mul(1_000_000))
             )));
         }
-        if let Some(nbf) = num("nbf") {
+        if claims.contains_key("nbf") {
+            let nbf = num("nbf")
+                .ok_or_else(|| bad("the JWT's nbf is not a whole number of seconds".into()))?;
             if now < nbf.saturating_sub(leeway) {
                 return Err(bad("the JWT is not valid yet (nbf)".into()));
             }
@@ -374,10 +434,15 @@ impl JwtVerifier {
                 })
             })
             .collect();
-        Ok(Principal::from_token(
-            format!("jwt:{}", quiver_core::error::cut(&name)),
-            &scopes,
-        ))
+        if scopes.is_empty() {
+            let p = &self.settings.scope_prefix;
+            return Err(Error::denied(format!(
+                "token of {} grants none of quiver's scopes ({p}read, {p}write, {p}admin in its {} claim)",
+                quiver_core::error::quote(&name),
+                self.settings.scopes_claim
+            )));
+        }
+        Ok(Principal::from_token(format!("jwt:{name}"), &scopes))
     }
 }
 

@@ -24,7 +24,10 @@ pub enum CallerId {
 impl std::fmt::Display for CallerId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CallerId::Key(name) => write!(f, "API key {name:?}"),
+            CallerId::Key(name) => match name.strip_prefix("jwt:") {
+                Some(sub) => write!(f, "token of {}", quiver_core::error::quote(sub)),
+                None => write!(f, "API key {}", quiver_core::error::quote(name)),
+            },
             CallerId::Peer(ip) => write!(f, "client {ip}"),
             CallerId::Local => f.write_str("in-process caller"),
         }

@@ -70,7 +70,7 @@ impl Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "An API key: `authorization: Bearer <key>`, when the server requires keys ([auth]). Health, readiness and metrics are open unless protected.",
+                        "An API key, or a JWT of the identity provider ([auth.jwt]): `authorization: Bearer <key or token>`, when the server requires them ([auth]). Health, readiness and metrics are open unless protected.",
                     ))
                     .build(),
             ),
@@ -80,10 +80,10 @@ impl Modify for BearerAuth {
         for item in openapi.paths.paths.values_mut() {
             for op in [&mut item.get, &mut item.post].into_iter().flatten() {
                 let refusals = [
-                    ("401", "No API key, or an unknown, revoked or expired one (only when the server requires keys)"),
+                    ("401", "No API key or token, or an unknown, revoked, expired or invalid one (only when the server requires them)"),
                     ("403", "The API key lacks the scope, feature view, feature service or event type"),
                     ("414", "The request target is longer than 8 KiB"),
-                    ("429", "The API key (or client) has limits.max_in_flight_per_key requests in flight"),
+                    ("429", "The API key (or client) has limits.max_in_flight_per_key requests in flight; Retry-After: 1"),
                     ("500", "A fault of the server (logged)"),
                     ("503", "The online store or event log does not answer"),
                     ("504", "The request took longer than limits.request_timeout"),

@@ -508,8 +508,10 @@ pub struct WriteRowBody {
     /// Join key to id, for every join key of the view.
     #[schema(value_type = HashMap<String, Json_>, example = json!({"user_id": "user_123"}))]
     entity_key: Map<String, Json_>,
-    /// Event time of the row: any RFC 3339 form (offsets converted to UTC).
-    #[schema(format = DateTime, example = "2026-11-30T12:00:00Z")]
+    /// Event time of the row: RFC 3339 (offsets converted to UTC; a space
+    /// for `T` and lower-case `t`/`z` are accepted too, so no schema
+    /// `format`), within years 0001-9999.
+    #[schema(example = "2026-11-30T12:00:00Z")]
     event_timestamp: String,
     /// Feature name to JSON value, read as the registry's type: the forms
     /// reads return, int64 also as decimal strings, base64 also URL-safe or

@@ -788,6 +788,18 @@ async fn without_keys_each_client_address_is_limited() {
     let (status, body) = read_once(&server, None).await;
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("client 127.0.0.1 already has 2"), "{body}");
+    // Probes and scrapers of that address are not counted.
+    for open in ["/health", "/metrics", "/openapi.json"] {
+        let resp = reqwest::get(server.url(open)).await.unwrap();
+        assert_eq!(resp.status(), 200, "{open}");
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
     for h in hanging {
         let e = h.await.unwrap().unwrap_err();
         assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");

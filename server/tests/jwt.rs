@@ -71,7 +71,7 @@ async fn start(jwt: JwtSettings) -> TestServer {
     let settings = AuthSettings {
         api_keys: vec![KeySpec::new(
             "ops",
-            &key_digest("qv_ops_key_0123456789abcdef0123456789"),
+            &key_digest("qv_ops.key_0123456789abcdef.0123456789"),
             &[Scope::Read],
         )],
         reload_interval: Duration::from_millis(50),
@@ -197,8 +197,19 @@ async fn tokens_of_the_provider_carry_their_scopes() {
     );
     let (read, write) = rest(&server, &both).await;
     assert_eq!((read.0, write.0), (200, 200), "{} {}", read.1, write.1);
-    let (read, _) = rest(&server, "qv_ops_key_0123456789abcdef0123456789").await;
+    // (An API key with two dots is still an API key.)
+    let (read, _) = rest(&server, "qv_ops.key_0123456789abcdef.0123456789").await;
     assert_eq!(read.0, 200, "{}", read.1);
+    // A valid token granting none of quiver's scopes is refused even
+    // where any key would do.
+    let nothing = k1.sign(&claims("viewer", "openid profile", now));
+    let (read, _) = rest(&server, &nothing).await;
+    assert_eq!(read.0, 403, "{}", read.1);
+    assert!(
+        read.1.contains("grants none of quiver's scopes"),
+        "{}",
+        read.1
+    );
 
     // Refused, each with its reason, never quoting the token.
     let other = SigningKey::new("k1");
@@ -223,6 +234,8 @@ async fn tokens_of_the_provider_carry_their_scopes() {
     wrong_iss["iss"] = json!("https://evil.test/");
     let mut no_exp = claims("model-a", "read", now);
     no_exp.as_object_mut().unwrap().remove("exp");
+    let mut float_nbf = claims("model-a", "read", now);
+    float_nbf["nbf"] = json!(1.5);
     let cases = [
         ("expired", k1.sign(&expired), "expired at"),
         (
@@ -244,6 +257,11 @@ async fn tokens_of_the_provider_carry_their_scopes() {
         ("audience", k1.sign(&wrong_aud), "InvalidAudience"),
         ("issuer", k1.sign(&wrong_iss), "InvalidIssuer"),
         ("no exp", k1.sign(&no_exp), "exp"),
+        (
+            "nbf not whole seconds",
+            k1.sign(&float_nbf),
+            "nbf is not a whole number",
+        ),
     ];
     for (what, token, want) in cases {
         let (read, _) = rest(&server, &token).await;
@@ -328,6 +346,29 @@ fn jwt_settings_mistakes_are_named() {
         (settings(), "jwks_url"),
         (
             JwtSettings {
+                jwks_url: Some("http://idp.example.com/jwks".into()),
+                ..settings()
+            },
+            "plain http",
+        ),
+        (
+            JwtSettings {
+                jwks_url: Some("https://idp/jwks".into()),
+                jwks_refresh: Duration::ZERO,
+                ..settings()
+            },
+            "jwks_refresh must be at least 10s",
+        ),
+        (
+            JwtSettings {
+                jwks_url: Some("https://idp/jwks".into()),
+                leeway: Duration::from_secs(86_400),
+                ..settings()
+            },
+            "leeway must be at most 5m",
+        ),
+        (
+            JwtSettings {
                 jwks_url: Some("ftp://x".into()),
                 ..settings()
             },
@@ -345,4 +386,11 @@ fn jwt_settings_mistakes_are_named() {
         let e = quiver_server::jwt::JwtVerifier::new(s, clock.clone()).unwrap_err();
         assert!(e.contains(want), "{e}");
     }
+    // Token names are not API key names.
+    let settings = AuthSettings {
+        api_keys: vec![KeySpec::new("jwt:alice", &key_digest("k"), &[Scope::Read])],
+        ..Default::default()
+    };
+    let e = quiver_server::auth::Authenticator::new(settings, clock).unwrap_err();
+    assert!(e.contains("jwt:"), "{e}");
 }

@@ -651,6 +651,9 @@ impl RedisStore {
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        // Malformed (no scheme separator): everything before the last `@`
+        // may be a password.
+        (_, Some(at)) => format!("***@{}", &url[at + 1..]),
         _ => url.to_owned(),
     }
 }
@@ -715,5 +718,8 @@ mod tests {
             "redis://***@host:6379/0"
         );
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+        // Malformed URLs too (they end up in validation errors).
+        assert_eq!(redact("redis:/:hunter2@10.0.0.5:6379"), "***@10.0.0.5:6379");
+        assert_eq!(redact(":pw@h"), "***@h");
     }
 }
