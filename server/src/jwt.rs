@@ -7,8 +7,9 @@
 //! # What is checked
 //! - the signature, with the JWKS key named by the token's `kid` (or the
 //!   only key when the set has one); only asymmetric algorithms (RS*, PS*,
-//!   ES*, EdDSA), and the one the key is for: a token signed with `HS256`
-//!   using the public key as secret, or `alg: none`, is refused;
+//!   ES*, EdDSA), the JWK's own `alg` when it names one, else one of the
+//!   key's type: a token signed with `HS256` using the public key as
+//!   secret, or `alg: none`, is refused;
 //! - `iss` equals `issuer`, `aud` is or contains `audience`;
 //! - `exp` (required) and `nbf` against the server's clock, with `leeway`;
 //! - scopes: the `scopes_claim` claim (a space-separated string, as OAuth
