@@ -2,8 +2,8 @@
 # Runs every test of quiver: Rust unit and integration tests (real redis-server
 # and a 3-node Redis Cluster on ephemeral ports, Kafka through librdkafka's
 # in-process mock cluster, an S3-compatible server (moto) on loopback, real
-# gRPC/HTTP), then the Python client tests (grpcio stubs generated from
-# proto/, pytest against a live server), then schemathesis against the REST
+# gRPC/HTTP), then the Python client tests (the client installed with pip,
+# its stubs generated from proto/ at build time; pytest against a live server), then schemathesis against the REST
 # gateway's generated OpenAPI description (scripts/schemathesis.sh).
 # Installs what is missing: redis-server and redis-cli (apt-get) and a Python
 # venv with grpcio, pytest and moto[server] (pip). Finally runs
@@ -21,14 +21,17 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
 fi
 
-echo "== python venv (grpcio, pytest, moto, pyarrow, pandas, cryptography, schemathesis)"
+echo "== python venv (grpcio, pytest, moto, pyarrow, pandas, polars, mypy, cryptography, schemathesis) and the client"
 VENV="${QUIVER_TEST_VENV:-target/py-venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-  "grpcio>=1.60" "grpcio-tools>=1.60" "protobuf>=4.25" "pytest>=7" "moto[server]>=5" \
-  "pyarrow>=14" "pandas>=2" "cryptography>=41" "schemathesis>=4,<5"
+  "grpcio>=1.60" "grpcio-reflection>=1.60" "protobuf>=4.25" "pytest>=7" "moto[server]>=5" \
+  "pyarrow>=14" "pandas>=2" "polars>=1" "cryptography>=41" "schemathesis>=4,<5" \
+  "mypy>=1.10" types-grpcio types-protobuf pandas-stubs "build>=1"
+# The client as users install it (its stubs are generated while it is built).
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps ./clients/python
 VENV="$(cd "$VENV" && pwd)"
 export QUIVER_MOTO_SERVER="$VENV/bin/moto_server"
 

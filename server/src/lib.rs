@@ -141,10 +141,22 @@ pub async fn run_with(
         tls.clone().watch(stopped(stop_rx.clone()));
     }
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: `grpc.reflection.v1` and the older
+    // `v1alpha` that grpcio-reflection's descriptor database, grpcurl
+    // before 1.9 and several GUI clients still ask for. Each lists every
+    // service, both reflection services included.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let feature_service = grpc::SizeRouted::new(service.clone());
     let incoming = tls::incoming(grpc, options.tls.clone(), auth::Transport::Grpc);
     let grpc_server = tonic::transport::Server::builder()
@@ -154,7 +166,8 @@ pub async fn run_with(
         .layer(grpc::ErrorCountLayer::new(service.clone()))
         .layer(auth::AuthLayer::new(&service, auth::Transport::Grpc))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(feature_service)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 

@@ -669,6 +669,62 @@ async fn reflection_lists_the_feature_service() {
     server.shutdown().await;
 }
 
+/// The older `grpc.reflection.v1alpha`, which grpcio-reflection's
+/// descriptor database and several GUI clients still speak, lists the same
+/// services and serves the same file descriptors.
+#[tokio::test]
+async fn reflection_v1alpha_is_served_too() {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+
+    let server = TestServer::embedded().await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let reqs = vec![
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "quiver.v1.FeatureService".into(),
+            )),
+        },
+    ];
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection response {resp:?}");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "quiver.v1.FeatureService"
+        ],
+    );
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = resp.message_response else {
+        panic!("unexpected reflection response {resp:?}");
+    };
+    // The first descriptor is the file declaring the symbol; it starts with
+    // its name (field 1).
+    let name = b"quiver/v1/feature_service.proto";
+    let first = &files.file_descriptor_proto[0];
+    assert_eq!(&first[2..2 + name.len()], name);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn registry_is_discoverable() {
     let server = TestServer::embedded().await;

@@ -4,29 +4,27 @@ Usage::
 
     from quiver_client import QuiverClient
     with QuiverClient("localhost:50051") as q:
-        cols = q.get_online_features({"user_id": ["user_1"]}, feature_service="user_service")
-        rows = q.get_online_features_rows({"user_id": ["user_1"]}, features=["user_profile:age"])
+        feats = q.get_online_features({"user_id": ["user_1"]}, feature_service="user_service")
+        feats["age"], feats.statuses["age"], feats.to_df()
 
-Stubs are generated from proto/ by `python -m quiver_client.generate`.
+    from quiver_client import AsyncQuiverClient      # the same API for asyncio
+
+The protobuf messages and gRPC stubs of quiver.v1 are `quiver_client.v1.feature_service_pb2` and
+`quiver_client.v1.feature_service_pb2_grpc`, generated when the package is built.
 """
 
-from __future__ import annotations
+from quiver_client._convert import STATUS_NAMES, OnlineResponse, QuiverError, float32_list, from_value, to_value
+from quiver_client.aio import AsyncQuiverClient
+from quiver_client.client import QuiverClient
 
-import pathlib
-import sys
-
-_GEN = pathlib.Path(__file__).resolve().parent / "_gen"
-if str(_GEN) not in sys.path:
-    # The generated modules import each other as `quiver.v1...`.
-    sys.path.insert(0, str(_GEN))
-
-__all__ = ["QuiverClient", "QuiverError", "float32_list", "from_value", "to_value"]
-
-
-def __getattr__(name: str):
-    # Imported lazily so `python -m quiver_client.generate` works before the stubs exist.
-    if name in __all__:
-        from . import client
-
-        return getattr(client, name)
-    raise AttributeError(name)
+__all__ = [
+    "AsyncQuiverClient",
+    "OnlineResponse",
+    "QuiverClient",
+    "QuiverError",
+    "STATUS_NAMES",
+    "float32_list",
+    "from_value",
+    "to_value",
+]
+__version__ = "0.2.0"

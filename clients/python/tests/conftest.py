@@ -7,18 +7,18 @@ import pathlib
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent.parent
-sys.path.insert(0, str(HERE.parent))
+# The tests use quiver_client as installed (scripts/test.sh runs `pip install ./clients/python`),
+# never the source folder, whose stubs exist only in a build.
+import quiver_client  # noqa: E402
 
-from quiver_client.generate import generate  # noqa: E402
-
-generate(ROOT / "proto")
+if (HERE.parent / "quiver_client") == pathlib.Path(quiver_client.__file__).resolve().parent:
+    raise RuntimeError("import the installed quiver_client (pip install ./clients/python), not the source folder")
 
 
 def start_quiver(args, stderr=subprocess.DEVNULL, env=None):

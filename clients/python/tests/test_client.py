@@ -13,6 +13,7 @@ import urllib.request
 import grpc
 import pytest
 
+from conftest import start_quiver
 from quiver_client import QuiverClient, QuiverError, float32_list
 
 
@@ -29,10 +30,11 @@ def test_registry_is_discoverable(client):
 
 
 def test_feature_service_for_demo_users(client):
-    cols = client.get_online_features(
-        {"user_id": ["user_1", "user_123", "ghost"]}, feature_service="user_service", with_status=True
-    )
-    assert list(cols)[0] == "user_id"
+    resp = client.get_online_features({"user_id": ["user_1", "user_123", "ghost"]}, feature_service="user_service")
+    assert list(resp)[0] == "user_id"
+    assert resp.statuses["age"] == ["PRESENT", "PRESENT", "NOT_FOUND"]
+    assert resp.event_timestamps["user_id"] == [None, None, None]
+    cols = resp.to_dict(with_status=True)
     age = cols["age"]
     assert [s for _, s, _ in age] == ["PRESENT", "PRESENT", "NOT_FOUND"]
     assert 18 <= age[0][0] < 78
@@ -114,8 +116,7 @@ def test_times_are_instants_and_values_come_back_exactly(client):
     cols = client.get_online_features(
         {"user_id": ["py_tz"]},
         features=["user_activity:last_login", "user_activity:total_spend_30d", "user_activity:avg_order_value_30d"],
-        with_status=True,
-    )
+    ).to_dict(with_status=True)
     value, status, event_time = cols["last_login"][0]
     assert (value, status, event_time) == (base, "PRESENT", later)
     assert math.isnan(cols["total_spend_30d"][0][0])
@@ -123,7 +124,9 @@ def test_times_are_instants_and_values_come_back_exactly(client):
     # Join-key columns have no event time; found values have theirs (decided by the status, so
     # that an event at 1970-01-01T00:00:00Z would still be a time).
     assert cols["last_login"][0][2] is not None
-    keyed = client.get_online_features({"user_id": ["py_tz"]}, features=["user_activity:last_login"], with_status=True)
+    keyed = client.get_online_features({"user_id": ["py_tz"]}, features=["user_activity:last_login"]).to_dict(
+        with_status=True
+    )
     assert keyed["user_id"][0] == ("py_tz", "PRESENT", None)
     # An empty list is an empty list (of the declared type), not null.
     client.write_features(
@@ -133,7 +136,7 @@ def test_times_are_instants_and_values_come_back_exactly(client):
     cols = client.get_online_features({"user_id": ["py_empty"]}, features=["user_activity:favorite_categories"])
     assert cols["favorite_categories"] == [[]]
     # A list of ints and floats is a double list; a None element is refused before sending.
-    from quiver_client.client import to_value
+    from quiver_client import to_value
     assert list(to_value([1, 2.5]).double_list_val.val) == [1.0, 2.5]
     with pytest.raises(TypeError, match="null element at index 1"):
         to_value(["a", None])
@@ -234,8 +237,13 @@ def test_historical_features_as_pandas(client):
     assert "event_timestamp" in e.value.message
 
 
-def test_zz_sigterm_shuts_down_gracefully(server):
-    proc = server["proc"]
+def test_sigterm_shuts_down_gracefully(tmp_path):
+    proc, grpc_addr, _ = start_quiver(
+        ["demo", "--users", "20", "--products", "5", "--rate", "0",
+         "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
+         "--store-path", str(tmp_path / "online.redb"), "--archive", str(tmp_path / "offline")]
+    )
+    with QuiverClient(grpc_addr) as c:
+        assert c.registry().feature_views
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
-
