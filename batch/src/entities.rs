@@ -40,6 +40,41 @@ use crate::offline::{df_error, session_config};
 /// The entity table with join keys in their entities' types and
 /// `event_timestamp` as UTC microseconds (see the module docs), and that
 /// column.
+/// The column of request field `field` of on-demand view `view` in an
+/// entity table (after [`typed`]), cast to the field's Arrow type; a
+/// missing column or a value that does not cast is INVALID_ARGUMENT.
+pub fn request_column(
+    entities: &RecordBatch,
+    view: &str,
+    field: &quiver_core::registry::RequestField,
+) -> Result<ArrayRef> {
+    let Some(column) = entities.column_by_name(&field.name) else {
+        let schema = entities.schema();
+        return Err(Error::invalid(format!(
+            "on-demand feature view {view:?} reads request data {} ({}); the entity table has no such column (columns: {})",
+            quote(&field.name),
+            field.value_type,
+            schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    };
+    let want = arrow_type(field.value_type);
+    if column.data_type() == &want {
+        return Ok(column.clone());
+    }
+    let options = arrow::compute::CastOptions {
+        safe: false,
+        ..Default::default()
+    };
+    arrow::compute::cast_with_options(column, &want, &options).map_err(|e| {
+        Error::invalid(format!(
+            "entity table column {} (request data of on-demand feature view {view:?}) does not convert from {} to {}: {e}",
+            quote(&field.name),
+            column.data_type(),
+            field.value_type
+        ))
+    })
+}
+
 pub fn typed(
     reg: &Registry,
     entities: RecordBatch,

@@ -13,6 +13,8 @@
 //! - [`retrieve`]: historical retrieval (training sets) over every kind of
 //!   view.
 //! - [`materialize`]: latest values per entity into the online store.
+//! - [`ondemand`]: request-time features, evaluated alike online and
+//!   offline.
 //!
 //! DataFusion is used only in this crate (it is the heaviest dependency of
 //! the workspace); errors come back as [`quiver_core::Error`].
@@ -21,6 +23,7 @@ pub mod aggregate;
 pub mod entities;
 pub mod materialize;
 pub mod offline;
+pub mod ondemand;
 pub mod pit;
 pub mod retrieve;
 pub mod run;

@@ -134,6 +134,12 @@ impl Offline {
                     v.name
                 )))
                 }
+                ViewSource::OnDemand { .. } => {
+                    return Err(Error::invalid(format!(
+                        "feature view {:?} is computed at request time; nothing of it is stored",
+                        v.name
+                    )))
+                }
             }
         }
         let ctx = self.session().await?;

@@ -119,6 +119,8 @@ pub struct Offline {
     root: Path,
     /// `scheme://host` of the location, where the store is registered.
     base: url::Url,
+    /// The registry's on-demand views, compiled.
+    on_demand: Arc<crate::ondemand::OnDemand>,
 }
 
 impl Offline {
@@ -137,12 +139,19 @@ impl Offline {
             url.host_str().unwrap_or("")
         ))
         .map_err(|e| Error::invalid(format!("invalid storage URL {location:?}: {e}")))?;
+        let on_demand = Arc::new(crate::ondemand::compile(&registry).0);
         Ok(Offline {
             registry,
             store,
             root,
             base,
+            on_demand,
         })
+    }
+
+    /// The registry's on-demand views, compiled (see [`crate::ondemand`]).
+    pub fn on_demand(&self) -> &crate::ondemand::OnDemand {
+        &self.on_demand
     }
 
     /// The registry.

@@ -31,7 +31,9 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 use quiver_core::codec::{digest_order, tie_digest};
 use quiver_core::columnar::{arrow_type, timestamp_type, value_at};
-use quiver_core::registry::{EventField, FeatureView, Selection, ViewSource, TIMESTAMP_COLUMN};
+use quiver_core::registry::{
+    EventField, FeatureRef, FeatureView, Selection, ViewSource, TIMESTAMP_COLUMN,
+};
 use quiver_core::time::{duration_micros, Micros};
 use quiver_core::{Error, Result, Value, ValueType};
 
@@ -118,6 +120,7 @@ async fn feature_frame(
             view.name
         ))),
         ViewSource::Aggregations { .. } => Err(Error::internal("aggregation views have no frame")),
+        ViewSource::OnDemand { .. } => Err(Error::internal("on-demand views have no frame")),
     }
 }
 
@@ -249,9 +252,11 @@ impl Offline {
             times.iter().flatten().max().unwrap_or(0),
         );
 
-        // Per selected view: its feature arrays, in the view's `wanted` order.
+        // Per stored view (selected, or read by a selected on-demand view):
+        // its feature arrays, in the view's `wanted` order.
+        let stored = reg.stored_selection(sel);
         let mut per_view: Vec<(usize, Vec<usize>, Vec<ArrayRef>)> = Vec::new();
-        for (vi, wanted) in &sel.by_view {
+        for (vi, wanted) in &stored.by_view {
             let view = reg.view(*vi);
             let keys = entity_keys(&entities, view)?;
             let index = KeyIndex::new(&keys)?;
@@ -295,20 +300,50 @@ impl Offline {
             per_view.push((*vi, wanted.clone(), arrays));
         }
 
-        let schema = entities.schema();
-        let mut fields: Vec<Field> = schema.fields().iter().map(|f| (**f).clone()).collect();
-        let mut columns: Vec<ArrayRef> = entities.columns().to_vec();
-        for (r, name) in sel.columns.iter().zip(names) {
+        let joined = |r: &FeatureRef| -> ArrayRef {
             let (_, wanted, arrays) = per_view
                 .iter()
                 .find(|(vi, _, _)| *vi == r.view)
-                .expect("every selected view was joined");
+                .expect("every stored view was joined");
             let pos = wanted
                 .iter()
                 .position(|&f| f == r.feature)
                 .expect("selected feature");
-            fields.push(Field::new(name, arrays[pos].data_type().clone(), true));
-            columns.push(arrays[pos].clone());
+            arrays[pos].clone()
+        };
+        // On-demand views: evaluated on the joined values, the entity
+        // table's request columns and each row's time.
+        let time: ArrayRef = Arc::new(times.clone());
+        let mut computed: Vec<(usize, Vec<ArrayRef>)> = Vec::new();
+        for vi in reg.on_demand_views(sel) {
+            let ViewSource::OnDemand {
+                request, inputs, ..
+            } = &reg.view(vi).source
+            else {
+                continue;
+            };
+            let request = request
+                .iter()
+                .map(|r| crate::entities::request_column(&entities, &reg.view(vi).name, r))
+                .collect::<Result<Vec<_>>>()?;
+            let inputs: Vec<ArrayRef> = inputs.iter().map(joined).collect();
+            computed.push((
+                vi,
+                self.on_demand()
+                    .evaluate(&reg, vi, &request, &time, &inputs)?,
+            ));
+        }
+
+        let schema = entities.schema();
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| (**f).clone()).collect();
+        let mut columns: Vec<ArrayRef> = entities.columns().to_vec();
+        for (r, name) in sel.columns.iter().zip(names) {
+            let array = match computed.iter().find(|(vi, _)| *vi == r.view) {
+                Some((_, arrays)) => arrays[r.feature].clone(),
+                None => joined(r),
+            };
+            fields.push(Field::new(name, array.data_type().clone(), true));
+            columns.push(array);
         }
         RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
             .map_err(|e| Error::internal(format!("building the result: {e}")))

@@ -207,6 +207,7 @@ async fn validate(
 ) -> Result<()> {
     let reg =
         Arc::new(Registry::load(path).map_err(|e| anyhow::anyhow!("registry is invalid:\n{e}"))?);
+    check_on_demand(&reg, &path.display().to_string())?;
     // SQL views are planned against the registry's archive schema and, with
     // an offline store, its declared tables; without one, against an empty
     // archive directory.
@@ -273,14 +274,33 @@ struct DemoData {
 }
 
 fn load_registry(cfg: &Config) -> Result<Registry> {
-    match &cfg.registry.path {
-        Some(p) => Registry::load(p).map_err(|e| anyhow::anyhow!("registry is invalid:\n{e}")),
+    let (reg, name) = match &cfg.registry.path {
+        Some(p) => (
+            Registry::load(p).map_err(|e| anyhow::anyhow!("registry is invalid:\n{e}"))?,
+            p.display().to_string(),
+        ),
         None => {
             tracing::info!("no registry configured; using the bundled sample registry (registry/features.toml)");
-            Registry::from_toml("bundled registry/features.toml", SAMPLE_REGISTRY)
-                .map_err(|e| anyhow::anyhow!("{e}"))
+            let name = "bundled registry/features.toml";
+            (
+                Registry::from_toml(name, SAMPLE_REGISTRY).map_err(|e| anyhow::anyhow!("{e}"))?,
+                name.to_owned(),
+            )
         }
+    };
+    check_on_demand(&reg, &name)?;
+    Ok(reg)
+}
+
+/// Refuses a registry whose on-demand expressions do not compile, each
+/// problem on a line (see `quiver_batch::ondemand::compile`).
+fn check_on_demand(reg: &Registry, name: &str) -> Result<()> {
+    let (_, problems) = quiver_batch::ondemand::compile(reg);
+    if problems.is_empty() {
+        return Ok(());
     }
+    let lines: Vec<String> = problems.iter().map(|p| format!("{name}: {p}")).collect();
+    bail!("registry is invalid:\n{}", lines.join("\n"))
 }
 
 async fn serve_cmd(overrides: Overrides) -> Result<()> {

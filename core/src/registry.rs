@@ -41,6 +41,9 @@ pub struct Feature {
     pub dimension: Option<u32>,
     /// Free text.
     pub description: String,
+    /// Unit of the values (`USD`, `km`, `days`), empty when not declared;
+    /// shown in the registry and in prompt context built from features.
+    pub unit: String,
 }
 
 /// A group of features about the same entities, written and read together.
@@ -87,6 +90,20 @@ pub enum ViewSource {
         /// Per feature (same order as `features`): where its value comes from.
         fields: Vec<EventField>,
     },
+    /// Request-time (on-demand) features: one SQL expression per feature
+    /// over request data and the features of other views, evaluated by
+    /// GetOnlineFeatures on each request and by historical retrieval on each
+    /// entity row, by the one evaluator in `quiver_batch::ondemand`. Nothing
+    /// is stored.
+    OnDemand {
+        /// Request data the expressions read, passed with the entities
+        /// online and taken from the entity table offline.
+        request: Vec<RequestField>,
+        /// The stored features the expressions read.
+        inputs: Vec<FeatureRef>,
+        /// Per feature (same order as `features`): its SQL expression.
+        expressions: Vec<String>,
+    },
     /// Windowed aggregations over events, kept as time tiles by `quiver
     /// ingest` and combined at read time; one feature per aggregation.
     Aggregations {
@@ -95,6 +112,15 @@ pub enum ViewSource {
         /// The aggregations, same order as `features`.
         aggregations: Vec<Aggregation>,
     },
+}
+
+/// A column of request data an on-demand view reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestField {
+    /// Column name in requests and entity tables, e.g. `amount`.
+    pub name: String,
+    /// Its type; values are coerced to it as feature writes are.
+    pub value_type: ValueType,
 }
 
 /// The part of an event a latest-value feature is taken from.
@@ -297,6 +323,42 @@ struct RawFile {
     event_types: Vec<RawEventType>,
     #[serde(default)]
     tables: Vec<RawTable>,
+    #[serde(default)]
+    on_demand_feature_views: Vec<RawOnDemandView>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOnDemandView {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    #[serde(default)]
+    inputs: Vec<String>,
+    #[serde(default)]
+    request: Vec<RawRequestField>,
+    features: Vec<RawOnDemandFeature>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequestField {
+    name: String,
+    dtype: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOnDemandFeature {
+    name: String,
+    dtype: String,
+    expr: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    unit: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -346,6 +408,8 @@ struct RawAggregation {
     n: Option<u32>,
     #[serde(default)]
     description: String,
+    #[serde(default)]
+    unit: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -390,6 +454,8 @@ struct RawFeature {
     from: Option<String>,
     #[serde(default)]
     description: String,
+    #[serde(default)]
+    unit: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -399,6 +465,18 @@ struct RawService {
     features: Vec<String>,
     #[serde(default)]
     description: String,
+}
+
+/// The value type `dtype` names; an unknown name is a problem of `at`
+/// (listing the known ones) and reads as `string` meanwhile.
+fn dtype(at: &str, dtype: &str, problems: &mut Vec<String>) -> ValueType {
+    ValueType::parse(dtype).unwrap_or_else(|| {
+        problems.push(format!(
+            "{at}: unknown dtype {dtype:?}; use one of {}",
+            join_names(ValueType::ALL.iter().map(|t| t.as_str()))
+        ));
+        ValueType::String
+    })
 }
 
 /// Valid names: ASCII letter or `_` first, then letters, digits, `_`; at
@@ -607,6 +685,37 @@ impl Registry {
         Ok(selection(columns))
     }
 
+    /// The on-demand views among `sel`'s columns, first appearance first.
+    pub fn on_demand_views(&self, sel: &Selection) -> Vec<usize> {
+        sel.by_view
+            .iter()
+            .map(|(v, _)| *v)
+            .filter(|&v| matches!(self.views[v].source, ViewSource::OnDemand { .. }))
+            .collect()
+    }
+
+    /// The stored features `sel` needs: its columns of stored views, then
+    /// the inputs of its on-demand views that are not among them. Equal to
+    /// `sel` when it has no on-demand views.
+    pub fn stored_selection(&self, sel: &Selection) -> Selection {
+        let mut columns: Vec<FeatureRef> = sel
+            .columns
+            .iter()
+            .filter(|c| !matches!(self.views[c.view].source, ViewSource::OnDemand { .. }))
+            .cloned()
+            .collect();
+        for v in self.on_demand_views(sel) {
+            if let ViewSource::OnDemand { inputs, .. } = &self.views[v].source {
+                for i in inputs {
+                    if !columns.contains(i) {
+                        columns.push(i.clone());
+                    }
+                }
+            }
+        }
+        selection(columns)
+    }
+
     /// Resolves a feature service by name.
     pub fn resolve_service(&self, name: &str) -> Result<Selection> {
         let svc = self.service(name).ok_or_else(|| {
@@ -638,6 +747,9 @@ impl Registry {
             .iter()
             .enumerate()
             .filter(|(_, v)| v.entities.len() == 1 && v.entities[0] == entity)
+            .filter(|(_, v)| {
+                !matches!(&v.source, ViewSource::OnDemand { request, .. } if !request.is_empty())
+            })
             .flat_map(|(view, v)| {
                 (0..v.features.len()).map(move |feature| FeatureRef { view, feature })
             })
@@ -1190,14 +1302,7 @@ fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
                 if let Err(m) = check_name(&f.name) {
                     problems.push(format!("{fat}: {m}"));
                 }
-                let value_type = ValueType::parse(&f.dtype).unwrap_or_else(|| {
-                    problems.push(format!(
-                        "{fat}: unknown dtype {:?}; use one of {}",
-                        f.dtype,
-                        join_names(ValueType::ALL.iter().map(|t| t.as_str()))
-                    ));
-                    ValueType::String
-                });
+                let value_type = dtype(&fat, &f.dtype, problems);
                 if f.dimension.is_some() && !value_type.is_list() {
                     problems.push(format!("{fat}: `dimension` only applies to list dtypes"));
                 }
@@ -1212,6 +1317,7 @@ fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
                     value_type,
                     dimension: f.dimension,
                     description: f.description.clone(),
+                    unit: f.unit.clone(),
                 });
             }
             let source = if has_aggs {
@@ -1224,16 +1330,13 @@ fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
                     build_aggregations(&at, v, &event_types, &v.entities, problems);
                 for a in &aggregations {
                     feature_idx.insert(a.name.clone(), features.len());
+                    let raw = v.aggregations.iter().find(|r| r.name == a.name);
                     features.push(Feature {
                         name: a.name.clone(),
                         value_type: agg_output_type(a),
                         dimension: None,
-                        description: v
-                            .aggregations
-                            .iter()
-                            .find(|r| r.name == a.name)
-                            .map(|r| r.description.clone())
-                            .unwrap_or_default(),
+                        description: raw.map(|r| r.description.clone()).unwrap_or_default(),
+                        unit: raw.map(|r| r.unit.clone()).unwrap_or_default(),
                     });
                 }
                 ViewSource::Aggregations { tile, aggregations }
@@ -1307,6 +1410,14 @@ fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
         }
     }
 
+    build_on_demand_views(
+        files,
+        &entities,
+        &entity_idx,
+        &mut views,
+        &mut view_idx,
+        problems,
+    );
     let tables = build_tables(files, &views, problems);
     let mut reg = Registry {
         entities,
@@ -1351,6 +1462,153 @@ fn build(files: &[(&str, RawFile)], problems: &mut Vec<String>) -> Registry {
         }
     }
     reg
+}
+
+/// Builds the `[[on_demand_feature_views]]` of every file into `views`
+/// (after the stored views, which their inputs refer to). Expressions are
+/// type-checked by `quiver_batch::ondemand::compile`, which needs
+/// DataFusion.
+fn build_on_demand_views(
+    files: &[(&str, RawFile)],
+    entities: &[Entity],
+    entity_idx: &HashMap<String, usize>,
+    views: &mut Vec<FeatureView>,
+    view_idx: &mut HashMap<String, usize>,
+    problems: &mut Vec<String>,
+) {
+    let stored = views.len();
+    for (file, raw) in files {
+        for v in &raw.on_demand_feature_views {
+            let at = format!("{file}: on-demand feature view {:?}", v.name);
+            if let Err(m) = check_name(&v.name) {
+                problems.push(format!("{at}: {m}"));
+            }
+            // Inputs: features of stored views (not of other on-demand views).
+            let mut inputs: Vec<FeatureRef> = Vec::new();
+            let mut view_entities: Vec<String> = Vec::new();
+            for r in &v.inputs {
+                let Some((vn, fname)) = r.split_once(':') else {
+                    problems.push(format!(
+                        "{at}: input {r:?}: write \"view:feature\" (or \"view:*\")"
+                    ));
+                    continue;
+                };
+                let Some(&vi) = view_idx.get(vn).filter(|&&i| i < stored) else {
+                    let why = if view_idx.contains_key(vn) {
+                        "is an on-demand view; inputs are features of stored views"
+                    } else {
+                        "is not a declared feature view"
+                    };
+                    problems.push(format!("{at}: input {r:?}: {vn:?} {why}"));
+                    continue;
+                };
+                let view = &views[vi];
+                let fs: Vec<usize> = if fname == "*" {
+                    (0..view.features.len()).collect()
+                } else if let Some(fi) = view.feature_index(fname) {
+                    vec![fi]
+                } else {
+                    problems.push(format!(
+                        "{at}: input {r:?}: view {vn:?} has no feature {fname:?}; its features: {}",
+                        join_names(view.features.iter().map(|f| f.name.as_str()))
+                    ));
+                    continue;
+                };
+                for feature in fs {
+                    let fr = FeatureRef { view: vi, feature };
+                    if !inputs.contains(&fr) {
+                        inputs.push(fr);
+                    }
+                }
+                for e in &view.entities {
+                    if !view_entities.contains(e) {
+                        view_entities.push(e.clone());
+                    }
+                }
+            }
+            let mut request = Vec::new();
+            for rf in &v.request {
+                let rat = format!("{at}: request field {:?}", rf.name);
+                if let Err(m) = check_name(&rf.name) {
+                    problems.push(format!("{rat}: {m}"));
+                }
+                if rf.name == TIMESTAMP_COLUMN {
+                    problems.push(format!(
+                        "{rat}: `{TIMESTAMP_COLUMN}` is the request time (the entity row's time offline); expressions read it without declaring it"
+                    ));
+                }
+                if entities.iter().any(|e| e.join_key == rf.name) {
+                    problems.push(format!(
+                        "{rat}: is a join key; request data must be named apart from entities"
+                    ));
+                }
+                if request.iter().any(|q: &RequestField| q.name == rf.name) {
+                    problems.push(format!("{rat}: declared twice"));
+                }
+                let value_type = dtype(&rat, &rf.dtype, problems);
+                request.push(RequestField {
+                    name: rf.name.clone(),
+                    value_type,
+                });
+            }
+            if v.features.is_empty() {
+                problems.push(format!("{at}: declares no features"));
+            }
+            let mut features = Vec::new();
+            let mut feature_idx = HashMap::new();
+            let mut expressions = Vec::new();
+            for f in &v.features {
+                let fat = format!("{at}: feature {:?}", f.name);
+                if let Err(m) = check_name(&f.name) {
+                    problems.push(format!("{fat}: {m}"));
+                }
+                let value_type = dtype(&fat, &f.dtype, problems);
+                if f.expr.trim().is_empty() {
+                    problems.push(format!("{fat}: `expr` is empty"));
+                }
+                if feature_idx.insert(f.name.clone(), features.len()).is_some() {
+                    problems.push(format!("{fat}: declared twice in this view"));
+                }
+                features.push(Feature {
+                    name: f.name.clone(),
+                    value_type,
+                    dimension: None,
+                    description: f.description.clone(),
+                    unit: f.unit.clone(),
+                });
+                expressions.push(f.expr.clone());
+            }
+            let join_keys: Vec<String> = view_entities
+                .iter()
+                .filter_map(|e| entity_idx.get(e).map(|&i| entities[i].join_key.clone()))
+                .collect();
+            let key_types = view_entities
+                .iter()
+                .filter_map(|e| entity_idx.get(e).map(|&i| entities[i].value_type))
+                .collect();
+            if view_idx.insert(v.name.clone(), views.len()).is_some() {
+                problems.push(format!(
+                    "{at}: a feature view of this name is declared already"
+                ));
+            }
+            views.push(FeatureView {
+                name: v.name.clone(),
+                entities: view_entities,
+                join_keys,
+                key_types,
+                features,
+                ttl: None,
+                description: v.description.clone(),
+                tags: v.tags.clone(),
+                source: ViewSource::OnDemand {
+                    request,
+                    inputs,
+                    expressions,
+                },
+                feature_idx,
+            });
+        }
+    }
 }
 
 #[cfg(test)]

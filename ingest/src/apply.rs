@@ -295,7 +295,7 @@ impl Applier {
         let mut routes: HashMap<String, Routes> = HashMap::new();
         for (vi, v) in registry.views().iter().enumerate() {
             match &v.source {
-                ViewSource::Batch | ViewSource::Sql { .. } => {}
+                ViewSource::Batch | ViewSource::Sql { .. } | ViewSource::OnDemand { .. } => {}
                 ViewSource::Events { event_types, .. } => {
                     for t in event_types {
                         routes.entry(t.clone()).or_default().latest.push(vi);

@@ -173,6 +173,7 @@ pub fn source_name(s: &ViewSource) -> &'static str {
         ViewSource::Sql { .. } => "sql",
         ViewSource::Events { .. } => "events",
         ViewSource::Aggregations { .. } => "aggregations",
+        ViewSource::OnDemand { .. } => "on_demand",
     }
 }
 
@@ -198,11 +199,17 @@ pub fn registry_to_pb(reg: &Registry) -> pb::GetRegistryResponse {
                 features: v
                     .features
                     .iter()
-                    .map(|f| pb::FeatureSpec {
+                    .enumerate()
+                    .map(|(i, f)| pb::FeatureSpec {
                         name: f.name.clone(),
                         value_type: value_type_to_pb(f.value_type) as i32,
                         description: f.description.clone(),
                         dimension: f.dimension.unwrap_or(0),
+                        unit: f.unit.clone(),
+                        expression: match &v.source {
+                            ViewSource::OnDemand { expressions, .. } => expressions[i].clone(),
+                            _ => String::new(),
+                        },
                     })
                     .collect(),
                 ttl_seconds: v.ttl.map_or(0, |t| t.as_secs()),
@@ -237,6 +244,27 @@ pub fn registry_to_pb(reg: &Registry) -> pb::GetRegistryResponse {
                 sql: match &v.source {
                     ViewSource::Sql { query } => query.clone(),
                     _ => String::new(),
+                },
+                inputs: match &v.source {
+                    ViewSource::OnDemand { inputs, .. } => inputs
+                        .iter()
+                        .map(|i| {
+                            let iv = reg.view(i.view);
+                            format!("{}:{}", iv.name, iv.features[i.feature].name)
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                },
+                request: match &v.source {
+                    ViewSource::OnDemand { request, .. } => request
+                        .iter()
+                        .map(|r| pb::AttributeSpec {
+                            name: r.name.clone(),
+                            value_type: value_type_to_pb(r.value_type) as i32,
+                            optional: false,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
                 },
             })
             .collect(),

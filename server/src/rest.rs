@@ -383,7 +383,8 @@ pub struct OnlineBody {
     /// `view:feature` references.
     #[schema(example = json!(["user_profile:age"]))]
     features: Option<Vec<String>>,
-    /// Join key to one id per entity row (all columns the same length).
+    /// Join key to one id per entity row (all columns the same length),
+    /// and the request data of selected on-demand features by name.
     #[schema(value_type = HashMap<String, Vec<Json_>>, example = json!({"user_id": ["user_1", "user_2"]}))]
     entities: Map<String, Json_>,
     /// Name features `view__feature` instead of `feature`.
@@ -745,7 +746,7 @@ pub struct FeatureViewJson {
     ttl_seconds: u64,
     description: String,
     tags: std::collections::BTreeMap<String, String>,
-    /// `push`, `stream`, `batch` or `sql`.
+    /// `batch`, `sql`, `events`, `aggregations` or `on_demand`.
     source: String,
     event_types: Vec<String>,
     tile_seconds: u64,
@@ -753,6 +754,10 @@ pub struct FeatureViewJson {
     sql: String,
     aggregations: Vec<AggregationJson>,
     features: Vec<FeatureJson>,
+    /// The features an on-demand view reads (`view:feature`).
+    inputs: Vec<String>,
+    /// The request data an on-demand view reads.
+    request: Vec<AttributeJson>,
 }
 
 /// A windowed aggregation of a stream view.
@@ -774,6 +779,10 @@ pub struct FeatureJson {
     /// Length of embedding features.
     dimension: Option<u32>,
     description: String,
+    /// Unit of the values (`USD`, `km`); empty when none is declared.
+    unit: String,
+    /// The SQL expression of an on-demand view's feature; empty otherwise.
+    expression: String,
 }
 
 /// A feature service.
@@ -843,13 +852,28 @@ pub async fn get_registry(State(svc): State<Arc<FeatureServer>>) -> Json<Registr
             features: v
                 .features
                 .iter()
-                .map(|f| FeatureJson {
+                .zip(&p.features)
+                .map(|(f, pf)| FeatureJson {
                     name: f.name.clone(),
                     value_type: f.value_type.as_str().to_owned(),
                     dimension: f.dimension,
                     description: f.description.clone(),
+                    unit: f.unit.clone(),
+                    expression: pf.expression.clone(),
                 })
                 .collect(),
+            inputs: p.inputs,
+            request: match &v.source {
+                quiver_core::registry::ViewSource::OnDemand { request, .. } => request
+                    .iter()
+                    .map(|r| AttributeJson {
+                        name: r.name.clone(),
+                        value_type: r.value_type.as_str().to_owned(),
+                        optional: false,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            },
         })
         .collect();
     Json(RegistryJson {
@@ -983,7 +1007,8 @@ pub async fn metrics(State(svc): State<Arc<FeatureServer>>) -> Response {
 /// An entity id from JSON, typed by the registry: the declared type of the
 /// entity with join key `join_key` (so `"007"` stays the string "007" for a
 /// string entity, and an int64 id may come as a number or a decimal
-/// string). Ids of unknown join keys are taken as sent (a string or an
+/// string). Request data of on-demand views is typed as the view declares
+/// it. Ids of unknown join keys are taken as sent (a string or an
 /// integer); the service then names the join keys that exist.
 fn entity_value_from_json(reg: &Registry, join_key: &str, v: &Json_) -> Result<Value, String> {
     if let Some(e) = reg.entity_by_join_key(join_key) {
@@ -991,6 +1016,17 @@ fn entity_value_from_json(reg: &Registry, join_key: &str, v: &Json_) -> Result<V
             return Err(format!("expected a {} id, got null", e.value_type));
         }
         return value_from_json(v, e.value_type);
+    }
+    // Request data of an on-demand view, typed as it declares.
+    let request_type = reg.views().iter().find_map(|view| match &view.source {
+        quiver_core::registry::ViewSource::OnDemand { request, .. } => request
+            .iter()
+            .find(|r| r.name == join_key)
+            .map(|r| r.value_type),
+        _ => None,
+    });
+    if let Some(ty) = request_type {
+        return value_from_json(v, ty);
     }
     match v {
         Json_::String(s) => Ok(Value::String(s.clone())),

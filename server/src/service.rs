@@ -165,6 +165,7 @@ pub struct FeatureServer {
     offline: Option<Arc<Offline>>,
     auth: Option<Arc<Authenticator>>,
     in_flight: Arc<InFlight>,
+    on_demand: Arc<quiver_batch::ondemand::OnDemand>,
 }
 
 /// What became of pushed events.
@@ -196,7 +197,15 @@ impl FeatureServer {
         expiry_grace: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        // Registries are checked by the caller (the CLI refuses one whose
+        // on-demand expressions do not compile); a view that failed is an
+        // error when requested.
+        let (on_demand, problems) = quiver_batch::ondemand::compile(&registry);
+        for p in problems {
+            tracing::error!(problem = %p, "on-demand feature view cannot be served");
+        }
         FeatureServer {
+            on_demand: Arc::new(on_demand),
             registry,
             store,
             clock,
@@ -455,6 +464,22 @@ impl FeatureServer {
                 }
             }
         }
+        // A key limited to feature views reads on-demand features only if
+        // it may read their inputs too (their values can be derived back),
+        // unless it is granted a feature service by name.
+        let named_service =
+            matches!(selector, FeatureSelector::Service(name) if caller.names_service(name));
+        if caller.limited_to_views() && !named_service {
+            for c in &reg.stored_selection(&sel).columns {
+                let input = &reg.view(c.view).name;
+                if !caller.may_use_view(input) {
+                    return Err(Error::denied(format!(
+                        "API key {:?} may not read feature view {input:?}, an input of the selected on-demand features",
+                        caller.name()
+                    )));
+                }
+            }
+        }
         let mut seen = HashSet::new();
         sel.columns.retain(|c| seen.insert(c.clone()));
         if sel.columns.is_empty() {
@@ -472,6 +497,8 @@ impl FeatureServer {
 
     /// Latest values of the selected features for each entity row; one
     /// online-store round trip whatever the number of rows and views.
+    /// On-demand features are computed from the values read (their inputs)
+    /// and the request data passed beside the entity columns.
     pub async fn get_online(
         &self,
         caller: &Principal,
@@ -479,8 +506,12 @@ impl FeatureServer {
     ) -> Result<OnlineResponse> {
         let reg = &*self.registry;
         let sel = self.select(caller, &req.selector)?;
+        let on_demand = reg.on_demand_views(&sel);
+        let stored = reg.stored_selection(&sel);
+        let request_fields = request_fields(reg, &on_demand)?;
 
-        // Entity columns: known join keys, typed values, equal lengths.
+        // Entity columns: known join keys or request data of the selected
+        // on-demand views, typed values, equal lengths.
         let Some((_, first)) = req.entities.first() else {
             return Err(Error::invalid(
                 "no entities given: pass one column per join key, e.g. {\"user_id\": [\"user_123\"]}",
@@ -495,18 +526,8 @@ impl FeatureServer {
         if n_rows > self.limits.max_entity_rows {
             return Err(too_many("entity rows", n_rows, self.limits.max_entity_rows));
         }
+        let mut request_data: Vec<(&str, ValueType, Vec<Value>)> = Vec::new();
         for (key, values) in &req.entities {
-            let entity = reg.entity_by_join_key(key).ok_or_else(|| {
-                Error::invalid(format!(
-                    "unknown join key {}; known join keys: {}",
-                    quote(key),
-                    reg.entities()
-                        .iter()
-                        .map(|e| e.join_key.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?;
             if values.len() != n_rows {
                 return Err(Error::invalid(format!(
                     "entity columns differ in length: {} has {n_rows} values, {} has {}",
@@ -515,10 +536,168 @@ impl FeatureServer {
                     values.len()
                 )));
             }
+            if let Some(&(name, ty, _)) = request_fields.iter().find(|(n, _, _)| *n == key) {
+                let typed = values
+                    .iter()
+                    .enumerate()
+                    .map(|(row, v)| {
+                        coerce(v.clone(), ty).map_err(|m| {
+                            Error::invalid(format!(
+                                "request data {} takes {ty} values; row {row}: {m}",
+                                quote(name)
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                request_data.push((name, ty, typed));
+                continue;
+            }
+            let entity = reg.entity_by_join_key(key).ok_or_else(|| {
+                let mut known: Vec<&str> =
+                    reg.entities().iter().map(|e| e.join_key.as_str()).collect();
+                let mut msg = format!("unknown join key {}; known join keys: ", quote(key));
+                if !request_fields.is_empty() {
+                    known.extend(request_fields.iter().map(|(n, _, _)| *n));
+                    msg = format!(
+                        "unknown column {}: neither a join key nor request data of the selected on-demand views; known: ",
+                        quote(key)
+                    );
+                }
+                Error::invalid(format!("{msg}{}", known.join(", ")))
+            })?;
             for (row, v) in values.iter().enumerate() {
                 check_key_value(key, entity.value_type, v, row)?;
             }
         }
+        if let Some((name, ty, view)) = request_fields
+            .iter()
+            .find(|(n, _, _)| !request_data.iter().any(|(d, _, _)| d == n))
+        {
+            return Err(Error::invalid(format!(
+                "on-demand feature view {view:?} needs request data {} ({ty}): pass it as a column beside the entity columns",
+                quote(name)
+            )));
+        }
+
+        let names = self.output_names(&req, &sel)?;
+        let now = self.clock.now_micros();
+        let mut read = if stored.columns.is_empty() {
+            Vec::new()
+        } else {
+            self.read_stored(&req, &stored, n_rows, now).await?
+        };
+
+        // On-demand views: evaluated on the values just read. Inputs that
+        // were not found or are older than their view's TTL are null, as in
+        // the point-in-time join.
+        let mut computed: Vec<(usize, Vec<Column>)> = Vec::with_capacity(on_demand.len());
+        if !on_demand.is_empty() {
+            use quiver_batch::arrow::array::{ArrayRef, TimestampMicrosecondArray};
+            use quiver_core::columnar::{value_array, value_at};
+            let time: ArrayRef =
+                Arc::new(TimestampMicrosecondArray::from(vec![now; n_rows]).with_timezone("UTC"));
+            for &vi in &on_demand {
+                let view = reg.view(vi);
+                let ViewSource::OnDemand {
+                    request, inputs, ..
+                } = &view.source
+                else {
+                    continue;
+                };
+                let request: Vec<ArrayRef> = request
+                    .iter()
+                    .map(|r| {
+                        let (_, _, values) = request_data
+                            .iter()
+                            .find(|(n, _, _)| *n == r.name)
+                            .expect("request data checked above");
+                        let refs: Vec<Option<&Value>> = values.iter().map(Some).collect();
+                        value_array(r.value_type, &refs)
+                    })
+                    .collect();
+                let inputs: Vec<ArrayRef> = inputs
+                    .iter()
+                    .map(|i| {
+                        let pos = stored
+                            .columns
+                            .iter()
+                            .position(|c| c == i)
+                            .expect("inputs are read");
+                        let col = &read[pos];
+                        let refs: Vec<Option<&Value>> = col
+                            .values
+                            .iter()
+                            .zip(&col.statuses)
+                            .map(|(v, s)| (*s == FieldStatus::Present).then_some(v))
+                            .collect();
+                        value_array(reg.view(i.view).features[i.feature].value_type, &refs)
+                    })
+                    .collect();
+                let arrays = self.on_demand.evaluate(reg, vi, &request, &time, &inputs)?;
+                let columns = arrays
+                    .iter()
+                    .zip(&view.features)
+                    .map(|(a, f)| {
+                        let values = (0..n_rows)
+                            .map(|row| value_at(a.as_ref(), f.value_type, row))
+                            .collect::<Result<Vec<_>>>()?;
+                        let statuses = values
+                            .iter()
+                            .map(|v| {
+                                if v.is_null() {
+                                    FieldStatus::NullValue
+                                } else {
+                                    FieldStatus::Present
+                                }
+                            })
+                            .collect();
+                        Ok(Column {
+                            values,
+                            statuses,
+                            event_ts: vec![Some(now); n_rows],
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                computed.push((vi, columns));
+            }
+        }
+
+        let mut columns: Vec<Column> = req
+            .entities
+            .iter()
+            .map(|(_, values)| Column {
+                values: values.clone(),
+                statuses: vec![FieldStatus::Present; n_rows],
+                event_ts: vec![None; n_rows],
+            })
+            .collect();
+        for c in &sel.columns {
+            let col = match computed.iter_mut().find(|(v, _)| *v == c.view) {
+                Some((_, cols)) => std::mem::take(&mut cols[c.feature]),
+                None => {
+                    let pos = stored
+                        .columns
+                        .iter()
+                        .position(|s| s == c)
+                        .expect("selected stored features are read");
+                    std::mem::take(&mut read[pos])
+                }
+            };
+            columns.push(col);
+        }
+        Ok(OnlineResponse { names, columns })
+    }
+
+    /// The stored features of `sel` (no on-demand views) for each entity
+    /// row, one column per `sel.columns` entry: one online-store round trip.
+    async fn read_stored(
+        &self,
+        req: &OnlineRequest,
+        sel: &Selection,
+        n_rows: usize,
+        now: Micros,
+    ) -> Result<Vec<Column>> {
+        let reg = &*self.registry;
         let column_of = |jk: &str| req.entities.iter().position(|(k, _)| k == jk);
         let mut key_cols: Vec<Vec<usize>> = Vec::with_capacity(sel.by_view.len());
         for (vi, _) in &sel.by_view {
@@ -538,8 +717,6 @@ impl FeatureServer {
                 .collect::<Result<Vec<_>>>()?;
             key_cols.push(cols);
         }
-
-        let names = self.output_names(&req, &sel)?;
 
         // One lookup per (row, view), row-major.
         let features: Vec<Vec<&str>> = sel
@@ -588,7 +765,6 @@ impl FeatureServer {
             ));
         }
 
-        let now = self.clock.now_micros();
         // Tile rows become feature rows: the window's tiles combined at `now`.
         for (i, row) in rows.iter_mut().enumerate() {
             let (vi, fs) = &sel.by_view[i % sel.by_view.len()];
@@ -605,15 +781,7 @@ impl FeatureServer {
                 None => *row = None,
             }
         }
-        let mut columns: Vec<Column> = req
-            .entities
-            .iter()
-            .map(|(_, values)| Column {
-                values: values.clone(),
-                statuses: vec![FieldStatus::Present; n_rows],
-                event_ts: vec![None; n_rows],
-            })
-            .collect();
+        let mut columns = Vec::with_capacity(sel.columns.len());
         for c in &sel.columns {
             let vpos = sel
                 .by_view
@@ -659,7 +827,7 @@ impl FeatureServer {
             }
             columns.push(col);
         }
-        Ok(OnlineResponse { names, columns })
+        Ok(columns)
     }
 
     fn output_names(&self, req: &OnlineRequest, sel: &Selection) -> Result<Vec<String>> {
@@ -705,6 +873,11 @@ impl FeatureServer {
             ViewSource::Sql { .. } => {
                 return Err(Error::invalid(format!(
                     "feature view {view_name:?} is computed by SQL in the batch layer; run `quiver batch run` and `quiver materialize` instead of writing its features, so that training sets (built from its feature table) see the same values"
+                )))
+            }
+            ViewSource::OnDemand { .. } => {
+                return Err(Error::invalid(format!(
+                    "feature view {view_name:?} is computed at request time from request data and other views; write its inputs instead"
                 )))
             }
         }
@@ -801,6 +974,37 @@ impl FeatureServer {
         outcome.expired = expired;
         Ok(outcome)
     }
+}
+
+/// The request data the on-demand views `views` read: name, type and the
+/// first view declaring it. Two views declaring one name with different
+/// types cannot be served together.
+fn request_fields<'a>(
+    reg: &'a Registry,
+    views: &[usize],
+) -> Result<Vec<(&'a str, ValueType, &'a str)>> {
+    let mut out: Vec<(&str, ValueType, &str)> = Vec::new();
+    for &vi in views {
+        let view = reg.view(vi);
+        let ViewSource::OnDemand { request, .. } = &view.source else {
+            continue;
+        };
+        for r in request {
+            match out.iter().find(|(n, _, _)| *n == r.name) {
+                Some(&(_, ty, other)) if ty != r.value_type => {
+                    return Err(Error::invalid(format!(
+                        "on-demand feature views {other:?} and {:?} both read request data {} but as {ty} and {}; request them separately",
+                        view.name,
+                        quote(&r.name),
+                        r.value_type
+                    )))
+                }
+                Some(_) => {}
+                None => out.push((r.name.as_str(), r.value_type, view.name.as_str())),
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn check_key_value(key: &str, ty: ValueType, v: &Value, row: usize) -> Result<()> {

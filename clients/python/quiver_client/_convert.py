@@ -129,6 +129,8 @@ class OnlineResponse(Mapping[str, List[Any]]):
 
     def __init__(self, resp: pb.GetOnlineFeaturesResponse, join_keys: int):
         names = list(resp.metadata.feature_names.val)
+        self.entity_columns: List[str] = names[:join_keys]
+        """The request's entity columns (join keys and request data), echoed first."""
         not_found = pb.NOT_FOUND
         self._values: Dict[str, List[Any]] = {}
         self.statuses: Dict[str, List[str]] = {}
