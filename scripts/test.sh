@@ -21,7 +21,7 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
 fi
 
-echo "== python venv (grpcio, pytest, moto, pyarrow, pandas, polars, mypy, cryptography, schemathesis) and the client"
+echo "== python venv (grpcio, pytest, moto, pyarrow, pandas, polars, mypy, scikit-learn, nbclient, cryptography, schemathesis) and the client"
 VENV="${QUIVER_TEST_VENV:-target/py-venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
@@ -29,7 +29,8 @@ fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
   "grpcio>=1.60" "grpcio-reflection>=1.60" "protobuf>=4.25" "pytest>=7" "moto[server]>=5" \
   "pyarrow>=14" "pandas>=2" "polars>=1" "cryptography>=41" "schemathesis>=4,<5" \
-  "mypy>=1.10" types-grpcio types-protobuf pandas-stubs "build>=1"
+  "mypy>=1.10" types-grpcio types-protobuf pandas-stubs "build>=1" \
+  "scikit-learn>=1.3" "nbclient>=0.9" "nbformat>=5" "ipykernel>=6"
 # The client as users install it (its stubs are generated while it is built).
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps ./clients/python
 VENV="$(cd "$VENV" && pwd)"

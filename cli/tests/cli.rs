@@ -29,7 +29,7 @@ fn validates_the_sample_registry() {
     }
     let stdout = String::from_utf8_lossy(&validate(&repo("registry")).stdout).into_owned();
     assert!(
-        stdout.contains("ok (2 entities, 4 event types, 10 feature views, 4 feature services)"),
+        stdout.contains("ok (2 entities, 4 event types, 11 feature views, 4 feature services)"),
         "{stdout}"
     );
     assert!(
