@@ -41,13 +41,19 @@ use crate::offline::{df_error, session_config};
 /// `event_timestamp` as UTC microseconds (see the module docs), and that
 /// column.
 /// The column of request field `field` of on-demand view `view` in an
-/// entity table (after [`typed`]), cast to the field's Arrow type; a
-/// missing column or a value that does not cast is INVALID_ARGUMENT.
+/// entity table (after [`typed`]) as the field's Arrow type. Only lossless
+/// conversions are made, the ones the online path makes too: narrower
+/// integers to int64, integers (exactly, up to 2^53) and float32 to double,
+/// other string, binary and list encodings, timestamps of any unit or zone
+/// and dates to UTC microseconds, RFC 3339 text to timestamps. Anything
+/// else, a missing column, or a value that does not convert, is
+/// INVALID_ARGUMENT.
 pub fn request_column(
     entities: &RecordBatch,
     view: &str,
     field: &quiver_core::registry::RequestField,
 ) -> Result<ArrayRef> {
+    use quiver_core::value::exact_f64;
     let Some(column) = entities.column_by_name(&field.name) else {
         let schema = entities.schema();
         return Err(Error::invalid(format!(
@@ -57,22 +63,84 @@ pub fn request_column(
             schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
         )));
     };
-    let want = arrow_type(field.value_type);
-    if column.data_type() == &want {
-        return Ok(column.clone());
-    }
-    let options = arrow::compute::CastOptions {
-        safe: false,
-        ..Default::default()
-    };
-    arrow::compute::cast_with_options(column, &want, &options).map_err(|e| {
+    let ty = field.value_type;
+    let want = arrow_type(ty);
+    let refuse = || {
         Error::invalid(format!(
-            "entity table column {} (request data of on-demand feature view {view:?}) does not convert from {} to {}: {e}",
+            "entity table column {} is {}, but on-demand feature view {view:?} reads it as {ty} request data; send {ty} values",
             quote(&field.name),
-            column.data_type(),
-            field.value_type
+            column.data_type()
         ))
-    })
+    };
+    let at = |row: usize, m: String| {
+        Error::invalid(format!(
+            "entity row {row}: request data {} ({ty}): {m}",
+            quote(&field.name)
+        ))
+    };
+    let lossless = |a: &ArrayRef| {
+        cast(a, &want).map_err(|e| Error::internal(format!("converting request data: {e}")))
+    };
+    let column = match column.data_type() {
+        DataType::Dictionary(_, values) => cast(column, values).map_err(|_| refuse())?,
+        _ => column.clone(),
+    };
+    use DataType as D;
+    match (column.data_type(), ty) {
+        (d, _) if *d == want => Ok(column),
+        (D::Int8 | D::Int16 | D::Int32 | D::UInt8 | D::UInt16 | D::UInt32, ValueType::Int64) => {
+            lossless(&column)
+        }
+        (D::UInt64, ValueType::Int64) => {
+            let a = column.as_primitive::<arrow::datatypes::UInt64Type>();
+            if let Some(row) = (0..a.len()).find(|&i| a.is_valid(i) && a.value(i) > i64::MAX as u64)
+            {
+                return Err(at(row, format!("{} is beyond int64", a.value(row))));
+            }
+            lossless(&column)
+        }
+        (
+            D::Int8
+            | D::Int16
+            | D::Int32
+            | D::UInt8
+            | D::UInt16
+            | D::UInt32
+            | D::Float16
+            | D::Float32,
+            ValueType::Double,
+        ) => lossless(&column),
+        (D::Int64 | D::UInt64, ValueType::Double) => {
+            let as_i128 = cast(&column, &D::Decimal128(38, 0)).map_err(|_| refuse())?;
+            let a = as_i128.as_primitive::<arrow::datatypes::Decimal128Type>();
+            for i in 0..a.len() {
+                if a.is_valid(i) {
+                    exact_f64(a.value(i)).map_err(|m| at(i, m))?;
+                }
+            }
+            lossless(&column)
+        }
+        (D::LargeUtf8 | D::Utf8View, ValueType::String)
+        | (D::LargeBinary | D::BinaryView | D::FixedSizeBinary(_), ValueType::Bytes)
+        | (D::Timestamp(_, _) | D::Date32 | D::Date64, ValueType::Timestamp) => lossless(&column),
+        (D::Utf8 | D::LargeUtf8 | D::Utf8View, ValueType::Timestamp) => {
+            let text = cast(&column, &D::Utf8).map_err(|_| refuse())?;
+            let text = text.as_string::<i32>();
+            let mut out = Vec::with_capacity(text.len());
+            for i in 0..text.len() {
+                out.push(if text.is_valid(i) {
+                    Some(parse_rfc3339(text.value(i)).map_err(|m| at(i, m))?)
+                } else {
+                    None
+                });
+            }
+            Ok(Arc::new(TimestampMicrosecondArray::from(out).with_timezone("UTC")) as ArrayRef)
+        }
+        (D::List(f) | D::LargeList(f), _) if matches!(&want, D::List(w) if w.data_type() == f.data_type()) => {
+            lossless(&column)
+        }
+        _ => Err(refuse()),
+    }
 }
 
 pub fn typed(

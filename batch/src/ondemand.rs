@@ -22,7 +22,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::DFSchema;
@@ -333,7 +333,8 @@ impl OnDemand {
             .iter()
             .zip(&v.features)
             .map(|(e, f)| {
-                e.evaluate(&batch)
+                let array = e
+                    .evaluate(&batch)
                     .and_then(|r| r.into_array(rows))
                     .map_err(|err| {
                         Error::invalid(format!(
@@ -342,8 +343,55 @@ impl OnDemand {
                             f.name,
                             err.find_root()
                         ))
-                    })
+                    })?;
+                // quiver's lists hold no nulls (online values could not
+                // carry them): refused alike on both paths.
+                if let Some(list) = array.as_list_opt::<i32>() {
+                    if let Some(row) = (0..list.len())
+                        .find(|&i| list.is_valid(i) && list.value(i).null_count() > 0)
+                    {
+                        return Err(Error::invalid(format!(
+                            "on-demand feature {}:{}: row {row} is a list with a null element; lists cannot hold nulls (filter them with array_remove or coalesce the elements)",
+                            v.name, f.name
+                        )));
+                    }
+                }
+                Ok(array)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, TimestampMicrosecondArray};
+
+    #[test]
+    fn lists_with_null_elements_are_refused() {
+        let reg = Registry::from_toml(
+            "r.toml",
+            r#"
+[[on_demand_feature_views]]
+name = "v"
+request = [{ name = "x", dtype = "double" }]
+features = [{ name = "l", dtype = "double_list", expr = "make_array(x, x * 2)" }]
+"#,
+        )
+        .unwrap();
+        let (od, problems) = compile(&reg);
+        assert!(problems.is_empty(), "{problems:?}");
+        let time: ArrayRef =
+            Arc::new(TimestampMicrosecondArray::from(vec![0, 0]).with_timezone("UTC"));
+        let x: ArrayRef = Arc::new(Float64Array::from(vec![Some(1.5), None]));
+        let err = od.evaluate(&reg, 0, &[x], &time, &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("row 1 is a list with a null element"),
+            "{err}"
+        );
+        let x: ArrayRef = Arc::new(Float64Array::from(vec![1.5, 2.0]));
+        let out = od.evaluate(&reg, 0, &[x], &time, &[]).unwrap();
+        assert_eq!(out[0].as_list::<i32>().value(1).len(), 2);
     }
 }

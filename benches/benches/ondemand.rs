@@ -118,5 +118,35 @@ fn bench_checkout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_checkout);
+/// The fixed cost of one evaluation: a view with one arithmetic expression
+/// over one request field, one row.
+fn bench_minimal(c: &mut Criterion) {
+    let reg = Registry::from_toml(
+        "minimal.toml",
+        r#"
+[[on_demand_feature_views]]
+name = "v"
+request = [{ name = "x", dtype = "double" }]
+features = [{ name = "y", dtype = "double", expr = "x * 2" }]
+"#,
+    )
+    .unwrap();
+    let (compiled, problems) = ondemand::compile(&reg);
+    assert!(problems.is_empty(), "{problems:?}");
+    let mut g = c.benchmark_group("on_demand");
+    g.bench_function("minimal/1", |b| {
+        b.iter(|| {
+            let x = value_array(quiver_core::ValueType::Double, &[Some(&Value::Double(1.5))]);
+            let time: ArrayRef =
+                Arc::new(TimestampMicrosecondArray::from(vec![T]).with_timezone("UTC"));
+            let out = compiled
+                .evaluate(&reg, 0, black_box(&[x]), &time, &[])
+                .unwrap();
+            black_box(value_at(out[0].as_ref(), quiver_core::ValueType::Double, 0).unwrap())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_checkout, bench_minimal);
 criterion_main!(benches);

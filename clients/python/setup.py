@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -37,12 +38,14 @@ def proto_root() -> pathlib.Path:
     raise SystemExit(f"quiver-client build: {PROTO_FILE} not found under {HERE / 'proto'} or {HERE.parent.parent / 'proto'}")
 
 
-def mypy_plugin() -> str:
-    """The protoc-gen-mypy executable of mypy-protobuf (a build requirement)."""
+def mypy_plugin() -> str | None:
+    """The protoc-gen-mypy executable of mypy-protobuf (a build requirement), or None when a build
+    without isolation lacks it: the stubs are then built without their .pyi (and a warning)."""
     for candidate in (shutil.which("protoc-gen-mypy"), str(pathlib.Path(sys.executable).parent / "protoc-gen-mypy")):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise SystemExit("quiver-client build: protoc-gen-mypy (PyPI mypy-protobuf) is not installed")
+    warnings.warn("quiver-client build: protoc-gen-mypy (PyPI mypy-protobuf) is not installed; no .pyi type stubs")
+    return None
 
 
 _GENERATED: list[pathlib.Path] = []
@@ -59,16 +62,16 @@ def stubs() -> pathlib.Path:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="quiver-client-stubs-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    plugin = mypy_plugin()
+    typed = [f"--plugin=protoc-gen-mypy={plugin}", f"--mypy_out={tmp}", f"--mypy_grpc_out={tmp}"] if plugin else []
     status = protoc.main(
         [
             "grpc_tools.protoc",
             f"-I{proto_root()}",
             f"-I{well_known}",
-            f"--plugin=protoc-gen-mypy={mypy_plugin()}",
             f"--python_out={tmp}",
             f"--grpc_python_out={tmp}",
-            f"--mypy_out={tmp}",
-            f"--mypy_grpc_out={tmp}",
+            *typed,
             PROTO_FILE,
         ]
     )
@@ -106,17 +109,23 @@ def runtime_requirements() -> list[str]:
 
 
 class BuildPyWithStubs(build_py):
+    """Adds the generated stubs to the build; an editable install (`pip install -e`, which imports
+    the source folder) gets them in the source folder instead (git ignores them there)."""
+
+    def _dest(self) -> pathlib.Path:
+        root = HERE if getattr(self, "editable_mode", False) else pathlib.Path(self.build_lib)
+        return root / GEN_PACKAGE
+
     def run(self) -> None:
         super().run()
-        dest = pathlib.Path(self.build_lib) / GEN_PACKAGE
+        dest = self._dest()
         dest.mkdir(parents=True, exist_ok=True)
         for f in stubs().iterdir():
             shutil.copyfile(f, dest / f.name)
         (dest / "__init__.py").write_text('"""quiver.v1 protobuf messages and gRPC stubs, generated at build time."""\n')
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
-        names = ["__init__.py", "feature_service_pb2.py", "feature_service_pb2.pyi",
-                 "feature_service_pb2_grpc.py", "feature_service_pb2_grpc.pyi"]
+        names = ["__init__.py", *sorted(f.name for f in stubs().iterdir())]
         extra = [os.path.join(self.build_lib, GEN_PACKAGE, n) for n in names]
         return list(super().get_outputs(include_bytecode)) + extra
 

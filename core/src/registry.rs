@@ -1578,6 +1578,14 @@ fn build_on_demand_views(
                 });
                 expressions.push(f.expr.clone());
             }
+            for r in &request {
+                if feature_idx.contains_key(&r.name) {
+                    problems.push(format!(
+                        "{at}: request field {:?} has the name of a feature of this view; responses hold both, so rename one",
+                        r.name
+                    ));
+                }
+            }
             let join_keys: Vec<String> = view_entities
                 .iter()
                 .filter_map(|e| entity_idx.get(e).map(|&i| entities[i].join_key.clone()))

@@ -416,6 +416,7 @@ pub async fn post_online_features(
         "set either \"feature_service\" or \"features\" (a list of \"view:feature\" references)",
     ));
     let selector = selector(body.features, body.feature_service, neither)?;
+    let request_types = svc.request_data_types(&selector);
     let mut entities = Vec::with_capacity(body.entities.len());
     for (key, col) in body.entities {
         let Json_::Array(items) = col else {
@@ -427,7 +428,7 @@ pub async fn post_online_features(
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                entity_value_from_json(svc.registry(), &key, v)
+                entity_value_from_json(svc.registry(), &request_types, &key, v)
                     .map_err(|m| Error::invalid(format!("entities.{}[{i}]: {m}", cut(&key))))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -562,7 +563,7 @@ pub async fn post_write_features(
             .entity_key
             .iter()
             .map(|(k, v)| {
-                entity_value_from_json(reg, k, v)
+                entity_value_from_json(reg, &[], k, v)
                     .map(|v| (k.clone(), v))
                     .map_err(|m| at(format!("entity_key.{}: {m}", cut(k))))
             })
@@ -1007,26 +1008,24 @@ pub async fn metrics(State(svc): State<Arc<FeatureServer>>) -> Response {
 /// An entity id from JSON, typed by the registry: the declared type of the
 /// entity with join key `join_key` (so `"007"` stays the string "007" for a
 /// string entity, and an int64 id may come as a number or a decimal
-/// string). Request data of on-demand views is typed as the view declares
-/// it. Ids of unknown join keys are taken as sent (a string or an
+/// string). Request data of the selected on-demand views
+/// (`request_types`) is typed as they declare it. Ids of unknown join keys are taken as sent (a string or an
 /// integer); the service then names the join keys that exist.
-fn entity_value_from_json(reg: &Registry, join_key: &str, v: &Json_) -> Result<Value, String> {
+fn entity_value_from_json(
+    reg: &Registry,
+    request_types: &[(String, ValueType)],
+    join_key: &str,
+    v: &Json_,
+) -> Result<Value, String> {
     if let Some(e) = reg.entity_by_join_key(join_key) {
         if v.is_null() {
             return Err(format!("expected a {} id, got null", e.value_type));
         }
         return value_from_json(v, e.value_type);
     }
-    // Request data of an on-demand view, typed as it declares.
-    let request_type = reg.views().iter().find_map(|view| match &view.source {
-        quiver_core::registry::ViewSource::OnDemand { request, .. } => request
-            .iter()
-            .find(|r| r.name == join_key)
-            .map(|r| r.value_type),
-        _ => None,
-    });
-    if let Some(ty) = request_type {
-        return value_from_json(v, ty);
+    // Request data of the selected on-demand views, typed as they declare.
+    if let Some((_, ty)) = request_types.iter().find(|(n, _)| n == join_key) {
+        return value_from_json(v, *ty);
     }
     match v {
         Json_::String(s) => Ok(Value::String(s.clone())),
@@ -1063,7 +1062,7 @@ value_type = "int64"
 "#,
         )
         .unwrap();
-        let id = |k: &str, v: Json_| entity_value_from_json(&reg, k, &v);
+        let id = |k: &str, v: Json_| entity_value_from_json(&reg, &[], k, &v);
         assert_eq!(
             id("account_id", json!("007")).unwrap(),
             Value::String("007".into())

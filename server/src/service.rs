@@ -407,6 +407,28 @@ impl FeatureServer {
         r
     }
 
+    /// The request data the on-demand views `selector` selects read, by
+    /// name and declared type (empty when it selects none or does not
+    /// resolve; the request itself then reports why). The REST gateway
+    /// reads JSON request data with these types.
+    pub fn request_data_types(&self, selector: &FeatureSelector) -> Vec<(String, ValueType)> {
+        let reg = &*self.registry;
+        let sel = match selector {
+            FeatureSelector::Service(name) => reg.resolve_service(name),
+            FeatureSelector::Refs(refs) => reg.resolve_refs(refs),
+            FeatureSelector::Entity(entity) => reg.select_entity(entity),
+        };
+        let Ok(sel) = sel else { return Vec::new() };
+        request_fields(reg, &reg.on_demand_views(&sel))
+            .map(|fields| {
+                fields
+                    .into_iter()
+                    .map(|(n, ty, _)| (n.to_owned(), ty))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn select(&self, caller: &Principal, selector: &FeatureSelector) -> Result<Selection> {
         let reg = &self.registry;
         let mut sel = match selector {
@@ -433,13 +455,17 @@ impl FeatureServer {
             match selector {
                 // All features of an entity: those the key may read.
                 FeatureSelector::Entity(entity) => {
+                    // On-demand views count as readable when their inputs are.
+                    let readable = |c: &FeatureRef| {
+                        caller.may_use_view(view_name(c))
+                            && reg
+                                .stored_selection(&selection(vec![c.clone()]))
+                                .columns
+                                .iter()
+                                .all(|i| caller.may_use_view(view_name(i)))
+                    };
                     let columns = std::mem::take(&mut sel.columns);
-                    sel = selection(
-                        columns
-                            .into_iter()
-                            .filter(|c| caller.may_use_view(view_name(c)))
-                            .collect(),
-                    );
+                    sel = selection(columns.into_iter().filter(readable).collect());
                     if sel.columns.is_empty() {
                         return Err(Error::denied(format!(
                             "API key {:?} may read none of the feature views of entity {}",

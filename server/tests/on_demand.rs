@@ -554,6 +554,34 @@ async fn request_data_mistakes_are_named() {
         "{}",
         e.message()
     );
+    // Offline request data converts only without loss, as online: 1.7
+    // items is refused, not cut to 1.
+    let table = RecordBatch::try_from_iter(vec![
+        (
+            "user_id",
+            Arc::new(StringArray::from(vec!["u1"])) as ArrayRef,
+        ),
+        (
+            "event_timestamp",
+            Arc::new(TimestampMicrosecondArray::from(vec![t]).with_timezone("UTC")),
+        ),
+        ("items", Arc::new(Float64Array::from(vec![1.7]))),
+    ])
+    .unwrap();
+    let req = pb::GetHistoricalFeaturesRequest {
+        kind: refs(&["basket:many_items"]),
+        entities_arrow: to_ipc(&table).unwrap(),
+        ..Default::default()
+    };
+    let e = historical(server, req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains(
+            "column \"items\" is Float64, but on-demand feature view \"basket\" reads it as int64"
+        ),
+        "{}",
+        e.message()
+    );
     st.server.shutdown().await;
 }
 
@@ -637,4 +665,18 @@ features = [{ name = "f", dtype = "double", expr = " " }]"#,
     ] {
         assert!(err.contains(want), "{want}\n{err}");
     }
+    let err = Registry::from_toml(
+        "r.toml",
+        &with(
+            r#"name = "v"
+request = [{ name = "f", dtype = "double" }]
+features = [{ name = "f", dtype = "double", expr = "f * 2" }]"#,
+        ),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("request field \"f\" has the name of a feature of this view"),
+        "{err}"
+    );
 }

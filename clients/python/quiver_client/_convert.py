@@ -292,6 +292,15 @@ def arrow_table(batches: Sequence[pb.ArrowBatch]) -> "pyarrow.Table":
     return pa.concat_tables([pa.ipc.open_stream(m.arrow_ipc).read_all() for m in batches])
 
 
+def _duration(seconds: float) -> str:
+    """Seconds as a protobuf JSON Duration ("0.3s"): at most 9 fractional digits, no exponent, as
+    gRPC's service-config parser requires; below a nanosecond is refused."""
+    text = f"{seconds:.9f}".rstrip("0").rstrip(".")
+    if float(text) <= 0:
+        raise ValueError(f"backoff {seconds!r} s is below a nanosecond")
+    return text + "s"
+
+
 def retry_service_config(max_attempts: int, initial_backoff: float, max_backoff: float) -> str:
     """gRPC service config (https://github.com/grpc/grpc/blob/master/doc/service_config.md) that
     retries every FeatureService call that fails with UNAVAILABLE (the server could not be reached
@@ -302,12 +311,14 @@ def retry_service_config(max_attempts: int, initial_backoff: float, max_backoff:
 
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
+    if max_attempts > 1 and not 0 < initial_backoff <= max_backoff:
+        raise ValueError("backoffs must satisfy 0 < initial_backoff <= max_backoff (seconds)")
     config: Dict[str, Any] = {"methodConfig": [{"name": [{"service": "quiver.v1.FeatureService"}]}]}
     if max_attempts > 1:
         config["methodConfig"][0]["retryPolicy"] = {
             "maxAttempts": min(max_attempts, 5),
-            "initialBackoff": f"{initial_backoff}s",
-            "maxBackoff": f"{max_backoff}s",
+            "initialBackoff": _duration(initial_backoff),
+            "maxBackoff": _duration(max_backoff),
             "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE"],
         }

@@ -1,7 +1,7 @@
-"""The package as a new user gets it: `pip install ./clients/python` and a wheel built by
-`python -m build` (sdist, then the wheel from the sdist) each installed into a fresh venv that has
-no grpcio-tools, imported and used against the live server; and `mypy --strict` on the installed
-package."""
+"""The package as a new user gets it: `pip install ./clients/python`, a wheel built by
+`python -m build` (sdist, then the wheel from the sdist) and an editable install, each into a fresh
+venv that has no grpcio-tools, imported and used against the live server; and `mypy --strict` on
+the installed package."""
 
 from __future__ import annotations
 
@@ -68,6 +68,23 @@ def test_built_wheel_works_in_a_fresh_venv(server, tmp_path):
     python = _fresh_venv(tmp_path / "venv")
     _pip(python, str(wheels[0]))
     _works(python, server, tmp_path)
+
+
+def test_editable_install_has_the_stubs(server, tmp_path):
+    """`pip install -e` imports the source folder: the build writes the stubs there (ignored by
+    git) and removes nothing else."""
+    import shutil
+
+    generated = PACKAGE / "quiver_client" / "v1"
+    existed = generated.exists()
+    python = _fresh_venv(tmp_path / "venv")
+    try:
+        _pip(python, "-e", str(PACKAGE))
+        _works(python, server, tmp_path)
+        assert (generated / "feature_service_pb2.pyi").exists()
+    finally:
+        if not existed:
+            shutil.rmtree(generated, ignore_errors=True)
 
 
 def test_the_installed_package_passes_mypy_strict(tmp_path):
