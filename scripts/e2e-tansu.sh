@@ -78,7 +78,7 @@ HTTP=$(sed -n 's/.*http=\([^ ]*\).*/\1/p' "$WORK/serve.out")
 [ -n "$GRPC" ] || { cat "$WORK/serve.log"; echo "serve did not start" >&2; exit 1; }
 
 echo "== quiver ingest"
-QUIVER_LOG=info,quiver_ingest::consumer=debug "$QUIVER" ingest 2>"$WORK/ingest.log" &
+QUIVER_LOG=info,quiver_ingest::consumer=debug "$QUIVER" ingest --metrics-addr 127.0.0.1:0 >"$WORK/ingest.out" 2>"$WORK/ingest.log" &
 INGEST=$!
 PIDS+=($INGEST)
 
@@ -125,6 +125,20 @@ snapshot >"$WORK/after-retries.json"
 grep -q '"value":[1-9]' "$WORK/before-retries.json" || { cat "$WORK/before-retries.json"; echo "no counts to compare" >&2; exit 1; }
 cmp "$WORK/before-retries.json" "$WORK/after-retries.json" || {
   diff "$WORK/before-retries.json" "$WORK/after-retries.json" | head; echo "retried events were counted again" >&2; exit 1; }
+
+echo "== ingest's /metrics, /health and /ready"
+OPS=$(sed -n 's/^quiver ingest metrics=//p' "$WORK/ingest.out")
+[ -n "$OPS" ] || { echo "ingest printed no metrics address" >&2; exit 1; }
+metric_sum() { curl -sf "http://$OPS/metrics" | awk -v n="$1" '$1 == n || index($1, n "{") == 1 {s += $NF; f = 1} END {if (f) print s; else print "none"}'; }
+[ "$(curl -sf "http://$OPS/health")" = '{"status":"ok"}' ] || { echo "ingest /health is not ok" >&2; exit 1; }
+[ "$(curl -sf "http://$OPS/ready")" = '{"status":"ready"}' ] || { echo "ingest /ready is not ready" >&2; exit 1; }
+[ "$(metric_sum quiver_ingest_events_applied_total)" = 8000 ] || { echo "applied: $(metric_sum quiver_ingest_events_applied_total), want 8000" >&2; exit 1; }
+[ "$(metric_sum quiver_ingest_messages_total)" = 8000 ] || { echo "messages: $(metric_sum quiver_ingest_messages_total), want 8000" >&2; exit 1; }
+# librdkafka reports lag every 5 s.
+for _ in $(seq 1 100); do [ "$(metric_sum quiver_ingest_consumer_lag_messages)" != none ] && break; sleep 0.2; done
+[ "$(metric_sum quiver_ingest_consumer_lag_messages)" != none ] || { echo "no consumer lag reported" >&2; exit 1; }
+[ "$(metric_sum quiver_feature_freshness_seconds_count)" != none ] || { echo "no freshness observed" >&2; exit 1; }
+echo "applied 8000, lag $(metric_sum quiver_ingest_consumer_lag_messages), freshness observations $(metric_sum quiver_feature_freshness_seconds_count)"
 
 # Stop ingest gracefully: it archives what it buffered and commits.
 kill -TERM "$INGEST"

@@ -5,7 +5,8 @@
 # gRPC/HTTP), then the Python client tests (the client installed with pip,
 # its stubs generated from proto/ at build time; pytest against a live server), then schemathesis against the REST
 # gateway's generated OpenAPI description (scripts/schemathesis.sh).
-# Installs what is missing: redis-server and redis-cli (apt-get) and a Python
+# Installs what is missing: redis-server, redis-cli and prometheus-pushgateway
+# (apt-get; batch metrics are pushed to a real one) and a Python
 # venv with grpcio, pytest and moto[server] (pip). Finally runs
 # scripts/e2e-tansu.sh (serve, ingest and generate as processes against a
 # real Kafka-compatible broker, tansu, installed from crates.io on first use;
@@ -15,10 +16,11 @@ cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
-  echo "== installing redis-server"
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1 \
+  || ! command -v prometheus-pushgateway >/dev/null 2>&1; then
+  echo "== installing redis-server and prometheus-pushgateway"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools prometheus-pushgateway
 fi
 
 echo "== python venv (grpcio, pytest, moto, pyarrow, pandas, polars, mypy, scikit-learn, nbclient, cryptography, schemathesis) and the client"

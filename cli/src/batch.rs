@@ -11,6 +11,7 @@ use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_batch::materialize::MaterializeOptions;
 use quiver_batch::{retrieve, Offline};
+use quiver_core::metrics::{BatchJob, BatchMetrics};
 use quiver_core::registry::ViewSource;
 use quiver_core::time::{format_rfc3339, parse_rfc3339, Micros};
 use quiver_core::{Clock, OnlineStore, Registry, SystemClock};
@@ -94,6 +95,42 @@ pub fn offline_if_configured(
     offline(cfg, registry).map(|o| Some(Arc::new(o)))
 }
 
+/// Pushes one run's metrics ([`BatchMetrics`]) to `metrics.pushgateway_url`
+/// under `job` (POST: metrics of an earlier push that this one does not
+/// carry, such as the last success of a failed run, are kept). A push that
+/// fails is reported on stderr and does not fail the run: the data is
+/// committed either way.
+async fn push_metrics(
+    cfg: &Config,
+    job: BatchJob,
+    views: &[(String, u64, Duration)],
+    elapsed: Duration,
+    ok: bool,
+) {
+    let base = cfg.metrics.pushgateway_url.trim_end_matches('/');
+    if base.is_empty() {
+        return;
+    }
+    let ended = SystemClock.now_micros() as f64 / 1e6;
+    let body = BatchMetrics::of_run(views, elapsed, ok, ended).render();
+    let url = format!("{base}/metrics/job/{}", job.job());
+    let sent = async {
+        let resp = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?
+            .post(&url)
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(body)
+            .send()
+            .await?;
+        resp.error_for_status().map(|_| ())
+    };
+    match sent.await {
+        Ok(()) => eprintln!("metrics pushed to {url}"),
+        Err(e) => eprintln!("warning: pushing metrics to {url} failed: {e}"),
+    }
+}
+
 fn parse_time(flag: &str, s: &str) -> Result<Micros> {
     parse_rfc3339(s).map_err(|m| anyhow::anyhow!("--{flag}: {m}"))
 }
@@ -105,10 +142,14 @@ pub async fn batch_cmd(cmd: BatchCommand) -> Result<()> {
             let cfg = Config::load(&overrides, &|k| std::env::var(k).ok())?;
             let registry = Arc::new(load_registry(&cfg)?);
             let off = offline(&cfg, registry)?;
-            let reports = off
-                .run(&views, SystemClock.now_micros())
-                .await
-                .map_err(err)?;
+            let started = Instant::now();
+            let result = off.run(&views, SystemClock.now_micros()).await;
+            let elapsed = started.elapsed();
+            let (reports, failure) = match result {
+                Ok(r) => (r, None),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            let mut ran = Vec::with_capacity(reports.len());
             for r in reports {
                 println!(
                     "{}: {} rows committed as {} in {:.2}s",
@@ -117,7 +158,18 @@ pub async fn batch_cmd(cmd: BatchCommand) -> Result<()> {
                     r.run,
                     r.elapsed.as_secs_f64()
                 );
+                ran.push((r.view, r.rows, r.elapsed));
             }
+            push_metrics(&cfg, BatchJob::Run, &ran, elapsed, failure.is_none()).await;
+            if let Some(e) = failure {
+                return Err(err(e));
+            }
+            println!(
+                "batch run: {} views, {} rows in {:.2}s",
+                ran.len(),
+                ran.iter().map(|(_, n, _)| n).sum::<u64>(),
+                elapsed.as_secs_f64()
+            );
             Ok(())
         }
         BatchCommand::Retrieve {
@@ -190,11 +242,21 @@ pub async fn materialize_cmd(overrides: Overrides, args: MaterializeArgs) -> Res
             "{view}: {entities} entities read, {written} written"
         ));
     };
-    let reports = off
-        .materialize(store, &opts, &progress)
-        .await
-        .map_err(err)?;
+    let started = Instant::now();
+    let result = off.materialize(store, &opts, &progress).await;
+    let elapsed = started.elapsed();
     bar.finish_and_clear();
+    let reports = match result {
+        Ok(r) => r,
+        Err(e) => {
+            push_metrics(&cfg, BatchJob::Materialize, &[], elapsed, false).await;
+            return Err(err(e));
+        }
+    };
+    let ran: Vec<(String, u64, Duration)> = reports
+        .iter()
+        .map(|r| (r.view.clone(), r.written, r.elapsed))
+        .collect();
     for r in reports {
         println!(
             "{}: [{} .. {}) {} entities: {} written, {} stale (online already newer), {} expired; {:.2}s",
@@ -208,6 +270,13 @@ pub async fn materialize_cmd(overrides: Overrides, args: MaterializeArgs) -> Res
             r.elapsed.as_secs_f64()
         );
     }
+    println!(
+        "materialize: {} views, {} rows written in {:.2}s",
+        ran.len(),
+        ran.iter().map(|(_, n, _)| n).sum::<u64>(),
+        elapsed.as_secs_f64()
+    );
+    push_metrics(&cfg, BatchJob::Materialize, &ran, elapsed, true).await;
     Ok(())
 }
 

@@ -58,6 +58,18 @@ pub struct Config {
     pub archive: ArchiveSettings,
     /// API keys for `serve` and `demo` (see `quiver_server::auth`).
     pub auth: AuthConfig,
+    /// Where the batch layer's metrics go.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Prometheus Pushgateway base URL (`http://pushgateway:9091`) that
+    /// `batch run` and `materialize` push their run's metrics to; empty
+    /// (the default) pushes nothing.
+    pub pushgateway_url: String,
 }
 
 /// `[auth]`: API keys. Authentication is on when `keys_file` or
@@ -148,6 +160,8 @@ pub struct IngestSettings {
     /// any past time.
     #[serde(deserialize_with = "optional_duration")]
     pub max_event_age: Option<Duration>,
+    /// Where `quiver ingest` serves `/metrics`, `/health` and `/ready`.
+    pub metrics_addr: SocketAddr,
 }
 
 /// `[archive]`
@@ -189,6 +203,7 @@ impl Default for IngestSettings {
             batch_wait: Duration::from_millis(250),
             max_future_skew: EventTimeBounds::default().max_future_skew,
             max_event_age: EventTimeBounds::default().max_age,
+            metrics_addr: ([0, 0, 0, 0], 8001).into(),
         }
     }
 }
@@ -617,6 +632,12 @@ impl Config {
         if let Some(v) = env("QUIVER_ARCHIVE") {
             self.archive.location = v;
         }
+        if let Some(v) = env("QUIVER_INGEST_METRICS_ADDR") {
+            self.ingest.metrics_addr = parse("QUIVER_INGEST_METRICS_ADDR", v)?;
+        }
+        if let Some(v) = env("QUIVER_PUSHGATEWAY_URL") {
+            self.metrics.pushgateway_url = v;
+        }
         if let Some(v) = env("QUIVER_AUTH_KEYS_FILE") {
             self.auth.keys_file = Some(PathBuf::from(v));
         }
@@ -741,6 +762,15 @@ impl Config {
         }
         if self.server.grpc_addr == self.server.http_addr && self.server.grpc_addr.port() != 0 {
             bail!("server.grpc_addr and server.http_addr must differ");
+        }
+        let push = &self.metrics.pushgateway_url;
+        if !push.is_empty() {
+            match url::Url::parse(push) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => bail!(
+                    "metrics.pushgateway_url ({push:?}) must be an http:// or https:// URL such as http://pushgateway:9091"
+                ),
+            }
         }
         let l = &self.limits;
         for (name, v) in [

@@ -53,6 +53,10 @@ enum Command {
     Ingest {
         #[command(flatten)]
         overrides: Overrides,
+        /// Where /metrics, /health and /ready are served (default 0.0.0.0:8001).
+        /// [env: QUIVER_INGEST_METRICS_ADDR]
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Produce realistic sample events (logins, page views, carts, purchases).
     Generate {
@@ -141,9 +145,10 @@ fn main() -> ExitCode {
         } => runtime().and_then(|rt| rt.block_on(validate(&path, archive, config))),
         Command::Auth { command } => auth::auth_cmd(command),
         Command::Serve { overrides } => runtime().and_then(|rt| rt.block_on(serve_cmd(overrides))),
-        Command::Ingest { overrides } => {
-            runtime().and_then(|rt| rt.block_on(pipeline::ingest_cmd(overrides)))
-        }
+        Command::Ingest {
+            overrides,
+            metrics_addr,
+        } => runtime().and_then(|rt| rt.block_on(pipeline::ingest_cmd(overrides, metrics_addr))),
         Command::Batch { command } => {
             runtime().and_then(|rt| rt.block_on(batch::batch_cmd(command)))
         }
@@ -319,7 +324,17 @@ async fn serve_cmd(overrides: Overrides) -> Result<()> {
         ))
     };
     let offline = batch::offline_if_configured(&cfg, registry.clone())?;
-    serve(&cfg, registry, store, clock, sink, offline, None).await
+    serve(
+        &cfg,
+        registry,
+        store,
+        Arc::new(Metrics::new()),
+        clock,
+        sink,
+        offline,
+        None,
+    )
+    .await
 }
 
 /// Opens the configured online store (and, for the embedded one, starts
@@ -376,10 +391,13 @@ fn open_online_store(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn Onli
 
 /// Serves `registry` over `store` until SIGTERM/ctrl-c; `demo` seeds
 /// sample batch features first.
+// serve and demo each pass their own parts; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     cfg: &Config,
     registry: Arc<Registry>,
     store: Arc<dyn OnlineStore>,
+    metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     sink: Option<Arc<dyn EventSink>>,
     offline: Option<Arc<quiver_batch::Offline>>,
@@ -392,7 +410,7 @@ async fn serve(
         clock.clone(),
         cfg.limits(),
         s.expiry_grace,
-        Arc::new(Metrics::new()),
+        metrics,
     );
     if let Some(sink) = sink {
         service = service

@@ -1,5 +1,6 @@
 //! The speed-layer subcommands: `ingest`, `generate` and `demo`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use quiver_ingest::{
     KafkaEventSink,
 };
 use quiver_proto::v1 as pb;
+use quiver_server::Metrics;
 use rdkafka::mocking::MockCluster;
 
 use crate::config::{Config, Overrides};
@@ -138,14 +140,83 @@ fn progress_logger() -> impl FnMut(&IngestStats) {
     }
 }
 
+/// The HTTP endpoints of a process without the REST gateway (`quiver
+/// ingest`), answering as the server's do: `GET /metrics` (Prometheus text
+/// format), `GET /health` (liveness: 200 `{"status":"ok"}`) and `GET
+/// /ready` (200 `{"status":"ready"}` while the consume loop runs, else 503
+/// `{"status":"not_ready"}`).
+fn ops_router(metrics: Arc<Metrics>) -> axum::Router {
+    use axum::http::{header, StatusCode};
+    use axum::routing::get;
+    let m = metrics.clone();
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/health",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route(
+            "/ready",
+            get(move || {
+                let up = metrics.ingest.up.get() == 1;
+                async move {
+                    if up {
+                        (
+                            StatusCode::OK,
+                            axum::Json(serde_json::json!({"status": "ready"})),
+                        )
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            axum::Json(serde_json::json!({"status": "not_ready"})),
+                        )
+                    }
+                }
+            }),
+        )
+}
+
+/// Binds `addr` and serves [`ops_router`] there in the background; returns
+/// the bound address.
+async fn serve_ops(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen for metrics on {addr} (ingest.metrics_addr, --metrics-addr)")
+    })?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, ops_router(metrics)).await {
+            tracing::warn!(error = %e, "the metrics listener stopped");
+        }
+    });
+    Ok(bound)
+}
+
 /// `quiver ingest`.
-pub async fn ingest_cmd(overrides: Overrides) -> Result<()> {
-    let cfg = Config::load(&overrides, &|k| std::env::var(k).ok())?;
+pub async fn ingest_cmd(overrides: Overrides, metrics_addr: Option<SocketAddr>) -> Result<()> {
+    let mut cfg = Config::load(&overrides, &|k| std::env::var(k).ok())?;
+    if let Some(a) = metrics_addr {
+        cfg.ingest.metrics_addr = a;
+    }
     let registry = Arc::new(load_registry(&cfg)?);
     let store = open_online_store(&cfg, Arc::new(SystemClock))?;
     let kafka = kafka_of(&cfg)?;
-    tracing::info!(brokers = %kafka.brokers, topic = %kafka.topic, group = %kafka.group_id, "ingesting");
-    let ing = ingestor(&cfg, &kafka, &registry, store)?;
+    let metrics = Arc::new(Metrics::new());
+    let ops = serve_ops(cfg.ingest.metrics_addr, metrics.clone()).await?;
+    // One machine-readable line on stdout, as serve prints its listeners.
+    println!("quiver ingest metrics={ops}");
+    tracing::info!(brokers = %kafka.brokers, topic = %kafka.topic, group = %kafka.group_id, metrics = %ops, "ingesting; /metrics, /health and /ready on {ops}");
+    let ing = ingestor(&cfg, &kafka, &registry, store)?.with_metrics(metrics);
     let stats = ing
         .run(shutdown_signal(), progress_logger())
         .await
@@ -364,7 +435,10 @@ pub async fn demo_cmd(overrides: Overrides, demo: DemoData) -> Result<()> {
     let sink: Arc<dyn EventSink> =
         Arc::new(KafkaEventSink::new(&kafka, registry.clone()).map_err(err)?);
 
-    let ing = ingestor(&cfg, &kafka, &registry, store.clone())?;
+    // One registry for the whole process: the server's /metrics shows
+    // ingest and freshness too.
+    let metrics = Arc::new(Metrics::new());
+    let ing = ingestor(&cfg, &kafka, &registry, store.clone())?.with_metrics(metrics.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -416,6 +490,7 @@ pub async fn demo_cmd(overrides: Overrides, demo: DemoData) -> Result<()> {
         &cfg,
         registry,
         store,
+        metrics,
         clock,
         Some(sink),
         offline,

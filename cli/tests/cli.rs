@@ -367,6 +367,166 @@ async fn batch_run_retrieve_and_materialize() {
     }
 }
 
+/// A Prometheus Pushgateway (Debian's `prometheus-pushgateway`, which
+/// scripts/test.sh installs) on an ephemeral port; killed when dropped.
+struct Pushgateway(std::process::Child, String);
+
+impl Pushgateway {
+    fn start() -> Pushgateway {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let bin = ["prometheus-pushgateway", "pushgateway"]
+            .into_iter()
+            .find(|b| Command::new(b).arg("--version").output().is_ok())
+            .expect("prometheus-pushgateway is not installed: apt-get install prometheus-pushgateway (scripts/test.sh does)");
+        let child = Command::new(bin)
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let gw = Pushgateway(child, format!("http://127.0.0.1:{port}"));
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return gw;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("the pushgateway did not start on {port}");
+    }
+
+    /// Its /metrics: what Prometheus scrapes.
+    async fn scrape(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.1))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Pushgateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The value of the one sample of `name` whose labels contain all of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        (n == name && labels.iter().all(|x| rest.contains(x))).then(|| value.parse().unwrap())
+    })
+}
+
+#[tokio::test]
+async fn batch_run_and_materialize_push_their_metrics() {
+    let gw = Pushgateway::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("reg.toml"), BATCH_REGISTRY).unwrap();
+    let run_to = |gateway: &str, args: &[&str]| {
+        quiver()
+            .args(args)
+            .args(["--registry", "reg.toml", "--archive", "offline"])
+            .current_dir(dir.path())
+            .env("QUIVER_PUSHGATEWAY_URL", gateway)
+            .output()
+            .unwrap()
+    };
+    let run = |args: &[&str]| run_to(&gw.1, args);
+    let out = run(&["batch", "run"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("batch run: 1 views, 3 rows in "),
+        "{stdout}"
+    );
+    let out = run(&[
+        "materialize",
+        "--store-path",
+        "online.redb",
+        "--end",
+        "2026-01-05T00:00:00Z",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("materialize: 1 views, 2 rows written in "),
+        "{stdout}"
+    );
+
+    let text = gw.scrape().await;
+    let batch = "job=\"quiver_batch\"";
+    let mat = "job=\"quiver_materialize\"";
+    let view = "feature_view=\"scores\"";
+    assert_eq!(
+        sample(&text, "quiver_batch_view_rows", &[batch, view]),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "quiver_batch_view_rows", &[mat, view]),
+        Some(2.0),
+        "{text}"
+    );
+    assert!(sample(&text, "quiver_batch_view_duration_seconds", &[batch, view]).is_some());
+    assert_eq!(sample(&text, "quiver_batch_success", &[batch]), Some(1.0));
+    assert_eq!(sample(&text, "quiver_batch_success", &[mat]), Some(1.0));
+    let success = sample(
+        &text,
+        "quiver_batch_last_success_timestamp_seconds",
+        &[batch],
+    )
+    .unwrap();
+
+    // A failed run says so and keeps the last success.
+    std::fs::write(
+        dir.path().join("reg.toml"),
+        BATCH_REGISTRY.replace(", 1.0)", ", CAST(1 / (SELECT 0) AS DOUBLE))"),
+    )
+    .unwrap();
+    let out = run(&["batch", "run"]);
+    assert!(!out.status.success(), "{out:?}");
+    let text = gw.scrape().await;
+    assert_eq!(
+        sample(&text, "quiver_batch_success", &[batch]),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "quiver_batch_last_success_timestamp_seconds",
+            &[batch]
+        ),
+        Some(success)
+    );
+    let last_run = sample(&text, "quiver_batch_last_run_timestamp_seconds", &[batch]).unwrap();
+    assert!(last_run >= success);
+
+    // An unreachable Pushgateway is a warning, not a failed run.
+    std::fs::write(dir.path().join("reg.toml"), BATCH_REGISTRY).unwrap();
+    let out = run_to("http://127.0.0.1:9", &["batch", "run"]);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "warning: pushing metrics to http://127.0.0.1:9/metrics/job/quiver_batch failed"
+        ),
+        "{stderr}"
+    );
+    // A URL that is not one is refused before anything runs.
+    let out = run_to("pushgateway:9091", &["batch", "run"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("metrics.pushgateway_url"));
+}
+
 const ACCOUNT_REGISTRY: &str = r#"
 [[entities]]
 name = "account"

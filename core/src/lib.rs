@@ -4,6 +4,7 @@
 //! - [`registry`]: entities, feature views and feature services, loaded from
 //!   TOML and validated with messages that name file, item and problem.
 //! - [`json`]: the JSON form of typed values (REST gateway, JSON events).
+//! - [`metrics`]: every Prometheus metric quiver exports, in one place.
 //! - [`event`]: events pushed by producers, validated against the registry.
 //! - [`aggregate`]: windowed aggregation states and tile arithmetic, shared
 //!   by the online (ingest) and offline (batch) computations.
@@ -25,6 +26,7 @@ pub mod columnar;
 pub mod error;
 pub mod event;
 pub mod json;
+pub mod metrics;
 pub mod par;
 pub mod registry;
 pub mod storage;

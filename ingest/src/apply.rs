@@ -34,10 +34,11 @@ use quiver_core::aggregate::{
 };
 use quiver_core::codec::{entity_key, event_ids_key, row_key};
 use quiver_core::event::{Event, EventTimeBounds};
+use quiver_core::metrics::Metrics;
 use quiver_core::par::par_map;
 use quiver_core::registry::{Aggregation, EventField, ViewSource};
 use quiver_core::store::{replaces, Lookup, TileWrite, WriteRow};
-use quiver_core::time::{duration_micros, Micros};
+use quiver_core::time::{duration_micros, Clock, Micros, SystemClock};
 use quiver_core::{OnlineStore, Registry, Result, Value};
 
 /// Rows or tile writes per online-store call; calls of one batch run a few
@@ -142,6 +143,8 @@ pub struct Applier {
     /// This process's view of the tile rows it wrote, per (row key, source).
     cache: Mutex<HashMap<(String, Arc<str>), CachedRow>>,
     cache_rows: usize,
+    /// Freshness per feature view, when set.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// One source's part of a tile row: its offset, newest event time,
@@ -327,7 +330,15 @@ impl Applier {
             routes,
             cache: Mutex::new(HashMap::new()),
             cache_rows: DEFAULT_CACHE_ROWS,
+            metrics: None,
         }
+    }
+
+    /// Records each applied event's freshness per feature view in
+    /// `metrics` (`quiver_feature_freshness_seconds`: event time to the
+    /// store write returning; `quiver_feature_newest_event_timestamp_seconds`).
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// The largest lead of an event time over the clock that events may
@@ -360,12 +371,39 @@ impl Applier {
         for s in by_source.values() {
             stats += *s;
         }
+        if let Some(m) = &self.metrics {
+            self.observe_freshness(m, records);
+        }
         tracing::debug!(
             latest_ms = latest.as_millis() as u64,
             tiles_ms = (started.elapsed() - latest).as_millis() as u64,
             "applied"
         );
         Ok((stats, by_source))
+    }
+
+    /// Every event of `records` is visible online now, in each view it feeds.
+    fn observe_freshness(&self, m: &Metrics, records: &[Record]) {
+        let now = SystemClock.now_micros();
+        let mut per_view: HashMap<usize, (Vec<f64>, Micros)> = HashMap::new();
+        for r in records {
+            let Some(routes) = self.routes.get(&r.event.event_type) else {
+                continue;
+            };
+            let t = r.event.event_time;
+            for vi in routes
+                .latest
+                .iter()
+                .chain(routes.aggs.iter().map(|(v, _)| v))
+            {
+                let e = per_view.entry(*vi).or_insert((Vec::new(), Micros::MIN));
+                e.0.push(now.saturating_sub(t) as f64 / 1e6);
+                e.1 = e.1.max(t);
+            }
+        }
+        for (vi, (freshness, newest)) in per_view {
+            m.observe_freshness(&self.registry.view(vi).name, freshness, newest as f64 / 1e6);
+        }
     }
 
     fn view_key(&self, view: usize, ev: &Event) -> Result<String> {

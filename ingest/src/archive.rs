@@ -159,12 +159,15 @@ pub struct FlushStats {
     pub files: u64,
     /// Events in them.
     pub events: u64,
+    /// Their size in bytes.
+    pub bytes: u64,
 }
 
 impl std::ops::AddAssign for FlushStats {
     fn add_assign(&mut self, o: FlushStats) {
         self.files += o.files;
         self.events += o.events;
+        self.bytes += o.bytes;
     }
 }
 
@@ -538,6 +541,7 @@ impl Archiver {
                 .join(name.as_str());
             let batch = events_to_batch(&self.registry, &self.schema, recs)?;
             let bytes = write_parquet(&batch)?;
+            let size = bytes.len() as u64;
             self.store
                 .put(&staging, PutPayload::from(bytes))
                 .await
@@ -545,6 +549,7 @@ impl Archiver {
             files.push((staging.to_string(), fin.to_string()));
             stats.files += 1;
             stats.events += recs.len() as u64;
+            stats.bytes += size;
         }
         let mut state = PartitionState {
             archived_through: b.archived_through,

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use quiver_core::event::EventTimeBounds;
+use quiver_core::metrics::Metrics;
 use quiver_core::par::par_map;
 use quiver_core::registry::ViewSource;
 use quiver_core::time::{Clock, Micros, SystemClock};
@@ -39,6 +40,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
@@ -139,9 +141,40 @@ pub struct PartitionStats {
 /// archive buffers (the new owner replays them from the committed offset).
 pub struct IngestContext {
     revoked: Arc<Mutex<Vec<(String, i32)>>>,
+    /// Where consumer lag goes, once [`Ingestor::with_metrics`] set it.
+    metrics: Arc<std::sync::OnceLock<Arc<Metrics>>>,
+    /// The partitions whose lag was last reported.
+    lagging: Mutex<HashSet<(String, i32)>>,
 }
 
-impl ClientContext for IngestContext {}
+impl ClientContext for IngestContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): each
+    /// assigned partition's consumer lag, from its high watermark and
+    /// committed offset. Partitions no longer reported are dropped.
+    fn stats(&self, statistics: Statistics) {
+        let Some(m) = self.metrics.get() else {
+            return;
+        };
+        let lag = &m.ingest.lag;
+        let mut now: HashSet<(String, i32)> = HashSet::new();
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                lag.with_label_values(&[topic, &partition.to_string()])
+                    .set(p.consumer_lag);
+                now.insert((topic.clone(), *partition));
+            }
+        }
+        if let Ok(mut before) = self.lagging.lock() {
+            for (topic, partition) in before.difference(&now) {
+                let _ = lag.remove_label_values(&[topic, &partition.to_string()]);
+            }
+            *before = now;
+        }
+    }
+}
 
 impl ConsumerContext for IngestContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -212,6 +245,12 @@ pub struct Ingestor {
     processed: HashMap<(String, i32), i64>,
     /// Client settings of the marker checks' own consumer.
     probe_client: ClientConfig,
+    /// Prometheus metrics, when set ([`Ingestor::with_metrics`]).
+    metrics: Option<Arc<Metrics>>,
+    /// Shared with the consumer's context (consumer lag).
+    lag_metrics: Arc<std::sync::OnceLock<Arc<Metrics>>>,
+    /// The totals last exported to `metrics`.
+    exported: IngestStats,
 }
 
 /// A batch decoded once: its events, and its dead letters with the
@@ -410,6 +449,15 @@ impl Ingestor {
                 client.set(key, value);
             }
         }
+        // Consumer lag per partition comes from librdkafka's statistics.
+        if !kafka
+            .extra
+            .iter()
+            .any(|(k, _)| k == "statistics.interval.ms")
+        {
+            client.set("statistics.interval.ms", "5000");
+        }
+        let lag_metrics = Arc::new(std::sync::OnceLock::new());
         let consumer: StreamConsumer<IngestContext> = client
             .set("group.id", &kafka.group_id)
             .set("enable.auto.commit", "false")
@@ -421,6 +469,8 @@ impl Ingestor {
             .set("queued.min.messages", "200000")
             .create_with_context(IngestContext {
                 revoked: revoked.clone(),
+                metrics: lag_metrics.clone(),
+                lagging: Mutex::new(HashSet::new()),
             })
             .map_err(|e| Error::invalid(format!("invalid Kafka consumer settings: {e}")))?;
         consumer
@@ -450,7 +500,87 @@ impl Ingestor {
             verified: HashSet::new(),
             processed: HashMap::new(),
             probe_client: kafka.client_config(),
+            metrics: None,
+            lag_metrics,
+            exported: IngestStats::default(),
         })
+    }
+
+    /// Exports the ingest and freshness metrics (see
+    /// [`quiver_core::metrics`]) to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Ingestor {
+        self.applier.set_metrics(metrics.clone());
+        let _ = self.lag_metrics.set(metrics.clone());
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Adds what the totals gained since the last call to the counters.
+    fn export(&mut self) {
+        let Some(m) = &self.metrics else {
+            return;
+        };
+        let i = &m.ingest;
+        let (s, e) = (&self.stats, &self.exported);
+        for (source, p) in &s.partitions {
+            let b = e.partitions.get(source).copied().unwrap_or_default();
+            let (topic, partition) = source.rsplit_once(':').unwrap_or((source, ""));
+            let l = [topic, partition];
+            let add =
+                |c: &quiver_core::metrics::IntCounterVec, labels: &[&str], now: u64, then: u64| {
+                    c.with_label_values(labels).inc_by(now.saturating_sub(then));
+                };
+            add(&i.messages, &l, p.messages, b.messages);
+            add(&i.applied, &l, p.events, b.events);
+            add(
+                &i.dead_letters,
+                &[topic, partition, "out_of_range"],
+                p.out_of_range,
+                b.out_of_range,
+            );
+            add(
+                &i.dead_letters,
+                &[topic, partition, "invalid"],
+                p.dead_letters - p.out_of_range,
+                b.dead_letters - b.out_of_range,
+            );
+            add(&i.too_late, &l, p.too_late, b.too_late);
+            add(&i.duplicates, &l, p.duplicates, b.duplicates);
+            add(
+                &i.tile_rows,
+                &[topic, partition, "written"],
+                p.tiles_written,
+                b.tiles_written,
+            );
+            add(
+                &i.tile_rows,
+                &[topic, partition, "replayed"],
+                p.tiles_replayed,
+                b.tiles_replayed,
+            );
+            add(&i.retries, &l, p.retries, b.retries);
+        }
+        let rows = |outcome: &str, now: u64, then: u64| {
+            i.rows
+                .with_label_values(&[outcome])
+                .inc_by(now.saturating_sub(then));
+        };
+        rows("written", s.online.rows_written, e.online.rows_written);
+        rows("stale", s.online.rows_stale, e.online.rows_stale);
+        i.archive_files
+            .inc_by(s.archived.files.saturating_sub(e.archived.files));
+        i.archive_events
+            .inc_by(s.archived.events.saturating_sub(e.archived.events));
+        i.archive_bytes
+            .inc_by(s.archived.bytes.saturating_sub(e.archived.bytes));
+        self.exported = self.stats.clone();
+    }
+
+    /// Counts a failed attempt at `stage` (`quiver_ingest_errors_total`).
+    fn failed_at(metrics: &Option<Arc<Metrics>>, stage: &str) {
+        if let Some(m) = metrics {
+            m.ingest.errors.with_label_values(&[stage]).inc();
+        }
     }
 
     /// Totals so far.
@@ -467,6 +597,31 @@ impl Ingestor {
         mut on_batch: impl FnMut(&IngestStats),
     ) -> Result<IngestStats> {
         tokio::pin!(shutdown);
+        if let Some(m) = &self.metrics {
+            m.ingest.up.set(1);
+        }
+        let result = self.consume(&mut shutdown, &mut on_batch).await;
+        if let Some(m) = &self.metrics {
+            m.ingest.up.set(0);
+        }
+        result?;
+        self.drop_revoked();
+        if let Some(a) = self.archiver.as_mut() {
+            let s = a.flush(true).await?;
+            self.stats.archived += s;
+        }
+        self.commit(CommitMode::Sync)?;
+        self.export();
+        self.log_partitions(true);
+        Ok(self.stats)
+    }
+
+    /// The consume loop of [`Ingestor::run`], until `shutdown` resolves.
+    async fn consume(
+        &mut self,
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+        on_batch: &mut impl FnMut(&IngestStats),
+    ) -> Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             let mut batch: Vec<Msg> = std::mem::take(&mut self.carry);
@@ -474,7 +629,7 @@ impl Ingestor {
             if batch.is_empty() {
                 let mut stream = self.consumer.stream();
                 tokio::select! {
-                    _ = &mut shutdown => break,
+                    _ = shutdown.as_mut() => break,
                     _ = tick.tick() => {}
                     m = stream.next() => {
                         if let Some(m) = m {
@@ -512,20 +667,21 @@ impl Ingestor {
             if batch.is_empty() {
                 // Idle: roll archive files that are due by age, and commit.
                 self.flush_idle().await?;
+                self.export();
                 continue;
             }
-            self.with_retry(batch, &mut shutdown).await?;
+            let started = std::time::Instant::now();
+            self.with_retry(batch, shutdown).await?;
+            if let Some(m) = &self.metrics {
+                m.ingest
+                    .batch_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            self.export();
             on_batch(&self.stats);
             self.log_partitions(false);
         }
-        self.drop_revoked();
-        if let Some(a) = self.archiver.as_mut() {
-            let s = a.flush(true).await?;
-            self.stats.archived += s;
-        }
-        self.commit(CommitMode::Sync)?;
-        self.log_partitions(true);
-        Ok(self.stats)
+        Ok(())
     }
 
     /// Rolls archive files that are due by age, and commits. A roll that
@@ -540,6 +696,7 @@ impl Ingestor {
                 }
                 Err(e) if retryable(&e) => {
                     self.stats.retries += 1;
+                    Self::failed_at(&self.metrics, "archive");
                     tracing::warn!(error = %e, "archive roll failed; retrying");
                 }
                 Err(e) => return Err(stopped(e)),
@@ -716,27 +873,38 @@ impl Ingestor {
 
     async fn process<'b>(&mut self, batch: &'b [Msg], prep: &mut Prepared) -> Result<()> {
         let started = std::time::Instant::now();
-        self.verify(batch).await?;
+        let metrics = self.metrics.clone();
+        let failed = |stage: &'static str| {
+            let metrics = &metrics;
+            move |_: &Error| Self::failed_at(metrics, stage)
+        };
+        self.verify(batch)
+            .await
+            .inspect_err(failed("online_store"))?;
         if !prep.dead_sent {
             let dead: Vec<(&Msg, &str)> = prep
                 .dead
                 .iter()
                 .map(|(i, why)| (&batch[*i], why.as_str()))
                 .collect();
-            self.dead_letter(&dead).await?;
+            self.dead_letter(&dead).await.inspect_err(failed("kafka"))?;
             prep.dead_sent = true;
         }
         let sent_at = started.elapsed();
         let (online, by_source) = match &prep.applied {
             Some(s) => s.clone(),
             None => {
-                let s = self.applier.apply_by_source(&prep.records).await?;
+                let s = self
+                    .applier
+                    .apply_by_source(&prep.records)
+                    .await
+                    .inspect_err(failed("online_store"))?;
                 prep.applied = Some(s.clone());
                 s
             }
         };
         if !prep.marked {
-            self.mark(batch).await?;
+            self.mark(batch).await.inspect_err(failed("online_store"))?;
             prep.marked = true;
         }
         let applied_at = started.elapsed();
@@ -747,20 +915,26 @@ impl Ingestor {
             let mut opened: Vec<(&str, i32)> = Vec::new();
             for m in batch {
                 if !opened.contains(&(&*m.topic, m.partition)) {
-                    a.open(&m.topic, m.partition).await?;
+                    a.open(&m.topic, m.partition)
+                        .await
+                        .inspect_err(failed("archive"))?;
                     opened.push((&*m.topic, m.partition));
                 }
             }
             let records = std::mem::take(&mut prep.records);
             for (i, r) in prep.origin.iter().zip(records) {
                 let m = &batch[*i];
-                a.add(&m.topic, m.partition, r).await?;
+                a.add(&m.topic, m.partition, r)
+                    .await
+                    .inspect_err(failed("archive"))?;
             }
             for (i, _) in &prep.dead {
                 let m = &batch[*i];
-                a.skip(&m.topic, m.partition, m.offset).await?;
+                a.skip(&m.topic, m.partition, m.offset)
+                    .await
+                    .inspect_err(failed("archive"))?;
             }
-            let s = a.flush(false).await?;
+            let s = a.flush(false).await.inspect_err(failed("archive"))?;
             self.stats.archived += s;
         } else {
             // The next offset per partition, one commit entry each.
@@ -1102,7 +1276,14 @@ impl Ingestor {
         if tpl.count() == 0 {
             return Ok(());
         }
-        match self.consumer.commit(&tpl, mode) {
+        let started = std::time::Instant::now();
+        let committed = self.consumer.commit(&tpl, mode);
+        if let Some(m) = &self.metrics {
+            m.ingest
+                .commit_duration
+                .observe(started.elapsed().as_secs_f64());
+        }
+        match committed {
             Ok(()) => Ok(()),
             // Partitions moved to another member: its commits win; our
             // uncommitted work is replayed there and skipped as applied.

@@ -392,6 +392,113 @@ async fn run_until_caught_up(ing: Ingestor, total: Option<u64>) -> IngestStats {
     .unwrap()
 }
 
+/// The sum of the samples of `name` whose labels contain every one of
+/// `labels` (`key="value"`), in Prometheus text format.
+fn sample_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.iter().all(|x| rest.contains(x)))
+                .then(|| value.parse::<f64>().unwrap())
+        })
+        .sum()
+}
+
+/// The exported metrics agree with the ingest totals.
+fn check_metrics(text: &str, stats: &IngestStats) {
+    let sum = |name: &str, labels: &[&str]| sample_sum(text, name, labels);
+    assert_eq!(
+        sum("quiver_ingest_messages_total", &[]),
+        stats.messages as f64
+    );
+    for p in 0..3 {
+        let part = format!("partition=\"{p}\"");
+        let key = format!("{TOPIC}:{p}");
+        assert_eq!(
+            sum("quiver_ingest_messages_total", &[&part, "topic=\"events\""]),
+            stats.partitions[key.as_str()].messages as f64,
+            "{text}"
+        );
+    }
+    assert_eq!(
+        sum("quiver_ingest_events_applied_total", &[]),
+        stats.events as f64
+    );
+    assert_eq!(
+        sum(
+            "quiver_ingest_dead_letters_total",
+            &["reason=\"out_of_range\""]
+        ),
+        stats.out_of_range as f64
+    );
+    assert_eq!(
+        sum("quiver_ingest_dead_letters_total", &["reason=\"invalid\""]),
+        (stats.dead_letters - stats.out_of_range) as f64
+    );
+    assert_eq!(
+        sum("quiver_ingest_tile_rows_total", &["outcome=\"written\""]),
+        stats.online.tiles_written as f64
+    );
+    assert_eq!(
+        sum("quiver_ingest_rows_total", &["outcome=\"written\""]),
+        stats.online.rows_written as f64
+    );
+    assert_eq!(
+        sum("quiver_ingest_events_too_late_total", &[]),
+        stats.online.events_too_late as f64
+    );
+    assert_eq!(
+        sum("quiver_archive_files_total", &[]),
+        stats.archived.files as f64
+    );
+    assert_eq!(
+        sum("quiver_archive_events_total", &[]),
+        stats.archived.events as f64
+    );
+    assert_eq!(
+        sum("quiver_archive_bytes_total", &[]),
+        stats.archived.bytes as f64
+    );
+    assert!(stats.archived.bytes > 1000, "{stats:?}");
+    assert_eq!(
+        sum("quiver_ingest_batch_duration_seconds_count", &[]),
+        stats.batches as f64
+    );
+    assert!(sum("quiver_ingest_commit_duration_seconds_count", &[]) >= 1.0);
+    assert_eq!(sum("quiver_ingest_up", &[]), 0.0, "the loop has ended");
+    // Freshness of the views the events feed: one observation per event
+    // and view.
+    let logins = sum(
+        "quiver_feature_freshness_seconds_count",
+        &["feature_view=\"user_last_login\""],
+    );
+    assert!(logins > 0.0, "{text}");
+    assert!(
+        sum(
+            "quiver_feature_freshness_seconds_count",
+            &["feature_view=\"user_stream\""]
+        ) > 0.0
+    );
+    // The events are hours old: freshness is at least that, and the
+    // newest event time is the newest applied login's (within a second).
+    let fresh_sum = sum(
+        "quiver_feature_freshness_seconds_sum",
+        &["feature_view=\"user_stream\""],
+    );
+    assert!(fresh_sum > 3600.0, "{text}");
+    let newest = sum(
+        "quiver_feature_newest_event_timestamp_seconds",
+        &["feature_view=\"user_last_login\""],
+    );
+    let now_s = now() as f64 / 1e6;
+    assert!(
+        newest > now_s - 4.0 * 3600.0 && newest < now_s + 3600.0,
+        "{newest} vs {now_s}"
+    );
+}
+
 fn raw_producer(brokers: &str) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -477,8 +584,11 @@ async fn events_reach_the_online_store_the_archive_and_the_dead_letter_topic() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let ing = ingestor(&brokers, store.clone(), dir.path(), 700, 16 * 1024);
+    let metrics = Arc::new(quiver_core::metrics::Metrics::new());
+    let ing =
+        ingestor(&brokers, store.clone(), dir.path(), 700, 16 * 1024).with_metrics(metrics.clone());
     let stats = run_until_caught_up(ing, Some(3_006)).await;
+    check_metrics(&metrics.render(), &stats);
     assert_eq!(stats.messages, 3_006);
     assert_eq!(stats.events, 3_002);
     assert_eq!(stats.dead_letters, 4);

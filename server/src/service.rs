@@ -807,6 +807,17 @@ impl FeatureServer {
                 None => *row = None,
             }
         }
+        // Staleness of what is served: the age of each found row, per view.
+        for (vpos, (vi, _)) in sel.by_view.iter().enumerate() {
+            self.metrics.observe_served_ages(
+                &reg.view(*vi).name,
+                rows.iter()
+                    .skip(vpos)
+                    .step_by(sel.by_view.len())
+                    .flatten()
+                    .map(|r| now.saturating_sub(r.event_ts) as f64 / 1e6),
+            );
+        }
         let mut columns = Vec::with_capacity(sel.columns.len());
         for c in &sel.columns {
             let vpos = sel

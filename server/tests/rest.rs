@@ -237,6 +237,11 @@ async fn operational_endpoints(server: &TestServer) {
         metrics.contains("quiver_online_store_duration_seconds_bucket"),
         "{metrics}"
     );
+    // The ages of served rows, per feature view.
+    assert!(
+        metrics.contains("quiver_served_feature_age_seconds_count{feature_view="),
+        "{metrics}"
+    );
     let (status, spec) = get(server, "/openapi.json").await;
     assert_eq!(status, 200);
     for path in [
