@@ -5,7 +5,11 @@
 #   quiver generate --to grpc  ->  quiver serve (PushEvents)  ->  Kafka (tansu)
 #   quiver generate --to kafka ----------------------------------^
 #   Kafka  ->  quiver ingest  ->  Redis (latest values, aggregation tiles) + Parquet archive
-# then checks the features over REST, the ingest totals and the archive.
+# then checks the features over REST, the ingest totals and the archive;
+# finally the monitoring stack: a Pushgateway fed by batch run and
+# materialize, and a real Prometheus loaded with deploy/prometheus (its
+# config pointed at these processes, its rules as they are), against which
+# every Grafana dashboard query and alert signal must return series.
 # Installs tansu into target/tools on first use (a few minutes of compiling).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -151,4 +155,64 @@ FILES=$(find "$WORK/offline/events" -name '*.parquet' | wc -l)
 echo "archive: $FILES parquet files"
 [ "$FILES" -gt 0 ] || { echo "no archive files" >&2; exit 1; }
 [ -z "$(ls -A "$WORK/offline/_quiver/staging" 2>/dev/null)" ] || { echo "staging files left" >&2; exit 1; }
+echo "== the monitoring stack: deploy/prometheus's config and rules on a real Prometheus"
+# A second ingest process (it resumes from the committed offsets), a
+# generator at a steady rate, the batch layer pushing to a Pushgateway,
+# reads over gRPC and REST; then every Grafana query and alert signal must
+# return series (deploy/tests/check_queries.py).
+VENV="${QUIVER_TEST_VENV:-target/py-venv}"
+[ -x "$VENV/bin/python" ] || { echo "no Python venv at $VENV (scripts/test.sh makes it)" >&2; exit 1; }
+for bin in prometheus promtool prometheus-pushgateway; do
+  command -v "$bin" >/dev/null || { echo "$bin is missing: apt-get install -y prometheus prometheus-pushgateway" >&2; exit 1; }
+done
+"$QUIVER" ingest --metrics-addr 127.0.0.1:0 >"$WORK/ingest2.out" 2>"$WORK/ingest2.log" &
+PIDS+=($!)
+GEN_RATE=200
+"$QUIVER" generate --to kafka --events 0 --rate "$GEN_RATE" --users 50 --products 20 --seed 3 >/dev/null 2>"$WORK/generate.log" &
+GEN=$!
+PIDS+=($GEN)
+PGW_PORT=$(free_port)
+PROM_PORT=$(free_port)
+prometheus-pushgateway --web.listen-address="127.0.0.1:$PGW_PORT" >"$WORK/pushgateway.log" 2>&1 &
+PIDS+=($!)
+wait_port "$PGW_PORT"
+QUIVER_PUSHGATEWAY_URL="http://127.0.0.1:$PGW_PORT" "$QUIVER" batch run
+QUIVER_PUSHGATEWAY_URL="http://127.0.0.1:$PGW_PORT" "$QUIVER" materialize
+for _ in $(seq 1 100); do grep -q "quiver ingest metrics=" "$WORK/ingest2.out" && break; sleep 0.1; done
+OPS2=$(sed -n 's/^quiver ingest metrics=//p' "$WORK/ingest2.out")
+[ -n "$OPS2" ] || { tail "$WORK/ingest2.log"; echo "the second ingest printed no metrics address" >&2; exit 1; }
+mkdir -p "$WORK/prom"
+sed -e "s/serve:8000/$HTTP/" -e "s/ingest:8001/$OPS2/" -e "s/pushgateway:9091/127.0.0.1:$PGW_PORT/" \
+  -e "s/scrape_interval: 15s/scrape_interval: 1s/" -e "s/evaluation_interval: 15s/evaluation_interval: 1s/" \
+  deploy/prometheus/prometheus.yml >"$WORK/prom/prometheus.yml"
+cp deploy/prometheus/rules.yml "$WORK/prom/"
+promtool check config "$WORK/prom/prometheus.yml" >/dev/null
+prometheus --config.file="$WORK/prom/prometheus.yml" --storage.tsdb.path="$WORK/prom/data" \
+  --web.listen-address="127.0.0.1:$PROM_PORT" >"$WORK/prometheus.log" 2>&1 &
+PIDS+=($!)
+wait_port "$PROM_PORT"
+# 25 s of reads over gRPC (the Python client) and REST while Prometheus scrapes.
+"$VENV/bin/python" - "$GRPC" "$HTTP" <<'PY'
+import sys, time, urllib.request
+from quiver_client import QuiverClient
+client = QuiverClient(sys.argv[1])
+end = time.time() + 25
+while time.time() < end:
+    client.get_online_features({"user_id": ["user_0", "user_1"]},
+                               features=["user_stream:page_views_24h", "user_last_login:device"])
+    urllib.request.urlopen(f"http://{sys.argv[2]}/api/v1/features/user/user_2").read()
+    time.sleep(0.02)
+PY
+PROM="http://127.0.0.1:$PROM_PORT"
+"$VENV/bin/python" deploy/tests/check_queries.py "$PROM" . || { tail -5 "$WORK/prometheus.log"; exit 1; }
+# Prometheus's own lint of both processes' exposition (names, units, help).
+curl -sf "http://$HTTP/metrics" | promtool check metrics
+curl -sf "http://$OPS2/metrics" | promtool check metrics
+prom_value() {
+  curl -sfG "$PROM/api/v1/query" --data-urlencode "query=$1" \
+    | "$VENV/bin/python" -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(" ".join(f"{x[\"metric\"].get(\"feature_view\",\"\")}={float(x[\"value\"][1]):.3f}" for x in r))'
+}
+echo "freshness at $GEN_RATE events/s, p50 (s): $(prom_value 'histogram_quantile(0.5, sum by (feature_view, le) (rate(quiver_feature_freshness_seconds_bucket[20s])))')"
+echo "freshness at $GEN_RATE events/s, p99 (s): $(prom_value 'histogram_quantile(0.99, sum by (feature_view, le) (rate(quiver_feature_freshness_seconds_bucket[20s])))')"
+kill "$GEN" 2>/dev/null || true
 echo "== e2e passed"

@@ -34,7 +34,8 @@
 //! - `quiver_ingest_rows_total{outcome}`: latest-value rows `written`, or
 //!   `stale` (the store held a newer row).
 //! - `quiver_ingest_consumer_lag_messages{topic, partition}`: messages
-//!   behind the partition's high watermark (librdkafka's statistics).
+//!   not yet consumed: the high watermark minus the consumer's position
+//!   (librdkafka's statistics).
 //! - `quiver_ingest_batch_duration_seconds`: one batch, consumed to applied
 //!   and archived (retries included).
 //! - `quiver_ingest_commit_duration_seconds`: one offset commit.
@@ -258,7 +259,7 @@ impl Metrics {
                 let m = IntGaugeVec::new(
                     Opts::new(
                         "quiver_ingest_consumer_lag_messages",
-                        "Messages behind the partition's high watermark",
+                        "Messages not yet consumed: the partition's high watermark minus the position",
                     ),
                     pp,
                 )
@@ -320,6 +321,16 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(ready.clone()))
             .expect("metric registered once");
+        let events = counter(
+            &r,
+            "quiver_events_total",
+            "Pushed events by outcome",
+            &["outcome"],
+        );
+        // Known label values start at 0 (dashboards see "none", not "no data").
+        for outcome in ["accepted", "rejected"] {
+            events.with_label_values(&[outcome]);
+        }
         Metrics {
             requests: counter(
                 &r,
@@ -347,12 +358,7 @@ impl Metrics {
                 "Failed online-store calls",
                 &["backend", "op"],
             ),
-            events: counter(
-                &r,
-                "quiver_events_total",
-                "Pushed events by outcome",
-                &["outcome"],
-            ),
+            events,
             served_age: histogram(
                 &r,
                 "quiver_served_feature_age_seconds",

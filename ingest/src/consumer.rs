@@ -149,8 +149,8 @@ pub struct IngestContext {
 
 impl ClientContext for IngestContext {
     /// librdkafka's statistics (every `statistics.interval.ms`): each
-    /// assigned partition's consumer lag, from its high watermark and
-    /// committed offset. Partitions no longer reported are dropped.
+    /// assigned partition's consumer lag (see [`consumer_lag`]).
+    /// Partitions no longer reported are dropped.
     fn stats(&self, statistics: Statistics) {
         let Some(m) = self.metrics.get() else {
             return;
@@ -159,11 +159,14 @@ impl ClientContext for IngestContext {
         let mut now: HashSet<(String, i32)> = HashSet::new();
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
-                if *partition < 0 || p.consumer_lag < 0 {
+                let Some(behind) = consumer_lag(p) else {
+                    continue;
+                };
+                if *partition < 0 {
                     continue;
                 }
                 lag.with_label_values(&[topic, &partition.to_string()])
-                    .set(p.consumer_lag);
+                    .set(behind);
                 now.insert((topic.clone(), *partition));
             }
         }
@@ -207,6 +210,28 @@ impl ConsumerContext for IngestContext {
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
     }
+}
+
+/// How many messages of a partition this member has yet to consume: the
+/// high watermark minus the position (librdkafka's `app_offset`, the offset
+/// after the last message handed to ingest). Before the first message,
+/// librdkafka's `consumer_lag` (from the committed offset), or everything
+/// from the log start when nothing was committed. Commits trail the
+/// position by up to `archive.roll_interval` (offsets are committed once
+/// archived), so committed-offset lag would grow with the roll interval
+/// rather than with a backlog. `None` for partitions this member does not
+/// fetch or whose watermarks are not known yet.
+fn consumer_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    if p.fetch_state == "none" || p.hi_offset < 0 {
+        return None;
+    }
+    if p.app_offset >= 0 {
+        return Some((p.hi_offset - p.app_offset).max(0));
+    }
+    if p.consumer_lag >= 0 {
+        return Some(p.consumer_lag);
+    }
+    Some(p.hi_offset - p.committed_offset.max(p.lo_offset.max(0)))
 }
 
 /// One consumed message, owned.
@@ -511,6 +536,11 @@ impl Ingestor {
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Ingestor {
         self.applier.set_metrics(metrics.clone());
         let _ = self.lag_metrics.set(metrics.clone());
+        // Every stage's series exists from the start, at 0 (dashboards and
+        // alerts then see "no errors", not "no data").
+        for stage in ["online_store", "archive", "kafka"] {
+            metrics.ingest.errors.with_label_values(&[stage]);
+        }
         self.metrics = Some(metrics);
         self
     }
