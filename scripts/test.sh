@@ -54,6 +54,9 @@ assert not missing, f"alerts without a promtool test that fires them: {missing}"
 print(f"{len(alerts)} alerts, each fired by a test")
 PY
 
+echo "== deploy/: compose and Kubernetes schemas, PrometheusRule, Dockerfile"
+./scripts/check-deploy.sh
+
 echo "== cargo test --workspace"
 cargo test --workspace --locked
 
