@@ -136,6 +136,8 @@ OPS=$(sed -n 's/^quiver ingest metrics=//p' "$WORK/ingest.out")
 metric_sum() { curl -sf "http://$OPS/metrics" | awk -v n="$1" '$1 == n || index($1, n "{") == 1 {s += $NF; f = 1} END {if (f) print s; else print "none"}'; }
 [ "$(curl -sf "http://$OPS/health")" = '{"status":"ok"}' ] || { echo "ingest /health is not ok" >&2; exit 1; }
 [ "$(curl -sf "http://$OPS/ready")" = '{"status":"ready"}' ] || { echo "ingest /ready is not ready" >&2; exit 1; }
+# The counters are exported right after the batch that the log counted.
+for _ in $(seq 1 50); do [ "$(metric_sum quiver_ingest_messages_total)" = 8000 ] && break; sleep 0.1; done
 [ "$(metric_sum quiver_ingest_events_applied_total)" = 8000 ] || { echo "applied: $(metric_sum quiver_ingest_events_applied_total), want 8000" >&2; exit 1; }
 [ "$(metric_sum quiver_ingest_messages_total)" = 8000 ] || { echo "messages: $(metric_sum quiver_ingest_messages_total), want 8000" >&2; exit 1; }
 # librdkafka reports lag every 5 s.

@@ -169,7 +169,7 @@ fn ops_router(metrics: Arc<Metrics>) -> axum::Router {
         .route(
             "/ready",
             get(move || {
-                let up = metrics.ingest.up.get() == 1;
+                let up = metrics.ingest.is_up();
                 async move {
                     if up {
                         (

@@ -47,9 +47,10 @@
 //! - `quiver_ingest_up`: 1 while the consume loop runs.
 //!
 //! Freshness, per stored feature view
-//! - `quiver_feature_freshness_seconds{feature_view}`: for each applied
-//!   event, the time from its event time to its value being visible online
-//!   (the store write returned).
+//! - `quiver_feature_freshness_seconds{feature_view}`: for each consumed
+//!   event and view it feeds, the time from its event time to its value
+//!   being visible online (the batch's store writes returned); replays after
+//!   a restart or rebalance count too.
 //! - `quiver_feature_newest_event_timestamp_seconds{feature_view}`: the event
 //!   time of the newest value ingest wrote (its age is
 //!   `time() - quiver_feature_newest_event_timestamp_seconds`: Prometheus
@@ -138,7 +139,7 @@ pub struct Metrics {
     store_errors: IntCounterVec,
     events: IntCounterVec,
     served_age: HistogramVec,
-    ready: IntGauge,
+    ready: IntGaugeVec,
     /// The ingest families.
     pub ingest: IngestMetrics,
     freshness: HistogramVec,
@@ -178,8 +179,23 @@ pub struct IngestMetrics {
     pub archive_events: IntCounter,
     /// `quiver_archive_bytes_total`.
     pub archive_bytes: IntCounter,
-    /// `quiver_ingest_up`.
-    pub up: IntGauge,
+    /// `quiver_ingest_up` (exported once set: a process without a consume
+    /// loop has none, rather than a 0 that reads as "down").
+    up: IntGaugeVec,
+}
+
+impl IngestMetrics {
+    /// Sets `quiver_ingest_up`.
+    pub fn set_up(&self, up: bool) {
+        self.up.with_label_values(&[]).set(i64::from(up));
+    }
+
+    /// Whether the consume loop runs (`quiver_ingest_up` is 1).
+    pub fn is_up(&self) -> bool {
+        self.up
+            .get_metric_with_label_values(&[])
+            .is_ok_and(|g| g.get() == 1)
+    }
 }
 
 impl Default for Metrics {
@@ -297,8 +313,11 @@ impl Metrics {
                 "Bytes of archived Parquet files",
             ),
             up: {
-                let m = IntGauge::new("quiver_ingest_up", "1 while the ingest consume loop runs")
-                    .expect("valid metric");
+                let m = IntGaugeVec::new(
+                    Opts::new("quiver_ingest_up", "1 while the ingest consume loop runs"),
+                    &[],
+                )
+                .expect("valid metric");
                 r.register(Box::new(m.clone()))
                     .expect("metric registered once");
                 m
@@ -314,9 +333,13 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(newest.clone()))
             .expect("metric registered once");
-        let ready = IntGauge::new(
-            "quiver_ready",
-            "1 when the online store answered the last health check",
+        // Exported once set (by serve's health loop): ingest has none.
+        let ready = IntGaugeVec::new(
+            Opts::new(
+                "quiver_ready",
+                "1 when the online store answered the last health check",
+            ),
+            &[],
         )
         .expect("valid metric");
         r.register(Box::new(ready.clone()))
@@ -449,7 +472,7 @@ impl Metrics {
 
     /// Sets the readiness gauge.
     pub fn set_ready(&self, ready: bool) {
-        self.ready.set(i64::from(ready));
+        self.ready.with_label_values(&[]).set(i64::from(ready));
     }
 
     /// The Prometheus text exposition of every metric with samples.
@@ -591,6 +614,15 @@ mod tests {
         assert!(text.contains(
             "quiver_ingest_dead_letters_total{partition=\"0\",reason=\"invalid\",topic=\"events\"} 1"
         ));
+        // Gauges of a part the process does not run are absent, not 0.
+        assert!(!text.contains("quiver_ingest_up"), "{text}");
+        assert!(!text.contains("quiver_ready"), "{text}");
+        m.ingest.set_up(true);
+        m.set_ready(false);
+        let text = m.render();
+        assert!(text.contains("quiver_ingest_up 1"), "{text}");
+        assert!(text.contains("quiver_ready 0"), "{text}");
+        assert!(m.ingest.is_up());
     }
 
     #[test]

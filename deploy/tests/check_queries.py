@@ -44,8 +44,28 @@ def top_level_parts(expr):
     return [p.strip() for p in parts]
 
 
+def wrapped(expr):
+    """Whether the whole expression is one parenthesized group."""
+    if not (expr.startswith("(") and expr.endswith(")")):
+        return False
+    depth = 0
+    for i, c in enumerate(expr):
+        depth += c == "("
+        depth -= c == ")"
+        if depth == 0 and i < len(expr) - 1:
+            return False
+    return True
+
+
 def signals(expr):
-    return [COMPARISON.sub("", p).strip() for p in top_level_parts(" ".join(expr.split()))]
+    out = []
+    for part in top_level_parts(" ".join(expr.split())):
+        part = COMPARISON.sub("", part).strip()
+        if wrapped(part):
+            out.extend(signals(part[1:-1]))
+        else:
+            out.append(part)
+    return out
 
 
 def queries(root):

@@ -382,7 +382,10 @@ impl Applier {
         Ok((stats, by_source))
     }
 
-    /// Every event of `records` is visible online now, in each view it feeds.
+    /// Every event of `records` is visible online now, in each view it
+    /// feeds: one freshness observation per (event, view). Events replayed
+    /// after a restart or rebalance are observed too (as old as they are):
+    /// a replay shows as a freshness spike.
     fn observe_freshness(&self, m: &Metrics, records: &[Record]) {
         let now = SystemClock.now_micros();
         let mut per_view: HashMap<usize, (Vec<f64>, Micros)> = HashMap::new();
@@ -402,6 +405,9 @@ impl Applier {
             }
         }
         for (vi, (freshness, newest)) in per_view {
+            // An event dated ahead of the clock (within the accepted skew)
+            // must not make the view look fresh for that long.
+            let newest = newest.min(now);
             m.observe_freshness(&self.registry.view(vi).name, freshness, newest as f64 / 1e6);
         }
     }

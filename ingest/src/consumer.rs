@@ -628,11 +628,11 @@ impl Ingestor {
     ) -> Result<IngestStats> {
         tokio::pin!(shutdown);
         if let Some(m) = &self.metrics {
-            m.ingest.up.set(1);
+            m.ingest.set_up(true);
         }
         let result = self.consume(&mut shutdown, &mut on_batch).await;
         if let Some(m) = &self.metrics {
-            m.ingest.up.set(0);
+            m.ingest.set_up(false);
         }
         result?;
         self.drop_revoked();
@@ -797,6 +797,8 @@ impl Ingestor {
                     self.stats.partitions.entry(source).or_default().retries += 1;
                 }
             }
+            // Retries show while the outage lasts, not only after it.
+            self.export();
             tracing::warn!(error = %e, retry_in = ?backoff, "ingest batch failed; retrying (partitions paused)");
             // Every round: partitions assigned since the last one too.
             if let Ok(tpl) = self.consumer.assignment() {
