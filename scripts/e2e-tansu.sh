@@ -211,10 +211,15 @@ PROM="http://127.0.0.1:$PROM_PORT"
 curl -sf "http://$HTTP/metrics" | promtool check metrics
 curl -sf "http://$OPS2/metrics" | promtool check metrics
 prom_value() {
-  curl -sfG "$PROM/api/v1/query" --data-urlencode "query=$1" \
-    | "$VENV/bin/python" -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(" ".join(f"{x[\"metric\"].get(\"feature_view\",\"\")}={float(x[\"value\"][1]):.3f}" for x in r))'
+  curl -sfG "$PROM/api/v1/query" --data-urlencode "query=$1" | "$VENV/bin/python" -c '
+import json, sys
+r = json.load(sys.stdin)["data"]["result"]
+assert r, "no series"
+print(" ".join("%s=%.3f" % (x["metric"].get("feature_view", ""), float(x["value"][1])) for x in r))'
 }
-echo "freshness at $GEN_RATE events/s, p50 (s): $(prom_value 'histogram_quantile(0.5, sum by (feature_view, le) (rate(quiver_feature_freshness_seconds_bucket[20s])))')"
-echo "freshness at $GEN_RATE events/s, p99 (s): $(prom_value 'histogram_quantile(0.99, sum by (feature_view, le) (rate(quiver_feature_freshness_seconds_bucket[20s])))')"
+P50=$(prom_value 'histogram_quantile(0.5, sum by (feature_view, le) (rate(quiver_feature_freshness_seconds_bucket[20s])))')
+P99=$(prom_value 'histogram_quantile(0.99, sum by (feature_view, le) (rate(quiver_feature_freshness_seconds_bucket[20s])))')
+echo "freshness at $GEN_RATE events/s, p50 (s): $P50"
+echo "freshness at $GEN_RATE events/s, p99 (s): $P99"
 kill "$GEN" 2>/dev/null || true
 echo "== e2e passed"
