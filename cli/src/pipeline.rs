@@ -156,16 +156,17 @@ fn ops_router(metrics: Arc<Metrics>) -> axum::Router {
                 let m = m.clone();
                 async move {
                     (
-                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        [(
+                            header::CONTENT_TYPE,
+                            quiver_core::metrics::TEXT_CONTENT_TYPE,
+                        )],
                         m.render(),
                     )
                 }
             }),
         )
-        .route(
-            "/health",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
+        // The server's own liveness handler: the same answer.
+        .route("/health", get(quiver_server::rest::health))
         .route(
             "/ready",
             get(move || {

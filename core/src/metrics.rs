@@ -80,6 +80,10 @@ use prometheus::{
 };
 pub use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
+/// The content type of [`Metrics::render`]'s output (Prometheus text
+/// exposition format 0.0.4), for every `/metrics` endpoint.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 /// Latency buckets from 100 µs to 5 s: online serving lives below 10 ms.
 const BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,

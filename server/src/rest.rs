@@ -998,7 +998,7 @@ pub async fn metrics(State(svc): State<Arc<FeatureServer>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            quiver_core::metrics::TEXT_CONTENT_TYPE,
         )],
         svc.metrics().render(),
     )
