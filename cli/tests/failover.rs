@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 use quiver_core::event::EventSink;
 use quiver_core::Registry;
 use quiver_ingest::{Generator, GeneratorConfig, KafkaConfig, KafkaEventSink};
-use quiver_testkit::RedisServer;
-use rdkafka::mocking::MockCluster;
+use quiver_testkit::{MockKafka, RedisServer};
 
 /// Kills the process when dropped (also when an assertion fails).
 struct Killed(Child);
@@ -101,7 +100,7 @@ fn sample_sum(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 /// file for `quiver ingest` (archive in `offline/` when `archive`) and a
 /// sink producing to the topic.
 struct Stack {
-    _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    _kafka: MockKafka,
     _redis: RedisServer,
     _dir: tempfile::TempDir,
     config: std::path::PathBuf,
@@ -110,12 +109,8 @@ struct Stack {
 }
 
 fn stack(partitions: i32, archive: bool) -> Stack {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster
-        .create_topic("quiver-events", partitions, 1)
-        .unwrap();
-    cluster.create_topic("quiver-events-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let kafka = MockKafka::with_topics(&[("quiver-events", partitions), ("quiver-events-dlq", 1)]);
+    let brokers = kafka.bootstrap_servers();
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("q.toml");
@@ -137,7 +132,7 @@ fn stack(partitions: i32, archive: bool) -> Stack {
     let reg = Arc::new(Registry::load(&registry).unwrap());
     let sink = KafkaEventSink::new(&KafkaConfig::new(brokers), reg.clone()).unwrap();
     Stack {
-        _cluster: cluster,
+        _kafka: kafka,
         _redis: redis,
         _dir: dir,
         config,

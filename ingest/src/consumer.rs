@@ -248,7 +248,8 @@ struct Msg {
 /// The ingest process: consumer, dead-letter producer, online applier and
 /// archiver.
 pub struct Ingestor {
-    consumer: StreamConsumer<IngestContext>,
+    /// Shared with the thread of the last commit (see [`Ingestor::run`]).
+    consumer: Arc<StreamConsumer<IngestContext>>,
     dlq: FutureProducer,
     registry: Arc<Registry>,
     applier: Applier,
@@ -509,7 +510,7 @@ impl Ingestor {
             .map_err(|e| Error::invalid(format!("invalid Kafka producer settings: {e}")))?;
         let archiver = archiver.map(|a| a.with_topic_epoch(kafka.topic_epoch));
         Ok(Ingestor {
-            consumer,
+            consumer: Arc::new(consumer),
             dlq,
             registry,
             applier,
@@ -640,10 +641,46 @@ impl Ingestor {
             let s = a.flush(true).await?;
             self.stats.archived += s;
         }
-        self.commit(CommitMode::Sync)?;
+        self.final_commit().await?;
         self.export();
         self.log_partitions(true);
         Ok(self.stats)
+    }
+
+    /// The last commit, at shutdown: synchronous, so the offsets are on
+    /// the broker when `run` returns, but on a thread of its own and
+    /// awaited at most the Kafka timeout. librdkafka's synchronous commit
+    /// waits without limit, e.g. for a group coordinator that is gone;
+    /// then the thread is left behind (holding the consumer, which is
+    /// never closed) and the partitions' next owner replays from the last
+    /// committed offsets, skipping what was applied.
+    async fn final_commit(&mut self) -> Result<()> {
+        let Some(tpl) = self.commit_list()? else {
+            return Ok(());
+        };
+        let consumer = self.consumer.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let started = std::time::Instant::now();
+        std::thread::Builder::new()
+            .name("quiver-commit".into())
+            .spawn(move || {
+                let _ = tx.send(consumer.commit(&tpl, CommitMode::Sync));
+            })
+            .map_err(|e| Error::internal(format!("starting the commit thread: {e}")))?;
+        match tokio::time::timeout(self.kafka_timeout, rx).await {
+            Ok(Ok(committed)) => {
+                self.observe_commit(started);
+                if let Err(e) = committed {
+                    tracing::warn!(error = %e, "offset commit at shutdown failed; the partitions' next owner replays from the last committed offsets");
+                }
+            }
+            Ok(Err(_)) => {}
+            Err(_) => tracing::warn!(
+                timeout = ?self.kafka_timeout,
+                "offset commit at shutdown not answered; the partitions' next owner replays from the last committed offsets"
+            ),
+        }
+        Ok(())
     }
 
     /// The consume loop of [`Ingestor::run`], until `shutdown` resolves.
@@ -732,7 +769,7 @@ impl Ingestor {
                 Err(e) => return Err(stopped(e)),
             }
         }
-        let _ = self.commit(CommitMode::Async);
+        let _ = self.commit();
         Ok(())
     }
 
@@ -1041,7 +1078,7 @@ impl Ingestor {
             p.tiles_written += s.tiles_written;
             p.tiles_replayed += s.tiles_replayed;
         }
-        self.commit(CommitMode::Async)
+        self.commit()
     }
 
     /// Checks each partition of `batch` not checked since it was assigned
@@ -1291,8 +1328,36 @@ impl Ingestor {
         Ok(())
     }
 
-    /// Commits, per partition, the offset after the last durable one.
-    fn commit(&mut self, mode: CommitMode) -> Result<()> {
+    /// Commits, per partition, the offset after the last durable one,
+    /// asynchronously (librdkafka sends it; the next commit, or the
+    /// partition's next owner, covers one that fails).
+    fn commit(&mut self) -> Result<()> {
+        let Some(tpl) = self.commit_list()? else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let committed = self.consumer.commit(&tpl, CommitMode::Async);
+        self.observe_commit(started);
+        if let Err(e) = committed {
+            // Partitions moved to another member: its commits win; our
+            // uncommitted work is replayed there and skipped as applied.
+            tracing::warn!(error = %e, "offset commit failed; the next commit or the new owner covers it");
+        }
+        Ok(())
+    }
+
+    /// `quiver_ingest_commit_duration_seconds`: one commit call.
+    fn observe_commit(&self, started: std::time::Instant) {
+        if let Some(m) = &self.metrics {
+            m.ingest
+                .commit_duration
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Per partition, the offset after the last durable one; `None` when
+    /// there is nothing to commit.
+    fn commit_list(&mut self) -> Result<Option<TopicPartitionList>> {
         if let Some(a) = &self.archiver {
             for (k, through) in a.archived() {
                 self.committed.insert(k, through + 1);
@@ -1305,25 +1370,7 @@ impl Ingestor {
                     .map_err(|e| kafka_error("building the commit", e))?;
             }
         }
-        if tpl.count() == 0 {
-            return Ok(());
-        }
-        let started = std::time::Instant::now();
-        let committed = self.consumer.commit(&tpl, mode);
-        if let Some(m) = &self.metrics {
-            m.ingest
-                .commit_duration
-                .observe(started.elapsed().as_secs_f64());
-        }
-        match committed {
-            Ok(()) => Ok(()),
-            // Partitions moved to another member: its commits win; our
-            // uncommitted work is replayed there and skipped as applied.
-            Err(e) => {
-                tracing::warn!(error = %e, "offset commit failed; the next commit or the new owner covers it");
-                Ok(())
-            }
-        }
+        Ok((tpl.count() > 0).then_some(tpl))
     }
 }
 

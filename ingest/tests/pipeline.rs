@@ -26,11 +26,10 @@ use quiver_ingest::{
     Applier, Generator, GeneratorConfig, IngestConfig, IngestStats, Ingestor, KafkaConfig,
     KafkaEventSink,
 };
-use quiver_testkit::RedisServer;
+use quiver_testkit::{MockKafka, RedisServer};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const TOPIC: &str = "events";
@@ -111,10 +110,8 @@ async fn produce_seeded(brokers: &str, seed: u64, n: usize, start: Micros) -> Ve
 
 /// librdkafka's in-process cluster with the event topic and the DLQ; keep
 /// the cluster alive for the test.
-fn mock_kafka(partitions: i32) -> (MockCluster<'static, DefaultProducerContext>, String) {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, partitions, 1).unwrap();
-    cluster.create_topic(DLQ, 1, 1).unwrap();
+fn mock_kafka(partitions: i32) -> (MockKafka, String) {
+    let cluster = MockKafka::with_topics(&[(TOPIC, partitions), (DLQ, 1)]);
     let brokers = cluster.bootstrap_servers();
     (cluster, brokers)
 }

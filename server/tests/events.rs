@@ -15,8 +15,7 @@ use quiver_ingest::{Applier, IngestConfig, Ingestor, KafkaConfig, KafkaEventSink
 use quiver_proto::v1 as pb;
 use quiver_proto::v1::get_online_features_request::Kind as Sel;
 use quiver_server::Limits;
-use quiver_testkit::RedisServer;
-use rdkafka::mocking::MockCluster;
+use quiver_testkit::{MockKafka, RedisServer};
 use serde_json::{json, Value};
 
 fn s(v: &str) -> pb::Value {
@@ -54,19 +53,17 @@ struct Stack {
     server: TestServer,
     stop: tokio::sync::watch::Sender<bool>,
     ingest: tokio::task::JoinHandle<()>,
-    _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    _kafka: MockKafka,
 }
 
 /// Mock Kafka + Redis + an ingest loop + a server whose PushEvents appends
 /// to that Kafka.
 async fn stack() -> Stack {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("events", 2, 1).unwrap();
-    cluster.create_topic("events-dlq", 1, 1).unwrap();
+    let mock = MockKafka::with_topics(&[("events", 2), ("events-dlq", 1)]);
     let kafka = KafkaConfig {
         topic: "events".into(),
         group_id: "server-test".into(),
-        ..KafkaConfig::new(cluster.bootstrap_servers())
+        ..KafkaConfig::new(mock.bootstrap_servers())
     };
     let registry = Arc::new(Registry::from_toml("r", common::REGISTRY).unwrap());
     let redis = RedisServer::start();
@@ -103,7 +100,7 @@ async fn stack() -> Stack {
         server,
         stop,
         ingest,
-        _cluster: cluster,
+        _kafka: mock,
     }
 }
 

@@ -32,8 +32,7 @@ use quiver_ingest::{
 use quiver_proto::v1 as pb;
 use quiver_proto::v1::get_online_features_request::Kind as Sel;
 use quiver_server::Limits;
-use quiver_testkit::{RedisServer, S3Server};
-use rdkafka::mocking::MockCluster;
+use quiver_testkit::{MockKafka, RedisServer, S3Server};
 use tonic::Code;
 
 const MINUTE: i64 = 60_000_000;
@@ -80,9 +79,7 @@ async fn ingest_all(ing: Ingestor, total: u64, dead: u64) -> IngestStats {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_aggregates_equal_offline_ones_at_every_as_of_time() {
     let reg = Arc::new(Registry::from_toml("registry/features.toml", common::REGISTRY).unwrap());
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("events", 3, 1).unwrap();
-    cluster.create_topic("events-dlq", 1, 1).unwrap();
+    let cluster = MockKafka::with_topics(&[("events", 3), ("events-dlq", 1)]);
     let kafka = KafkaConfig {
         topic: "events".into(),
         group_id: "historical-test".into(),

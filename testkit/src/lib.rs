@@ -8,7 +8,11 @@
 //! such servers with `redis-cli --cluster create`. [`S3Server::start`] runs
 //! moto, an S3-compatible server, the same way. [`Pki`] makes a test CA
 //! with server and client certificates (rcgen) for TLS tests.
+//! [`MockKafka`] is librdkafka's in-process mock cluster, kept alive past
+//! a failing test.
 
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -659,4 +663,57 @@ pub fn rss() -> (u64, u64) {
 /// Resets the peak resident set (VmHWM) to the current one.
 pub fn reset_peak_rss() {
     std::fs::write("/proc/self/clear_refs", "5").expect("/proc/self/clear_refs");
+}
+
+/// librdkafka's in-process mock cluster (see [`MockCluster`]), with topics
+/// made by [`MockKafka::with_topics`].
+///
+/// A test that panics while a consumer of the cluster still runs in a
+/// spawned task has that consumer dropped after the cluster, when the
+/// runtime shuts down; rust-rdkafka's consumer drop then waits without
+/// limit for librdkafka to leave the group on brokers that are gone, and
+/// the test hangs instead of reporting its failure. So on a panic the
+/// cluster is left running (leaked) until the process exits.
+pub struct MockKafka {
+    cluster: Option<MockCluster<'static, DefaultProducerContext>>,
+}
+
+impl MockKafka {
+    /// One mock broker with `topics` (name, partitions) created.
+    ///
+    /// # Panics
+    /// When librdkafka cannot start the cluster or create a topic.
+    pub fn with_topics(topics: &[(&str, i32)]) -> MockKafka {
+        let cluster = MockCluster::new(1).expect("starting librdkafka's mock cluster");
+        for (name, partitions) in topics {
+            cluster
+                .create_topic(name, *partitions, 1)
+                .unwrap_or_else(|e| panic!("creating the mock topic {name}: {e}"));
+        }
+        MockKafka {
+            cluster: Some(cluster),
+        }
+    }
+
+    /// The brokers' `host:port` list, for `bootstrap.servers`.
+    pub fn bootstrap_servers(&self) -> String {
+        self.cluster().bootstrap_servers()
+    }
+
+    /// The cluster itself (e.g. to take brokers down).
+    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
+        self.cluster
+            .as_ref()
+            .expect("the cluster is kept until drop")
+    }
+}
+
+impl Drop for MockKafka {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(c) = self.cluster.take() {
+                std::mem::forget(c);
+            }
+        }
+    }
 }
