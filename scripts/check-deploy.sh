@@ -6,7 +6,10 @@
 #   (kubernetes-validate); every kustomization resource and generator file
 #   exists; the PrometheusRule's groups are deploy/prometheus/rules.yml's;
 # - deploy/Dockerfile builds the binary the way the README says
-#   (cargo build --release --locked -p quiver).
+#   (cargo build --release --locked -p quiver), and its airflow stage
+#   carries that binary and the DAG;
+# - deploy/alertmanager's config passes amtool check-config, and the
+#   Airflow DAG compiles (scripts/airflow-test.sh runs it).
 # Installs check-jsonschema, kubernetes-validate and PyYAML into a venv of
 # their own (target/deploy-venv, or QUIVER_DEPLOY_VENV); needs promtool.
 set -euo pipefail
@@ -20,6 +23,10 @@ fi
 
 echo "== deploy/compose.yaml against the Compose specification"
 "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
+
+echo "== deploy/alertmanager (amtool) and deploy/airflow (compiles)"
+amtool check-config deploy/alertmanager/alertmanager.yml >/dev/null
+python3 -c 'import sys; compile(open(sys.argv[1]).read(), sys.argv[1], "exec")' deploy/airflow/dags/quiver_batch.py
 
 echo "== deploy/k8s against the Kubernetes schemas (strict)"
 "$VENV/bin/kubernetes-validate" --strict --quiet \
@@ -61,5 +68,12 @@ assert build in docker, f"deploy/Dockerfile does not run {build!r}"
 assert build in readme, f"README.md does not show {build!r}"
 assert re.search(r"^USER 10001", docker, re.M), "the runtime image must run as a non-root user"
 assert "HEALTHCHECK" in docker
+stages = re.findall(r"^FROM \S+(?: AS (\S+))?", docker, re.M)
+assert stages[-1] == "", "the quiver runtime image must be the Dockerfile's last (default) stage"
+assert "airflow" in stages, "deploy/Dockerfile has no airflow stage"
+airflow = docker.split("AS airflow", 1)[1].split("\nFROM ", 1)[0]
+assert "COPY --from=build /out/quiver" in airflow and "deploy/airflow/dags" in airflow, \
+    "the airflow stage must carry the built quiver binary and the DAG"
+assert compose["services"]["airflow"]["build"]["target"] == "airflow"
 print("deploy/: compose mounts, kustomization files, PrometheusRule and Dockerfile agree")
 PY

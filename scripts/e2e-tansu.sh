@@ -24,24 +24,7 @@ echo "== building quiver"
 cargo build -p quiver --locked
 QUIVER="$PWD/target/debug/quiver"
 
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2
-  return 1
-}
+. scripts/lib.sh
 
 KAFKA_PORT=$(free_port)
 REDIS_PORT=$(free_port)
@@ -164,8 +147,8 @@ echo "== the monitoring stack: deploy/prometheus's config and rules on a real Pr
 # return series (deploy/tests/check_queries.py).
 VENV="${QUIVER_TEST_VENV:-target/py-venv}"
 [ -x "$VENV/bin/python" ] || { echo "no Python venv at $VENV (scripts/test.sh makes it)" >&2; exit 1; }
-for bin in prometheus promtool prometheus-pushgateway; do
-  command -v "$bin" >/dev/null || { echo "$bin is missing: apt-get install -y prometheus prometheus-pushgateway" >&2; exit 1; }
+for bin in prometheus promtool prometheus-pushgateway prometheus-alertmanager; do
+  command -v "$bin" >/dev/null || { echo "$bin is missing: apt-get install -y prometheus prometheus-pushgateway prometheus-alertmanager" >&2; exit 1; }
 done
 "$QUIVER" ingest --metrics-addr 127.0.0.1:0 >"$WORK/ingest2.out" 2>"$WORK/ingest2.log" &
 PIDS+=($!)
@@ -175,9 +158,14 @@ GEN=$!
 PIDS+=($GEN)
 PGW_PORT=$(free_port)
 PROM_PORT=$(free_port)
+AM_PORT=$(free_port)
 prometheus-pushgateway --web.listen-address="127.0.0.1:$PGW_PORT" >"$WORK/pushgateway.log" 2>&1 &
 PIDS+=($!)
+prometheus-alertmanager --config.file=deploy/alertmanager/alertmanager.yml --storage.path="$WORK/alertmanager" \
+  --web.listen-address="127.0.0.1:$AM_PORT" --cluster.listen-address= >"$WORK/alertmanager.log" 2>&1 &
+PIDS+=($!)
 wait_port "$PGW_PORT"
+wait_port "$AM_PORT"
 QUIVER_PUSHGATEWAY_URL="http://127.0.0.1:$PGW_PORT" "$QUIVER" batch run
 QUIVER_PUSHGATEWAY_URL="http://127.0.0.1:$PGW_PORT" "$QUIVER" materialize
 for _ in $(seq 1 100); do grep -q "quiver ingest metrics=" "$WORK/ingest2.out" && break; sleep 0.1; done
@@ -185,6 +173,7 @@ OPS2=$(sed -n 's/^quiver ingest metrics=//p' "$WORK/ingest2.out")
 [ -n "$OPS2" ] || { tail "$WORK/ingest2.log"; echo "the second ingest printed no metrics address" >&2; exit 1; }
 mkdir -p "$WORK/prom"
 sed -e "s/serve:8000/$HTTP/" -e "s/ingest:8001/$OPS2/" -e "s/pushgateway:9091/127.0.0.1:$PGW_PORT/" \
+  -e "s/alertmanager:9093/127.0.0.1:$AM_PORT/" \
   -e "s/scrape_interval: 15s/scrape_interval: 1s/" -e "s/evaluation_interval: 15s/evaluation_interval: 1s/" \
   deploy/prometheus/prometheus.yml >"$WORK/prom/prometheus.yml"
 cp deploy/prometheus/rules.yml "$WORK/prom/"
@@ -207,6 +196,9 @@ while time.time() < end:
 PY
 PROM="http://127.0.0.1:$PROM_PORT"
 "$VENV/bin/python" deploy/tests/check_queries.py "$PROM" . || { tail -5 "$WORK/prometheus.log"; exit 1; }
+# Prometheus found the Alertmanager of its config (deploy/alertmanager).
+curl -sf "$PROM/api/v1/alertmanagers" | grep -q "127.0.0.1:$AM_PORT" \
+  || { curl -s "$PROM/api/v1/alertmanagers"; echo "Prometheus has no active Alertmanager" >&2; exit 1; }
 # Prometheus's own lint of both processes' exposition (names, units, help).
 curl -sf "http://$HTTP/metrics" | promtool check metrics
 curl -sf "http://$OPS2/metrics" | promtool check metrics

@@ -6,8 +6,9 @@
 # its stubs generated from proto/ at build time; pytest against a live server), then schemathesis against the REST
 # gateway's generated OpenAPI description (scripts/schemathesis.sh).
 # Checks deploy/prometheus with promtool (config, rules, a unit test per alert).
-# Installs what is missing: redis-server, redis-cli, prometheus (promtool) and
-# prometheus-pushgateway (apt-get; batch metrics are pushed to a real one) and a Python
+# Installs what is missing: redis-server, redis-cli, prometheus (promtool),
+# prometheus-pushgateway (apt-get; batch metrics are pushed to a real one) and
+# prometheus-alertmanager (amtool; the e2e's Prometheus sends to it) and a Python
 # venv with grpcio, pytest and moto[server] (pip). Finally runs
 # scripts/e2e-tansu.sh (serve, ingest and generate as processes against a
 # real Kafka-compatible broker, tansu, installed from crates.io on first use;
@@ -18,10 +19,11 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1 \
-  || ! command -v prometheus-pushgateway >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
-  echo "== installing redis-server, prometheus (promtool) and prometheus-pushgateway"
+  || ! command -v prometheus-pushgateway >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1 \
+  || ! command -v amtool >/dev/null 2>&1; then
+  echo "== installing redis-server, prometheus (promtool), prometheus-pushgateway and prometheus-alertmanager (amtool)"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools prometheus prometheus-pushgateway
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools prometheus prometheus-pushgateway prometheus-alertmanager
 fi
 
 echo "== python venv (grpcio, pytest, moto, pyarrow, pandas, polars, mypy, scikit-learn, nbclient, cryptography, schemathesis) and the client"

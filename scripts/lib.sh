@@ -1,0 +1,29 @@
+# Shared by the scripts that start processes (e2e-tansu.sh, airflow-test.sh):
+# source it to get a work directory $WORK, removed at exit after the
+# processes whose pids were added to PIDS are killed, and helpers to pick a
+# free loopback port and wait for a port or an HTTP endpoint.
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Waits up to 10 s for 127.0.0.1:$1 to accept connections.
+wait_port() {
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on 127.0.0.1:$1" >&2
+  return 1
+}
+# Waits up to 30 s for GET $1 to succeed; $2 names what answers there.
+wait_http() {
+  for _ in $(seq 1 150); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  echo "FAIL: $2 did not answer at $1" >&2
+  return 1
+}
