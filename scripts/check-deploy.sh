@@ -11,7 +11,8 @@
 # - deploy/alertmanager's config passes amtool check-config, and the
 #   Airflow DAG compiles (scripts/airflow-test.sh runs it).
 # Installs check-jsonschema, kubernetes-validate and PyYAML into a venv of
-# their own (target/deploy-venv, or QUIVER_DEPLOY_VENV); needs promtool.
+# their own (target/deploy-venv, or QUIVER_DEPLOY_VENV); needs promtool and
+# amtool (Debian packages prometheus and prometheus-alertmanager).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${QUIVER_DEPLOY_VENV:-target/deploy-venv}"
@@ -25,7 +26,7 @@ echo "== deploy/compose.yaml against the Compose specification"
 "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
 
 echo "== deploy/alertmanager (amtool) and deploy/airflow (compiles)"
-amtool check-config deploy/alertmanager/alertmanager.yml >/dev/null
+amtool check-config deploy/alertmanager/alertmanager.yml
 python3 -c 'import sys; compile(open(sys.argv[1]).read(), sys.argv[1], "exec")' deploy/airflow/dags/quiver_batch.py
 
 echo "== deploy/k8s against the Kubernetes schemas (strict)"

@@ -8,17 +8,22 @@ interval):
 
 1. ``batch_run``: ``quiver batch run`` recomputes the SQL feature views over
    the offline store (``archive.location``) and commits their feature tables;
-2. ``materialize``: ``quiver materialize --start <data_interval_start>
-   --end <data_interval_end>`` writes, per entity, the newest feature row
-   whose event time falls in the interval into the online store.
+2. ``materialize``: ``quiver materialize --start <data_interval_start -
+   lookback> --end <data_interval_end>`` writes, per entity, the newest
+   feature row whose event time falls in that range into the online store.
+   The lookback (``QUIVER_BATCH_LOOKBACK_MINUTES``, default 15) covers
+   events that reached the offline store after the previous run: ingest
+   archives them in Parquet files rolled every ``archive.roll_interval``
+   (60 s by default), and events arrive late.
 
-Backfilling a date range (``airflow backfill create --dag-id quiver_batch
---from-date ... --to-date ...``) materializes each interval once, oldest
-first (``max_active_runs=1``). Materialization is idempotent: a row is written
-only when it is newer (by event time) than what the online store holds, so a
-retried task or a re-run interval leaves the same values. Rows that arrive in
-the offline store after their interval was materialized are picked up by
-re-running that interval.
+Materialization is idempotent: a row is written only when it is newer (by
+event time) than what the online store holds, so overlapping ranges, a
+retried task or a re-run interval leave the same values. Backfilling a date
+range (``airflow backfill create --dag-id quiver_batch --from-date ...
+--to-date ... --max-active-runs 1``) materializes each interval; each task
+runs one instance at a time (``max_active_tis_per_dag=1``), so backfills and
+scheduled runs do not overlap. Rows that reach the offline store later than
+the lookback are picked up by re-running their interval.
 
 The tasks run the same ``quiver`` binary and configuration users run by hand,
 so ``metrics.pushgateway_url`` in that configuration also pushes each run's
@@ -39,6 +44,8 @@ Settings, from the environment of the Airflow scheduler and workers:
     scheduled runs do not catch up on earlier intervals, backfills do.
 ``QUIVER_BATCH_VIEWS``
     Feature views to run and materialize, comma-separated (default: all).
+``QUIVER_BATCH_LOOKBACK_MINUTES``
+    How far before its data interval a run starts materializing (default 15).
 ``QUIVER_BATCH_RETRIES`` / ``QUIVER_BATCH_RETRY_DELAY_SECONDS``
     Retries of a failed task (default 3) and the first delay (default 300 s,
     doubling each retry).
@@ -52,6 +59,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -126,7 +134,8 @@ def alert_on_failure(context: Any) -> None:
 
 QUIVER = '"${QUIVER_BIN:-quiver}"'
 VIEWS = os.environ.get("QUIVER_BATCH_VIEWS", "").strip()
-VIEWS_FLAG = f" --views {VIEWS}" if VIEWS else ""
+VIEWS_FLAG = f" --views {shlex.quote(VIEWS)}" if VIEWS else ""
+LOOKBACK_MINUTES = int(os.environ.get("QUIVER_BATCH_LOOKBACK_MINUTES", "15"))
 
 with DAG(
     dag_id=DAG_ID,
@@ -146,6 +155,9 @@ with DAG(
         "max_retry_delay": timedelta(hours=1),
         "execution_timeout": timedelta(hours=2),
         "on_failure_callback": alert_on_failure,
+        # One instance of each task at a time, across scheduled runs and
+        # backfills (a backfill has max_active_runs of its own).
+        "max_active_tis_per_dag": 1,
     },
     tags=["quiver", "feature-store"],
     doc_md=__doc__,
@@ -155,14 +167,15 @@ with DAG(
         bash_command=f"{QUIVER} batch run{VIEWS_FLAG}",
         append_env=True,
     )
-    # The interval's bounds in RFC 3339 (UTC), as quiver's --start/--end take them.
+    # The range in RFC 3339 (UTC), as quiver's --start/--end take it.
     materialize = BashOperator(
         task_id="materialize",
         bash_command=(
             f"{QUIVER} materialize{VIEWS_FLAG}"
-            " --start {{ data_interval_start | ts }}"
+            " --start {{ (data_interval_start - macros.timedelta(minutes=params.lookback_minutes)) | ts }}"
             " --end {{ data_interval_end | ts }}"
         ),
+        params={"lookback_minutes": LOOKBACK_MINUTES},
         append_env=True,
     )
     batch_run >> materialize
