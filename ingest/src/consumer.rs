@@ -664,7 +664,11 @@ impl Ingestor {
         std::thread::Builder::new()
             .name("quiver-commit".into())
             .spawn(move || {
-                let _ = tx.send(consumer.commit(&tpl, CommitMode::Sync));
+                let committed = consumer.commit(&tpl, CommitMode::Sync);
+                // Before answering: `run` then drops the last handle and
+                // leaves the group itself, not this thread after it.
+                drop(consumer);
+                let _ = tx.send(committed);
             })
             .map_err(|e| Error::internal(format!("starting the commit thread: {e}")))?;
         match tokio::time::timeout(self.kafka_timeout, rx).await {
@@ -674,7 +678,9 @@ impl Ingestor {
                     tracing::warn!(error = %e, "offset commit at shutdown failed; the partitions' next owner replays from the last committed offsets");
                 }
             }
-            Ok(Err(_)) => {}
+            Ok(Err(_)) => tracing::warn!(
+                "the offset commit at shutdown ended without an answer; the partitions' next owner replays from the last committed offsets"
+            ),
             Err(_) => tracing::warn!(
                 timeout = ?self.kafka_timeout,
                 "offset commit at shutdown not answered; the partitions' next owner replays from the last committed offsets"
