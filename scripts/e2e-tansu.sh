@@ -26,19 +26,8 @@ QUIVER="$PWD/target/debug/quiver"
 
 . scripts/lib.sh
 
-KAFKA_PORT=$(free_port)
-REDIS_PORT=$(free_port)
-BROKERS="127.0.0.1:$KAFKA_PORT"
-
+start_kafka_and_redis "$TOOLS/bin/tansu"
 echo "== tansu on $BROKERS, redis on $REDIS_PORT"
-"$TOOLS/bin/tansu" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-  --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine memory://tansu/ \
-  >"$WORK/tansu.log" 2>&1 &
-PIDS+=($!)
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
-PIDS+=($!)
-wait_port "$KAFKA_PORT"
-wait_port "$REDIS_PORT"
 "$TOOLS/bin/tansu" topic create --broker "tcp://$BROKERS" quiver-events --partitions 3
 "$TOOLS/bin/tansu" topic create --broker "tcp://$BROKERS" quiver-events-dlq --partitions 1
 

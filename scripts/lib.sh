@@ -27,3 +27,19 @@ wait_http() {
   echo "FAIL: $2 did not answer at $1" >&2
   return 1
 }
+
+# Starts a Kafka-compatible broker (tansu at $1, in-memory storage) and a
+# redis-server on free ports, waits for both, and sets KAFKA_PORT, BROKERS
+# (host:port) and REDIS_PORT.
+start_kafka_and_redis() {
+  KAFKA_PORT=$(free_port)
+  REDIS_PORT=$(free_port)
+  BROKERS="127.0.0.1:$KAFKA_PORT"
+  "$1" broker --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" \
+    --storage-engine memory://tansu/ >"$WORK/tansu.log" 2>&1 &
+  PIDS+=($!)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$KAFKA_PORT"
+  wait_port "$REDIS_PORT"
+}
