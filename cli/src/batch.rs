@@ -96,15 +96,13 @@ pub fn offline_if_configured(
 }
 
 /// Pushes one run's metrics ([`BatchMetrics`]) to `metrics.pushgateway_url`
-/// under `job` and, for a run of selected views (`--views`), the grouping
-/// key `views` (see [`push_url`]). POST: metrics of an earlier push to the
-/// same group that this one does not carry, such as the last success of a
-/// failed run, are kept. A push that fails is reported on stderr and does
-/// not fail the run: the data is committed either way.
+/// under `job` (POST: metrics of an earlier push that this one does not
+/// carry, such as the last success of a failed run, are kept). A push that
+/// fails is reported on stderr and does not fail the run: the data is
+/// committed either way.
 async fn push_metrics(
     cfg: &Config,
     job: BatchJob,
-    selected: &[String],
     views: &[(String, u64, Duration)],
     elapsed: Duration,
     ok: bool,
@@ -115,7 +113,7 @@ async fn push_metrics(
     }
     let ended = SystemClock.now_micros() as f64 / 1e6;
     let body = BatchMetrics::of_run(views, elapsed, ok, ended).render();
-    let url = push_url(base, job, selected);
+    let url = format!("{base}/metrics/job/{}", job.job());
     let sent = async {
         let resp = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -131,34 +129,6 @@ async fn push_metrics(
         Ok(()) => eprintln!("metrics pushed to {url}"),
         Err(e) => eprintln!("warning: pushing metrics to {url} failed: {e}"),
     }
-}
-
-/// The Pushgateway group of a run: `{base}/metrics/job/<job>` for every
-/// view, `.../views/<a,b>` (sorted, deduplicated) for a run of selected
-/// views, so that schedules of different view sets keep their own
-/// success and last-success series instead of replacing each other's
-/// (Pushgateway's grouping key; a value with characters other than
-/// letters, digits, `_` and `,` is sent base64url-encoded, `views@base64`).
-fn push_url(base: &str, job: BatchJob, selected: &[String]) -> String {
-    let mut url = format!("{base}/metrics/job/{}", job.job());
-    let mut names: Vec<&str> = selected.iter().map(String::as_str).collect();
-    names.sort_unstable();
-    names.dedup();
-    if names.is_empty() {
-        return url;
-    }
-    let value = names.join(",");
-    if value
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ',')
-    {
-        url.push_str(&format!("/views/{value}"));
-    } else {
-        use base64::Engine;
-        let encoded = base64::engine::general_purpose::URL_SAFE.encode(value);
-        url.push_str(&format!("/views@base64/{encoded}"));
-    }
-    url
 }
 
 fn parse_time(flag: &str, s: &str) -> Result<Micros> {
@@ -190,15 +160,7 @@ pub async fn batch_cmd(cmd: BatchCommand) -> Result<()> {
                 );
                 ran.push((r.view, r.rows, r.elapsed));
             }
-            push_metrics(
-                &cfg,
-                BatchJob::Run,
-                &views,
-                &ran,
-                elapsed,
-                failure.is_none(),
-            )
-            .await;
+            push_metrics(&cfg, BatchJob::Run, &ran, elapsed, failure.is_none()).await;
             if let Some(e) = failure {
                 return Err(err(e));
             }
@@ -253,7 +215,6 @@ pub async fn materialize_cmd(overrides: Overrides, args: MaterializeArgs) -> Res
     let registry = Arc::new(load_registry(&cfg)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let now = clock.now_micros();
-    let selected = args.views.clone();
     let opts = MaterializeOptions {
         views: args.views,
         start: args
@@ -288,7 +249,7 @@ pub async fn materialize_cmd(overrides: Overrides, args: MaterializeArgs) -> Res
     let reports = match result {
         Ok(r) => r,
         Err(e) => {
-            push_metrics(&cfg, BatchJob::Materialize, &selected, &[], elapsed, false).await;
+            push_metrics(&cfg, BatchJob::Materialize, &[], elapsed, false).await;
             return Err(err(e));
         }
     };
@@ -315,7 +276,7 @@ pub async fn materialize_cmd(overrides: Overrides, args: MaterializeArgs) -> Res
         ran.iter().map(|(_, n, _)| n).sum::<u64>(),
         elapsed.as_secs_f64()
     );
-    push_metrics(&cfg, BatchJob::Materialize, &selected, &ran, elapsed, true).await;
+    push_metrics(&cfg, BatchJob::Materialize, &ran, elapsed, true).await;
     Ok(())
 }
 
