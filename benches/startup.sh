@@ -7,10 +7,13 @@
 # QUIVER_BIN picks the binary (default: a release build, made here); tansu
 # comes from target/tools (scripts/e2e-tansu.sh installs it) or TANSU_BIN.
 set -euo pipefail
+# Paths given relative to the caller's directory.
+[ -n "${QUIVER_BIN:-}" ] && QUIVER_BIN="$(realpath "$QUIVER_BIN")"
+[ -n "${TANSU_BIN:-}" ] && TANSU_BIN="$(realpath "$TANSU_BIN")"
 cd "$(dirname "$0")/.."
 RUNS="${1:-10}"
 if [ -n "${QUIVER_BIN:-}" ]; then
-  QUIVER="$(realpath "$QUIVER_BIN")"
+  QUIVER="$QUIVER_BIN"
 else
   cargo build -q --release --locked -p quiver
   QUIVER="$PWD/target/release/quiver"
@@ -32,7 +35,8 @@ location = "$WORK/offline"
 EOF
 export QUIVER_CONFIG="$WORK/quiver.toml"
 
-# Milliseconds from starting "$@" until http://$URL/ready answers 200.
+# Milliseconds from starting "$@" until http://$URL/ready answers 200
+# (at most 30 s; then the process is stopped and the script fails).
 time_to_ready() {
   local url="$1"; shift
   local start end pid
@@ -40,7 +44,12 @@ time_to_ready() {
   "$@" >"$WORK/run.log" 2>&1 &
   pid=$!
   until curl -fsS -o /dev/null "http://$url/ready" 2>/dev/null; do
-    kill -0 "$pid" 2>/dev/null || { cat "$WORK/run.log"; echo "exited before ready" >&2; exit 1; }
+    if ! kill -0 "$pid" 2>/dev/null || [ $(( ($(date +%s%N) - start) / 1000000000 )) -ge 30 ]; then
+      kill "$pid" 2>/dev/null || true
+      cat "$WORK/run.log" >&2
+      echo "FAIL: $* was not ready at $url within 30 s" >&2
+      exit 1
+    fi
     sleep 0.01
   done
   end=$(date +%s%N)
