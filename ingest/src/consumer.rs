@@ -671,21 +671,20 @@ impl Ingestor {
                 let _ = tx.send(committed);
             })
             .map_err(|e| Error::internal(format!("starting the commit thread: {e}")))?;
-        match tokio::time::timeout(self.kafka_timeout, rx).await {
+        let problem = match tokio::time::timeout(self.kafka_timeout, rx).await {
             Ok(Ok(committed)) => {
                 self.observe_commit(started);
-                if let Err(e) = committed {
-                    tracing::warn!(error = %e, "offset commit at shutdown failed; the partitions' next owner replays from the last committed offsets");
+                match committed {
+                    Ok(()) => return Ok(()),
+                    Err(e) => format!("failed: {e}"),
                 }
             }
-            Ok(Err(_)) => tracing::warn!(
-                "the offset commit at shutdown ended without an answer; the partitions' next owner replays from the last committed offsets"
-            ),
-            Err(_) => tracing::warn!(
-                timeout = ?self.kafka_timeout,
-                "offset commit at shutdown not answered; the partitions' next owner replays from the last committed offsets"
-            ),
-        }
+            Ok(Err(_)) => "ended without an answer".to_owned(),
+            Err(_) => format!("not answered within {:?}", self.kafka_timeout),
+        };
+        tracing::warn!(
+            "offset commit at shutdown {problem}; the partitions' next owner replays from the last committed offsets"
+        );
         Ok(())
     }
 
