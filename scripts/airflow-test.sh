@@ -67,23 +67,9 @@ FILES=$(find "$WORK/offline" -name '*.parquet' | wc -l)
 [ "$FILES" -gt 0 ] || { echo "FAIL: no Parquet files in the offline store" >&2; exit 1; }
 echo "   $FILES Parquet files"
 
-echo "== redis-server, quiver serve and a Pushgateway"
-REDIS_PORT=$(free_port)
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no > "$WORK/redis.log" 2>&1 &
-PIDS+=($!)
-PUSH_PORT=$(free_port)
-prometheus-pushgateway --web.listen-address="127.0.0.1:$PUSH_PORT" > "$WORK/pushgateway.log" 2>&1 &
-PIDS+=($!)
-AM_PORT=$(free_port)
-cat > "$WORK/alertmanager.yml" <<'EOF'
-route:
-  receiver: quiver-oncall
-receivers:
-  - name: quiver-oncall
-EOF
-prometheus-alertmanager --config.file="$WORK/alertmanager.yml" --storage.path="$WORK/am" \
-  --web.listen-address="127.0.0.1:$AM_PORT" --cluster.listen-address= > "$WORK/alertmanager.log" 2>&1 &
-PIDS+=($!)
+echo "== redis-server, quiver serve, a Pushgateway and Alertmanager"
+start_redis
+start_pushgateway_and_alertmanager
 cat > "$WORK/quiver.toml" <<EOF
 [online_store]
 backend = "redis"
@@ -93,14 +79,14 @@ redis_url = "redis://127.0.0.1:$REDIS_PORT"
 location = "$WORK/offline"
 
 [metrics]
-pushgateway_url = "http://127.0.0.1:$PUSH_PORT"
+pushgateway_url = "http://127.0.0.1:$PGW_PORT"
 EOF
 SERVE_HTTP=$(free_port)
 "$QUIVER" serve --config "$WORK/quiver.toml" --grpc-addr "127.0.0.1:$(free_port)" \
   --http-addr "127.0.0.1:$SERVE_HTTP" > "$WORK/serve.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$SERVE_HTTP/ready" "quiver serve"
-wait_http "http://127.0.0.1:$PUSH_PORT/-/ready" "the Pushgateway"
+wait_http "http://127.0.0.1:$PGW_PORT/-/ready" "the Pushgateway"
 wait_http "http://127.0.0.1:$AM_PORT/-/ready" "Alertmanager"
 
 echo "== Airflow: the DAG for the intervals holding the events"
@@ -156,7 +142,7 @@ echo "   $SERVED of 50 users served a materialized user_last_login"
 [ "$SERVED" -gt 0 ] || { echo "FAIL: nothing materialized is served" >&2; exit 1; }
 
 # The runs' metrics reached the Pushgateway.
-METRICS=$(curl -fsS "http://127.0.0.1:$PUSH_PORT/metrics")
+METRICS=$(curl -fsS "http://127.0.0.1:$PGW_PORT/metrics")
 for job in quiver_batch quiver_materialize; do
   grep -q "quiver_batch_success{.*job=\"$job\".*} 1" <<<"$METRICS" \
     || { grep quiver_batch_success <<<"$METRICS"; echo "FAIL: no success of $job on the Pushgateway" >&2; exit 1; }

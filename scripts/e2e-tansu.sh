@@ -145,16 +145,8 @@ GEN_RATE=200
 "$QUIVER" generate --to kafka --events 0 --rate "$GEN_RATE" --users 50 --products 20 --seed 3 >/dev/null 2>"$WORK/generate.log" &
 GEN=$!
 PIDS+=($GEN)
-PGW_PORT=$(free_port)
 PROM_PORT=$(free_port)
-AM_PORT=$(free_port)
-prometheus-pushgateway --web.listen-address="127.0.0.1:$PGW_PORT" >"$WORK/pushgateway.log" 2>&1 &
-PIDS+=($!)
-prometheus-alertmanager --config.file=deploy/alertmanager/alertmanager.yml --storage.path="$WORK/alertmanager" \
-  --web.listen-address="127.0.0.1:$AM_PORT" --cluster.listen-address= >"$WORK/alertmanager.log" 2>&1 &
-PIDS+=($!)
-wait_port "$PGW_PORT"
-wait_port "$AM_PORT"
+start_pushgateway_and_alertmanager
 QUIVER_PUSHGATEWAY_URL="http://127.0.0.1:$PGW_PORT" "$QUIVER" batch run
 QUIVER_PUSHGATEWAY_URL="http://127.0.0.1:$PGW_PORT" "$QUIVER" materialize
 for _ in $(seq 1 100); do grep -q "quiver ingest metrics=" "$WORK/ingest2.out" && break; sleep 0.1; done

@@ -1,4 +1,5 @@
-# Shared by the scripts that start processes (e2e-tansu.sh, airflow-test.sh):
+# Shared by the scripts that start processes (scripts/e2e-tansu.sh,
+# scripts/airflow-test.sh, benches/startup.sh):
 # source it to get a work directory $WORK, removed at exit after the
 # processes whose pids were added to PIDS are killed, and helpers to pick a
 # free loopback port and wait for a port or an HTTP endpoint.
@@ -28,18 +29,39 @@ wait_http() {
   return 1
 }
 
+# Starts a redis-server (no persistence) on a free port, waits for it, and
+# sets REDIS_PORT.
+start_redis() {
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$REDIS_PORT"
+}
+
 # Starts a Kafka-compatible broker (tansu at $1, in-memory storage) and a
 # redis-server on free ports, waits for both, and sets KAFKA_PORT, BROKERS
 # (host:port) and REDIS_PORT.
 start_kafka_and_redis() {
   KAFKA_PORT=$(free_port)
-  REDIS_PORT=$(free_port)
   BROKERS="127.0.0.1:$KAFKA_PORT"
   "$1" broker --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" \
     --storage-engine memory://tansu/ >"$WORK/tansu.log" 2>&1 &
   PIDS+=($!)
-  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
-  PIDS+=($!)
+  start_redis
   wait_port "$KAFKA_PORT"
-  wait_port "$REDIS_PORT"
+}
+
+# Starts a Pushgateway (Debian prometheus-pushgateway) and an Alertmanager
+# with deploy/alertmanager's config (Debian prometheus-alertmanager) on free
+# ports, waits for both, and sets PGW_PORT and AM_PORT.
+start_pushgateway_and_alertmanager() {
+  PGW_PORT=$(free_port)
+  AM_PORT=$(free_port)
+  prometheus-pushgateway --web.listen-address="127.0.0.1:$PGW_PORT" >"$WORK/pushgateway.log" 2>&1 &
+  PIDS+=($!)
+  prometheus-alertmanager --config.file=deploy/alertmanager/alertmanager.yml --storage.path="$WORK/alertmanager" \
+    --web.listen-address="127.0.0.1:$AM_PORT" --cluster.listen-address= >"$WORK/alertmanager.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$PGW_PORT"
+  wait_port "$AM_PORT"
 }
