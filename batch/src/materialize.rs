@@ -19,15 +19,18 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::TimestampMicrosecondType;
+use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
 use quiver_core::codec::{entity_key, row_key};
 use quiver_core::columnar::value_at;
 use quiver_core::registry::{FeatureView, ViewSource, TIMESTAMP_COLUMN};
 use quiver_core::storage::{child, INTERNAL_DIR};
 use quiver_core::store::{WriteOutcome, WriteRow};
+use quiver_core::telemetry;
 use quiver_core::time::{duration_micros, format_rfc3339, Micros};
 use quiver_core::{Error, OnlineStore, Result, Value};
 use serde::{Deserialize, Serialize};
+use tracing::field::Empty;
 
 use crate::offline::{df_error, Offline};
 use crate::retrieve::latest_frame;
@@ -145,72 +148,98 @@ impl Offline {
         let ctx = self.session().await?;
         let mut out = Vec::with_capacity(views.len());
         for v in views {
-            let started = Instant::now();
-            let start = match opts.start {
-                Some(s) => Some(s),
-                None => self.watermark(&v.name).await?,
-            };
-            if start.is_some_and(|s| s >= opts.end) {
-                return Err(Error::invalid(format!(
-                    "feature view {:?}: the range starts at {} and ends at {}; the end must be later",
-                    v.name,
-                    format_rfc3339(start.unwrap_or(0)),
-                    format_rfc3339(opts.end)
-                )));
-            }
-            let df = latest_frame(self, &ctx, v, start, opts.end).await?;
-            let mut report = MaterializeReport {
-                view: v.name.clone(),
-                start,
-                end: opts.end,
-                entities: 0,
-                written: 0,
-                stale: 0,
-                expired: 0,
-                elapsed: Duration::ZERO,
-            };
-            let stream = df
-                .execute_stream()
-                .await
-                .map_err(|e| df_error(&format!("feature view {:?}", v.name), e))?;
-            let grace = duration_micros(opts.expiry_grace);
-            let mut chunks = stream
-                .map_err(|e| df_error(&format!("feature view {:?}: reading", v.name), e))
-                .map(|b| b.and_then(|b| to_rows(v, &b, grace, opts.now)))
-                .map_ok(|(rows, expired)| {
-                    let store = store.clone();
-                    async move {
-                        let mut outcome = WriteOutcome::default();
-                        for c in rows.chunks(CHUNK_ROWS) {
-                            let o = store.write(c).await?;
-                            outcome.written += o.written;
-                            outcome.stale += o.stale;
-                        }
-                        Ok::<_, Error>((outcome, rows.len() as u64 + expired, expired))
-                    }
-                })
-                .try_buffered(IN_FLIGHT);
-            while let Some((o, entities, expired)) = chunks.try_next().await? {
-                report.written += o.written;
-                report.stale += o.stale;
-                report.expired += expired;
-                report.entities += entities;
-                progress(&v.name, report.entities, report.written);
-            }
-            let w = Watermark {
-                through: opts.end,
-                at: format_rfc3339(opts.now),
-            };
-            self.write_json(
-                &self.watermark_path(&v.name),
-                &w,
-                &format!("materialization watermark of {:?}", v.name),
+            let span = telemetry::span(|| {
+                tracing::info_span!(
+                    "materialize view",
+                    otel.name = format!("materialize {}", v.name),
+                    quiver.feature_view = v.name.as_str(),
+                    quiver.rows = Empty,
+                )
+            });
+            let report = telemetry::in_span(
+                &span,
+                self.materialize_view(&ctx, v, &store, opts, progress),
             )
             .await?;
-            report.elapsed = started.elapsed();
+            span.record("quiver.rows", report.written);
             out.push(report);
         }
         Ok(out)
+    }
+
+    /// One view of [`Offline::materialize`].
+    async fn materialize_view(
+        &self,
+        ctx: &SessionContext,
+        v: &FeatureView,
+        store: &Arc<dyn OnlineStore>,
+        opts: &MaterializeOptions,
+        progress: &(dyn Fn(&str, u64, u64) + Sync),
+    ) -> Result<MaterializeReport> {
+        let started = Instant::now();
+        let start = match opts.start {
+            Some(s) => Some(s),
+            None => self.watermark(&v.name).await?,
+        };
+        if start.is_some_and(|s| s >= opts.end) {
+            return Err(Error::invalid(format!(
+                "feature view {:?}: the range starts at {} and ends at {}; the end must be later",
+                v.name,
+                format_rfc3339(start.unwrap_or(0)),
+                format_rfc3339(opts.end)
+            )));
+        }
+        let df = latest_frame(self, ctx, v, start, opts.end).await?;
+        let mut report = MaterializeReport {
+            view: v.name.clone(),
+            start,
+            end: opts.end,
+            entities: 0,
+            written: 0,
+            stale: 0,
+            expired: 0,
+            elapsed: Duration::ZERO,
+        };
+        let stream = df
+            .execute_stream()
+            .await
+            .map_err(|e| df_error(&format!("feature view {:?}", v.name), e))?;
+        let grace = duration_micros(opts.expiry_grace);
+        let mut chunks = stream
+            .map_err(|e| df_error(&format!("feature view {:?}: reading", v.name), e))
+            .map(|b| b.and_then(|b| to_rows(v, &b, grace, opts.now)))
+            .map_ok(|(rows, expired)| {
+                let store = store.clone();
+                async move {
+                    let mut outcome = WriteOutcome::default();
+                    for c in rows.chunks(CHUNK_ROWS) {
+                        let o = store.write(c).await?;
+                        outcome.written += o.written;
+                        outcome.stale += o.stale;
+                    }
+                    Ok::<_, Error>((outcome, rows.len() as u64 + expired, expired))
+                }
+            })
+            .try_buffered(IN_FLIGHT);
+        while let Some((o, entities, expired)) = chunks.try_next().await? {
+            report.written += o.written;
+            report.stale += o.stale;
+            report.expired += expired;
+            report.entities += entities;
+            progress(&v.name, report.entities, report.written);
+        }
+        let w = Watermark {
+            through: opts.end,
+            at: format_rfc3339(opts.now),
+        };
+        self.write_json(
+            &self.watermark_path(&v.name),
+            &w,
+            &format!("materialization watermark of {:?}", v.name),
+        )
+        .await?;
+        report.elapsed = started.elapsed();
+        Ok(report)
     }
 }
 

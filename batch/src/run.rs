@@ -20,8 +20,10 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 use quiver_core::columnar::arrow_type;
 use quiver_core::registry::{FeatureView, ViewSource, TIMESTAMP_COLUMN};
+use quiver_core::telemetry;
 use quiver_core::time::{check_range, format_rfc3339, parse_rfc3339, Micros};
 use quiver_core::{Error, Result, ValueType};
+use tracing::field::Empty;
 
 use crate::offline::{df_error, feature_table_columns, CommittedRun, Offline};
 
@@ -603,7 +605,17 @@ impl Offline {
         let ctx = self.session().await?;
         let mut out = Vec::with_capacity(selected.len());
         for v in selected {
-            out.push(self.run_view(&ctx, v, now).await?);
+            let span = telemetry::span(|| {
+                tracing::info_span!(
+                    "batch view",
+                    otel.name = format!("run {}", v.name),
+                    quiver.feature_view = v.name.as_str(),
+                    quiver.rows = Empty,
+                )
+            });
+            let report = telemetry::in_span(&span, self.run_view(&ctx, v, now)).await?;
+            span.record("quiver.rows", report.rows);
+            out.push(report);
         }
         Ok(out)
     }

@@ -13,8 +13,10 @@ use quiver_batch::materialize::MaterializeOptions;
 use quiver_batch::{retrieve, Offline};
 use quiver_core::metrics::{BatchJob, BatchMetrics};
 use quiver_core::registry::ViewSource;
+use quiver_core::telemetry;
 use quiver_core::time::{format_rfc3339, parse_rfc3339, Micros};
 use quiver_core::{Clock, OnlineStore, Registry, SystemClock};
+use tracing::field::Empty;
 
 use crate::config::{Config, Overrides};
 use crate::{load_registry, open_online_store};
@@ -95,6 +97,17 @@ pub fn offline_if_configured(
     offline(cfg, registry).map(|o| Some(Arc::new(o)))
 }
 
+impl BatchCommand {
+    /// The flags naming the configuration.
+    pub fn overrides(&self) -> &Overrides {
+        match self {
+            BatchCommand::Run { overrides, .. } | BatchCommand::Retrieve { overrides, .. } => {
+                overrides
+            }
+        }
+    }
+}
+
 /// Pushes one run's metrics ([`BatchMetrics`]) to `metrics.pushgateway_url`
 /// under `job` (POST: metrics of an earlier push that this one does not
 /// carry, such as the last success of a failed run, are kept). A push that
@@ -143,7 +156,9 @@ pub async fn batch_cmd(cmd: BatchCommand) -> Result<()> {
             let registry = Arc::new(load_registry(&cfg)?);
             let off = offline(&cfg, registry)?;
             let started = Instant::now();
-            let result = off.run(&views, SystemClock.now_micros()).await;
+            let span =
+                telemetry::span(|| tracing::info_span!("batch run", otel.name = "batch run"));
+            let result = telemetry::in_span(&span, off.run(&views, SystemClock.now_micros())).await;
             let elapsed = started.elapsed();
             let (reports, failure) = match result {
                 Ok(r) => (r, None),
@@ -189,14 +204,21 @@ pub async fn batch_cmd(cmd: BatchCommand) -> Result<()> {
             .map_err(err)?;
             let off = offline(&cfg, registry.clone())?;
             let started = Instant::now();
-            let table = quiver_batch::entities::read_file(&registry, &entities)
-                .await
-                .map_err(err)?;
-            let rows = table.num_rows();
-            let result = off
-                .historical(table, &sel, full_feature_names)
-                .await
-                .map_err(err)?;
+            let span = telemetry::span(|| {
+                tracing::info_span!(
+                    "batch retrieve",
+                    otel.name = "get_historical_features",
+                    quiver.entity_rows = Empty,
+                )
+            });
+            let retrieve = async {
+                let table = quiver_batch::entities::read_file(&registry, &entities).await?;
+                let rows = table.num_rows();
+                tracing::Span::current().record("quiver.entity_rows", rows as u64);
+                let result = off.historical(table, &sel, full_feature_names).await?;
+                Ok::<_, quiver_core::Error>((rows, result))
+            };
+            let (rows, result) = telemetry::in_span(&span, retrieve).await.map_err(err)?;
             retrieve::write_parquet_file(&result, &out).map_err(err)?;
             println!(
                 "{}: {rows} entity rows x {} features in {:.2}s",
@@ -243,7 +265,8 @@ pub async fn materialize_cmd(overrides: Overrides, args: MaterializeArgs) -> Res
         ));
     };
     let started = Instant::now();
-    let result = off.materialize(store, &opts, &progress).await;
+    let span = telemetry::span(|| tracing::info_span!("materialize", otel.name = "materialize"));
+    let result = telemetry::in_span(&span, off.materialize(store, &opts, &progress)).await;
     let elapsed = started.elapsed();
     bar.finish_and_clear();
     let reports = match result {

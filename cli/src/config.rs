@@ -60,6 +60,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Where the batch layer's metrics go.
     pub metrics: MetricsConfig,
+    /// Traces (OpenTelemetry, OTLP) and the log format.
+    pub telemetry: quiver_core::telemetry::TelemetrySettings,
 }
 
 /// `[metrics]`
@@ -86,7 +88,7 @@ pub struct AuthConfig {
     /// `/metrics` needs a key with scope `admin`.
     pub protect_metrics: bool,
     /// How often the keys file is checked for changes.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub reload_interval: Duration,
     /// `[auth.jwt]`: bearer JWTs of an identity provider (OIDC).
     pub jwt: Option<quiver_server::jwt::JwtSettings>,
@@ -133,7 +135,7 @@ pub struct KafkaSettings {
     /// Topic for events that cannot be decoded.
     pub dead_letter_topic: String,
     /// Delivery deadline of a produced event.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub timeout: Duration,
     /// Extra librdkafka properties, e.g. `"security.protocol" = "SASL_SSL"`.
     pub properties: std::collections::BTreeMap<String, String>,
@@ -149,12 +151,12 @@ pub struct IngestSettings {
     /// Most messages per batch.
     pub batch_max: usize,
     /// Longest wait for a batch to fill.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub batch_wait: Duration,
     /// Largest accepted lead of an event time over the clock (PushEvents:
     /// the server's; ingest: the message's Kafka timestamp, capped at the
     /// ingest process's clock).
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub max_future_skew: Duration,
     /// Largest accepted age of an event time; empty (the default) accepts
     /// any past time.
@@ -173,7 +175,7 @@ pub struct ArchiveSettings {
     /// Roll a partition's Parquet file at about this many bytes.
     pub roll_bytes: usize,
     /// Roll a partition's Parquet file when its oldest event is this old.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub roll_interval: Duration,
     /// object_store options (`aws_endpoint`, `aws_region`, `aws_allow_http`, ...); `AWS_*` environment variables are added.
     pub options: std::collections::BTreeMap<String, String>,
@@ -247,10 +249,10 @@ pub struct ServerConfig {
     /// REST listen address.
     pub http_addr: SocketAddr,
     /// How often the online store is pinged for gRPC health and `quiver_ready`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub health_interval: Duration,
     /// How long shutdown waits for in-flight requests before giving up.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub shutdown_timeout: Duration,
     /// TLS on both listeners.
     pub tls: TlsConfig,
@@ -268,7 +270,7 @@ pub struct TlsConfig {
     /// PEM CA certificates of accepted client certificates.
     pub client_ca_file: Option<PathBuf>,
     /// How often the files are checked for changes (also reloaded on SIGHUP).
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub reload_interval: Duration,
 }
 
@@ -318,10 +320,10 @@ pub struct OnlineStoreConfig {
     /// Maximum pooled Redis connections.
     pub pool_size: usize,
     /// Deadline of each online-store call.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub timeout: Duration,
     /// How long a row outlives its view's TTL (served as OUTSIDE_MAX_AGE) before it expires.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub expiry_grace: Duration,
     /// PEM CA certificates of `rediss://` servers (default: the system's roots).
     pub tls_ca_file: Option<PathBuf>,
@@ -363,7 +365,7 @@ pub struct LimitsConfig {
     pub max_in_flight_per_key: usize,
     /// Longest time a request may take before DEADLINE_EXCEEDED / 504
     /// (not GetHistoricalFeatures).
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub request_timeout: Duration,
 }
 
@@ -410,15 +412,6 @@ impl Default for LimitsConfig {
             request_timeout: l.request_timeout,
         }
     }
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "invalid duration {s:?} ({e}); write e.g. \"250ms\", \"5s\", \"1d\""
-        ))
-    })
 }
 
 /// Checks `kafka.brokers` as librdkafka reads `bootstrap.servers`: a
@@ -469,7 +462,10 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
     if s.trim().is_empty() {
         return Ok(None);
     }
-    duration(serde::de::value::StringDeserializer::<D::Error>::new(s)).map(Some)
+    quiver_core::time::deserialize_duration(serde::de::value::StringDeserializer::<D::Error>::new(
+        s,
+    ))
+    .map(Some)
 }
 
 /// Flags that override file and environment (all optional).
@@ -638,6 +634,15 @@ impl Config {
         if let Some(v) = env("QUIVER_PUSHGATEWAY_URL") {
             self.metrics.pushgateway_url = v;
         }
+        if let Some(v) = env("QUIVER_OTLP_ENDPOINT") {
+            self.telemetry.otlp_endpoint = v;
+        }
+        if let Some(v) = env("QUIVER_TRACE_SAMPLING_RATIO") {
+            self.telemetry.sampling_ratio = parse("QUIVER_TRACE_SAMPLING_RATIO", v)?;
+        }
+        if let Some(v) = env("QUIVER_LOG_FORMAT") {
+            self.telemetry.log_format = parse("QUIVER_LOG_FORMAT", v)?;
+        }
         if let Some(v) = env("QUIVER_AUTH_KEYS_FILE") {
             self.auth.keys_file = Some(PathBuf::from(v));
         }
@@ -717,6 +722,7 @@ impl Config {
 
     /// Rejects settings that cannot work, before anything starts.
     pub fn validate(&self) -> Result<()> {
+        self.telemetry.validate().map_err(anyhow::Error::msg)?;
         let s = &self.online_store;
         let redis_scheme = |u: &str| {
             let lower = u.get(..9).unwrap_or(u).to_ascii_lowercase();
@@ -881,6 +887,77 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn the_kubernetes_config_map_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/quiver.toml");
+        let cfg = Config::from_file(&path).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.online_store.backend, Backend::Redis);
+        assert_eq!(cfg.telemetry.sampling_ratio, 0.01);
+        assert_eq!(
+            cfg.telemetry.log_format,
+            quiver_core::telemetry::LogFormat::Json
+        );
+    }
+
+    #[test]
+    fn telemetry_comes_from_file_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("q.toml");
+        std::fs::write(
+            &file,
+            "[telemetry]\notlp_endpoint = \"http://collector:4317\"\nsampling_ratio = 0.5\nexport_timeout = \"3s\"\nservice_name = \"features-api\"\n",
+        )
+        .unwrap();
+        let flags = Overrides {
+            config: Some(file),
+            ..Default::default()
+        };
+        let cfg = Config::load(&flags, &env_of(&[])).unwrap();
+        assert_eq!(cfg.telemetry.otlp_endpoint, "http://collector:4317");
+        assert_eq!(cfg.telemetry.sampling_ratio, 0.5);
+        assert_eq!(cfg.telemetry.export_timeout, Duration::from_secs(3));
+        assert_eq!(cfg.telemetry.service_name, "features-api");
+        let cfg = Config::load(
+            &flags,
+            &env_of(&[
+                ("QUIVER_OTLP_ENDPOINT", "https://other:4317"),
+                ("QUIVER_TRACE_SAMPLING_RATIO", "0.01"),
+                ("QUIVER_LOG_FORMAT", "json"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.telemetry.otlp_endpoint, "https://other:4317");
+        assert_eq!(cfg.telemetry.sampling_ratio, 0.01);
+        assert_eq!(
+            cfg.telemetry.log_format,
+            quiver_core::telemetry::LogFormat::Json
+        );
+        for (k, v, want) in [
+            (
+                "QUIVER_TRACE_SAMPLING_RATIO",
+                "-0.1",
+                "telemetry.sampling_ratio",
+            ),
+            (
+                "QUIVER_TRACE_SAMPLING_RATIO",
+                "half",
+                "QUIVER_TRACE_SAMPLING_RATIO",
+            ),
+            ("QUIVER_LOG_FORMAT", "xml", "QUIVER_LOG_FORMAT"),
+            (
+                "QUIVER_OTLP_ENDPOINT",
+                "collector",
+                "telemetry.otlp_endpoint",
+            ),
+        ] {
+            let e = Config::load(&flags, &env_of(&[(k, v)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{k}={v}: {e}");
+        }
     }
 
     #[test]

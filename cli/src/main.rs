@@ -133,7 +133,22 @@ enum RegistryCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (settings, service) = telemetry_of(&cli.command);
+    // The OTLP exporter's gRPC channel runs on the runtime.
+    let telemetry = match rt.block_on(async { quiver_core::telemetry::init(&settings, service) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {}", e.message());
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Registry {
             command:
@@ -142,21 +157,19 @@ fn main() -> ExitCode {
                     archive,
                     config,
                 },
-        } => runtime().and_then(|rt| rt.block_on(validate(&path, archive, config))),
+        } => rt.block_on(validate(&path, archive, config)),
         Command::Auth { command } => auth::auth_cmd(command),
-        Command::Serve { overrides } => runtime().and_then(|rt| rt.block_on(serve_cmd(overrides))),
+        Command::Serve { overrides } => rt.block_on(serve_cmd(overrides)),
         Command::Ingest {
             overrides,
             metrics_addr,
-        } => runtime().and_then(|rt| rt.block_on(pipeline::ingest_cmd(overrides, metrics_addr))),
-        Command::Batch { command } => {
-            runtime().and_then(|rt| rt.block_on(batch::batch_cmd(command)))
-        }
+        } => rt.block_on(pipeline::ingest_cmd(overrides, metrics_addr)),
+        Command::Batch { command } => rt.block_on(batch::batch_cmd(command)),
         Command::Materialize { overrides, args } => {
-            runtime().and_then(|rt| rt.block_on(batch::materialize_cmd(overrides, args)))
+            rt.block_on(batch::materialize_cmd(overrides, args))
         }
         Command::Generate { overrides, args } => {
-            runtime().and_then(|rt| rt.block_on(pipeline::generate_cmd(overrides, args)))
+            rt.block_on(pipeline::generate_cmd(overrides, args))
         }
         Command::Demo {
             overrides,
@@ -165,19 +178,19 @@ fn main() -> ExitCode {
             seed,
             rate,
             batch_every,
-        } => runtime().and_then(|rt| {
-            rt.block_on(pipeline::demo_cmd(
-                overrides,
-                DemoData {
-                    users,
-                    products,
-                    seed,
-                    rate,
-                    batch_every,
-                },
-            ))
-        }),
+        } => rt.block_on(pipeline::demo_cmd(
+            overrides,
+            DemoData {
+                users,
+                products,
+                seed,
+                rate,
+                batch_every,
+            },
+        )),
     };
+    // Exports the spans still buffered, while the runtime still runs.
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -187,22 +200,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// The `[telemetry]` settings of a command's configuration and its
+/// default `service.name`. A configuration that does not load gives the
+/// defaults here: the command itself then reports why.
+fn telemetry_of(command: &Command) -> (quiver_core::telemetry::TelemetrySettings, &'static str) {
+    let load = |o: &Overrides| {
+        Config::load(o, &|k| std::env::var(k).ok())
+            .map(|c| c.telemetry)
+            .unwrap_or_default()
+    };
+    match command {
+        Command::Serve { overrides } => (load(overrides), "quiver-serve"),
+        Command::Ingest { overrides, .. } => (load(overrides), "quiver-ingest"),
+        Command::Generate { overrides, .. } => (load(overrides), "quiver-generate"),
+        Command::Demo { overrides, .. } => (load(overrides), "quiver-demo"),
+        Command::Materialize { overrides, .. } => (load(overrides), "quiver-materialize"),
+        Command::Batch { command } => (load(command.overrides()), "quiver-batch"),
+        Command::Registry { .. } | Command::Auth { .. } => (load(&Overrides::default()), "quiver"),
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("QUIVER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }
 
 async fn validate(

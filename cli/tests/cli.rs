@@ -173,23 +173,45 @@ fn reports_every_registry_problem_and_fails() {
 
 #[test]
 fn bad_configuration_fails_before_starting() {
-    let out = quiver()
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .env("QUIVER_REDIS_URL", "http://not-redis")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("redis_url (http://not-redis) must start with redis:// or rediss://"),
-        "{stderr}"
-    );
+    for (var, value, want) in [
+        (
+            "QUIVER_REDIS_URL",
+            "http://not-redis",
+            "redis_url (http://not-redis) must start with redis:// or rediss://",
+        ),
+        (
+            "QUIVER_OTLP_ENDPOINT",
+            "collector:4317",
+            "telemetry.otlp_endpoint: \"collector:4317\" must be http://host:port or https://host:port",
+        ),
+        (
+            "QUIVER_TRACE_SAMPLING_RATIO",
+            "2",
+            "telemetry.sampling_ratio must be between 0.0 and 1.0, got 2",
+        ),
+        (
+            "QUIVER_LOG_FORMAT",
+            "yaml",
+            "unknown log format \"yaml\"; use \"text\" or \"json\"",
+        ),
+        ("QUIVER_LOG", "info,=[", "QUIVER_LOG=\"info,=[\""),
+    ] {
+        let out = quiver()
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
+            .env(var, value)
+            .env_remove("QUIVER_CONFIG")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{var}={value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(want), "{var}={value}: {stderr}");
+    }
 }
 
 #[test]

@@ -16,6 +16,8 @@
 //! - [`codec`]: the online store's versioned key layout and value encoding.
 //! - [`store`]: the [`OnlineStore`] trait with its Redis and embedded
 //!   implementations.
+//! - [`telemetry`]: the log subscriber, OpenTelemetry traces (OTLP) and
+//!   W3C trace context across gRPC, HTTP and Kafka.
 //! - [`time`]: epoch-microsecond time and the injectable [`Clock`].
 //! - [`wire`]: conversions to and from the `quiver.v1` protobuf types.
 //! - [`error`]: the crate error, with a transport-independent [`ErrorKind`].
@@ -31,6 +33,7 @@ pub mod par;
 pub mod registry;
 pub mod storage;
 pub mod store;
+pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod time;

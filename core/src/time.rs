@@ -113,6 +113,21 @@ pub fn format_rfc3339(m: Micros) -> String {
     }
 }
 
+/// Deserializes a duration written as humantime text (`"250ms"`, `"30s"`,
+/// `"5m"`, `"1d"`): every duration of quiver's configuration
+/// (`#[serde(deserialize_with = "quiver_core::time::deserialize_duration")]`).
+///
+/// # Errors
+/// Text humantime cannot read, with the text and a valid example.
+pub fn deserialize_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {s:?} ({e}); write e.g. \"250ms\", \"30s\", \"5m\", \"1d\""
+        ))
+    })
+}
+
 /// The UTC calendar date (`YYYY-MM-DD`) of an instant, as the archive's
 /// `date` partitions name it.
 pub fn utc_date(m: Micros) -> String {

@@ -32,6 +32,7 @@ use quiver_core::event::EventTimeBounds;
 use quiver_core::metrics::Metrics;
 use quiver_core::par::par_map;
 use quiver_core::registry::ViewSource;
+use quiver_core::telemetry::{self, SpanContext};
 use quiver_core::time::{Clock, Micros, SystemClock};
 use quiver_core::wire::decode_event;
 use quiver_core::{Error, ErrorKind, Registry, Result};
@@ -43,9 +44,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use crate::apply::{row_tiles, Applier, ApplyStats, Record, RowTiles, SourceStats};
 use crate::archive::{Archiver, FlushStats};
+use crate::headers::message_context;
 use crate::producer::kafka_error;
 use crate::sources::{fingerprint, probe, read_markers, write_markers, Check, Held, Marker};
 use crate::{source_topic, KafkaConfig};
@@ -243,6 +247,9 @@ struct Msg {
     key: Option<Vec<u8>>,
     /// The message's Kafka timestamp (create or log-append time), micros.
     timestamp: Option<Micros>,
+    /// The producing span's context (`traceparent` header), read only
+    /// when traces are exported.
+    trace: Option<SpanContext>,
 }
 
 /// The ingest process: consumer, dead-letter producer, online applier and
@@ -743,7 +750,28 @@ impl Ingestor {
                 continue;
             }
             let started = std::time::Instant::now();
-            self.with_retry(batch, shutdown).await?;
+            // The OpenTelemetry messaging conventions' batch "process" span,
+            // linked to the spans that produced its messages.
+            let span = telemetry::span(|| {
+                let span = tracing::info_span!(
+                    "ingest batch",
+                    otel.name = "process events",
+                    otel.kind = "consumer",
+                    messaging.system = "kafka",
+                    messaging.operation.type = "process",
+                    messaging.batch.message_count = batch.len() as u64,
+                    quiver.links_left_out = Empty,
+                );
+                let left_out =
+                    telemetry::add_links(&span, batch.iter().filter_map(|m| m.trace.clone()));
+                if left_out > 0 {
+                    span.record("quiver.links_left_out", left_out as u64);
+                }
+                span
+            });
+            let messages = batch.len();
+            telemetry::in_span(&span, self.with_retry(batch, shutdown)).await?;
+            span.in_scope(|| tracing::debug!(messages, "batch applied"));
             if let Some(m) = &self.metrics {
                 m.ingest
                     .batch_duration
@@ -968,9 +996,17 @@ impl Ingestor {
         let (online, by_source) = match &prep.applied {
             Some(s) => s.clone(),
             None => {
+                let span = telemetry::span(|| {
+                    tracing::info_span!(
+                        "ingest apply",
+                        otel.name = "apply to online store",
+                        quiver.records = prep.records.len() as u64,
+                    )
+                });
                 let s = self
                     .applier
                     .apply_by_source(&prep.records)
+                    .instrument(span)
                     .await
                     .inspect_err(failed("online_store"))?;
                 prep.applied = Some(s.clone());
@@ -1400,6 +1436,11 @@ fn push_msg(
                 .to_millis()
                 .filter(|ms| *ms > 0)
                 .and_then(|ms| ms.checked_mul(1000)),
+            trace: if telemetry::enabled() {
+                message_context(m.headers())
+            } else {
+                None
+            },
         }),
         Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
     }

@@ -21,6 +21,7 @@ pub mod apply;
 pub mod archive;
 pub mod consumer;
 pub mod generate;
+mod headers;
 pub mod producer;
 mod sources;
 

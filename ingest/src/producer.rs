@@ -11,12 +11,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::join_all;
 use quiver_core::event::{Event, EventSink};
+use quiver_core::telemetry;
 use quiver_core::wire::encode_event;
 use quiver_core::{Error, Registry, Result};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use std::sync::Arc;
+use tracing::Instrument;
 
+use crate::headers::TraceHeaders;
 use crate::KafkaConfig;
 
 /// Appends events to a Kafka topic.
@@ -101,13 +104,30 @@ impl EventSink for KafkaEventSink {
             keys.push(ev.partition_key(et)?);
         }
         let payloads: Vec<Vec<u8>> = events.iter().map(encode_event).collect();
+        // One producer span for the batch; every message carries its
+        // context, so that ingest can link its batch span back to it.
+        let span = telemetry::span(|| {
+            tracing::info_span!(
+                "kafka send",
+                otel.name = format!("send {}", self.topic),
+                otel.kind = "producer",
+                messaging.system = "kafka",
+                messaging.operation.type = "send",
+                messaging.destination.name = self.topic.as_str(),
+                messaging.batch.message_count = events.len() as u64,
+            )
+        });
+        let headers = TraceHeaders::of(&span).to_kafka();
         // send() queues in librdkafka and resolves on delivery; waiting on
         // all of them together keeps the batch in one round of acks.
         let sends = payloads.iter().zip(&keys).map(|(payload, key)| {
-            let record = FutureRecord::to(&self.topic).key(key).payload(payload);
+            let mut record = FutureRecord::to(&self.topic).key(key).payload(payload);
+            if let Some(h) = &headers {
+                record = record.headers(h.clone());
+            }
             self.producer.send(record, self.timeout)
         });
-        let results = join_all(sends).await;
+        let results = join_all(sends).instrument(span.clone()).await;
         let mut out = Vec::with_capacity(results.len());
         let mut failures = 0;
         for r in results {
@@ -118,6 +138,12 @@ impl EventSink for KafkaEventSink {
                     out.push(Err(kafka_error("Kafka did not accept the event", e)));
                 }
             }
+        }
+        if failures > 0 {
+            telemetry::set_error(
+                &span,
+                format!("{failures} of {} events not accepted", out.len()),
+            );
         }
         if failures == out.len() {
             if let Some(Err(e)) = out.pop() {

@@ -53,7 +53,7 @@ pub struct JwtSettings {
     /// The provider's JWKS URL (`jwks_uri` of its OIDC discovery document).
     pub jwks_url: Option<String>,
     /// How often `jwks_url` is fetched again.
-    #[serde(with = "humantime_serde_like")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub jwks_refresh: Duration,
     /// The claim holding the scopes (`scope`, `scp`, `roles`, ...).
     pub scopes_claim: String,
@@ -62,7 +62,7 @@ pub struct JwtSettings {
     /// The claim naming the caller.
     pub name_claim: String,
     /// Clock skew allowed for `exp` and `nbf`.
-    #[serde(with = "humantime_serde_like")]
+    #[serde(deserialize_with = "quiver_core::time::deserialize_duration")]
     pub leeway: Duration,
 }
 
@@ -79,22 +79,6 @@ impl Default for JwtSettings {
             name_claim: "sub".to_owned(),
             leeway: Duration::from_secs(60),
         }
-    }
-}
-
-/// Durations written as humantime text ("5m", "30s").
-mod humantime_serde_like {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration {s:?} ({e}); write e.g. \"30s\", \"5m\""
-            ))
-        })
     }
 }
 

@@ -10,7 +10,7 @@
 //! - [`service`]: the domain service both transports call.
 //! - [`grpc`]: the tonic adapter. [`rest`]: the axum adapter.
 //! - [`convert`]: protobuf <-> domain types. [`error`]: error -> status codes.
-//! - [`metrics`]: Prometheus metrics.
+//! - [`metrics`]: Prometheus metrics. [`trace`]: request spans (OpenTelemetry).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +32,7 @@ pub mod openapi;
 pub mod rest;
 pub mod service;
 pub mod tls;
+pub mod trace;
 mod watch;
 
 pub use metrics::Metrics;
@@ -160,9 +161,13 @@ pub async fn run_with(
     let feature_service = grpc::SizeRouted::new(service.clone());
     let incoming = tls::incoming(grpc, options.tls.clone(), auth::Transport::Grpc);
     let grpc_server = tonic::transport::Server::builder()
-        .layer(TraceLayer::new(SharedClassifier::new(
-            client_errors_are_not_failures(),
-        )))
+        .layer(
+            TraceLayer::new(SharedClassifier::new(client_errors_are_not_failures()))
+                .make_span_with(trace::GrpcSpans)
+                .on_response(trace::GrpcSpans)
+                .on_eos(trace::GrpcSpans)
+                .on_failure(trace::GrpcSpans),
+        )
         .layer(grpc::ErrorCountLayer::new(service.clone()))
         .layer(auth::AuthLayer::new(&service, auth::Transport::Grpc))
         .add_service(health_service)
@@ -171,7 +176,11 @@ pub async fn run_with(
         .add_service(feature_service)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 
-    let app = rest::router(service.clone()).layer(TraceLayer::new_for_http());
+    let app = rest::router(service.clone()).layer(
+        TraceLayer::new_for_http()
+            .make_span_with(trace::HttpSpans)
+            .on_response(trace::HttpSpans),
+    );
     let http_server = serve_http(
         app,
         tls::incoming(http, options.tls.clone(), auth::Transport::Http),

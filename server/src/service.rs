@@ -14,6 +14,7 @@ use quiver_core::error::quote;
 use quiver_core::event::{checked, Event, EventSink, EventTimeBounds};
 use quiver_core::registry::{selection, FeatureRef, Selection, ViewSource};
 use quiver_core::store::{Lookup, StoredRow, WriteOutcome, WriteRow};
+use quiver_core::telemetry;
 use quiver_core::time::{duration_micros, Micros};
 use quiver_core::value::coerce;
 use quiver_core::{Clock, Error, ErrorKind, OnlineStore, Registry, Result, Value, ValueType};
@@ -400,10 +401,23 @@ impl FeatureServer {
         op: &'static str,
         fut: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
+        let backend = self.store.backend();
+        // A client span under the request's (readiness pings are not
+        // traced: they would be a root span every health interval).
+        let span = telemetry::span(|| match op {
+            "ping" => tracing::Span::none(),
+            _ => tracing::info_span!(
+                "online store",
+                otel.name = format!("online_store.{op}"),
+                otel.kind = "client",
+                db.system.name = backend,
+                db.operation.name = op,
+            ),
+        });
         let started = Instant::now();
-        let r = fut.await;
+        let r = telemetry::in_span(&span, fut).await;
         self.metrics
-            .observe_store(self.store.backend(), op, r.is_ok(), started.elapsed());
+            .observe_store(backend, op, r.is_ok(), started.elapsed());
         r
     }
 

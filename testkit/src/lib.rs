@@ -9,7 +9,8 @@
 //! moto, an S3-compatible server, the same way. [`Pki`] makes a test CA
 //! with server and client certificates (rcgen) for TLS tests.
 //! [`MockKafka`] is librdkafka's in-process mock cluster, kept alive past
-//! a failing test.
+//! a failing test. [`OtlpReceiver`] is an OTLP/gRPC trace collector that
+//! keeps the spans quiver processes export.
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -714,6 +715,261 @@ impl Drop for MockKafka {
             if let Some(c) = self.cluster.take() {
                 std::mem::forget(c);
             }
+        }
+    }
+}
+
+/// One span as an [`OtlpReceiver`] received it; ids in lowercase hex (as
+/// in `traceparent`), attribute values as text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedSpan {
+    /// The exporting process's `service.name`.
+    pub service: String,
+    /// The span's name.
+    pub name: String,
+    /// 32 hex digits.
+    pub trace_id: String,
+    /// 16 hex digits.
+    pub span_id: String,
+    /// 16 hex digits, empty for a root span.
+    pub parent_span_id: String,
+    /// `(trace_id, span_id)` of each linked span.
+    pub links: Vec<(String, String)>,
+    /// Attributes by key.
+    pub attributes: std::collections::BTreeMap<String, String>,
+    /// Whether the span's status is `Error`.
+    pub error: bool,
+}
+
+impl ReceivedSpan {
+    /// An attribute's value, if set.
+    pub fn attr(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
+    }
+}
+
+type Spans = std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>;
+
+struct Collector {
+    spans: Spans,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    keep: bool,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::{any_value::Value, KeyValue};
+        fn text(kv: &KeyValue) -> String {
+            match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(Value::StringValue(s)) => s.clone(),
+                Some(Value::IntValue(i)) => i.to_string(),
+                Some(Value::DoubleValue(d)) => d.to_string(),
+                Some(Value::BoolValue(b)) => b.to_string(),
+                Some(other) => format!("{other:?}"),
+                None => String::new(),
+            }
+        }
+        fn hex(bytes: &[u8]) -> String {
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+        let request = request.into_inner();
+        let n: usize = request
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.count
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if !self.keep {
+            return Ok(tonic::Response::new(Default::default()));
+        }
+        let mut got = Vec::new();
+        for rs in request.resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .map(text)
+                .unwrap_or_default();
+            for span in rs.scope_spans.iter().flat_map(|s| &s.spans) {
+                got.push(ReceivedSpan {
+                    service: service.clone(),
+                    name: span.name.clone(),
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
+                    links: span
+                        .links
+                        .iter()
+                        .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+                        .collect(),
+                    attributes: span
+                        .attributes
+                        .iter()
+                        .map(|kv| (kv.key.clone(), text(kv)))
+                        .collect(),
+                    // STATUS_CODE_ERROR
+                    error: span.status.as_ref().is_some_and(|s| s.code == 2),
+                });
+            }
+        }
+        self.spans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(got);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// An OTLP/gRPC trace collector on a free loopback port, keeping every
+/// span it receives; stopped on drop. It runs on a thread of its own, so
+/// that it serves whatever the test's runtime is doing.
+pub struct OtlpReceiver {
+    addr: std::net::SocketAddr,
+    spans: Spans,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for OtlpReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtlpReceiver")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OtlpReceiver {
+    /// Starts the collector.
+    ///
+    /// # Panics
+    /// When no loopback port can be bound.
+    pub fn start() -> OtlpReceiver {
+        OtlpReceiver::start_with(true)
+    }
+
+    /// Starts a collector that only counts what it receives (benchmarks:
+    /// [`OtlpReceiver::spans`] stays empty).
+    pub fn counting() -> OtlpReceiver {
+        OtlpReceiver::start_with(false)
+    }
+
+    fn start_with(keep: bool) -> OtlpReceiver {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let addr = listener.local_addr().expect("the bound address");
+        let spans = Spans::default();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let collector = Collector {
+            spans: spans.clone(),
+            count: count.clone(),
+            keep,
+        };
+        std::thread::Builder::new()
+            .name("otlp-receiver".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("the receiver's runtime");
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)
+                        .expect("the receiver's listener");
+                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    let _ = tonic::transport::Server::builder()
+                        .add_service(TraceServiceServer::new(collector))
+                        .serve_with_incoming_shutdown(incoming, async {
+                            let _ = stopped.await;
+                        })
+                        .await;
+                });
+            })
+            .expect("starting the receiver's thread");
+        OtlpReceiver {
+            addr,
+            spans,
+            count,
+            stop: Some(stop),
+        }
+    }
+
+    /// The endpoint to export to: `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How many spans were received so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Polls until `done` holds for the spans received, and returns them.
+    ///
+    /// # Panics
+    /// After `timeout`, listing what was received.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&[ReceivedSpan]) -> bool,
+    ) -> Vec<ReceivedSpan> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let spans = self.spans();
+            if done(&spans) {
+                return spans;
+            }
+            if Instant::now() > deadline {
+                let list: Vec<String> = spans
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{} {:?} trace={} span={} parent={} links={:?}",
+                            s.service, s.name, s.trace_id, s.span_id, s.parent_span_id, s.links
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "no {what} within {timeout:?}; received:\n{}",
+                    list.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
     }
 }

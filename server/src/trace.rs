@@ -1,0 +1,134 @@
+//! Request spans of both APIs, for `tower_http`'s `TraceLayer`.
+//!
+//! With traces exported ([`quiver_core::telemetry::enabled`]) every gRPC
+//! call and REST request gets a server span named as the OpenTelemetry
+//! semantic conventions name them (`quiver.v1.FeatureService/GetOnlineFeatures`;
+//! `GET /api/v1/features/{entity}/{id}`), continuing the caller's trace
+//! when its gRPC metadata or HTTP headers carry a W3C `traceparent`, and
+//! ending with the gRPC status or HTTP status code. Without traces the
+//! layer keeps `tower_http`'s defaults (a `DEBUG` "request" span).
+
+use std::time::Duration;
+
+use axum::extract::MatchedPath;
+use axum::http::{HeaderMap, Request, Response};
+use opentelemetry_http::HeaderExtractor;
+use quiver_core::telemetry;
+use tower_http::classify::GrpcFailureClass;
+use tower_http::trace::{
+    DefaultMakeSpan, DefaultOnEos, DefaultOnFailure, DefaultOnResponse, MakeSpan, OnEos, OnFailure,
+    OnResponse,
+};
+use tracing::field::Empty;
+use tracing::Span;
+
+/// gRPC server spans (`rpc.system = grpc`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcSpans;
+
+impl<B> MakeSpan<B> for GrpcSpans {
+    fn make_span(&mut self, req: &Request<B>) -> Span {
+        if !telemetry::enabled() {
+            return DefaultMakeSpan::new().make_span(req);
+        }
+        let path = req.uri().path().trim_start_matches('/');
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        let span = tracing::info_span!(
+            "grpc request",
+            otel.name = path,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            rpc.grpc.status_code = Empty,
+        );
+        telemetry::set_parent(&span, &HeaderExtractor(req.headers()));
+        span
+    }
+}
+
+/// The `grpc-status` of a header or trailer block.
+fn grpc_status(headers: &HeaderMap) -> Option<i64> {
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl<B> OnResponse<B> for GrpcSpans {
+    fn on_response(self, response: &Response<B>, latency: Duration, span: &Span) {
+        // An error answered at once comes as "trailers-only": the status
+        // is in the headers.
+        if let Some(code) = grpc_status(response.headers()) {
+            span.record("rpc.grpc.status_code", code);
+        }
+        DefaultOnResponse::default().on_response(response, latency, span);
+    }
+}
+
+impl OnEos for GrpcSpans {
+    fn on_eos(self, trailers: Option<&HeaderMap>, stream_duration: Duration, span: &Span) {
+        if let Some(code) = trailers.and_then(grpc_status) {
+            span.record("rpc.grpc.status_code", code);
+        }
+        DefaultOnEos::default().on_eos(trailers, stream_duration, span);
+    }
+}
+
+impl OnFailure<GrpcFailureClass> for GrpcSpans {
+    fn on_failure(&mut self, class: GrpcFailureClass, latency: Duration, span: &Span) {
+        if let GrpcFailureClass::Code(code) = &class {
+            span.record("rpc.grpc.status_code", code.get());
+        }
+        telemetry::set_error(span, class.to_string());
+        DefaultOnFailure::default().on_failure(class, latency, span);
+    }
+}
+
+/// HTTP server spans of the REST gateway, named by route.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpSpans;
+
+impl<B> MakeSpan<B> for HttpSpans {
+    fn make_span(&mut self, req: &Request<B>) -> Span {
+        if !telemetry::enabled() {
+            return DefaultMakeSpan::new().make_span(req);
+        }
+        let method = req.method().as_str();
+        let route = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str);
+        // Without a matched route the name is the method alone (the
+        // conventions' rule): paths are unbounded, routes are not.
+        let name = match route {
+            Some(r) => format!("{method} {r}"),
+            None => method.to_owned(),
+        };
+        let span = tracing::info_span!(
+            "http request",
+            otel.name = name,
+            otel.kind = "server",
+            http.request.method = method,
+            http.route = route,
+            url.path = req.uri().path(),
+            http.response.status_code = Empty,
+        );
+        telemetry::set_parent(&span, &HeaderExtractor(req.headers()));
+        span
+    }
+}
+
+impl<B> OnResponse<B> for HttpSpans {
+    fn on_response(self, response: &Response<B>, latency: Duration, span: &Span) {
+        let status = response.status();
+        span.record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            telemetry::set_error(span, status.to_string());
+        }
+        DefaultOnResponse::default().on_response(response, latency, span);
+    }
+}
