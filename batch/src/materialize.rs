@@ -161,7 +161,7 @@ impl Offline {
                 self.materialize_view(&ctx, v, &store, opts, progress),
             )
             .await?;
-            span.record("quiver.rows", report.written);
+            span.record("quiver.rows", telemetry::int(report.written));
             out.push(report);
         }
         Ok(out)

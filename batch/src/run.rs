@@ -614,7 +614,7 @@ impl Offline {
                 )
             });
             let report = telemetry::in_span(&span, self.run_view(&ctx, v, now)).await?;
-            span.record("quiver.rows", report.rows);
+            span.record("quiver.rows", telemetry::int(report.rows));
             out.push(report);
         }
         Ok(out)

@@ -214,7 +214,7 @@ pub async fn batch_cmd(cmd: BatchCommand) -> Result<()> {
             let retrieve = async {
                 let table = quiver_batch::entities::read_file(&registry, &entities).await?;
                 let rows = table.num_rows();
-                tracing::Span::current().record("quiver.entity_rows", rows as u64);
+                tracing::Span::current().record("quiver.entity_rows", telemetry::int(rows));
                 let result = off.historical(table, &sel, full_feature_names).await?;
                 Ok::<_, quiver_core::Error>((rows, result))
             };

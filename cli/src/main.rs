@@ -193,6 +193,11 @@ fn main() -> ExitCode {
     telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A log pipeline reading JSON lines gets the reason as one too.
+        Err(e) if settings.log_format == quiver_core::telemetry::LogFormat::Json => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -202,12 +207,19 @@ fn main() -> ExitCode {
 
 /// The `[telemetry]` settings of a command's configuration and its
 /// default `service.name`. A configuration that does not load gives the
-/// defaults here: the command itself then reports why.
+/// defaults here (with `QUIVER_LOG_FORMAT`, so that the reason is written
+/// as asked): the command itself then reports why.
 fn telemetry_of(command: &Command) -> (quiver_core::telemetry::TelemetrySettings, &'static str) {
     let load = |o: &Overrides| {
         Config::load(o, &|k| std::env::var(k).ok())
             .map(|c| c.telemetry)
-            .unwrap_or_default()
+            .unwrap_or_else(|_| quiver_core::telemetry::TelemetrySettings {
+                log_format: std::env::var("QUIVER_LOG_FORMAT")
+                    .ok()
+                    .and_then(|f| f.parse().ok())
+                    .unwrap_or_default(),
+                ..Default::default()
+            })
     };
     match command {
         Command::Serve { overrides } => (load(overrides), "quiver-serve"),

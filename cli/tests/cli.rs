@@ -254,23 +254,8 @@ fn speed_layer_commands_say_what_is_missing() {
     }
 }
 
-const BATCH_REGISTRY: &str = r#"
-[[entities]]
-name = "user"
-join_key = "user_id"
-
-[[feature_views]]
-name = "scores"
-entities = ["user"]
-source = { sql = """
-SELECT * FROM (VALUES
-  ('u1', TIMESTAMP '2026-01-01T00:00:00Z', 1.0),
-  ('u1', TIMESTAMP '2026-01-02T00:00:00Z', 2.0),
-  ('u2', TIMESTAMP '2026-01-01T12:00:00Z', 5.0)
-) AS t(user_id, event_timestamp, score)
-""" }
-features = [{ name = "score", dtype = "double" }]
-"#;
+/// One SQL view of three rows for two users (shared with tests/traces.rs).
+const BATCH_REGISTRY: &str = include_str!("batch_registry.toml");
 
 fn run_ok(dir: &std::path::Path, args: &[&str]) -> String {
     let out = quiver()

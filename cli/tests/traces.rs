@@ -105,6 +105,7 @@ const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
 const REST_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const REST_CALLER_SPAN: &str = "b7ad6b7169203331";
+const BAD_TRACE: &str = "5c3a1e8f0b2d4f6a8c9e0a1b2c3d4e5f";
 
 fn one<'a>(
     spans: &'a [ReceivedSpan],
@@ -152,7 +153,12 @@ sampling_ratio = 0.0
     )
     .unwrap();
     let config = config.to_str().unwrap();
-    let serve = Proc::start(&["serve", "--config", config], &[], "quiver listening");
+    // QUIVER_LOG chooses log lines, not spans: at `warn` serve still traces.
+    let serve = Proc::start(
+        &["serve", "--config", config],
+        &[("QUIVER_LOG", "warn")],
+        "quiver listening",
+    );
     let ingest = Proc::start(
         &[
             "ingest",
@@ -213,14 +219,22 @@ sampling_ratio = 0.0
     let pushed = client.push_events(request).await.unwrap().into_inner();
     assert_eq!(pushed.accepted, 30, "{pushed:?}");
 
+    // Serve and ingest export on timers of their own, and the 30 events
+    // may be applied in more than one batch: wait for all of it.
     let spans = otlp.wait_for(
         Duration::from_secs(60),
-        "ingest batch span linked to the PushEvents trace",
+        "PushEvents, its send and ingest batches of all 30 events",
         |spans| {
-            spans
+            let count = |name: &str| spans.iter().filter(|s| s.name == name).count();
+            let linked: u64 = spans
                 .iter()
-                .any(|s| s.service == "quiver-ingest" && s.links.iter().any(|(t, _)| t == TRACE))
-                && spans.iter().any(|s| s.name == "apply to online store")
+                .filter(|s| s.name == "process events" && s.links.iter().any(|(t, _)| t == TRACE))
+                .filter_map(|s| s.attr("messaging.batch.message_count")?.parse::<u64>().ok())
+                .sum();
+            linked == 30
+                && count("apply to online store") == count("process events")
+                && count("quiver.v1.FeatureService/PushEvents") == 1
+                && count("send quiver-events") == 1
         },
     );
     let rpc = one(&spans, "the PushEvents span", |s| {
@@ -273,37 +287,66 @@ sampling_ratio = 0.0
         })
         .sum();
     assert_eq!(applied, 30);
-    let apply = spans
-        .iter()
-        .find(|s| s.name == "apply to online store")
-        .unwrap();
-    assert!(
-        batches
-            .iter()
-            .any(|b| b.span_id == apply.parent_span_id && b.trace_id == apply.trace_id),
-        "{apply:#?}"
-    );
+    for apply in spans.iter().filter(|s| s.name == "apply to online store") {
+        assert!(
+            batches
+                .iter()
+                .any(|b| b.span_id == apply.parent_span_id && b.trace_id == apply.trace_id),
+            "{apply:#?}"
+        );
+    }
 
     // REST: a route span in the caller's trace, and its online-store read.
     let http = reqwest::Client::new();
-    let resp = http
-        .get(format!(
-            "http://{}/api/v1/features/user/user_1",
-            serve.addr("http=")
-        ))
-        .header(
-            "traceparent",
-            format!("00-{REST_TRACE}-{REST_CALLER_SPAN}-01"),
-        )
-        .send()
-        .await
-        .unwrap();
+    let traced_get = |path: &str| {
+        http.get(format!("http://{}{path}", serve.addr("http=")))
+            .header(
+                "traceparent",
+                format!("00-{REST_TRACE}-{REST_CALLER_SPAN}-01"),
+            )
+            .send()
+    };
+    let resp = traced_get("/api/v1/features/user/user_1").await.unwrap();
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
-    let spans = otlp.wait_for(Duration::from_secs(30), "the REST route's spans", |spans| {
-        spans
-            .iter()
-            .any(|s| s.trace_id == REST_TRACE && s.name == "online_store.read")
+    // Probes are not traced, even with a traceparent.
+    assert_eq!(traced_get("/health").await.unwrap().status(), 200);
+    // A caller's error: the status code on the span, which is not failed.
+    let mut bad = tonic::Request::new(pb::GetOnlineFeaturesRequest {
+        kind: Some(pb::get_online_features_request::Kind::Features(
+            pb::FeatureList {
+                val: vec!["no_such_view:x".into()],
+            },
+        )),
+        entities: Default::default(),
+        full_feature_names: false,
     });
+    bad.metadata_mut().insert(
+        "traceparent",
+        format!("00-{BAD_TRACE}-{CALLER_SPAN}-03").parse().unwrap(),
+    );
+    let status = client.get_online_features(bad).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    let spans = otlp.wait_for(
+        Duration::from_secs(30),
+        "the REST and error spans",
+        |spans| {
+            let route = spans
+                .iter()
+                .any(|s| s.trace_id == REST_TRACE && s.parent_span_id == REST_CALLER_SPAN);
+            let read = spans
+                .iter()
+                .any(|s| s.trace_id == REST_TRACE && s.name == "online_store.read");
+            route && read && spans.iter().any(|s| s.trace_id == BAD_TRACE)
+        },
+    );
+    // Flags 03 (sampled, and level 2's "random") are followed.
+    let failed = one(&spans, "the failed call", |s| s.trace_id == BAD_TRACE);
+    assert_eq!(failed.name, "quiver.v1.FeatureService/GetOnlineFeatures");
+    assert_eq!(failed.attr("rpc.grpc.status_code"), Some("5"));
+    assert!(
+        !failed.error,
+        "a caller's mistake is not the server's failure"
+    );
     let route = one(&spans, "the REST route span", |s| {
         s.trace_id == REST_TRACE && s.parent_span_id == REST_CALLER_SPAN
     });
@@ -319,11 +362,13 @@ sampling_ratio = 0.0
     assert_eq!(read.parent_span_id, route.span_id);
     assert_eq!(read.attr("db.system.name"), Some("redis"));
 
-    // The untraced call made no span, though it ended before all of these.
+    // The untraced call and the probe made no span, though they ended
+    // before all of these.
     assert!(
-        !spans
-            .iter()
-            .any(|s| s.name == "quiver.v1.FeatureService/GetOnlineFeatures"),
+        !spans.iter().any(|s| {
+            (s.name == "quiver.v1.FeatureService/GetOnlineFeatures" && s.trace_id != BAD_TRACE)
+                || s.name.contains("/health")
+        }),
         "{spans:#?}"
     );
 
@@ -353,4 +398,79 @@ sampling_ratio = 0.0
     );
     drop(redis);
     drop(kafka);
+}
+
+/// One SQL view of three rows for two users (shared with tests/cli.rs).
+const BATCH_REGISTRY: &str = include_str!("batch_registry.toml");
+
+/// Short-lived commands export their spans before they exit: the SDK's
+/// 5 s export timer never fires in them, so what arrives was flushed at
+/// exit (and has arrived when the process is gone: the flush waits for
+/// the collector's answer).
+#[test]
+fn batch_commands_export_their_spans_before_they_exit() {
+    let otlp = OtlpReceiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("reg.toml"), BATCH_REGISTRY).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_quiver"))
+            .args(args)
+            .args(["--registry", "reg.toml", "--archive", "offline"])
+            .current_dir(dir.path())
+            .env("QUIVER_OTLP_ENDPOINT", otlp.endpoint())
+            .env_remove("OTEL_BSP_SCHEDULE_DELAY")
+            .env_remove("OTEL_SERVICE_NAME")
+            .env_remove("QUIVER_ARCHIVE")
+            .env_remove("QUIVER_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["batch", "run"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spans = otlp.spans();
+    let root = one(&spans, "the batch run span", |s| s.name == "batch run");
+    assert_eq!(
+        (root.service.as_str(), root.parent_span_id.as_str()),
+        ("quiver-batch", "")
+    );
+    assert!(!root.error);
+    let view = one(&spans, "the view's span", |s| s.name == "run scores");
+    assert_eq!(view.parent_span_id, root.span_id);
+    assert_eq!(view.attr("quiver.feature_view"), Some("scores"));
+    assert_eq!(view.attr("quiver.rows"), Some("3"));
+
+    let out = run(&[
+        "materialize",
+        "--store-path",
+        "online.redb",
+        "--end",
+        "2026-01-05T00:00:00Z",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spans = otlp.spans();
+    let root = one(&spans, "the materialize span", |s| s.name == "materialize");
+    assert_eq!(root.service, "quiver-materialize");
+    let view = one(&spans, "the view's span", |s| {
+        s.name == "materialize scores"
+    });
+    assert_eq!(view.parent_span_id, root.span_id);
+    assert_eq!(view.attr("quiver.rows"), Some("2"));
+
+    // A failed run's span is marked failed.
+    let out = run(&["batch", "run", "--views", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    let spans = otlp.spans();
+    let failed: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.name == "batch run" && s.error)
+        .collect();
+    assert_eq!(failed.len(), 1, "{spans:#?}");
 }

@@ -53,8 +53,9 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line: `timestamp` (RFC 3339, UTC), `level`,
     /// `target`, `message`, the event's fields, `spans` (names, outermost
-    /// first) and, inside a traced span, `trace_id` and `span_id` (hex, as
-    /// in `traceparent`).
+    /// first) and, inside one of quiver's spans while traces are exported,
+    /// `trace_id` and `span_id` (hex, as in `traceparent`; also in a trace
+    /// that is not sampled, whose spans never reach the collector).
     Json,
 }
 
@@ -118,7 +119,8 @@ impl TelemetrySettings {
             .filter(|e| !e.is_empty())
             .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
             .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
-            .filter(|e| !e.trim().is_empty())
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
     }
 
     /// Checks the settings, naming the key at fault.
@@ -173,15 +175,37 @@ impl Telemetry {
         self.provider.is_some()
     }
 
-    /// Exports the spans still buffered and stops the exporter (waits at
-    /// most the export timeout). Call it before the async runtime stops:
-    /// the gRPC exporter's connection runs on it.
+    /// Exports the spans still queued and stops the exporter. Call it
+    /// before the async runtime stops: the gRPC exporter's connection runs
+    /// on it.
+    ///
+    /// The SDK's flush and shutdown each export one batch (at most
+    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, 512 spans) and wait at most 5 s for
+    /// it: the queue (`OTEL_BSP_MAX_QUEUE_SIZE`, 2048) is flushed batch by
+    /// batch until a flush fails (a collector that is down costs one wait).
     pub fn shutdown(mut self) {
-        if let Some(p) = self.provider.take() {
-            ENABLED.store(false, Ordering::Relaxed);
-            if let Err(e) = p.shutdown() {
-                eprintln!("warning: exporting the last spans failed: {e}");
+        let Some(p) = self.provider.take() else {
+            return;
+        };
+        ENABLED.store(false, Ordering::Relaxed);
+        let setting = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(default)
+        };
+        let queue = setting("OTEL_BSP_MAX_QUEUE_SIZE", 2048);
+        let batch = setting("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512).min(queue);
+        let mut result = Ok(());
+        for _ in 0..queue.div_ceil(batch) {
+            result = p.force_flush();
+            if result.is_err() {
+                break;
             }
+        }
+        if let Err(e) = result.and_then(|()| p.shutdown()) {
+            tracing::warn!(error = %e, "exporting the last spans failed; they are lost");
         }
     }
 }
@@ -208,10 +232,17 @@ pub fn init_with(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Telemetry> {
     settings.validate().map_err(Error::invalid)?;
-    let filter = match env("QUIVER_LOG") {
+    let filter = match env("QUIVER_LOG").filter(|d| !d.trim().is_empty()) {
         Some(directives) => tracing_subscriber::EnvFilter::try_new(&directives)
             .map_err(|e| Error::invalid(format!("QUIVER_LOG={directives:?}: {e}")))?,
         None => tracing_subscriber::EnvFilter::new("info"),
+    };
+    // Each layer filters for itself: QUIVER_LOG chooses log lines only,
+    // and quiver's spans reach the exporter whatever it says.
+    let quiver_info = || {
+        tracing_subscriber::filter::filter_fn(|m| {
+            m.target().starts_with("quiver") && *m.level() <= tracing::Level::INFO
+        })
     };
     let (otel, provider) = match settings.endpoint(env) {
         Some(endpoint) => {
@@ -219,7 +250,8 @@ pub fn init_with(
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("quiver"))
                 .with_threads(false)
-                .with_tracked_inactivity(false);
+                .with_tracked_inactivity(false)
+                .with_filter(quiver_info());
             (Some(layer), Some(provider))
         }
         None => (None, None),
@@ -232,8 +264,20 @@ pub fn init_with(
         }
         LogFormat::Json => fmt.event_format(JsonLines).boxed(),
     };
+    // With traces, log lines also see quiver's spans (their names, and the
+    // trace ids of JSON lines) whatever level QUIVER_LOG lets through.
+    let fmt = match provider {
+        Some(_) => {
+            use tracing_subscriber::filter::FilterExt;
+            fmt.with_filter(
+                filter
+                    .or(quiver_info().and(tracing_subscriber::filter::filter_fn(|m| m.is_span()))),
+            )
+            .boxed()
+        }
+        None => fmt.with_filter(filter).boxed(),
+    };
     tracing_subscriber::registry()
-        .with(filter)
         .with(otel)
         .with(fmt)
         .try_init()
@@ -318,53 +362,65 @@ impl ShouldSample for RatioOrLinked {
     }
 }
 
-/// A carrier whose `traceparent` is passed on only when it has the W3C
-/// form (`version-trace_id-parent_id-flags`: 2, 32, 16 and 2 lowercase hex
-/// digits); the SDK's parser also takes shorter ids, which would continue
-/// a different trace than the caller's. A malformed one is ignored, as
-/// the specification says (section 4.3): the request starts a new trace.
-struct WellFormed<'a>(&'a dyn Extractor);
-
-impl Extractor for WellFormed<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        let value = self.0.get(key)?;
-        if !key.eq_ignore_ascii_case("traceparent") {
-            return Some(value);
-        }
-        let parts: Vec<&str> = value.trim().split('-').collect();
-        let hex = |p: &str, len: usize| {
-            p.len() == len && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        };
-        let ok = parts.len() >= 4
-            && hex(parts[0], 2)
-            && parts[0] != "ff"
-            && (parts[0] != "00" || parts.len() == 4)
-            && hex(parts[1], 32)
-            && hex(parts[2], 16)
-            && hex(parts[3], 2);
-        ok.then_some(value)
+/// The span context of a W3C `traceparent` (and `tracestate`), read as
+/// the Trace Context specification says (section 3.2): see [`extract`].
+/// The SDK's own parser accepts shorter ids, which would continue another
+/// trace, and refuses flags above `02`.
+fn parse_traceparent(carrier: &dyn Extractor) -> Option<SpanContext> {
+    let value = carrier.get("traceparent")?.trim();
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |p: &str, len: usize| {
+        p.len() == len && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let well_formed = parts.len() >= 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && (parts[0] != "00" || parts.len() == 4)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2);
+    if !well_formed {
+        return None;
     }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys()
-    }
+    let trace_id = TraceId::from_hex(parts[1]).ok()?;
+    let span_id = opentelemetry::trace::SpanId::from_hex(parts[2]).ok()?;
+    let flags = u8::from_str_radix(parts[3], 16).ok()?;
+    // At most 32 members (the specification's limit, 3.3.1.1) and 512
+    // bytes (what it asks vendors to propagate at least): a bigger one is
+    // dropped, not copied onto every span of the trace.
+    let state = carrier
+        .get("tracestate")
+        .filter(|s| s.len() <= 512 && s.split(',').count() <= 32)
+        .and_then(|s| s.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    let sc = SpanContext::new(
+        trace_id,
+        span_id,
+        opentelemetry::trace::TraceFlags::new(flags) & opentelemetry::trace::TraceFlags::SAMPLED,
+        true,
+        state,
+    );
+    sc.is_valid().then_some(sc)
 }
 
 /// Continues the trace whose W3C context `carrier` holds (gRPC metadata,
 /// HTTP headers): `span` becomes a child of the caller's span. Without a
-/// valid `traceparent`, `span` stays a root.
+/// valid `traceparent` (see [`extract`]), `span` stays a root.
 pub fn set_parent(span: &tracing::Span, carrier: &dyn Extractor) {
-    let cx = TraceContextPropagator::new().extract(&WellFormed(carrier));
-    if cx.span().span_context().is_valid() {
-        span.set_parent(cx);
+    if let Some(sc) = parse_traceparent(carrier) {
+        span.set_parent(Context::new().with_remote_span_context(sc));
     }
 }
 
-/// The span context a carrier's `traceparent` names, if valid.
+/// The span context a carrier's W3C `traceparent` and `tracestate` name,
+/// if the `traceparent` is valid. It must have the specification's form
+/// (section 3.2): `version-trace_id-parent_id-flags` in 2, 32, 16 and 2
+/// lowercase hex digits, not version `ff`, exactly four fields for
+/// version `00`, ids not all zero. Only the `sampled` flag is kept (a
+/// level-2 `random` flag, `03`, is followed too). Anything else is none:
+/// the request starts a trace of its own.
 pub fn extract(carrier: &dyn Extractor) -> Option<SpanContext> {
-    let cx = TraceContextPropagator::new().extract(&WellFormed(carrier));
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then_some(sc)
+    parse_traceparent(carrier)
 }
 
 /// Writes `span`'s W3C context into `carrier` (nothing for a span that is
@@ -372,6 +428,14 @@ pub fn extract(carrier: &dyn Extractor) -> Option<SpanContext> {
 pub fn inject(span: &tracing::Span, carrier: &mut dyn Injector) {
     let cx = span.context();
     if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, carrier);
+    }
+}
+
+/// Writes a span context (e.g. one read from a message) into `carrier`.
+pub fn inject_context(sc: &SpanContext, carrier: &mut dyn Injector) {
+    if sc.is_valid() {
+        let cx = Context::new().with_remote_span_context(sc.clone());
         TraceContextPropagator::new().inject_context(&cx, carrier);
     }
 }
@@ -405,6 +469,12 @@ pub async fn in_span<T>(
         set_error(span, e.message().to_owned());
     }
     result
+}
+
+/// A count as a span attribute: tracing-opentelemetry records `u64`
+/// fields as text, `i64` as integers (saturating past `i64::MAX`).
+pub fn int(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
 }
 
 /// Most links one span carries (the OpenTelemetry SDK's default limit).
@@ -463,7 +533,10 @@ where
         mut writer: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        let meta = event.metadata();
+        // Records of the `log` crate (librdkafka's, rustls') under their own
+        // target, as tracing-subscriber's formatters show them.
+        let normalized = tracing_log::NormalizeEvent::normalized_metadata(event);
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         let mut line = serde_json::Map::new();
         line.insert(
             "timestamp".into(),
@@ -505,6 +578,10 @@ struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
 impl JsonFields<'_> {
     fn put(&mut self, field: &tracing::field::Field, value: serde_json::Value) {
         let name = field.name();
+        if name.starts_with("log.") {
+            // A `log` record's metadata, already in target/level.
+            return;
+        }
         let key = if RESERVED.contains(&name) {
             format!("field.{name}")
         } else {

@@ -49,7 +49,7 @@ use tracing::Instrument;
 
 use crate::apply::{row_tiles, Applier, ApplyStats, Record, RowTiles, SourceStats};
 use crate::archive::{Archiver, FlushStats};
-use crate::headers::message_context;
+use crate::headers::{message_context, TraceHeaders};
 use crate::producer::kafka_error;
 use crate::sources::{fingerprint, probe, read_markers, write_markers, Check, Held, Marker};
 use crate::{source_topic, KafkaConfig};
@@ -759,13 +759,13 @@ impl Ingestor {
                     otel.kind = "consumer",
                     messaging.system = "kafka",
                     messaging.operation.type = "process",
-                    messaging.batch.message_count = batch.len() as u64,
+                    messaging.batch.message_count = telemetry::int(batch.len()),
                     quiver.links_left_out = Empty,
                 );
                 let left_out =
                     telemetry::add_links(&span, batch.iter().filter_map(|m| m.trace.clone()));
                 if left_out > 0 {
-                    span.record("quiver.links_left_out", left_out as u64);
+                    span.record("quiver.links_left_out", telemetry::int(left_out));
                 }
                 span
             });
@@ -1000,7 +1000,7 @@ impl Ingestor {
                     tracing::info_span!(
                         "ingest apply",
                         otel.name = "apply to online store",
-                        quiver.records = prep.records.len() as u64,
+                        quiver.records = telemetry::int(prep.records.len()),
                     )
                 });
                 let s = self
@@ -1350,6 +1350,7 @@ impl Ingestor {
                     key: "quiver.source.offset",
                     value: Some(offset.as_str()),
                 });
+            let headers = TraceHeaders::append(headers, m.trace.as_ref());
             let mut rec: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&self.cfg.dead_letter_topic).headers(headers);
             if let Some(p) = &m.payload {

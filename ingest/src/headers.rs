@@ -13,7 +13,10 @@ pub(crate) struct TraceHeaders(Vec<(String, String)>);
 
 impl Injector for TraceHeaders {
     fn set(&mut self, key: &str, value: String) {
-        self.0.push((key.to_owned(), value));
+        // An empty `tracestate` says nothing.
+        if !value.is_empty() {
+            self.0.push((key.to_owned(), value));
+        }
     }
 }
 
@@ -23,6 +26,24 @@ impl TraceHeaders {
         let mut h = TraceHeaders::default();
         telemetry::inject(span, &mut h);
         h
+    }
+
+    /// `headers` with the trace context a consumed message carried (a
+    /// dead-lettered event keeps its producer's trace).
+    pub(crate) fn append(headers: OwnedHeaders, sc: Option<&SpanContext>) -> OwnedHeaders {
+        let Some(sc) = sc else { return headers };
+        let mut h = TraceHeaders::default();
+        telemetry::inject_context(sc, &mut h);
+        TraceHeaders::append_all(headers, &h.0)
+    }
+
+    fn append_all(headers: OwnedHeaders, pairs: &[(String, String)]) -> OwnedHeaders {
+        pairs.iter().fold(headers, |headers, (k, v)| {
+            headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            })
+        })
     }
 
     /// As Kafka headers, or `None` when there is nothing to carry.

@@ -114,7 +114,7 @@ impl EventSink for KafkaEventSink {
                 messaging.system = "kafka",
                 messaging.operation.type = "send",
                 messaging.destination.name = self.topic.as_str(),
-                messaging.batch.message_count = events.len() as u64,
+                messaging.batch.message_count = telemetry::int(events.len()),
             )
         });
         let headers = TraceHeaders::of(&span).to_kafka();

@@ -3,10 +3,11 @@
 //! With traces exported ([`quiver_core::telemetry::enabled`]) every gRPC
 //! call and REST request gets a server span named as the OpenTelemetry
 //! semantic conventions name them (`quiver.v1.FeatureService/GetOnlineFeatures`;
-//! `GET /api/v1/features/{entity}/{id}`), continuing the caller's trace
+//! `GET /api/v1/features/:entity/:id`), continuing the caller's trace
 //! when its gRPC metadata or HTTP headers carry a W3C `traceparent`, and
-//! ending with the gRPC status or HTTP status code. Without traces the
-//! layer keeps `tower_http`'s defaults (a `DEBUG` "request" span).
+//! ending with the gRPC status or HTTP status code. Health checks and
+//! `/metrics` are not traced. Without traces the layer keeps
+//! `tower_http`'s defaults (a `DEBUG` "request" span).
 
 use std::time::Duration;
 
@@ -26,16 +27,30 @@ use tracing::Span;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GrpcSpans;
 
+/// Services whose calls are traced by name; health checks are not traced
+/// (a root trace every probe interval), other paths are named `_OTHER`
+/// (a span name per path a scanner invents would be unbounded).
+const TRACED_GRPC: [&str; 3] = [
+    "quiver.v1.FeatureService",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
 impl<B> MakeSpan<B> for GrpcSpans {
     fn make_span(&mut self, req: &Request<B>) -> Span {
-        if !telemetry::enabled() {
-            return DefaultMakeSpan::new().make_span(req);
-        }
         let path = req.uri().path().trim_start_matches('/');
         let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        if !telemetry::enabled() || service == "grpc.health.v1.Health" {
+            return DefaultMakeSpan::new().make_span(req);
+        }
+        let name = if TRACED_GRPC.contains(&service) {
+            path
+        } else {
+            "_OTHER"
+        };
         let span = tracing::info_span!(
             "grpc request",
-            otel.name = path,
+            otel.name = name,
             otel.kind = "server",
             rpc.system = "grpc",
             rpc.service = service,
@@ -58,12 +73,22 @@ fn grpc_status(headers: &HeaderMap) -> Option<i64> {
         .ok()
 }
 
+/// Records a call's gRPC status; the codes the OpenTelemetry conventions
+/// count as a server's error (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED,
+/// INTERNAL, UNAVAILABLE, DATA_LOSS) mark the span failed.
+fn record_status(span: &Span, code: i64) {
+    span.record("rpc.grpc.status_code", code);
+    if matches!(code, 2 | 4 | 12 | 13 | 14 | 15) {
+        telemetry::set_error(span, format!("gRPC status {code}"));
+    }
+}
+
 impl<B> OnResponse<B> for GrpcSpans {
     fn on_response(self, response: &Response<B>, latency: Duration, span: &Span) {
         // An error answered at once comes as "trailers-only": the status
         // is in the headers.
         if let Some(code) = grpc_status(response.headers()) {
-            span.record("rpc.grpc.status_code", code);
+            record_status(span, code);
         }
         DefaultOnResponse::default().on_response(response, latency, span);
     }
@@ -72,7 +97,7 @@ impl<B> OnResponse<B> for GrpcSpans {
 impl OnEos for GrpcSpans {
     fn on_eos(self, trailers: Option<&HeaderMap>, stream_duration: Duration, span: &Span) {
         if let Some(code) = trailers.and_then(grpc_status) {
-            span.record("rpc.grpc.status_code", code);
+            record_status(span, code);
         }
         DefaultOnEos::default().on_eos(trailers, stream_duration, span);
     }
@@ -80,10 +105,10 @@ impl OnEos for GrpcSpans {
 
 impl OnFailure<GrpcFailureClass> for GrpcSpans {
     fn on_failure(&mut self, class: GrpcFailureClass, latency: Duration, span: &Span) {
-        if let GrpcFailureClass::Code(code) = &class {
-            span.record("rpc.grpc.status_code", code.get());
+        match &class {
+            GrpcFailureClass::Code(code) => record_status(span, i64::from(code.get())),
+            GrpcFailureClass::Error(e) => telemetry::set_error(span, e.clone()),
         }
-        telemetry::set_error(span, class.to_string());
         DefaultOnFailure::default().on_failure(class, latency, span);
     }
 }
@@ -92,16 +117,24 @@ impl OnFailure<GrpcFailureClass> for GrpcSpans {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HttpSpans;
 
+/// Routes that probes and scrapers call: not traced.
+const UNTRACED_ROUTES: [&str; 3] = ["/health", "/ready", "/metrics"];
+
 impl<B> MakeSpan<B> for HttpSpans {
     fn make_span(&mut self, req: &Request<B>) -> Span {
-        if !telemetry::enabled() {
-            return DefaultMakeSpan::new().make_span(req);
-        }
-        let method = req.method().as_str();
         let route = req
             .extensions()
             .get::<MatchedPath>()
             .map(MatchedPath::as_str);
+        if !telemetry::enabled() || route.is_some_and(|r| UNTRACED_ROUTES.contains(&r)) {
+            return DefaultMakeSpan::new().make_span(req);
+        }
+        // A method outside HTTP's own is `_OTHER` (the conventions' rule).
+        let method = match req.method().as_str() {
+            m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
+            | "PATCH") => m,
+            _ => "_OTHER",
+        };
         // Without a matched route the name is the method alone (the
         // conventions' rule): paths are unbounded, routes are not.
         let name = match route {
@@ -114,7 +147,8 @@ impl<B> MakeSpan<B> for HttpSpans {
             otel.kind = "server",
             http.request.method = method,
             http.route = route,
-            url.path = req.uri().path(),
+            // Paths are percent-encoded ASCII; a long one is cut.
+            url.path = req.uri().path().get(..256).unwrap_or(req.uri().path()),
             http.response.status_code = Empty,
         );
         telemetry::set_parent(&span, &HeaderExtractor(req.headers()));
@@ -125,7 +159,7 @@ impl<B> MakeSpan<B> for HttpSpans {
 impl<B> OnResponse<B> for HttpSpans {
     fn on_response(self, response: &Response<B>, latency: Duration, span: &Span) {
         let status = response.status();
-        span.record("http.response.status_code", status.as_u16());
+        span.record("http.response.status_code", i64::from(status.as_u16()));
         if status.is_server_error() {
             telemetry::set_error(span, status.to_string());
         }
