@@ -10,8 +10,9 @@
 //!   [`TelemetrySettings::sampling_ratio`].
 //!
 //! Trace context crosses processes as W3C Trace Context (`traceparent`,
-//! `tracestate`; <https://www.w3.org/TR/trace-context/>): [`set_parent`]
-//! continues a caller's trace from gRPC metadata or HTTP headers,
+//! `tracestate`; <https://www.w3.org/TR/trace-context/>): [`trace_request`]
+//! decides from gRPC metadata or HTTP headers whether a request is traced
+//! and continues the caller's trace,
 //! [`inject`] writes a span's context into Kafka message
 //! headers, and [`add_links`] links a batch consumer's span to the spans
 //! that produced its messages (the OpenTelemetry messaging conventions'
@@ -54,8 +55,7 @@ pub enum LogFormat {
     /// One JSON object per line: `timestamp` (RFC 3339, UTC), `level`,
     /// `target`, `message`, the event's fields, `spans` (names, outermost
     /// first) and, inside one of quiver's spans while traces are exported,
-    /// `trace_id` and `span_id` (hex, as in `traceparent`; also in a trace
-    /// that is not sampled, whose spans never reach the collector).
+    /// `trace_id` and `span_id` (hex, as in `traceparent`).
     Json,
 }
 
@@ -155,6 +155,8 @@ fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// `sampling_ratio`, as `f64` bits, for [`trace_request`].
+static RATIO: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Whether spans are exported: quiver's instrumentation creates its spans
 /// only then.
@@ -282,6 +284,7 @@ pub fn init_with(
         .with(fmt)
         .try_init()
         .map_err(|e| Error::internal(format!("installing the log subscriber: {e}")))?;
+    RATIO.store(settings.sampling_ratio.to_bits(), Ordering::Relaxed);
     ENABLED.store(provider.is_some(), Ordering::Relaxed);
     Ok(Telemetry { provider })
 }
@@ -350,7 +353,10 @@ impl ShouldSample for RatioOrLinked {
         attributes: &[KeyValue],
         links: &[opentelemetry::trace::Link],
     ) -> SamplingResult {
-        if links.iter().any(|l| l.span_context.is_sampled()) {
+        let head_sampled = attributes
+            .iter()
+            .any(|kv| kv.key.as_str() == HEAD_SAMPLED && kv.value == true.into());
+        if head_sampled || links.iter().any(|l| l.span_context.is_sampled()) {
             return SamplingResult {
                 decision: SamplingDecision::RecordAndSample,
                 attributes: Vec::new(),
@@ -403,12 +409,64 @@ fn parse_traceparent(carrier: &dyn Extractor) -> Option<SpanContext> {
     sc.is_valid().then_some(sc)
 }
 
-/// Continues the trace whose W3C context `carrier` holds (gRPC metadata,
-/// HTTP headers): `span` becomes a child of the caller's span. Without a
-/// valid `traceparent` (see [`extract`]), `span` stays a root.
-pub fn set_parent(span: &tracing::Span, carrier: &dyn Extractor) {
-    if let Some(sc) = parse_traceparent(carrier) {
-        span.set_parent(Context::new().with_remote_span_context(sc));
+/// The span field that marks a request's root span as sampled by
+/// [`trace_request`] (the root sampler follows it).
+pub const HEAD_SAMPLED: &str = "quiver.head_sampled";
+
+/// Whether and how a request is traced, decided before any span exists
+/// (see [`trace_request`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestTrace {
+    /// No spans: traces are off, the caller's trace is not sampled, or
+    /// the ratio did not pick the request.
+    Untraced,
+    /// A new trace, picked at the sampling ratio: its root span carries
+    /// `HEAD_SAMPLED = true`.
+    Root,
+    /// A child of the caller's sampled span.
+    Child(SpanContext),
+}
+
+impl RequestTrace {
+    /// Makes `span` continue the caller's trace (for [`RequestTrace::Child`]).
+    pub fn apply(&self, span: &tracing::Span) {
+        if let RequestTrace::Child(sc) = self {
+            span.set_parent(Context::new().with_remote_span_context(sc.clone()));
+        }
+    }
+}
+
+/// Decides whether a request with these headers (gRPC metadata, HTTP) is
+/// traced: a valid caller `traceparent` (see [`extract`]) decides as the
+/// caller sampled it; without one the request is picked at
+/// `sampling_ratio`. A request not traced makes no span at all, so that a
+/// low ratio costs little more than traces off (the SDK would otherwise
+/// build every span's data and drop it at the end).
+pub fn trace_request(carrier: &dyn Extractor) -> RequestTrace {
+    if !enabled() {
+        return RequestTrace::Untraced;
+    }
+    decide(carrier, f64::from_bits(RATIO.load(Ordering::Relaxed)))
+}
+
+/// [`trace_request`] once traces are on.
+fn decide(carrier: &dyn Extractor, ratio: f64) -> RequestTrace {
+    match extract(carrier) {
+        Some(sc) if sc.is_sampled() => RequestTrace::Child(sc),
+        Some(_) => RequestTrace::Untraced,
+        None => {
+            let picked = ratio >= 1.0
+                || (ratio > 0.0 && {
+                    use opentelemetry_sdk::trace::IdGenerator;
+                    let draw = opentelemetry_sdk::trace::RandomIdGenerator::default().new_span_id();
+                    (u64::from_be_bytes(draw.to_bytes()) as f64) < ratio * u64::MAX as f64
+                });
+            if picked {
+                RequestTrace::Root
+            } else {
+                RequestTrace::Untraced
+            }
+        }
     }
 }
 
@@ -430,6 +488,21 @@ pub fn inject(span: &tracing::Span, carrier: &mut dyn Injector) {
     if cx.span().span_context().is_valid() {
         TraceContextPropagator::new().inject_context(&cx, carrier);
     }
+}
+
+/// `make()` inside a sampled span of quiver's (a request's, a batch's),
+/// else a disabled span: the client spans of a request (online store,
+/// Kafka) exist only when the request is traced, never as roots of their
+/// own.
+pub fn child_span(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if !enabled() {
+        return tracing::Span::none();
+    }
+    let current = tracing::Span::current();
+    if current.is_none() || !current.context().span().span_context().is_sampled() {
+        return tracing::Span::none();
+    }
+    make()
 }
 
 /// Writes a span context (e.g. one read from a message) into `carrier`.
@@ -642,7 +715,7 @@ mod tests {
         )
     }
 
-    fn decide(ratio: f64, links: &[SpanContext]) -> SamplingDecision {
+    fn root_decision(ratio: f64, links: &[SpanContext]) -> SamplingDecision {
         let links: Vec<_> = links
             .iter()
             .map(|s| opentelemetry::trace::Link::with_context(s.clone()))
@@ -661,13 +734,58 @@ mod tests {
 
     #[test]
     fn a_link_to_a_sampled_span_samples_whatever_the_ratio() {
-        assert_eq!(decide(0.0, &[]), SamplingDecision::Drop);
-        assert_eq!(decide(1.0, &[]), SamplingDecision::RecordAndSample);
-        assert_eq!(decide(0.0, &[sc(1, 1, false)]), SamplingDecision::Drop);
+        assert_eq!(root_decision(0.0, &[]), SamplingDecision::Drop);
+        assert_eq!(root_decision(1.0, &[]), SamplingDecision::RecordAndSample);
         assert_eq!(
-            decide(0.0, &[sc(1, 1, false), sc(2, 2, true)]),
+            root_decision(0.0, &[sc(1, 1, false)]),
+            SamplingDecision::Drop
+        );
+        assert_eq!(
+            root_decision(0.0, &[sc(1, 1, false), sc(2, 2, true)]),
             SamplingDecision::RecordAndSample
         );
+    }
+
+    #[test]
+    fn a_head_sampled_request_root_is_sampled_whatever_the_ratio() {
+        let decision = RatioOrLinked::new(0.0)
+            .should_sample(
+                None,
+                TraceId::from(7u128),
+                "grpc request",
+                &SpanKind::Server,
+                &[KeyValue::new(HEAD_SAMPLED, true)],
+                &[],
+            )
+            .decision;
+        assert_eq!(decision, SamplingDecision::RecordAndSample);
+    }
+
+    #[test]
+    fn requests_are_traced_as_the_caller_says_or_at_the_ratio() {
+        use std::collections::HashMap;
+        let none: HashMap<String, String> = HashMap::new();
+        let with = |tp: &str| HashMap::from([("traceparent".to_owned(), tp.to_owned())]);
+        let sampled = with("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let unsampled = with("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
+        let malformed = with("00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01");
+        assert_eq!(decide(&none, 0.0), RequestTrace::Untraced);
+        assert_eq!(decide(&none, 1.0), RequestTrace::Root);
+        assert_eq!(decide(&malformed, 1.0), RequestTrace::Root);
+        assert_eq!(decide(&unsampled, 1.0), RequestTrace::Untraced);
+        match decide(&sampled, 0.0) {
+            RequestTrace::Child(sc) => {
+                assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7")
+            }
+            other => panic!("{other:?}"),
+        }
+        // 10,000 draws at 5%: 500 expected, standard deviation about 22.
+        let picked = (0..10_000)
+            .filter(|_| decide(&none, 0.05) == RequestTrace::Root)
+            .count();
+        assert!((350..650).contains(&picked), "{picked}");
+        // Traces off: nothing is traced, whatever the caller says.
+        assert_eq!(trace_request(&sampled), RequestTrace::Untraced);
     }
 
     #[test]
@@ -823,13 +941,12 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!(count = 3u64, "outside");
             let parent = tracing::info_span!("request");
-            set_parent(
-                &parent,
-                &std::collections::HashMap::from([(
-                    "traceparent".to_owned(),
-                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
-                )]),
-            );
+            let caller = extract(&std::collections::HashMap::from([(
+                "traceparent".to_owned(),
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+            )]))
+            .unwrap();
+            RequestTrace::Child(caller).apply(&parent);
             let _p = parent.enter();
             let child = tracing::info_span!("online_store");
             let _c = child.enter();

@@ -104,9 +104,10 @@ impl EventSink for KafkaEventSink {
             keys.push(ev.partition_key(et)?);
         }
         let payloads: Vec<Vec<u8>> = events.iter().map(encode_event).collect();
-        // One producer span for the batch; every message carries its
-        // context, so that ingest can link its batch span back to it.
-        let span = telemetry::span(|| {
+        // One producer span for the batch, inside a traced request; every
+        // message carries its context, so that ingest can link its batch
+        // span back to it.
+        let span = telemetry::child_span(|| {
             tracing::info_span!(
                 "kafka send",
                 otel.name = format!("send {}", self.topic),

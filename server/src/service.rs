@@ -404,7 +404,7 @@ impl FeatureServer {
         let backend = self.store.backend();
         // A client span under the request's (readiness pings are not
         // traced: they would be a root span every health interval).
-        let span = telemetry::span(|| match op {
+        let span = telemetry::child_span(|| match op {
             "ping" => tracing::Span::none(),
             _ => tracing::info_span!(
                 "online store",

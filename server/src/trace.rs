@@ -1,7 +1,9 @@
 //! Request spans of both APIs, for `tower_http`'s `TraceLayer`.
 //!
-//! With traces exported ([`quiver_core::telemetry::enabled`]) every gRPC
-//! call and REST request gets a server span named as the OpenTelemetry
+//! With traces exported ([`quiver_core::telemetry::enabled`]) every traced
+//! gRPC call and REST request (a caller's sampled `traceparent`, or picked
+//! at the sampling ratio: [`quiver_core::telemetry::trace_request`]) gets
+//! a server span named as the OpenTelemetry
 //! semantic conventions name them (`quiver.v1.FeatureService/GetOnlineFeatures`;
 //! `GET /api/v1/features/:entity/:id`), continuing the caller's trace
 //! when its gRPC metadata or HTTP headers carry a W3C `traceparent`, and
@@ -14,7 +16,7 @@ use std::time::Duration;
 use axum::extract::MatchedPath;
 use axum::http::{HeaderMap, Request, Response};
 use opentelemetry_http::HeaderExtractor;
-use quiver_core::telemetry;
+use quiver_core::telemetry::{self, RequestTrace};
 use tower_http::classify::GrpcFailureClass;
 use tower_http::trace::{
     DefaultMakeSpan, DefaultOnEos, DefaultOnFailure, DefaultOnResponse, MakeSpan, OnEos, OnFailure,
@@ -40,7 +42,11 @@ impl<B> MakeSpan<B> for GrpcSpans {
     fn make_span(&mut self, req: &Request<B>) -> Span {
         let path = req.uri().path().trim_start_matches('/');
         let (service, method) = path.split_once('/').unwrap_or((path, ""));
-        if !telemetry::enabled() || service == "grpc.health.v1.Health" {
+        if service == "grpc.health.v1.Health" {
+            return DefaultMakeSpan::new().make_span(req);
+        }
+        let decision = telemetry::trace_request(&HeaderExtractor(req.headers()));
+        if decision == RequestTrace::Untraced {
             return DefaultMakeSpan::new().make_span(req);
         }
         let name = if TRACED_GRPC.contains(&service) {
@@ -56,9 +62,19 @@ impl<B> MakeSpan<B> for GrpcSpans {
             rpc.service = service,
             rpc.method = method,
             rpc.grpc.status_code = Empty,
+            quiver.head_sampled = Empty,
         );
-        telemetry::set_parent(&span, &HeaderExtractor(req.headers()));
+        started(&span, &decision);
         span
+    }
+}
+
+/// Ties a new request span to its trace: the caller's, or a new one that
+/// the root sampler keeps.
+fn started(span: &Span, decision: &RequestTrace) {
+    decision.apply(span);
+    if *decision == RequestTrace::Root {
+        span.record(telemetry::HEAD_SAMPLED, true);
     }
 }
 
@@ -126,7 +142,11 @@ impl<B> MakeSpan<B> for HttpSpans {
             .extensions()
             .get::<MatchedPath>()
             .map(MatchedPath::as_str);
-        if !telemetry::enabled() || route.is_some_and(|r| UNTRACED_ROUTES.contains(&r)) {
+        if route.is_some_and(|r| UNTRACED_ROUTES.contains(&r)) {
+            return DefaultMakeSpan::new().make_span(req);
+        }
+        let decision = telemetry::trace_request(&HeaderExtractor(req.headers()));
+        if decision == RequestTrace::Untraced {
             return DefaultMakeSpan::new().make_span(req);
         }
         // A method outside HTTP's own is `_OTHER` (the conventions' rule).
@@ -150,8 +170,9 @@ impl<B> MakeSpan<B> for HttpSpans {
             // Paths are percent-encoded ASCII; a long one is cut.
             url.path = req.uri().path().get(..256).unwrap_or(req.uri().path()),
             http.response.status_code = Empty,
+            quiver.head_sampled = Empty,
         );
-        telemetry::set_parent(&span, &HeaderExtractor(req.headers()));
+        started(&span, &decision);
         span
     }
 }
