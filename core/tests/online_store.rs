@@ -621,3 +621,83 @@ async fn redis_down_is_unavailable_within_the_deadline_and_recovers() {
         vec![Some(Value::Int64(2))]
     );
 }
+
+/// `(calls to EVAL, calls to SCRIPT LOAD)` on one Redis node since its
+/// last `CONFIG RESETSTAT`, from `INFO commandstats`.
+async fn script_calls(url: &str) -> (u64, u64) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let calls = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    };
+    (calls("eval"), calls("script|load"))
+}
+
+/// What a restart, a failover or `SCRIPT FLUSH` does to a node: its
+/// script cache is empty. Also resets its command statistics.
+async fn lose_scripts(url: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for c in [["SCRIPT", "FLUSH"], ["CONFIG", "RESETSTAT"]] {
+        let () = redis::cmd(c[0])
+            .arg(c[1])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// A large write and a large tile write on a store whose Redis lost its
+/// scripts: each script is loaded once (`SCRIPT LOAD`) and called by its
+/// SHA-1, never sent with every call (`EVAL`, megabytes for a large
+/// write, which missed the 250 ms store deadline), on every node.
+async fn large_writes_after_the_scripts_were_lost(store: &dyn OnlineStore, urls: &[String]) {
+    for url in urls {
+        lose_scripts(url).await;
+    }
+    let t = now();
+    let rows: Vec<WriteRow> = (0..5_000).map(|i| row(&format!("cold{i}"), t, i)).collect();
+    assert_eq!(store.write(&rows).await.unwrap().written, 5_000);
+    let tiles: Vec<TileWrite> = (0..1_000)
+        .map(|i| tile_write(&format!("cold{i}"), "ev:0", 1, t, &[("c:1:ev:0", "1")]))
+        .collect();
+    let applied = store.write_tiles(&tiles).await.unwrap();
+    assert!(applied.iter().all(|&a| a), "{applied:?}");
+    for url in urls {
+        assert_eq!(script_calls(url).await, (0, 2), "node {url}");
+    }
+    assert_eq!(
+        read_one(store, "cold4999", &["age"]).await.unwrap().1,
+        vec![Some(Value::Int64(4_999))]
+    );
+    assert_eq!(
+        read_tiles(store, "cold999", &["c:1:ev:0"]).await,
+        vec![("c:1:ev:0".to_owned(), "1".to_owned())]
+    );
+}
+
+#[tokio::test]
+async fn redis_reloads_lost_scripts_once() {
+    let redis = RedisServer::start();
+    let store = redis_store(redis.url(), Duration::from_secs(10));
+    large_writes_after_the_scripts_were_lost(&store, &[redis.url()]).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_reloads_lost_scripts_once_per_node() {
+    let cluster = RedisCluster::start(3);
+    let store = RedisClusterStore::new(
+        &cluster.urls(),
+        Duration::from_secs(10),
+        &Default::default(),
+    )
+    .unwrap();
+    large_writes_after_the_scripts_were_lost(&store, &cluster.urls()).await;
+}

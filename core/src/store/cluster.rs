@@ -13,12 +13,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::get_slot;
-use redis::Script;
+use redis::cluster_routing::{get_slot, MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
 
 use super::redis::{
     is_tls_url, outcome, parse_rows, read_pipeline, redact, redis_error, tile_pipeline,
-    tile_script, write_pipeline, write_script,
+    tile_script, write_pipeline, write_script, LuaScript,
 };
 use super::{
     with_deadline, Lookup, OnlineStore, RedisTls, StoredRow, TileWrite, WriteOutcome, WriteRow,
@@ -30,8 +29,8 @@ pub struct RedisClusterStore {
     client: ClusterClient,
     conn: tokio::sync::Mutex<Option<ClusterConnection>>,
     timeout: Duration,
-    write_script: Script,
-    tile_script: Script,
+    write_script: LuaScript,
+    tile_script: LuaScript,
 }
 
 impl std::fmt::Debug for RedisClusterStore {
@@ -114,39 +113,69 @@ impl RedisClusterStore {
     /// one Redis's, as in `RedisStore::pipeline`.
     async fn run<T: redis::FromRedisValue>(
         &self,
-        pipe: redis::Pipeline,
+        pipe: &redis::Pipeline,
     ) -> Result<std::result::Result<T, redis::RedisError>> {
         let mut conn = self.conn().await?;
         Ok(pipe.query_async(&mut conn).await)
     }
+
+    /// `SCRIPT LOAD` on every primary.
+    async fn load_script(&self, script: &LuaScript) -> Result<()> {
+        let mut conn = self.conn().await?;
+        let all_primaries = RoutingInfo::MultiNode((
+            MultipleNodeRoutingInfo::AllMasters,
+            Some(ResponsePolicy::AllSucceeded),
+        ));
+        conn.route_command(&script.load_cmd(), all_primaries)
+            .await
+            .map(drop)
+            .map_err(redis_error)
+    }
 }
 
 impl RedisClusterStore {
-    /// Runs one pipeline of script calls per slot group, concurrently;
-    /// returns the script results in input order.
+    /// Runs one pipeline of `EVALSHA` calls of `script` per slot group,
+    /// concurrently; returns the script results in input order. When
+    /// nodes lack the script (new, restarted, failed over), it is loaded
+    /// once on every primary (`SCRIPT LOAD`) and the groups that missed
+    /// it run again, as in `RedisStore::run_script`: one load per node,
+    /// however many slots the call spans.
     async fn run_scripts(
         &self,
         n: usize,
         groups: &[Vec<usize>],
-        build: impl Fn(&[usize], bool) -> redis::Pipeline,
+        script: &LuaScript,
+        build: impl Fn(&[usize]) -> redis::Pipeline,
     ) -> Result<Vec<i64>> {
         let build = &build;
-        let calls = groups.iter().map(|idx| async move {
-            let replies: Vec<redis::Value> = match self.run(build(idx, false)).await? {
-                Ok(r) => r,
-                // A node without the script cached (new or restarted): EVAL caches it.
-                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                    self.run(build(idx, true)).await?.map_err(redis_error)?
+        let run_groups = |todo: Vec<usize>| {
+            futures::future::try_join_all(todo.into_iter().map(|g| async move {
+                let replies: std::result::Result<Vec<redis::Value>, _> =
+                    self.run(&build(&groups[g])).await?;
+                Ok::<_, Error>((g, replies))
+            }))
+        };
+        let parts = with_deadline("redis cluster", self.timeout, async {
+            let mut parts: Vec<Option<Vec<redis::Value>>> = vec![None; groups.len()];
+            let mut missed = Vec::new();
+            for (g, replies) in run_groups((0..groups.len()).collect()).await? {
+                match replies {
+                    Ok(r) => parts[g] = Some(r),
+                    Err(e) if e.kind() == redis::ErrorKind::NoScriptError => missed.push(g),
+                    Err(e) => return Err(redis_error(e)),
                 }
-                Err(e) => return Err(redis_error(e)),
-            };
-            flatten_ints(replies)
-        });
-        let parts = with_deadline(
-            "redis cluster",
-            self.timeout,
-            futures::future::try_join_all(calls),
-        )
+            }
+            if !missed.is_empty() {
+                self.load_script(script).await?;
+                for (g, replies) in run_groups(missed).await? {
+                    parts[g] = Some(replies.map_err(redis_error)?);
+                }
+            }
+            parts
+                .into_iter()
+                .map(|p| flatten_ints(p.unwrap_or_default()))
+                .collect::<Result<Vec<_>>>()
+        })
         .await?;
         let mut out = vec![0; n];
         for (idx, results) in groups.iter().zip(parts) {
@@ -198,7 +227,7 @@ impl OnlineStore for RedisClusterStore {
         let calls = groups.iter().map(|idx| {
             let pipe = read_pipeline(idx.iter().map(|&i| &lookups[i]));
             async move {
-                let replies: Vec<redis::Value> = self.run(pipe).await?.map_err(redis_error)?;
+                let replies: Vec<redis::Value> = self.run(&pipe).await?.map_err(redis_error)?;
                 parse_rows(replies, idx.iter().map(|&i| &lookups[i]))
             }
         });
@@ -220,8 +249,8 @@ impl OnlineStore for RedisClusterStore {
     async fn write(&self, rows: &[WriteRow]) -> Result<WriteOutcome> {
         let groups = by_slot(rows.iter().map(|r| r.key.as_str()));
         let results = self
-            .run_scripts(rows.len(), &groups, |idx, eval| {
-                write_pipeline(idx.iter().map(|&i| &rows[i]), &self.write_script, eval)
+            .run_scripts(rows.len(), &groups, &self.write_script, |idx| {
+                write_pipeline(idx.iter().map(|&i| &rows[i]), &self.write_script)
             })
             .await?;
         Ok(outcome(&results))
@@ -230,8 +259,8 @@ impl OnlineStore for RedisClusterStore {
     async fn write_tiles(&self, writes: &[TileWrite]) -> Result<Vec<bool>> {
         let groups = by_slot(writes.iter().map(|w| w.key.as_str()));
         let results = self
-            .run_scripts(writes.len(), &groups, |idx, eval| {
-                tile_pipeline(idx.iter().map(|&i| &writes[i]), &self.tile_script, eval)
+            .run_scripts(writes.len(), &groups, &self.tile_script, |idx| {
+                tile_pipeline(idx.iter().map(|&i| &writes[i]), &self.tile_script)
             })
             .await?;
         Ok(results.into_iter().map(|r| r == 1).collect())

@@ -287,24 +287,18 @@ pub(super) fn parse_rows<'a>(
         .collect()
 }
 
-/// Runs of [`TILE_SCRIPT`] over `writes`, [`TILE_ROWS_PER_CALL`] rows each
-/// (EVALSHA, or EVAL with the source). On a cluster, pass writes of one
-/// hash slot only.
+/// Runs of [`TILE_SCRIPT`] over `writes` by `EVALSHA`,
+/// [`TILE_ROWS_PER_CALL`] rows each. On a cluster, pass writes of one hash
+/// slot only.
 pub(super) fn tile_pipeline<'a>(
     writes: impl IntoIterator<Item = &'a TileWrite>,
-    script: &Script,
-    eval_source: bool,
+    script: &LuaScript,
 ) -> redis::Pipeline {
     let writes: Vec<&TileWrite> = writes.into_iter().collect();
     let mut pipe = redis::pipe();
     for chunk in writes.chunks(TILE_ROWS_PER_CALL) {
-        let cmd = pipe.cmd(if eval_source { "EVAL" } else { "EVALSHA" });
-        cmd.arg(if eval_source {
-            TILE_SCRIPT
-        } else {
-            script.get_hash()
-        })
-        .arg(2 * chunk.len());
+        let cmd = pipe.cmd("EVALSHA");
+        cmd.arg(script.sha1()).arg(2 * chunk.len());
         for w in chunk {
             cmd.arg(&w.key);
         }
@@ -347,29 +341,23 @@ pub(super) fn tile_outcomes(results: Vec<i64>, writes: usize) -> Result<Vec<bool
 }
 
 /// The script of [`tile_pipeline`].
-pub(super) fn tile_script() -> Script {
-    Script::new(TILE_SCRIPT)
+pub(super) fn tile_script() -> LuaScript {
+    LuaScript::new(TILE_SCRIPT)
 }
 
-/// One run of [`WRITE_SCRIPT`] per row: `EVALSHA` normally, `EVAL` with the
-/// source when the server's script cache is empty (after a restart).
+/// One run of [`WRITE_SCRIPT`] per row, by `EVALSHA`.
 pub(super) fn write_pipeline<'a>(
     rows: impl IntoIterator<Item = &'a WriteRow>,
-    script: &Script,
-    eval_source: bool,
+    script: &LuaScript,
 ) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for r in rows {
-        let cmd = pipe.cmd(if eval_source { "EVAL" } else { "EVALSHA" });
-        cmd.arg(if eval_source {
-            WRITE_SCRIPT
-        } else {
-            script.get_hash()
-        })
-        .arg(1)
-        .arg(&r.key)
-        .arg(r.event_ts)
-        .arg(r.expire_at.map_or(0, |m| m.div_euclid(1000).max(1)));
+        let cmd = pipe.cmd("EVALSHA");
+        cmd.arg(script.sha1())
+            .arg(1)
+            .arg(&r.key)
+            .arg(r.event_ts)
+            .arg(r.expire_at.map_or(0, |m| m.div_euclid(1000).max(1)));
         for (name, v) in &r.features {
             cmd.arg(name).arg(encode_value(v));
         }
@@ -378,8 +366,36 @@ pub(super) fn write_pipeline<'a>(
 }
 
 /// The script of [`write_pipeline`].
-pub(super) fn write_script() -> Script {
-    Script::new(WRITE_SCRIPT)
+pub(super) fn write_script() -> LuaScript {
+    LuaScript::new(WRITE_SCRIPT)
+}
+
+/// A Lua script of the store: called by its SHA-1 (`EVALSHA`), loaded
+/// with `SCRIPT LOAD` when a server does not have it.
+pub(super) struct LuaScript {
+    source: &'static str,
+    sha1: String,
+}
+
+impl LuaScript {
+    fn new(source: &'static str) -> LuaScript {
+        LuaScript {
+            source,
+            sha1: Script::new(source).get_hash().to_owned(),
+        }
+    }
+
+    /// The script's SHA-1, in hex, as `EVALSHA` takes it.
+    pub(super) fn sha1(&self) -> &str {
+        &self.sha1
+    }
+
+    /// `SCRIPT LOAD <source>`.
+    pub(super) fn load_cmd(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("SCRIPT");
+        cmd.arg("LOAD").arg(self.source);
+        cmd
+    }
 }
 
 /// Counts written (1) and stale (0) script results.
@@ -536,8 +552,8 @@ fn discard_if_broken(conn: Conn, e: &RedisError) {
 pub struct RedisStore {
     pool: Pool<Manager>,
     timeout: Duration,
-    write_script: Script,
-    tile_script: Script,
+    write_script: LuaScript,
+    tile_script: LuaScript,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -627,21 +643,30 @@ impl RedisStore {
 }
 
 impl RedisStore {
-    /// Runs a pipeline of script calls built by `build(eval_source)`.
+    /// Runs a pipeline of `EVALSHA` calls of `script`. When Redis does not
+    /// have the script (the first call after a restart, a failover or a
+    /// `SCRIPT FLUSH`), it is loaded once with `SCRIPT LOAD` and the
+    /// pipeline run again: nothing ran, since every call named the missing
+    /// script. Sending the source with every call instead (`EVAL`) costs a
+    /// large write many megabytes and missed the store deadline.
     async fn run_script<T: redis::FromRedisValue>(
         &self,
-        build: impl Fn(bool) -> redis::Pipeline,
+        script: &LuaScript,
+        pipe: &redis::Pipeline,
     ) -> Result<Vec<T>> {
         with_deadline("redis", self.timeout, async {
-            match self.pipeline(&build(false)).await? {
-                Ok(r) => Ok(r),
-                // First use after a Redis restart: the script cache is empty.
-                // EVAL both runs and caches it; later calls use EVALSHA again.
-                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                    self.pipeline(&build(true)).await?.map_err(redis_error)
-                }
-                Err(e) => Err(redis_error(e)),
+            let mut conn = self.conn().await?;
+            let mut result = pipe.query_async(&mut *conn).await;
+            if matches!(&result, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
+                result = match script.load_cmd().query_async::<()>(&mut *conn).await {
+                    Ok(()) => pipe.query_async(&mut *conn).await,
+                    Err(e) => Err(e),
+                };
             }
+            if let Err(e) = &result {
+                discard_if_broken(conn, e);
+            }
+            result.map_err(redis_error)
         })
         .await
     }
@@ -681,7 +706,10 @@ impl OnlineStore for RedisStore {
             return Ok(WriteOutcome::default());
         }
         let results: Vec<i64> = self
-            .run_script(|eval| write_pipeline(rows, &self.write_script, eval))
+            .run_script(
+                &self.write_script,
+                &write_pipeline(rows, &self.write_script),
+            )
             .await?;
         Ok(outcome(&results))
     }
@@ -691,7 +719,7 @@ impl OnlineStore for RedisStore {
             return Ok(Vec::new());
         }
         let results: Vec<Vec<i64>> = self
-            .run_script(|eval| tile_pipeline(writes, &self.tile_script, eval))
+            .run_script(&self.tile_script, &tile_pipeline(writes, &self.tile_script))
             .await?;
         tile_outcomes(results.concat(), writes.len())
     }
