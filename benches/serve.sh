@@ -34,10 +34,6 @@ GRPC=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$WORK/quiver.out")
 [ -n "$GRPC" ] || { cat "$WORK/quiver.err"; exit 1; }
 
 LG=./target/release/quiver-loadgen
-# A first small write loads the store's Lua script: on a fresh Redis the
-# first 5,000-row write (EVALSHA refused, then EVAL for every row) can take
-# longer than the 250 ms store timeout on this machine.
-$LG --target "http://$GRPC" --seed 100 --duration 1s --warmup 0s --concurrency 1 --label seed >/dev/null
 $LG --target "http://$GRPC" --seed "$KEYS" --duration 1s --warmup 0s --concurrency 1 --label seed >/dev/null
 FIELDS="_ts f0 f1 f2 f3 f4 f5 f6 f7 f8 f9"
 KEY='qv1:{entity_id=__rand_int__}:bench'

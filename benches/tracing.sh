@@ -45,10 +45,6 @@ start_server p1 QUIVER_OTLP_ENDPOINT="$OTLP" QUIVER_TRACE_SAMPLING_RATIO=0.01
 start_server p100 QUIVER_OTLP_ENDPOINT="$OTLP" QUIVER_TRACE_SAMPLING_RATIO=1
 
 LG=./target/release/quiver-loadgen
-# A first small write loads the store's Lua script: on a fresh Redis the
-# first 5,000-row write (EVALSHA refused, then EVAL for every row) can take
-# longer than the 250 ms store timeout on this machine.
-$LG --target "http://$GRPC_off" --seed 100 --duration 1s --warmup 0s --concurrency 1 --label seed >/dev/null
 $LG --target "http://$GRPC_off" --seed "$KEYS" --duration 1s --warmup 0s --concurrency 1 --label seed >/dev/null
 
 echo "machine: $(nproc) cores; concurrency $CONC; ${DURATION}s per run; $ROUNDS rounds; redis $(redis-server --version | awk '{print $3}')"
