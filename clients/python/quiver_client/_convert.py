@@ -28,6 +28,10 @@ class QuiverError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> Tuple[Any, Tuple[grpc.StatusCode, str]]:
+        # Pickled by its fields, so the error crosses process pools (multiprocessing, joblib).
+        return (QuiverError, (self.code, self.message))
+
 
 def error_from(e: grpc.RpcError) -> QuiverError:
     """The QuiverError of a failed grpc call (sync or asyncio)."""
@@ -303,20 +307,25 @@ def _duration(seconds: float) -> str:
 
 def retry_service_config(max_attempts: int, initial_backoff: float, max_backoff: float) -> str:
     """gRPC service config (https://github.com/grpc/grpc/blob/master/doc/service_config.md) that
-    retries every FeatureService call that fails with UNAVAILABLE (the server could not be reached
-    or is shutting down: nothing was processed), with exponential backoff and jitter done by grpc
-    itself (https://github.com/grpc/proposal/blob/master/A6-client-retries.md). gRPC caps
-    maxAttempts at 5."""
+    retries every FeatureService call that fails with UNAVAILABLE (the server could not be reached,
+    is shutting down, or its online store or Kafka is unreachable), with exponential backoff and
+    jitter done by grpc itself (https://github.com/grpc/proposal/blob/master/A6-client-retries.md).
+
+    A retried call may have been processed once already (a connection lost after the server got
+    it). Every FeatureService call is safe to repeat: reads change nothing, WriteFeatures is
+    last-write-wins by event time (a repeat writes the same row), and a repeated PushEvents counts
+    each `event_id` once in windowed aggregations, online and offline; only the raw event archive
+    keeps both copies (docs/streaming.md). `max_attempts` is 1 to 5: gRPC allows at most 5."""
     import json
 
-    if max_attempts < 1:
-        raise ValueError("max_attempts must be at least 1")
+    if not 1 <= max_attempts <= 5:
+        raise ValueError(f"max_attempts must be 1 to 5 (gRPC allows at most 5 attempts), not {max_attempts}")
     if max_attempts > 1 and not 0 < initial_backoff <= max_backoff:
         raise ValueError("backoffs must satisfy 0 < initial_backoff <= max_backoff (seconds)")
     config: Dict[str, Any] = {"methodConfig": [{"name": [{"service": "quiver.v1.FeatureService"}]}]}
     if max_attempts > 1:
         config["methodConfig"][0]["retryPolicy"] = {
-            "maxAttempts": min(max_attempts, 5),
+            "maxAttempts": max_attempts,
             "initialBackoff": _duration(initial_backoff),
             "maxBackoff": _duration(max_backoff),
             "backoffMultiplier": 2,

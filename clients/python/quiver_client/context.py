@@ -15,13 +15,14 @@ __all__ = ["feature_metadata", "prompt_context"]
 
 
 def feature_metadata(registry: pb.GetRegistryResponse) -> Dict[str, Dict[str, str]]:
-    """{name: {"unit", "description"}} for every feature of the registry, under both its
-    `view__feature` name and its bare name (the bare name only when one view has it)."""
+    """{name: {"unit", "description", "source"}} for every feature of the registry, under both its
+    `view__feature` name and its bare name (the bare name only when one view has it). `source` is
+    the view's (FeatureViewSpec.source): "on_demand" for features computed at request time."""
     out: Dict[str, Dict[str, str]] = {}
     bare: Dict[str, List[Dict[str, str]]] = {}
     for v in registry.feature_views:
         for f in v.features:
-            meta = {"unit": f.unit, "description": f.description}
+            meta = {"unit": f.unit, "description": f.description, "source": v.source}
             out[f"{v.name}__{f.name}"] = meta
             bare.setdefault(f.name, []).append(meta)
     for name, metas in bare.items():
@@ -81,10 +82,14 @@ def prompt_context(
         - last_login: 2026-11-30T22:00:00Z (12 h old)
         - avg_order_value_30d: unknown (no value stored)
         - sessions_7d: 4 (stale: 3 d old, past its TTL)
+        - hours_since_login: 14.5 hours (computed at request time)
 
     Units and descriptions come from `registry` (GetRegistry; FeatureSpec.unit) when given.
     Freshness is each value's age at `now` (default: the current time). Values not found or
     written as null read "unknown" with the reason; values past their view's TTL are marked stale.
+    Features of on-demand views (known from `registry`) are marked as computed at request time
+    rather than given an age (the server stamps them with the request's time), and a null one
+    reads "unknown (not computable: an input is missing)".
     Lists show their first `max_items` items; numeric lists longer than `max_list_length`
     (embeddings) are left out, as text would waste the context on them. Columns in `skip` are not
     listed; the entity columns (join keys, request data) head the text. Raises IndexError for a
@@ -113,13 +118,17 @@ def prompt_context(
         if status == "NOT_FOUND":
             lines.append(f"- {name}: unknown (no value stored)")
             continue
+        computed = meta.get(name, {}).get("source") == "on_demand"
         if value is None:
-            lines.append(f"- {name}: unknown (stored as null)")
+            reason = "not computable: an input is missing" if computed else "stored as null"
+            lines.append(f"- {name}: unknown ({reason})")
             continue
         unit = meta.get(name, {}).get("unit", "")
         text = _value(value, max_items) + (f" {unit}" if unit else "")
         notes = []
-        if ts is not None:
+        if computed:
+            notes.append("computed at request time")
+        elif ts is not None:
             age = _age((now - ts).total_seconds())
             notes.append(f"stale: {age} old, past its TTL" if status == "OUTSIDE_MAX_AGE" else f"{age} old")
         lines.append(f"- {name}: {text}" + (f" ({'; '.join(notes)})" if notes else ""))

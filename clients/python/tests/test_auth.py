@@ -4,6 +4,7 @@ contain a key."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import json
@@ -18,7 +19,7 @@ import grpc
 import pytest
 
 from conftest import ROOT, start_quiver, stop_quiver
-from quiver_client import QuiverClient, QuiverError
+from quiver_client import AsyncQuiverClient, QuiverClient, QuiverError
 
 
 def _create_key(keys: pathlib.Path, name: str, scopes: str) -> str:
@@ -190,6 +191,30 @@ def test_mutual_tls_with_an_api_key(tmp_path):
             private_key=pki["client_key"].read_bytes(),
         ) as client:
             assert any(v.name == "user_profile" for v in client.registry().feature_views)
+
+        # The asyncio client takes the same options.
+        async def async_calls() -> None:
+            async with AsyncQuiverClient(
+                target,
+                api_key=key,
+                root_certificates=ca,
+                certificate_chain=pki["client"].read_bytes(),
+                private_key=pki["client_key"].read_bytes(),
+            ) as aclient:
+                cols = await aclient.get_online_features({"user_id": ["user_1"]}, features=["user_profile:age"])
+                assert cols.statuses["age"] == ["PRESENT"]
+            async with AsyncQuiverClient(
+                target,
+                api_key="qv_" + "0" * 64,
+                root_certificates=ca,
+                certificate_chain=pki["client"].read_bytes(),
+                private_key=pki["client_key"].read_bytes(),
+            ) as wrong:
+                with pytest.raises(QuiverError) as e:
+                    await wrong.registry()
+                assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+        asyncio.run(async_calls())
         # No client certificate: the handshake is refused, whatever the key.
         with QuiverClient(target, api_key=key, root_certificates=ca, timeout=5) as client:
             with pytest.raises(QuiverError) as e:

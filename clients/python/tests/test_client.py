@@ -247,3 +247,76 @@ def test_sigterm_shuts_down_gracefully(tmp_path):
         assert c.registry().feature_views
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
+
+
+def test_request_time_features_online_equal_offline(client):
+    """checkout_context computed from request data and stored features: GetOnlineFeatures (request
+    columns beside the entities) and historical retrieval (the same columns in the entity table,
+    pandas and polars) give the same values; hours_since_login is as of each row's time."""
+    import pandas as pd
+    import polars as pl
+
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    user = "py_checkout_user"
+    login_at = now - dt.timedelta(hours=5)
+    events = [
+        {"event_id": f"py-co-buy-{i}", "event_type": "purchase", "event_time": now - dt.timedelta(hours=h),
+         "entities": {"user_id": user, "product_id": "product_3"},
+         "attributes": {"session_id": "co", "quantity": 1, "price": amount, "amount": amount, "category": "books"}}
+        for i, (h, amount) in enumerate([(3, 40.0), (2, 25.5)])
+    ] + [
+        {"event_id": "py-co-login", "event_type": "login", "event_time": login_at,
+         "entities": {"user_id": user}, "attributes": {"device": "web", "country": "NL"}},
+    ]
+    assert client.push_events(events)["accepted"] == 3
+    request = {
+        "amount": [120.0, 0.0, 32.75],
+        "ship_country": ["NL", "FR", "NL"],
+        "lat": [52.37, 52.37, -33.87],
+        "lon": [4.90, 4.90, 151.21],
+        "ship_lat": [48.86, 52.37, 40.71],
+        "ship_lon": [2.35, 4.90, -74.01],
+    }
+    features = ["checkout_context:*", "user_context:hours_since_login"]
+    computed = ["amount_vs_avg_order_7d", "ships_abroad", "ship_distance_km"]
+    deadline = time.time() + 30
+    while True:  # ingest applies the events within a second or so
+        online = client.get_online_features({"user_id": [user] * 3, **request}, features=features)
+        if online["amount_vs_avg_order_7d"][0] is not None or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert online["amount_vs_avg_order_7d"] == [120.0 / 32.75, 0.0, 1.0]
+    assert online["ships_abroad"] == [False, True, False]
+    assert online["ship_distance_km"][1] == 0.0 and 400 < online["ship_distance_km"][0] < 450
+    assert all(s == "PRESENT" for s in online.statuses["ship_distance_km"])
+
+    at = now + dt.timedelta(seconds=1)
+    entity = pd.DataFrame({"user_id": [user] * 3, "event_timestamp": [at] * 3, **request})
+    deadline = time.time() + 30
+    while True:  # the events reach the archive within a few seconds
+        offline = client.get_historical_features(entity, features=features)
+        if offline["amount_vs_avg_order_7d"].iloc[0] == online["amount_vs_avg_order_7d"][0] \
+                or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    for name in computed:
+        assert offline[name].tolist() == online[name], name
+    assert offline["hours_since_login"].tolist() == [(at - login_at).total_seconds() / 3600] * 3
+    # A polars entity table gives the same training set.
+    from_polars = client.get_historical_features(pl.from_pandas(entity), features=features)
+    assert from_polars[computed + ["hours_since_login"]].equals(offline[computed + ["hours_since_login"]])
+
+    with pytest.raises(QuiverError) as e:
+        client.get_online_features({"user_id": [user]}, features=features)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "needs request data" in e.value.message
+
+
+def test_errors_pickle_and_retry_settings_are_checked():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(QuiverError(grpc.StatusCode.NOT_FOUND, "no such view")))
+    assert (err.code, err.message, str(err)) == (grpc.StatusCode.NOT_FOUND, "no such view", "NOT_FOUND: no such view")
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match="max_attempts must be 1 to 5"):
+            QuiverClient("127.0.0.1:1", max_attempts=bad)

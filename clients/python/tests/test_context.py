@@ -17,7 +17,8 @@ NOW = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.timezone.utc)
 def _response() -> OnlineResponse:
     resp = pb.GetOnlineFeaturesResponse()
     names = ["user_id", "total_spend_30d", "last_login", "sessions_7d", "favorite_categories",
-             "avg_order_value_30d", "embedding", "country", "is_premium"]
+             "avg_order_value_30d", "embedding", "country", "is_premium", "hours_since_login",
+             "amount_vs_avg_order_7d"]
     resp.metadata.feature_names.val.extend(names)
 
     def col(values, statuses, times):
@@ -49,6 +50,9 @@ def _response() -> OnlineResponse:
     col([val(float_list=[0.25] * 64)], [pb.PRESENT], [NOW - h])
     col([val(null_val=pb.NULL)], [pb.NULL_VALUE], [NOW - h])
     col([val(bool_val=True)], [pb.PRESENT], [NOW - dt.timedelta(seconds=40)])
+    # Request-time features carry the request's time.
+    col([val(double_val=14.5)], [pb.PRESENT], [NOW])
+    col([val(null_val=pb.NULL)], [pb.NULL_VALUE], [NOW])
     return OnlineResponse(resp, join_keys=1)
 
 
@@ -57,6 +61,9 @@ def _registry() -> pb.GetRegistryResponse:
     v = reg.feature_views.add(name="user_activity")
     v.features.add(name="total_spend_30d", unit="USD", description="Spend over 30 days")
     v.features.add(name="sessions_7d", unit="sessions")
+    od = reg.feature_views.add(name="user_context", source="on_demand")
+    od.features.add(name="hours_since_login", unit="hours")
+    od.features.add(name="amount_vs_avg_order_7d")
     return reg
 
 
@@ -71,10 +78,13 @@ def test_text_has_values_units_and_freshness():
         "- avg_order_value_30d: unknown (no value stored)",
         "- country: unknown (stored as null)",
         "- is_premium: yes (40 s old)",
+        "- hours_since_login: 14.5 hours (computed at request time)",
+        "- amount_vs_avg_order_7d: unknown (not computable: an input is missing)",
     ])
     # Without a registry there are no units; skipped columns are left out.
     text = prompt_context(_response(), now=NOW, skip=["favorite_categories"])
     assert "- total_spend_30d: 129.5 (2 h old)" in text and "favorite" not in text
+    assert "- hours_since_login: 14.5 (0 s old)" in text
     with pytest.raises(IndexError):
         prompt_context(_response(), row=1, now=NOW)
 
@@ -83,6 +93,8 @@ def test_metadata_names_features_both_ways():
     meta = feature_metadata(_registry())
     assert meta["user_activity__total_spend_30d"]["unit"] == "USD"
     assert meta["total_spend_30d"]["description"] == "Spend over 30 days"
+    assert meta["user_context__hours_since_login"]["source"] == "on_demand"
+    assert meta["hours_since_login"]["source"] == "on_demand"
 
 
 def test_live_context_uses_the_registry_units(server):

@@ -1,7 +1,7 @@
 """The worked example (examples/), run as a user would: the notebook executed with nbclient against
 a live `quiver demo` (traffic, labels from the archive, point-in-time training set, a model that
 must beat a constant baseline), then the model server it feeds under a short load test, its LLM
-context endpoint, and `mypy --strict` on the example code."""
+context endpoint, and `mypy --strict` on the example code, the notebook's included."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -77,16 +78,18 @@ def test_model_server_under_load_and_its_llm_context(trained):
         spec = importlib.util.spec_from_file_location("load_test", EXAMPLES / "load_test.py")
         load_test = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(load_test)
-        report = load_test.run(url, users=250, requests=300, concurrency=4)
+        users = json.loads((trained["model_dir"] / "users.json").read_text())
+        assert len(users) == 250 and all(u.startswith("shopper_") for u in users)
+        report = load_test.run(url, users=users, requests=300, concurrency=4)
         print(json.dumps(report, indent=2))
         assert report["ok"] == 300 and report["errors"] == 0, report
-        assert 0 < report["feature_share"] < 1
+        assert 0 < report["feature_share_of_client_latency"] < report["feature_share"] < 1, report
         assert report["feature_p50_ms"] > 0 and report["client_p99_ms"] >= report["client_p50_ms"]
 
-        with urllib.request.urlopen(f"{url}/context/shopper_7") as r:
+        with urllib.request.urlopen(f"{url}/context/{urllib.parse.quote(users[7])}") as r:
             text = r.read().decode()
-        assert text.startswith("user_id=shopper_7, as of "), text
-        assert "- hours_since_login: " in text and " hours (" in text, text
+        assert text.startswith(f"user_id={users[7]}, as of "), text
+        assert re.search(r"- hours_since_login: [0-9.]+ hours \(computed at request time\)", text), text
         assert re.search(r"- spend_7d: [0-9.]+ USD \(", text), text
 
         req = urllib.request.Request(f"{url}/predict", data=b'{"user": 1}', method="POST")
@@ -98,10 +101,16 @@ def test_model_server_under_load_and_its_llm_context(trained):
         proc.wait(timeout=10)
 
 
-def test_example_code_passes_mypy_strict():
+def test_example_code_passes_mypy_strict(tmp_path):
+    """The model server, the load test and the notebook's code (its cells, in order, as one module)."""
+    import nbformat
+
+    nb = nbformat.read(EXAMPLES / "purchase_propensity.ipynb", as_version=4)
+    notebook = tmp_path / "purchase_propensity.py"
+    notebook.write_text("\n\n".join(c.source for c in nb.cells if c.cell_type == "code") + "\n")
     out = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--config-file", str(ROOT / "clients" / "python" / "pyproject.toml"),
-         str(EXAMPLES / "model_server.py"), str(EXAMPLES / "load_test.py")],
+         str(EXAMPLES / "model_server.py"), str(EXAMPLES / "load_test.py"), str(notebook)],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
