@@ -20,9 +20,14 @@ if [ ! -x "$TOOLS/bin/tansu" ]; then
   cargo install --locked tansu --version 0.6.0 --features dynostore --root "$TOOLS"
 fi
 command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install -y redis-server" >&2; exit 1; }
-echo "== building quiver"
-cargo build -p quiver --locked
-QUIVER="$PWD/target/debug/quiver"
+# QUIVER_BIN: a quiver binary already built (scripts/test.sh passes the one
+# its test build made); else it is built here.
+QUIVER="${QUIVER_BIN:-}"
+if [ -z "$QUIVER" ]; then
+  echo "== building quiver"
+  cargo build -p quiver --locked
+  QUIVER="$PWD/target/debug/quiver"
+fi
 
 . scripts/lib.sh
 
