@@ -120,6 +120,20 @@ def from_value(v: pb.Value) -> Any:
     return x
 
 
+def _arrow_type(kind: Optional[str]) -> "pyarrow.DataType":
+    """The Arrow type of a column whose values are of Value oneof `kind` (None: all null)."""
+    import pyarrow as pa
+
+    scalars = {
+        "int64": pa.int64(), "double": pa.float64(), "float": pa.float32(), "string": pa.string(),
+        "bool": pa.bool_(), "bytes": pa.binary(), "timestamp": pa.timestamp("us", tz="UTC"),
+    }
+    if kind is None:
+        return pa.null()
+    base = kind[: -len("_list_val")] if kind.endswith("_list_val") else kind[: -len("_val")]
+    return pa.list_(scalars[base]) if kind.endswith("_list_val") else scalars[base]
+
+
 class OnlineResponse(Mapping[str, List[Any]]):
     """The answer of GetOnlineFeatures: a read-only mapping of column name to one value per entity
     row (join-key columns first, then the features in request order), with each value's status and
@@ -139,8 +153,11 @@ class OnlineResponse(Mapping[str, List[Any]]):
         self._values: Dict[str, List[Any]] = {}
         self.statuses: Dict[str, List[str]] = {}
         self.event_timestamps: Dict[str, List[Optional[_dt.datetime]]] = {}
+        self._kinds: Dict[str, Optional[str]] = {}
         for col, (name, vec) in enumerate(zip(names, resp.results)):
             self._values[name] = [from_value(v) for v in vec.values]
+            kinds = (v.WhichOneof("kind") for v in vec.values)
+            self._kinds[name] = next((k for k in kinds if k not in (None, "null_val")), None)
             self.statuses[name] = [STATUS_NAMES.get(s, str(s)) for s in vec.statuses]
             self.event_timestamps[name] = [
                 None if col < join_keys or status == not_found else ts.ToDatetime(tzinfo=_dt.timezone.utc)
@@ -173,11 +190,12 @@ class OnlineResponse(Mapping[str, List[Any]]):
         return [{k: v[i] for k, v in self._values.items()} for i in range(n)]
 
     def to_arrow(self) -> "pyarrow.Table":
-        """A pyarrow Table, one column per name (types inferred from the values; times are
-        timestamp[us, tz=UTC]). Needs pyarrow."""
+        """A pyarrow Table, one column per name, typed by the values' wire types: int64, double,
+        string, bool, binary, timestamp[us, tz=UTC], and lists of them, embeddings (float lists)
+        as list<float32>. A column with no value but nulls has Arrow's null type. Needs pyarrow."""
         import pyarrow as pa
 
-        return pa.table({k: pa.array(v) for k, v in self._values.items()})
+        return pa.table({k: pa.array(v, type=_arrow_type(self._kinds[k])) for k, v in self._values.items()})
 
     def to_df(self) -> "pandas.DataFrame":
         """A pandas DataFrame, one row per entity row. Needs pandas and pyarrow."""

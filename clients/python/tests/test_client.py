@@ -87,6 +87,19 @@ def test_write_then_read_typed_values(client):
     assert r["user_activity__favorite_categories"] == ["books", "toys"]
     assert r["user_activity__avg_order_value_30d"] is None
     assert r["user_embedding__embedding"] == pytest.approx(emb)
+    # Arrow columns take the values' wire types: embeddings stay float32, nulls keep an int column int.
+    import pyarrow as pa
+
+    cols = client.get_online_features(
+        {"user_id": ["py_user", "nobody"]},
+        features=["user_activity:sessions_7d", "user_activity:last_login", "user_activity:favorite_categories",
+                  "user_embedding:embedding", "user_activity:avg_order_value_30d"],
+    )
+    schema = cols.to_arrow().schema
+    assert [schema.field(n).type for n in schema.names] == [
+        pa.string(), pa.int64(), pa.timestamp("us", tz="UTC"), pa.list_(pa.string()), pa.list_(pa.float32()), pa.null(),
+    ]
+    assert cols.to_arrow()["embedding"].to_pylist()[0] == emb
     # An older write does not replace the newer row.
     stale = client.write_features(
         "user_activity",
