@@ -282,15 +282,17 @@ def historical_request(
     feature_service: Optional[str],
     full_feature_names: bool,
 ) -> pb.GetHistoricalFeaturesRequest:
-    """The request carrying `entity_df` (pandas DataFrame, pyarrow Table or polars DataFrame) as
-    one Arrow IPC stream."""
+    """The request carrying `entity_df` (pandas DataFrame, pyarrow Table or RecordBatch, or polars
+    DataFrame) as one Arrow IPC stream."""
     import pyarrow as pa
 
     check_selection(features, feature_service)
     if isinstance(entity_df, pa.Table):
         table = entity_df
-    elif hasattr(entity_df, "to_arrow") and not hasattr(entity_df, "to_pandas_dtype"):
-        table = entity_df.to_arrow()  # polars
+    elif isinstance(entity_df, pa.RecordBatch):
+        table = pa.Table.from_batches([entity_df])
+    elif type(entity_df).__module__.split(".")[0] == "polars":
+        table = entity_df.to_arrow()
     else:
         table = pa.Table.from_pandas(entity_df, preserve_index=False)
     sink = pa.BufferOutputStream()

@@ -178,8 +178,9 @@ class QuiverClient:
     ) -> "pandas.DataFrame":
         """A point-in-time correct training set as a pandas DataFrame.
 
-        `entity_df` (pandas DataFrame, pyarrow Table or polars DataFrame) holds the join keys of the
-        selected views, an `event_timestamp` column (naive times are UTC) and any other columns
+        `entity_df` (pandas DataFrame, pyarrow Table or RecordBatch, or polars DataFrame) holds the
+        join keys of the selected views, an `event_timestamp` column (naive times are UTC), request
+        data of selected on-demand views, and any other columns
         (labels), which come back unchanged, in row order. Each feature is its newest value at or
         before the row's event_timestamp and within the view's TTL; aggregations are computed as of
         that time. `timeout` is the whole retrieval's deadline in seconds (None: no deadline).

@@ -318,6 +318,11 @@ def test_request_time_features_online_equal_offline(client):
     # A polars entity table gives the same training set.
     from_polars = client.get_historical_features(pl.from_pandas(entity), features=features)
     assert from_polars[computed + ["hours_since_login"]].equals(offline[computed + ["hours_since_login"]])
+    # So does a pyarrow RecordBatch.
+    import pyarrow as pa
+
+    from_batch = client.get_historical_features(pa.RecordBatch.from_pandas(entity), features=features)
+    assert from_batch[computed].equals(offline[computed])
 
     with pytest.raises(QuiverError) as e:
         client.get_online_features({"user_id": [user]}, features=features)
