@@ -400,6 +400,66 @@ sampling_ratio = 0.0
     drop(kafka);
 }
 
+/// Without a caller's context the server draws: at `sampling_ratio = 1`
+/// every request is a root span of its own (`quiver.head_sampled`), with
+/// its online-store read beneath it; `/metrics` is never traced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_ratio_one_every_request_roots_its_own_trace() {
+    let otlp = OtlpReceiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let registry =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../registry/features.toml");
+    let store = dir.path().join("online.redb");
+    let endpoint = otlp.endpoint();
+    let serve = Proc::start(
+        &[
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--registry",
+            registry.to_str().unwrap(),
+            "--store-path",
+            store.to_str().unwrap(),
+        ],
+        &[
+            ("QUIVER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("QUIVER_TRACE_SAMPLING_RATIO", "1"),
+        ],
+        "quiver listening",
+    );
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        http.get(format!("http://{}{path}", serve.addr("http=")))
+            .send()
+    };
+    assert_eq!(get("/metrics").await.unwrap().status(), 200);
+    let resp = get("/api/v1/features/user/user_1").await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let spans = otlp.wait_for(Duration::from_secs(30), "the request's spans", |spans| {
+        spans.iter().any(|s| s.name == "online_store.read")
+    });
+    let root = one(&spans, "the REST route span", |s| {
+        s.name == "GET /api/v1/features/:entity/:id"
+    });
+    assert_eq!(root.parent_span_id, "", "a root span: {root:#?}");
+    assert_eq!(root.service, "quiver-serve");
+    assert_eq!(root.attr("quiver.head_sampled"), Some("true"));
+    let read = one(&spans, "the online-store read", |s| {
+        s.name == "online_store.read"
+    });
+    assert_eq!(
+        (read.trace_id.as_str(), read.parent_span_id.as_str()),
+        (root.trace_id.as_str(), root.span_id.as_str())
+    );
+    assert_eq!(read.attr("db.system.name"), Some("embedded"));
+    assert!(
+        !spans.iter().any(|s| s.name.contains("metrics")),
+        "{spans:#?}"
+    );
+}
+
 /// One SQL view of three rows for two users (shared with tests/cli.rs).
 const BATCH_REGISTRY: &str = include_str!("batch_registry.toml");
 
