@@ -43,9 +43,7 @@ def run(url: str, users: Sequence[str], requests: int, concurrency: int, seed: i
         rng = random.Random(seed + n)
         conn = http.client.HTTPConnection(host, port, timeout=30)
         for _ in iter(lambda: next(counter, None), None):
-            # Bytes, so http.client sends headers and body in one write (a str body is a second
-            # write, which Nagle's algorithm holds back until the server's delayed ACK).
-            body = json.dumps({"user_id": rng.choice(users)}).encode()
+            body = json.dumps({"user_id": rng.choice(users)})
             started = time.perf_counter()
             try:
                 conn.request("POST", "/predict", body, {"content-type": "application/json"})

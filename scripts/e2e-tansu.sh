@@ -28,6 +28,10 @@ if [ -z "$QUIVER" ]; then
   cargo build -p quiver --locked
   QUIVER="$PWD/target/debug/quiver"
 fi
+QUIVER="$(command -v "$QUIVER" || true)"
+[ -n "$QUIVER" ] && [ -x "$QUIVER" ] || { echo "QUIVER_BIN=${QUIVER_BIN:-} is not an executable quiver binary" >&2; exit 1; }
+QUIVER="$(realpath "$QUIVER")"
+echo "== quiver binary: $QUIVER"
 
 . scripts/lib.sh
 

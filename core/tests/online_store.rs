@@ -640,12 +640,13 @@ async fn script_calls(url: &str) -> (u64, u64) {
     (calls("eval"), calls("script|load"))
 }
 
-/// What a restart, a failover or `SCRIPT FLUSH` does to a node: its
-/// script cache is empty. Also resets its command statistics.
-async fn lose_scripts(url: &str) {
+/// Resets a node's command statistics and, when `flush`, does to it what
+/// a restart, a failover or `SCRIPT FLUSH` does: its script cache is empty.
+async fn lose_scripts(url: &str, flush: bool) {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    for c in [["SCRIPT", "FLUSH"], ["CONFIG", "RESETSTAT"]] {
+    let commands = [["SCRIPT", "FLUSH"], ["CONFIG", "RESETSTAT"]];
+    for c in &commands[usize::from(!flush)..] {
         let () = redis::cmd(c[0])
             .arg(c[1])
             .query_async(&mut conn)
@@ -654,15 +655,27 @@ async fn lose_scripts(url: &str) {
     }
 }
 
-/// A large write and a large tile write on a store whose Redis lost its
-/// scripts: each script is loaded once (`SCRIPT LOAD`) and called by its
-/// SHA-1, never sent with every call (`EVAL`, megabytes for a large
-/// write, which missed the 250 ms store deadline), on every node.
-async fn large_writes_after_the_scripts_were_lost(store: &dyn OnlineStore, urls: &[String]) {
-    for url in urls {
-        lose_scripts(url).await;
-    }
+/// A large write and a large tile write on a store whose nodes in
+/// `flushed` lost their scripts (the others of `all` keep theirs): each
+/// script is loaded once per node (`SCRIPT LOAD`) and called by its SHA-1,
+/// never sent with every call (`EVAL`, megabytes for a large write, which
+/// missed the 250 ms store deadline); everything is applied.
+async fn large_writes_after_the_scripts_were_lost(
+    store: &dyn OnlineStore,
+    flushed: &[String],
+    all: &[String],
+) {
+    // Every node has both scripts, as in a running deployment.
     let t = now();
+    let warm: Vec<WriteRow> = (0..64).map(|i| row(&format!("warm{i}"), t, i)).collect();
+    store.write(&warm).await.unwrap();
+    let warm: Vec<TileWrite> = (0..64)
+        .map(|i| tile_write(&format!("warm{i}"), "ev:0", 1, t, &[("c:1:ev:0", "1")]))
+        .collect();
+    store.write_tiles(&warm).await.unwrap();
+    for url in all {
+        lose_scripts(url, flushed.contains(url)).await;
+    }
     let rows: Vec<WriteRow> = (0..5_000).map(|i| row(&format!("cold{i}"), t, i)).collect();
     assert_eq!(store.write(&rows).await.unwrap().written, 5_000);
     let tiles: Vec<TileWrite> = (0..1_000)
@@ -670,8 +683,12 @@ async fn large_writes_after_the_scripts_were_lost(store: &dyn OnlineStore, urls:
         .collect();
     let applied = store.write_tiles(&tiles).await.unwrap();
     assert!(applied.iter().all(|&a| a), "{applied:?}");
-    for url in urls {
-        assert_eq!(script_calls(url).await, (0, 2), "node {url}");
+    for url in all {
+        let (eval, load) = script_calls(url).await;
+        assert_eq!(eval, 0, "EVAL on node {url}");
+        if flushed.contains(url) {
+            assert_eq!(load, 2, "SCRIPT LOAD on node {url}");
+        }
     }
     assert_eq!(
         read_one(store, "cold4999", &["age"]).await.unwrap().1,
@@ -687,7 +704,7 @@ async fn large_writes_after_the_scripts_were_lost(store: &dyn OnlineStore, urls:
 async fn redis_reloads_lost_scripts_once() {
     let redis = RedisServer::start();
     let store = redis_store(redis.url(), Duration::from_secs(10));
-    large_writes_after_the_scripts_were_lost(&store, &[redis.url()]).await;
+    large_writes_after_the_scripts_were_lost(&store, &[redis.url()], &[redis.url()]).await;
 }
 
 #[tokio::test]
@@ -699,5 +716,58 @@ async fn redis_cluster_reloads_lost_scripts_once_per_node() {
         &Default::default(),
     )
     .unwrap();
-    large_writes_after_the_scripts_were_lost(&store, &cluster.urls()).await;
+    // One node restarted: only its slots' calls miss the scripts.
+    let urls = cluster.urls();
+    large_writes_after_the_scripts_were_lost(&store, &urls[1..2], &urls).await;
+}
+
+/// A user whose ACL refuses `SCRIPT LOAD` still writes: the scripts go
+/// with their source (`EVAL`) once, which caches them, and later calls use
+/// `EVALSHA` again.
+#[tokio::test]
+async fn redis_without_script_load_sends_the_source_once() {
+    let redis = RedisServer::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "writer",
+            "on",
+            ">secret",
+            "~*",
+            "&*",
+            "+@all",
+            "-script|load",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let store = redis_store(
+        format!("redis://writer:secret@127.0.0.1:{}", redis.port()),
+        Duration::from_secs(10),
+    );
+    lose_scripts(&redis.url(), true).await;
+    let t = now();
+    for round in 0..2 {
+        let rows: Vec<WriteRow> = (0..50)
+            .map(|i| row(&format!("acl{i}"), t + round, i))
+            .collect();
+        assert_eq!(store.write(&rows).await.unwrap().written, 50);
+        let tiles: Vec<TileWrite> = (0..10)
+            .map(|i| {
+                tile_write(
+                    &format!("acl{i}"),
+                    "ev:0",
+                    round + 1,
+                    t,
+                    &[("c:1:ev:0", "1")],
+                )
+            })
+            .collect();
+        assert!(store.write_tiles(&tiles).await.unwrap().iter().all(|&a| a));
+    }
+    // 50 row calls and one tile call (10 rows) with the source, in the
+    // first round only.
+    assert_eq!(script_calls(&redis.url()).await, (51, 0));
 }

@@ -120,9 +120,29 @@ def from_value(v: pb.Value) -> Any:
     return x
 
 
-def _arrow_type(kind: Optional[str]) -> "pyarrow.DataType":
-    """The Arrow type of a column whose values are of Value oneof `kind` (None: all null)."""
+_WIDENED = {
+    frozenset({"int64_val", "double_val"}): "double_val",
+    frozenset({"int64_list_val", "double_list_val"}): "double_list_val",
+}
+
+
+def _column_kind(kinds: Iterable[Optional[str]]) -> Optional[str]:
+    """The one Value oneof kind of a column's non-null values: None when all are null, int64 and
+    double widened to double (echoed entity and request columns hold what the caller sent, e.g.
+    [100, 32.75]), "" when the kinds do not agree otherwise."""
+    seen = frozenset(k for k in kinds if k not in (None, "null_val"))
+    if len(seen) <= 1:
+        return next(iter(seen), None)
+    return _WIDENED.get(seen, "")
+
+
+def _arrow_type(kind: Optional[str]) -> "Optional[pyarrow.DataType]":
+    """The Arrow type of a column whose values are of Value oneof `kind` (None: all null; "": mixed,
+    for pyarrow to infer)."""
     import pyarrow as pa
+
+    if kind == "":
+        return None
 
     scalars = {
         "int64": pa.int64(), "double": pa.float64(), "float": pa.float32(), "string": pa.string(),
@@ -156,8 +176,7 @@ class OnlineResponse(Mapping[str, List[Any]]):
         self._kinds: Dict[str, Optional[str]] = {}
         for col, (name, vec) in enumerate(zip(names, resp.results)):
             self._values[name] = [from_value(v) for v in vec.values]
-            kinds = (v.WhichOneof("kind") for v in vec.values)
-            self._kinds[name] = next((k for k in kinds if k not in (None, "null_val")), None)
+            self._kinds[name] = _column_kind(v.WhichOneof("kind") for v in vec.values)
             self.statuses[name] = [STATUS_NAMES.get(s, str(s)) for s in vec.statuses]
             self.event_timestamps[name] = [
                 None if col < join_keys or status == not_found else ts.ToDatetime(tzinfo=_dt.timezone.utc)
@@ -192,7 +211,8 @@ class OnlineResponse(Mapping[str, List[Any]]):
     def to_arrow(self) -> "pyarrow.Table":
         """A pyarrow Table, one column per name, typed by the values' wire types: int64, double,
         string, bool, binary, timestamp[us, tz=UTC], and lists of them, embeddings (float lists)
-        as list<float32>. A column with no value but nulls has Arrow's null type. Needs pyarrow."""
+        as list<float32>; an echoed entity or request column of ints and floats as double. A column
+        with no value but nulls has Arrow's null type. Needs pyarrow."""
         import pyarrow as pa
 
         return pa.table({k: pa.array(v, type=_arrow_type(self._kinds[k])) for k, v in self._values.items()})
@@ -292,7 +312,8 @@ def historical_request(
     elif isinstance(entity_df, pa.RecordBatch):
         table = pa.Table.from_batches([entity_df])
     elif type(entity_df).__module__.split(".")[0] == "polars":
-        table = entity_df.to_arrow()
+        frame = entity_df.collect() if hasattr(entity_df, "collect") else entity_df  # a LazyFrame
+        table = frame.to_arrow()
     else:
         table = pa.Table.from_pandas(entity_df, preserve_index=False)
     sink = pa.BufferOutputStream()

@@ -300,6 +300,11 @@ def test_request_time_features_online_equal_offline(client):
         time.sleep(0.2)
     assert online["amount_vs_avg_order_7d"] == [120.0 / 32.75, 0.0, 1.0]
     assert online["ships_abroad"] == [False, True, False]
+    # Request columns come back as sent; ints and floats in one column make a double column.
+    mixed = client.get_online_features({"user_id": [user] * 2, **{k: v[:2] for k, v in request.items()},
+                                        "amount": [100, 32.75]}, features=features)
+    assert mixed.to_arrow()["amount"].to_pylist() == [100.0, 32.75]
+    assert mixed.to_df()["amount_vs_avg_order_7d"].tolist() == [100 / 32.75, 1.0]
     assert online["ship_distance_km"][1] == 0.0 and 400 < online["ship_distance_km"][0] < 450
     assert all(s == "PRESENT" for s in online.statuses["ship_distance_km"])
 

@@ -134,40 +134,61 @@ impl RedisClusterStore {
 }
 
 impl RedisClusterStore {
-    /// Runs one pipeline of `EVALSHA` calls of `script` per slot group,
-    /// concurrently; returns the script results in input order. When
-    /// nodes lack the script (new, restarted, failed over), it is loaded
-    /// once on every primary (`SCRIPT LOAD`) and the groups that missed
-    /// it run again, as in `RedisStore::run_script`: one load per node,
-    /// however many slots the call spans.
+    /// Runs one pipeline of calls of `script` per slot group, built by
+    /// `build(group, with_source)`, concurrently; returns the script
+    /// results in input order. When nodes lack the script (new, restarted,
+    /// failed over), it is loaded once on every primary (`SCRIPT LOAD`)
+    /// and the groups that missed it run again, as in
+    /// `RedisStore::run_script`: one load per node, however many slots the
+    /// call spans. Groups that miss it still (a node the load did not
+    /// reach, see [`LuaScript`]) are sent with the source.
     async fn run_scripts(
         &self,
         n: usize,
         groups: &[Vec<usize>],
         script: &LuaScript,
-        build: impl Fn(&[usize]) -> redis::Pipeline,
+        build: impl Fn(&[usize], bool) -> redis::Pipeline,
     ) -> Result<Vec<i64>> {
         let build = &build;
-        let run_groups = |todo: Vec<usize>| {
-            futures::future::try_join_all(todo.into_iter().map(|g| async move {
+        let run_groups = |todo: Vec<usize>, with_source: bool| {
+            futures::future::try_join_all(todo.into_iter().map(move |g| async move {
                 let replies: std::result::Result<Vec<redis::Value>, _> =
-                    self.run(&build(&groups[g])).await?;
+                    self.run(&build(&groups[g], with_source)).await?;
                 Ok::<_, Error>((g, replies))
             }))
         };
-        let parts = with_deadline("redis cluster", self.timeout, async {
-            let mut parts: Vec<Option<Vec<redis::Value>>> = vec![None; groups.len()];
-            let mut missed = Vec::new();
-            for (g, replies) in run_groups((0..groups.len()).collect()).await? {
+        // Replies into `parts`; the groups that answered NOSCRIPT into `missed`.
+        type Replies = std::result::Result<Vec<redis::Value>, redis::RedisError>;
+        let sort = |done: Vec<(usize, Replies)>,
+                    parts: &mut [Option<Vec<redis::Value>>],
+                    missed: &mut Vec<usize>|
+         -> Result<()> {
+            for (g, replies) in done {
                 match replies {
                     Ok(r) => parts[g] = Some(r),
                     Err(e) if e.kind() == redis::ErrorKind::NoScriptError => missed.push(g),
                     Err(e) => return Err(redis_error(e)),
                 }
             }
+            Ok(())
+        };
+        let parts = with_deadline("redis cluster", self.timeout, async {
+            let mut parts: Vec<Option<Vec<redis::Value>>> = vec![None; groups.len()];
+            let mut missed = Vec::new();
+            let all = (0..groups.len()).collect();
+            sort(run_groups(all, false).await?, &mut parts, &mut missed)?;
             if !missed.is_empty() {
-                self.load_script(script).await?;
-                for (g, replies) in run_groups(missed).await? {
+                if let Err(e) = self.load_script(script).await {
+                    tracing::warn!(
+                        error = %e,
+                        "SCRIPT LOAD on the redis cluster's primaries failed; sending the script's source instead"
+                    );
+                }
+                let again = std::mem::take(&mut missed);
+                sort(run_groups(again, false).await?, &mut parts, &mut missed)?;
+            }
+            if !missed.is_empty() {
+                for (g, replies) in run_groups(missed, true).await? {
                     parts[g] = Some(replies.map_err(redis_error)?);
                 }
             }
@@ -249,8 +270,8 @@ impl OnlineStore for RedisClusterStore {
     async fn write(&self, rows: &[WriteRow]) -> Result<WriteOutcome> {
         let groups = by_slot(rows.iter().map(|r| r.key.as_str()));
         let results = self
-            .run_scripts(rows.len(), &groups, &self.write_script, |idx| {
-                write_pipeline(idx.iter().map(|&i| &rows[i]), &self.write_script)
+            .run_scripts(rows.len(), &groups, &self.write_script, |idx, src| {
+                write_pipeline(idx.iter().map(|&i| &rows[i]), &self.write_script, src)
             })
             .await?;
         Ok(outcome(&results))
@@ -259,8 +280,8 @@ impl OnlineStore for RedisClusterStore {
     async fn write_tiles(&self, writes: &[TileWrite]) -> Result<Vec<bool>> {
         let groups = by_slot(writes.iter().map(|w| w.key.as_str()));
         let results = self
-            .run_scripts(writes.len(), &groups, &self.tile_script, |idx| {
-                tile_pipeline(idx.iter().map(|&i| &writes[i]), &self.tile_script)
+            .run_scripts(writes.len(), &groups, &self.tile_script, |idx, src| {
+                tile_pipeline(idx.iter().map(|&i| &writes[i]), &self.tile_script, src)
             })
             .await?;
         Ok(results.into_iter().map(|r| r == 1).collect())

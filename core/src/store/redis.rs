@@ -287,18 +287,18 @@ pub(super) fn parse_rows<'a>(
         .collect()
 }
 
-/// Runs of [`TILE_SCRIPT`] over `writes` by `EVALSHA`,
-/// [`TILE_ROWS_PER_CALL`] rows each. On a cluster, pass writes of one hash
-/// slot only.
+/// Runs of [`TILE_SCRIPT`] over `writes`, [`TILE_ROWS_PER_CALL`] rows each,
+/// by `EVALSHA` (or `EVAL` with the source, see [`LuaScript::call`]). On a
+/// cluster, pass writes of one hash slot only.
 pub(super) fn tile_pipeline<'a>(
     writes: impl IntoIterator<Item = &'a TileWrite>,
     script: &LuaScript,
+    with_source: bool,
 ) -> redis::Pipeline {
     let writes: Vec<&TileWrite> = writes.into_iter().collect();
     let mut pipe = redis::pipe();
     for chunk in writes.chunks(TILE_ROWS_PER_CALL) {
-        let cmd = pipe.cmd("EVALSHA");
-        cmd.arg(script.sha1()).arg(2 * chunk.len());
+        let cmd = script.call(&mut pipe, with_source).arg(2 * chunk.len());
         for w in chunk {
             cmd.arg(&w.key);
         }
@@ -345,15 +345,17 @@ pub(super) fn tile_script() -> LuaScript {
     LuaScript::new(TILE_SCRIPT)
 }
 
-/// One run of [`WRITE_SCRIPT`] per row, by `EVALSHA`.
+/// One run of [`WRITE_SCRIPT`] per row, by `EVALSHA` (or `EVAL` with the
+/// source, see [`LuaScript::call`]).
 pub(super) fn write_pipeline<'a>(
     rows: impl IntoIterator<Item = &'a WriteRow>,
     script: &LuaScript,
+    with_source: bool,
 ) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for r in rows {
-        let cmd = pipe.cmd("EVALSHA");
-        cmd.arg(script.sha1())
+        let cmd = script
+            .call(&mut pipe, with_source)
             .arg(1)
             .arg(&r.key)
             .arg(r.event_ts)
@@ -371,7 +373,12 @@ pub(super) fn write_script() -> LuaScript {
 }
 
 /// A Lua script of the store: called by its SHA-1 (`EVALSHA`), loaded
-/// with `SCRIPT LOAD` when a server does not have it.
+/// with `SCRIPT LOAD` when a server does not have it. Sent whole (`EVAL`)
+/// only where loading did not help: a user whose ACL refuses `SCRIPT LOAD`,
+/// or a cluster node the load did not reach (one that serves slots by ASK
+/// redirection while a slot migrates to it, or a primary promoted before
+/// the client's slot map knows it). `EVAL` caches the script as a side
+/// effect, so later calls find it again.
 pub(super) struct LuaScript {
     source: &'static str,
     sha1: String,
@@ -385,9 +392,19 @@ impl LuaScript {
         }
     }
 
-    /// The script's SHA-1, in hex, as `EVALSHA` takes it.
-    pub(super) fn sha1(&self) -> &str {
-        &self.sha1
+    /// Adds a call of the script to `pipe`: `EVALSHA <sha1>`, or
+    /// `EVAL <source>` when `with_source`. The caller adds the key count,
+    /// keys and arguments (`Pipeline::arg` extends the last command).
+    fn call<'p>(
+        &self,
+        pipe: &'p mut redis::Pipeline,
+        with_source: bool,
+    ) -> &'p mut redis::Pipeline {
+        if with_source {
+            pipe.cmd("EVAL").arg(self.source)
+        } else {
+            pipe.cmd("EVALSHA").arg(self.sha1.as_str())
+        }
     }
 
     /// `SCRIPT LOAD <source>`.
@@ -643,25 +660,39 @@ impl RedisStore {
 }
 
 impl RedisStore {
-    /// Runs a pipeline of `EVALSHA` calls of `script`. When Redis does not
-    /// have the script (the first call after a restart, a failover or a
-    /// `SCRIPT FLUSH`), it is loaded once with `SCRIPT LOAD` and the
-    /// pipeline run again: nothing ran, since every call named the missing
-    /// script. Sending the source with every call instead (`EVAL`) costs a
-    /// large write many megabytes and missed the store deadline.
+    /// Runs a pipeline of calls of `script`, built by `build(with_source)`.
+    /// When Redis does not have the script (the first call after a
+    /// restart, a failover or a `SCRIPT FLUSH`), it is loaded once with
+    /// `SCRIPT LOAD` and the `EVALSHA` pipeline runs again; where that does
+    /// not help, the pipeline is sent with the source (`EVAL`), see
+    /// [`LuaScript`]. Sending the source with every call by default would
+    /// cost a large write megabytes (it missed the store deadline).
+    ///
+    /// A run again is safe: both scripts are idempotent. Usually nothing ran
+    /// the first time, as every call named the missing script; if another
+    /// client flushed scripts while the pipeline ran, its first calls did,
+    /// and the tile script then reports those rows as already applied.
     async fn run_script<T: redis::FromRedisValue>(
         &self,
         script: &LuaScript,
-        pipe: &redis::Pipeline,
+        build: impl Fn(bool) -> redis::Pipeline,
     ) -> Result<Vec<T>> {
         with_deadline("redis", self.timeout, async {
             let mut conn = self.conn().await?;
+            let pipe = build(false);
             let mut result = pipe.query_async(&mut *conn).await;
-            if matches!(&result, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
-                result = match script.load_cmd().query_async::<()>(&mut *conn).await {
-                    Ok(()) => pipe.query_async(&mut *conn).await,
-                    Err(e) => Err(e),
-                };
+            if is_noscript(&result) {
+                match script.load_cmd().query_async::<()>(&mut *conn).await {
+                    Ok(()) => result = pipe.query_async(&mut *conn).await,
+                    Err(e) if is_connection_error(&e) => result = Err(e),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "redis refused SCRIPT LOAD; sending the script's source instead (grant the user +script|load)"
+                    ),
+                }
+                if is_noscript(&result) {
+                    result = build(true).query_async(&mut *conn).await;
+                }
             }
             if let Err(e) = &result {
                 discard_if_broken(conn, e);
@@ -670,6 +701,12 @@ impl RedisStore {
         })
         .await
     }
+}
+
+/// Whether `result` is Redis's `NOSCRIPT` (an `EVALSHA` of a script the
+/// server does not have).
+pub(super) fn is_noscript<T>(result: &std::result::Result<T, RedisError>) -> bool {
+    matches!(result, Err(e) if e.kind() == redis::ErrorKind::NoScriptError)
 }
 
 /// The URL with any password replaced, for messages and logs.
@@ -706,10 +743,9 @@ impl OnlineStore for RedisStore {
             return Ok(WriteOutcome::default());
         }
         let results: Vec<i64> = self
-            .run_script(
-                &self.write_script,
-                &write_pipeline(rows, &self.write_script),
-            )
+            .run_script(&self.write_script, |src| {
+                write_pipeline(rows, &self.write_script, src)
+            })
             .await?;
         Ok(outcome(&results))
     }
@@ -719,7 +755,9 @@ impl OnlineStore for RedisStore {
             return Ok(Vec::new());
         }
         let results: Vec<Vec<i64>> = self
-            .run_script(&self.tile_script, &tile_pipeline(writes, &self.tile_script))
+            .run_script(&self.tile_script, |src| {
+                tile_pipeline(writes, &self.tile_script, src)
+            })
             .await?;
         tile_outcomes(results.concat(), writes.len())
     }
