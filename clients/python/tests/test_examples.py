@@ -43,6 +43,9 @@ def trained(tmp_path_factory):
     try:
         nb = nbformat.read(EXAMPLES / "purchase_propensity.ipynb", as_version=4)
         NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(data)}}).execute()
+    except BaseException:
+        proc.kill()  # a failed notebook must not leave the server running
+        raise
     finally:
         for k, v in saved.items():
             if v is None:
