@@ -738,9 +738,10 @@ const QUIVER_ACL: &[&str] = &[
     "+ping",
 ];
 
-/// A store on `redis` as user `name`, made with `acl` (and `extra` rules).
-async fn store_as_user(redis: &RedisServer, name: &str, extra: &[&str]) -> RedisStore {
-    let client = redis::Client::open(redis.url()).unwrap();
+/// Makes user `name` (password `secret`) on the node at `url` with the
+/// documented ACL, and `extra` rules; returns the URL to log in as it.
+async fn make_user(url: &str, name: &str, extra: &[&str]) -> String {
+    let client = redis::Client::open(url).unwrap();
     let mut admin = client.get_multiplexed_async_connection().await.unwrap();
     let () = redis::cmd("ACL")
         .arg(&["SETUSER", name, "on", ">secret"])
@@ -749,10 +750,26 @@ async fn store_as_user(redis: &RedisServer, name: &str, extra: &[&str]) -> Redis
         .query_async(&mut admin)
         .await
         .unwrap();
+    url.replacen("redis://", &format!("redis://{name}:secret@"), 1)
+}
+
+/// A store on `redis` as user `name`, see [`make_user`].
+async fn store_as_user(redis: &RedisServer, name: &str, extra: &[&str]) -> RedisStore {
     redis_store(
-        format!("redis://{name}:secret@127.0.0.1:{}", redis.port()),
+        make_user(&redis.url(), name, extra).await,
         Duration::from_secs(10),
     )
+}
+
+/// A cluster store as user `name`, made on every node with the documented
+/// cluster rules and `extra`.
+async fn cluster_as_user(cluster: &RedisCluster, name: &str, extra: &[&str]) -> RedisClusterStore {
+    let mut urls = Vec::new();
+    for url in cluster.urls() {
+        let rules = [&["+cluster|info", "+cluster|slots", "+asking"], extra].concat();
+        urls.push(make_user(&url, name, &rules).await);
+    }
+    RedisClusterStore::new(&urls, Duration::from_secs(10), &Default::default()).unwrap()
 }
 
 /// The documented ACL is enough: the whole suite, and writes after the
@@ -763,6 +780,15 @@ async fn redis_with_the_documented_acl_behaves() {
     let store = store_as_user(&redis, "quiver", &[]).await;
     suite(&store).await;
     large_writes_after_the_scripts_were_lost(&store, &[redis.url()], &[redis.url()]).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_with_the_documented_acl_behaves() {
+    let cluster = RedisCluster::start(3);
+    let store = cluster_as_user(&cluster, "quiver", &[]).await;
+    suite(&store).await;
+    let urls = cluster.urls();
+    large_writes_after_the_scripts_were_lost(&store, &urls[..1], &urls).await;
 }
 
 /// A user whose ACL refuses `SCRIPT LOAD` still writes: the scripts go
@@ -792,7 +818,43 @@ async fn redis_without_script_load_sends_the_source_once() {
             .collect();
         assert!(store.write_tiles(&tiles).await.unwrap().iter().all(|&a| a));
     }
-    // 50 row calls and one tile call (10 rows) with the source, in the
-    // first round only.
-    assert_eq!(script_calls(&redis.url()).await, (51, 0));
+    // One EVAL per pipeline (the write's and the tiles'), in the first
+    // round only: the later calls of each found the script it cached.
+    assert_eq!(script_calls(&redis.url()).await, (2, 0));
+}
+
+/// The same on a cluster: the load fails on every node, and each slot
+/// group that missed the script sends it once, in its first call.
+#[tokio::test]
+async fn redis_cluster_without_script_load_sends_the_source_once_per_group() {
+    let cluster = RedisCluster::start(3);
+    let store = cluster_as_user(&cluster, "writer", &["-script|load"]).await;
+    for url in cluster.urls() {
+        lose_scripts(&url, true).await;
+    }
+    let t = now();
+    let mut evals = Vec::new();
+    for round in 0..2 {
+        // Four rows per user: 40 rows in 10 slot groups.
+        let rows: Vec<WriteRow> = (0..40)
+            .map(|i| {
+                let mut r = row(&format!("acl{}", i % 10), t + round, i);
+                r.key = format!("{}:{i}", r.key);
+                r
+            })
+            .collect();
+        assert_eq!(store.write(&rows).await.unwrap().written, 40);
+        let mut total = 0;
+        for url in cluster.urls() {
+            let (eval, load) = script_calls(&url).await;
+            assert_eq!(load, 0);
+            total += eval;
+        }
+        evals.push(total);
+    }
+    assert_eq!(
+        evals,
+        vec![10, 10],
+        "one EVAL per slot group, first round only"
+    );
 }

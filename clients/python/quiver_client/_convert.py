@@ -136,6 +136,16 @@ def _column_kind(kinds: Iterable[Optional[str]]) -> Optional[str]:
     return _WIDENED.get(seen, "")
 
 
+def _widened(values: List[Any], kind: Optional[str]) -> List[Any]:
+    """A column's values with ints as floats where its kind is double (pyarrow refuses ints that a
+    double cannot hold exactly; the column is double all the same)."""
+    if kind == "double_val":
+        return [None if x is None else float(x) for x in values]
+    if kind == "double_list_val":
+        return [None if x is None else [float(y) for y in x] for x in values]
+    return values
+
+
 def _arrow_type(kind: Optional[str]) -> "Optional[pyarrow.DataType]":
     """The Arrow type of a column whose values are of Value oneof `kind` (None: all null; "": mixed,
     for pyarrow to infer)."""
@@ -215,7 +225,8 @@ class OnlineResponse(Mapping[str, List[Any]]):
         with no value but nulls has Arrow's null type. Needs pyarrow."""
         import pyarrow as pa
 
-        return pa.table({k: pa.array(v, type=_arrow_type(self._kinds[k])) for k, v in self._values.items()})
+        return pa.table({k: pa.array(_widened(v, self._kinds[k]), type=_arrow_type(self._kinds[k]))
+                         for k, v in self._values.items()})
 
     def to_df(self) -> "pandas.DataFrame":
         """A pandas DataFrame, one row per entity row. Needs pandas and pyarrow."""
@@ -303,7 +314,7 @@ def historical_request(
     full_feature_names: bool,
 ) -> pb.GetHistoricalFeaturesRequest:
     """The request carrying `entity_df` (pandas DataFrame, pyarrow Table or RecordBatch, or polars
-    DataFrame) as one Arrow IPC stream."""
+    DataFrame or LazyFrame) as one Arrow IPC stream."""
     import pyarrow as pa
 
     check_selection(features, feature_service)
@@ -312,7 +323,9 @@ def historical_request(
     elif isinstance(entity_df, pa.RecordBatch):
         table = pa.Table.from_batches([entity_df])
     elif type(entity_df).__module__.split(".")[0] == "polars":
-        frame = entity_df.collect() if hasattr(entity_df, "collect") else entity_df  # a LazyFrame
+        import polars as pl
+
+        frame = entity_df.collect() if isinstance(entity_df, pl.LazyFrame) else entity_df
         table = frame.to_arrow()
     else:
         table = pa.Table.from_pandas(entity_df, preserve_index=False)

@@ -105,3 +105,30 @@ def test_selection_mistakes_are_caught_before_sending(server):
             q.get_online_features({"user_id": ["u"]}, features=["user_profile:age"], feature_service="user_service")
         with pytest.raises(TypeError, match="not one string"):
             q.get_online_features({"user_id": ["u"]}, features="user_profile:age")
+
+
+def test_arrow_columns_take_the_wire_types():
+    """Typed by the values' kinds, not guessed from Python values: ints and floats in one echoed
+    column make a double column (an int no double holds exactly included), float lists float32."""
+    import pyarrow as pa
+
+    from quiver_client import OnlineResponse
+    from quiver_client.v1 import feature_service_pb2 as pb
+
+    resp = pb.GetOnlineFeaturesResponse()
+    resp.metadata.feature_names.val.extend(["amount", "embedding", "nothing"])
+    columns = [
+        [pb.Value(int64_val=2**53 + 1), pb.Value(double_val=0.5)],
+        [pb.Value(float_list_val=pb.FloatList(val=[0.25, 0.5])), pb.Value(null_val=pb.NULL)],
+        [pb.Value(null_val=pb.NULL), pb.Value(null_val=pb.NULL)],
+    ]
+    for values in columns:
+        vec = resp.results.add()
+        vec.values.extend(values)
+        vec.statuses.extend([pb.PRESENT, pb.PRESENT])
+        vec.event_timestamps.add()
+        vec.event_timestamps.add()
+    table = OnlineResponse(resp, join_keys=1).to_arrow()
+    assert table.schema.types == [pa.float64(), pa.list_(pa.float32()), pa.null()]
+    assert table["amount"].to_pylist() == [float(2**53 + 1), 0.5]
+    assert table["embedding"].to_pylist() == [[0.25, 0.5], None]

@@ -304,6 +304,7 @@ def test_request_time_features_online_equal_offline(client):
     mixed = client.get_online_features({"user_id": [user] * 2, **{k: v[:2] for k, v in request.items()},
                                         "amount": [100, 32.75]}, features=features)
     assert mixed.to_arrow()["amount"].to_pylist() == [100.0, 32.75]
+
     assert mixed.to_df()["amount_vs_avg_order_7d"].tolist() == [100 / 32.75, 1.0]
     assert online["ship_distance_km"][1] == 0.0 and 400 < online["ship_distance_km"][0] < 450
     assert all(s == "PRESENT" for s in online.statuses["ship_distance_km"])
@@ -320,9 +321,10 @@ def test_request_time_features_online_equal_offline(client):
     for name in computed:
         assert offline[name].tolist() == online[name], name
     assert offline["hours_since_login"].tolist() == [(at - login_at).total_seconds() / 3600] * 3
-    # A polars entity table gives the same training set.
-    from_polars = client.get_historical_features(pl.from_pandas(entity), features=features)
-    assert from_polars[computed + ["hours_since_login"]].equals(offline[computed + ["hours_since_login"]])
+    # A polars entity table (eager or lazy) gives the same training set.
+    for frame in (pl.from_pandas(entity), pl.from_pandas(entity).lazy()):
+        from_polars = client.get_historical_features(frame, features=features)
+        assert from_polars[computed + ["hours_since_login"]].equals(offline[computed + ["hours_since_login"]])
     # So does a pyarrow RecordBatch.
     import pyarrow as pa
 

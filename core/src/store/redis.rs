@@ -288,8 +288,8 @@ pub(super) fn parse_rows<'a>(
 }
 
 /// Runs of [`TILE_SCRIPT`] over `writes`, [`TILE_ROWS_PER_CALL`] rows each,
-/// by `EVALSHA` (or `EVAL` with the source, see [`LuaScript::call`]). On a
-/// cluster, pass writes of one hash slot only.
+/// by `EVALSHA` (`with_source`: the first by `EVAL`, see
+/// [`LuaScript::call`]). On a cluster, pass writes of one hash slot only.
 pub(super) fn tile_pipeline<'a>(
     writes: impl IntoIterator<Item = &'a TileWrite>,
     script: &LuaScript,
@@ -297,8 +297,10 @@ pub(super) fn tile_pipeline<'a>(
 ) -> redis::Pipeline {
     let writes: Vec<&TileWrite> = writes.into_iter().collect();
     let mut pipe = redis::pipe();
-    for chunk in writes.chunks(TILE_ROWS_PER_CALL) {
-        let cmd = script.call(&mut pipe, with_source).arg(2 * chunk.len());
+    for (i, chunk) in writes.chunks(TILE_ROWS_PER_CALL).enumerate() {
+        let cmd = script
+            .call(&mut pipe, with_source && i == 0)
+            .arg(2 * chunk.len());
         for w in chunk {
             cmd.arg(&w.key);
         }
@@ -345,17 +347,17 @@ pub(super) fn tile_script() -> LuaScript {
     LuaScript::new(TILE_SCRIPT)
 }
 
-/// One run of [`WRITE_SCRIPT`] per row, by `EVALSHA` (or `EVAL` with the
-/// source, see [`LuaScript::call`]).
+/// One run of [`WRITE_SCRIPT`] per row, by `EVALSHA` (`with_source`: the
+/// first by `EVAL`, see [`LuaScript::call`]).
 pub(super) fn write_pipeline<'a>(
     rows: impl IntoIterator<Item = &'a WriteRow>,
     script: &LuaScript,
     with_source: bool,
 ) -> redis::Pipeline {
     let mut pipe = redis::pipe();
-    for r in rows {
+    for (i, r) in rows.into_iter().enumerate() {
         let cmd = script
-            .call(&mut pipe, with_source)
+            .call(&mut pipe, with_source && i == 0)
             .arg(1)
             .arg(&r.key)
             .arg(r.event_ts)
@@ -378,7 +380,7 @@ pub(super) fn write_script() -> LuaScript {
 /// or a cluster node the load did not reach (one that serves slots by ASK
 /// redirection while a slot migrates to it, or a primary promoted before
 /// the client's slot map knows it). `EVAL` caches the script as a side
-/// effect, so later calls find it again.
+/// effect, so the pipeline's later calls, and later pipelines, find it.
 pub(super) struct LuaScript {
     source: &'static str,
     sha1: String,
@@ -395,6 +397,9 @@ impl LuaScript {
     /// Adds a call of the script to `pipe`: `EVALSHA <sha1>`, or
     /// `EVAL <source>` when `with_source`. The caller adds the key count,
     /// keys and arguments (`Pipeline::arg` extends the last command).
+    /// A pipeline that must send the source does so in its first call
+    /// only: Redis runs a pipeline's commands in order on one node, so
+    /// that `EVAL` has cached the script for the `EVALSHA`s after it.
     fn call<'p>(
         &self,
         pipe: &'p mut redis::Pipeline,
@@ -664,9 +669,9 @@ impl RedisStore {
     /// When Redis does not have the script (the first call after a
     /// restart, a failover or a `SCRIPT FLUSH`), it is loaded once with
     /// `SCRIPT LOAD` and the `EVALSHA` pipeline runs again; where that does
-    /// not help, the pipeline is sent with the source (`EVAL`), see
-    /// [`LuaScript`]. Sending the source with every call by default would
-    /// cost a large write megabytes (it missed the store deadline).
+    /// not help, the pipeline's first call carries the source (`EVAL`), see
+    /// [`LuaScript`]. Sending the source with every call would cost a large
+    /// write megabytes (it missed the store deadline).
     ///
     /// A run again is safe: both scripts are idempotent. Usually nothing ran
     /// the first time, as every call named the missing script; if another
