@@ -16,8 +16,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{get_slot, MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
 
 use super::redis::{
-    is_tls_url, outcome, parse_rows, read_pipeline, redact, redis_error, tile_pipeline,
-    tile_script, write_pipeline, write_script, LuaScript,
+    is_noscript_error, is_tls_url, outcome, parse_rows, read_pipeline, redact, redis_error,
+    tile_pipeline, tile_script, write_pipeline, write_script, LuaScript,
 };
 use super::{
     with_deadline, Lookup, OnlineStore, RedisTls, StoredRow, TileWrite, WriteOutcome, WriteRow,
@@ -166,7 +166,7 @@ impl RedisClusterStore {
             for (g, replies) in done {
                 match replies {
                     Ok(r) => parts[g] = Some(r),
-                    Err(e) if e.kind() == redis::ErrorKind::NoScriptError => missed.push(g),
+                    Err(e) if is_noscript_error(&e) => missed.push(g),
                     Err(e) => return Err(redis_error(e)),
                 }
             }

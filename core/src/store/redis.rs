@@ -708,10 +708,15 @@ impl RedisStore {
     }
 }
 
-/// Whether `result` is Redis's `NOSCRIPT` (an `EVALSHA` of a script the
-/// server does not have).
-pub(super) fn is_noscript<T>(result: &std::result::Result<T, RedisError>) -> bool {
-    matches!(result, Err(e) if e.kind() == redis::ErrorKind::NoScriptError)
+/// Whether `result` failed with Redis's `NOSCRIPT` (an `EVALSHA` of a
+/// script the server does not have).
+fn is_noscript<T>(result: &std::result::Result<T, RedisError>) -> bool {
+    matches!(result, Err(e) if is_noscript_error(e))
+}
+
+/// Whether `e` is Redis's `NOSCRIPT`.
+pub(super) fn is_noscript_error(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::NoScriptError
 }
 
 /// The URL with any password replaced, for messages and logs.
