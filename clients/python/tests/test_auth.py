@@ -183,33 +183,21 @@ def test_mutual_tls_with_an_api_key(tmp_path):
     try:
         target = "localhost:" + grpc_addr.rsplit(":", 1)[1]
         ca = pki["ca"].read_bytes()
-        with QuiverClient(
-            target,
-            api_key=key,
-            root_certificates=ca,
-            certificate_chain=pki["client"].read_bytes(),
-            private_key=pki["client_key"].read_bytes(),
-        ) as client:
+        # Mutual TLS: the test CA, and the client certificate the server requires.
+        mtls = {
+            "root_certificates": ca,
+            "certificate_chain": pki["client"].read_bytes(),
+            "private_key": pki["client_key"].read_bytes(),
+        }
+        with QuiverClient(target, api_key=key, **mtls) as client:
             assert any(v.name == "user_profile" for v in client.registry().feature_views)
 
         # The asyncio client takes the same options.
         async def async_calls() -> None:
-            async with AsyncQuiverClient(
-                target,
-                api_key=key,
-                root_certificates=ca,
-                certificate_chain=pki["client"].read_bytes(),
-                private_key=pki["client_key"].read_bytes(),
-            ) as aclient:
+            async with AsyncQuiverClient(target, api_key=key, **mtls) as aclient:
                 cols = await aclient.get_online_features({"user_id": ["user_1"]}, features=["user_profile:age"])
                 assert cols.statuses["age"] == ["PRESENT"]
-            async with AsyncQuiverClient(
-                target,
-                api_key="qv_" + "0" * 64,
-                root_certificates=ca,
-                certificate_chain=pki["client"].read_bytes(),
-                private_key=pki["client_key"].read_bytes(),
-            ) as wrong:
+            async with AsyncQuiverClient(target, api_key="qv_" + "0" * 64, **mtls) as wrong:
                 with pytest.raises(QuiverError) as e:
                     await wrong.registry()
                 assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
